@@ -1,0 +1,59 @@
+"""The `metarec` command line: every command builds one validated Config, then calls a flow.
+
+Config layers: defaults < METAREC_* environment < --config FILE (TOML) < --set section.field=value
+< the explicit flags of each command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tasks.settings import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+ConfigOpt = typer.Option(None, "--config", help="TOML file with [data], [tasks], [meta], [baselines], [eval], [runtime] sections.")
+SetOpt = typer.Option([], "--set", help="Override one value: section.field=value (repeatable).")
+DatasetOpt = typer.Option(None, "--dataset", help="ml-100k, ml-1m, ml-latest, ml-latest-small, netflix, or a CSV/Parquet path.")
+DataDirOpt = typer.Option(None, "--data-dir", help="Folder holding raw datasets (else METAREC_DATA_DIR, ./data, ../shared/datasets).")
+
+
+def _config(config: Optional[Path], sets: list[str], dataset: Optional[str] = None, data_dir: Optional[Path] = None, **sections):
+    data = {k: v for k, v in {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None}.items() if v is not None}
+    data.update(sections.pop("data", {}))
+    try:
+        return load_config(config, sets, data=data, **sections)
+    except ConfigError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1) from exc
+
+
+@app.command()
+def prepare(
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    dataset: Optional[str] = DatasetOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    sample_users: Optional[int] = typer.Option(None, "--sample-users", help="Keep a seeded sample of N users."),
+) -> None:
+    """Ingest ratings, split them in DuckDB, sample the evaluation candidates."""
+    cfg = _config(config, set_, dataset, data_dir, data={"sample_users": sample_users} if sample_users else {})
+    from flows.prepare import prepare_flow
+
+    try:
+        out = prepare_flow(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(f"prepared data in {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,184 @@
+"""One configuration object for every path and hyperparameter.
+
+Sections are plain pydantic models, validated once; `Config` composes them and
+reads overrides from the environment (``METAREC_<SECTION>__<FIELD>``, e.g.
+``METAREC_META__LAMBDA_ML=0.5``). A TOML file and ``--set section.field=value``
+on the CLI override in turn (see ``tasks/settings.py``).
+
+Each stage's output folder is named by the hash of the sections it depends
+on (``Config.hash_of``), so changing a learning rate does not re-prepare data,
+and the full config hash names a pipeline run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KNOWN_MODELS = ("responsive", "mf_ft", "rkmf", "srec", "spmf", "pop")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Ingestion and the temporal split (METHOD.md §1-2, §9)."""
+
+    dataset: str = Field("ml-100k", description="A known name (ml-100k, ml-1m, ml-latest, ml-latest-small, netflix) or a path to a CSV/Parquet file.")
+    data_dir: Path | None = Field(None, description="Where raw datasets live; None = METAREC_DATA_DIR, ./data, ../shared/datasets in that order.")
+    download: bool = Field(True, description="Download a known public dataset that is absent (verified by checksum/size).")
+    user_col: str = Field("user_id", description="Generic CSV/Parquet: user column.")
+    item_col: str = Field("item_id", description="Generic CSV/Parquet: item column.")
+    rating_col: str = Field("rating", description="Generic CSV/Parquet: rating column.")
+    ts_col: str = Field("timestamp", description="Generic CSV/Parquet: timestamp column (integer seconds).")
+    sample_users: int | None = Field(None, ge=1, description="Keep a seeded sample of this many users (large data sets, experiments).")
+    rating_threshold: float = Field(3.0, description="A rating >= this is a positive interaction.")
+    new_user_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of users held out as new users.")
+    history_fraction: float = Field(0.9, gt=0.0, lt=1.0, description="Time quantile that cuts history from stream.")
+    stream_batches: int = Field(10, ge=1, description="Number of time-ordered stream batches.")
+    n_negatives: int = Field(100, ge=1, description="Sampled negatives per evaluation case.")
+    new_user_ns: tuple[int, ...] = Field((1, 5, 10), description="n = interactions a new user has shown before the one to predict.")
+    seed: int = 42
+
+    @field_validator("new_user_ns")
+    @classmethod
+    def _positive_ns(cls, ns: tuple[int, ...]) -> tuple[int, ...]:
+        if not ns or any(n < 1 for n in ns):
+            raise ValueError(f"every n in new_user_ns must be >= 1, got {list(ns)}")
+        return tuple(sorted(set(ns)))
+
+
+class TaskConfig(Section):
+    """Offline task construction (METHOD.md §4)."""
+
+    k: int = Field(5, ge=1, description="The user's own consecutive interactions in a support set.")
+    K: int = Field(20, ge=1, description="Support set size: k own + K-k neighbour interactions.")
+    shard_size: int = Field(65536, ge=1, description="Tasks per Parquet shard.")
+    max_tasks_per_user: int | None = Field(None, ge=1, description="Cap on tasks per user (None = every position i > k).")
+    seed: int = 7
+
+    @model_validator(mode="after")
+    def _k_le_K(self) -> "TaskConfig":
+        if self.k > self.K:
+            raise ValueError(f"tasks.k ({self.k}) must be <= tasks.K ({self.K})")
+        return self
+
+
+class MetaConfig(Section):
+    """The MF model, BPR loss and MAML meta-training (METHOD.md §3, §5-7)."""
+
+    dim: int = Field(64, ge=1, description="Latent dimension d.")
+    lambda_p: float = Field(1e-4, ge=0.0, description="L2 weight on user vectors.")
+    lambda_q_pos: float = Field(1e-4, ge=0.0, description="L2 weight on positive item vectors.")
+    lambda_q_neg: float = Field(1e-4, ge=0.0, description="L2 weight on negative item vectors.")
+    lambda_ml: float = Field(1.0, ge=0.0, description="Weight of the meta-learning loss.")
+    inner_steps: int = Field(2, ge=1, description="L, inner gradient steps.")
+    inner_lr: float = Field(0.5, gt=0.0, description="alpha, inner learning rate.")
+    first_order: bool = Field(False, description="First-order MAML (an option; second order is the method).")
+    epochs: int = Field(5, ge=0, description="Meta-training epochs over all tasks.")
+    batch_tasks: int = Field(1024, ge=1, description="Tasks per outer step.")
+    outer_lr: float = Field(0.005, gt=0.0, description="Adam learning rate.")
+    grad_clip: float | None = Field(10.0, gt=0.0, description="Gradient-norm clipping (None = off).")
+    pretrain_epochs: int = Field(0, ge=0, description="Plain BPR epochs over the history before meta-training.")
+    init_std: float = Field(0.1, gt=0.0, description="Std of the initial P and Q entries.")
+    new_row_std: float = Field(0.01, ge=0.0, description="sigma of the noise added to the mean for new users/items (§7).")
+    online_lr: float | None = Field(None, gt=0.0, description="Adam rate for online meta-updates (None = outer_lr).")
+    seed: int = 0
+
+
+class BaselineConfig(Section):
+    """Hyperparameters of the baselines (BASELINES.md); chosen by the validation search."""
+
+    dim: int = Field(64, ge=1)
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(0.05, gt=0.0)
+    reg: float = Field(1e-4, ge=0.0)
+    # RKMF
+    rkmf_kernel: Literal["linear", "logistic"] = "logistic"
+    rkmf_update_epochs: int = Field(5, ge=1)
+    # sRec
+    srec_obs_var: float = Field(1.0, gt=0.0)
+    srec_drift_var: float = Field(1e-7, ge=0.0)
+    srec_negatives: int = Field(1, ge=0)
+    # SPMF
+    spmf_reservoir: int = Field(5000, ge=1)
+    spmf_samples: int = Field(1000, ge=0)
+    spmf_temperature: float = Field(1.0, gt=0.0)
+    spmf_update_epochs: int = Field(3, ge=1)
+    # MF-FT
+    ft_epochs: int = Field(5, ge=1)
+    ft_lr: float = Field(0.05, gt=0.0)
+    seed: int = 1
+
+
+class EvalConfig(Section):
+    """The protocol (METHOD.md §9) and what the pipeline runs."""
+
+    models: tuple[str, ...] = Field(KNOWN_MODELS, description="Models to fit and evaluate.")
+    full_ranking: bool = Field(True, description="Also report full-ranking HR@10/NDCG@10 (beside, never instead of, sampled).")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for 95% CIs (0 = off).")
+    lambda_sweep: tuple[float, ...] = Field((0.0, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0), description="lambda_ML values of the sweep.")
+    max_new_users: int | None = Field(None, ge=1, description="Cap on evaluated new users (quick mode).")
+    seed: int = 3
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, models: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in models if m not in KNOWN_MODELS]
+        if unknown:
+            raise ValueError(f"unknown model name(s) {unknown}; expected some of {list(KNOWN_MODELS)}")
+        if not models:
+            raise ValueError("eval.models must name at least one model")
+        return models
+
+    @field_validator("lambda_sweep")
+    @classmethod
+    def _nonnegative_lambdas(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        if any(v < 0 for v in values):
+            raise ValueError(f"every lambda_ML in eval.lambda_sweep must be >= 0, got {list(values)}")
+        return values
+
+
+class RuntimeConfig(Section):
+    """Where things go and how they run; not part of any result's hash."""
+
+    artifacts_dir: Path = Field(Path("artifacts"), description="Root of all outputs.")
+    mlflow_tracking_uri: str | None = Field(None, description="None = MLFLOW_TRACKING_URI, else sqlite store in artifacts_dir.")
+    experiment: str = "metarec"
+    task_runner: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = Field(None, description="An existing Dask scheduler; None = a local cluster.")
+    max_workers: int = Field(2, ge=1)
+    torch_threads: int = Field(2, ge=1)
+    progress: bool = True
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METAREC_", env_nested_delimiter="__", extra="forbid")
+
+    data: DataConfig = DataConfig()
+    tasks: TaskConfig = TaskConfig()
+    meta: MetaConfig = MetaConfig()
+    baselines: BaselineConfig = BaselineConfig()
+    eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def hash_of(self, *sections: str) -> str:
+        """A short stable hash of the named sections (all result sections if none)."""
+        names = sections or ("data", "tasks", "meta", "baselines", "eval")
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in names}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def to_flat_dict(self) -> dict[str, object]:
+        """`section.field` -> value, for MLflow params and run records."""
+        flat: dict[str, object] = {}
+        for name, section in self.model_dump(mode="json").items():
+            for key, value in section.items():
+                flat[f"{name}.{key}"] = value
+        return flat

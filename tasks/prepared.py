@@ -1,0 +1,79 @@
+"""The prepared data set on disk: its schema, and a reader for the later stages.
+
+Files in ``prepared_dir(config)`` (written by ``tasks/prepare.py``):
+
+- ``interactions.parquet``: every rating, dense ids. user_id, item_id (int64),
+  rating (double), ts (int64 seconds).
+- ``users.parquet`` (user_id, raw_user), ``items.parquet`` (item_id, raw_item, title).
+- ``history.parquet``, ``stream.parquet``, ``new_users.parquet``: positives only,
+  user_id, item_id, ts, pos (0-based chronological position of the row among
+  that user's rows in the same file); sorted by (ts, user_id, item_id).
+  ``stream.parquet`` also has batch (0 .. B-1, time-ordered).
+- ``candidates.parquet``: one row per evaluation case. case_id, kind ('new' or
+  'stream'), n (new: interactions shown first; stream: -1), batch (stream:
+  its batch; new: -1), user_id, item_id (the true next item), pos (its pos in
+  its file), negatives (list<int64>, n_negatives items the user never had as
+  a positive anywhere in the data set).
+- ``stats.json``: rows, users, items and time ranges per part.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from metarec.interface import Interactions
+
+SPLIT_FILES = ("interactions", "users", "items", "history", "stream", "new_users", "candidates")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    root: Path
+    history: Interactions
+    stream: Interactions
+    stream_batch: np.ndarray
+    new_users: Interactions
+    new_users_pos: np.ndarray
+    n_users: int
+    n_items: int
+    stats: dict
+
+    def candidates(self, kind: str):
+        """The stored candidates of one kind as a pyarrow Table."""
+        table = pq.read_table(self.root / "candidates.parquet")
+        mask = np.asarray(table.column("kind").to_numpy(zero_copy_only=False) == kind)
+        return table.filter(mask)
+
+
+def _interactions(path: Path) -> tuple[Interactions, pq.ParquetFile]:
+    table = pq.read_table(path)
+    cols = {name: table.column(name).to_numpy().astype(np.int64) for name in ("user_id", "item_id", "ts")}
+    return Interactions(cols["user_id"], cols["item_id"], cols["ts"]), table
+
+
+def load_prepared(root: Path) -> PreparedData:
+    root = Path(root)
+    missing = [name for name in SPLIT_FILES if not (root / f"{name}.parquet").is_file()]
+    if missing or not (root / "stats.json").is_file():
+        raise FileNotFoundError(f"prepared data in {root} is incomplete (missing {missing or ['stats.json']}); run `metarec prepare` first")
+    history, _ = _interactions(root / "history.parquet")
+    stream, stream_table = _interactions(root / "stream.parquet")
+    new_users, new_table = _interactions(root / "new_users.parquet")
+    n_users = pq.read_metadata(root / "users.parquet").num_rows
+    n_items = pq.read_metadata(root / "items.parquet").num_rows
+    return PreparedData(
+        root=root,
+        history=history,
+        stream=stream,
+        stream_batch=stream_table.column("batch").to_numpy().astype(np.int64),
+        new_users=new_users,
+        new_users_pos=new_table.column("pos").to_numpy().astype(np.int64),
+        n_users=n_users,
+        n_items=n_items,
+        stats=json.loads((root / "stats.json").read_text()),
+    )

@@ -1,0 +1,61 @@
+"""MLflow conventions in one place: the store, the tags, the metric names.
+
+Default store: a sqlite database inside ``artifacts/`` (embedded, nothing to
+start); ``MLFLOW_TRACKING_URI`` or ``runtime.mlflow_tracking_uri`` override it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+
+from metarec.config import Config
+
+REGISTERED_MODEL = "responsive-mf"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def tracking_uri(config: Config) -> str:
+    if config.runtime.mlflow_tracking_uri:
+        return config.runtime.mlflow_tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(config.runtime.artifacts_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def setup_mlflow(config: Config) -> str:
+    """Point MLflow at the store and experiment; artifacts go beside the sqlite file."""
+    uri = tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name = config.runtime.experiment
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
+        mlflow.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
+    return uri
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(config: Config, **extra: str) -> dict[str, str]:
+    return {
+        "dataset": config.data.dataset,
+        "config_hash": config.hash_of(),
+        "data_hash": config.hash_of("data"),
+        "git_commit": git_commit(),
+        **extra,
+    }
