@@ -1,0 +1,252 @@
+"""MAML over BPR matrix factorisation, batched over tasks (METHOD.md §3, §5).
+
+The two loops, named plainly:
+
+- ``inner_adapt``: L steps of plain gradient descent on each task's support
+  loss L^K_t, for T tasks at once, on the rows of P and Q each task gathers.
+- ``meta_step``: one Adam step on the outer objective
+  mean_t [ L^K_t(Θ) + λ_ML · L^1_t(Θ^L_t) ].
+
+No Python loop runs per task. Each task gathers only the rows it touches into
+*local slots*: the distinct users and the distinct items of the task, found by
+a vectorised per-row sort/unique. A row that a task uses several times (its
+user in every support triple, an item both as a positive and a negative, a
+neighbour's item twice) is one slot, so its inner gradient is the sum over all
+its uses, exactly as for the single parameter p_i / q_j of Θ. The gather is
+ordinary indexing, so the outer gradient flows back into P and Q through it.
+
+Inner gradients are written in closed form (the BPR triple loss has a simple
+derivative) and kept differentiable: second order is plain autograd through
+them, with no ``torch.autograd.grad`` in the inner loop. ``first_order``
+detaches them (FOMAML). ``reference_meta_objective`` is the same objective as
+a plain per-task loop with torch.autograd, for tests and the benchmark.
+
+Reduction (METHOD.md §3 allows a mean if documented): L_R is the **mean** over
+the triples of R, in the inner loop, in the outer objective and in BPR
+pre-training alike, so the inner rate α does not scale with K; the outer
+objective is the mean over the tasks of a batch, so Adam's rate does not
+scale with the batch size. L^1_t has one triple, where mean and sum agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from metarec.mf import bpr_triple_loss
+
+
+class InnerParams(Protocol):
+    """The MetaConfig fields the loops read (MetaConfig satisfies it)."""
+
+    lambda_p: float
+    lambda_q_pos: float
+    lambda_q_neg: float
+    lambda_ml: float
+    inner_steps: int
+    inner_lr: float
+    first_order: bool
+    grad_clip: float | None
+
+
+class DivergedError(FloatingPointError):
+    """The meta-objective or its gradient became NaN/Inf (large λ_ML or rates do this)."""
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """T tasks as int64 tensors: support triples (T, K), one query triple (T,)."""
+
+    support_users: torch.Tensor
+    support_pos: torch.Tensor
+    support_neg: torch.Tensor
+    query_user: torch.Tensor
+    query_pos: torch.Tensor
+    query_neg: torch.Tensor
+
+    @classmethod
+    def from_arrays(cls, tasks, index: np.ndarray | slice | None = None) -> "TaskBatch":
+        """From anything with the six TaskArrays fields (numpy), optionally a subset of tasks."""
+        pick = (lambda a: a) if index is None else (lambda a: a[index])
+        names = ("support_users", "support_pos", "support_neg", "query_user", "query_pos", "query_neg")
+        return cls(*(torch.as_tensor(np.ascontiguousarray(pick(getattr(tasks, n))), dtype=torch.int64) for n in names))
+
+    def __len__(self) -> int:
+        return int(self.query_user.shape[0])
+
+
+@dataclass(frozen=True)
+class LocalTasks:
+    """Each task's distinct rows and where every triple finds them.
+
+    user_rows (T, Su), item_rows (T, Si): global ids of the local slots (padding
+    slots repeat a real id and are used by no triple); s_user/s_pos/s_neg (T, K)
+    and q_user/q_pos/q_neg (T,): slot index of each triple's row.
+    """
+
+    user_rows: torch.Tensor
+    item_rows: torch.Tensor
+    s_user: torch.Tensor
+    s_pos: torch.Tensor
+    s_neg: torch.Tensor
+    q_user: torch.Tensor
+    q_pos: torch.Tensor
+    q_neg: torch.Tensor
+
+
+def local_slots(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row unique: ids (T, n) -> rows (T, S) distinct ids per row, index (T, n) with rows.gather(1, index) == ids.
+
+    Vectorised: sort each row, mark first occurrences, number them by a cumsum.
+    S is the largest number of distinct ids of any row; shorter rows are padded
+    with their own first id (a slot no triple points at).
+    """
+    ordered, order = ids.sort(dim=1)
+    fresh = torch.ones_like(ordered, dtype=torch.bool)
+    fresh[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    rank = fresh.long().cumsum(1) - 1
+    index = torch.empty_like(rank).scatter_(1, order, rank)
+    n_slots = int(rank.max()) + 1 if ids.numel() else 0
+    rows = ordered[:, :1].expand(-1, n_slots).clone()
+    rows.scatter_(1, rank, ordered)  # duplicates write the same id
+    return rows, index
+
+
+def localise(batch: TaskBatch) -> LocalTasks:
+    """Slots for users (support + query user) and items (support pos/neg + query pos/neg)."""
+    K = batch.support_users.shape[1]
+    users = torch.cat([batch.support_users, batch.query_user[:, None]], dim=1)
+    items = torch.cat([batch.support_pos, batch.support_neg, batch.query_pos[:, None], batch.query_neg[:, None]], dim=1)
+    user_rows, u_idx = local_slots(users)
+    item_rows, i_idx = local_slots(items)
+    return LocalTasks(
+        user_rows, item_rows,
+        u_idx[:, :K], i_idx[:, :K], i_idx[:, K : 2 * K],
+        u_idx[:, K], i_idx[:, 2 * K], i_idx[:, 2 * K + 1],
+    )
+
+
+def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table (T, S, d), index (T, K) -> (T, K, d)."""
+    return table.gather(1, index[..., None].expand(-1, -1, table.shape[-1]))
+
+
+def _put(n_slots: int, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Sum values (T, K, d) into (T, n_slots, d) at index (T, K): repeated uses of a slot accumulate."""
+    out = values.new_zeros(values.shape[0], n_slots, values.shape[-1])
+    return out.scatter_add(1, index[..., None].expand_as(values), values)
+
+
+def support_grads(p_loc, q_loc, s_user, s_pos, s_neg, hp: InnerParams):
+    """Closed-form gradient of L^K_t = mean_k L_ijk w.r.t. the local slots (T, Su, d), (T, Si, d).
+
+    d/dx [-log σ(x)] = -σ(-x) with x = p·(q_j - q_k); the L2 terms give 2λ·row.
+    Built from differentiable ops, so autograd can differentiate it again.
+    """
+    K = s_user.shape[1]
+    p, qj, qk = _take(p_loc, s_user), _take(q_loc, s_pos), _take(q_loc, s_neg)
+    diff = qj - qk
+    coef = (-torch.sigmoid(-(p * diff).sum(-1)) / K)[..., None]
+    g_p = coef * diff + (2.0 * hp.lambda_p / K) * p
+    g_qj = coef * p + (2.0 * hp.lambda_q_pos / K) * qj
+    g_qk = -coef * p + (2.0 * hp.lambda_q_neg / K) * qk
+    g_items = torch.cat([g_qj, g_qk], dim=1)
+    return _put(p_loc.shape[1], s_user, g_p), _put(q_loc.shape[1], torch.cat([s_pos, s_neg], 1), g_items)
+
+
+def inner_adapt(p_loc, q_loc, s_user, s_pos, s_neg, hp: InnerParams, create_graph: bool = True):
+    """L inner steps, for T tasks at once.
+
+    Shapes: p_loc (T, Su, d), q_loc (T, Si, d) local slots; s_* (T, K) slot
+    indices of the support triples. Returns the adapted (p_loc, q_loc).
+    ``create_graph=False`` detaches each inner gradient: first order, or serving.
+    """
+    for _ in range(hp.inner_steps):
+        g_p, g_q = support_grads(p_loc, q_loc, s_user, s_pos, s_neg, hp)
+        if not create_graph:
+            g_p, g_q = g_p.detach(), g_q.detach()
+        p_loc = p_loc - hp.inner_lr * g_p
+        q_loc = q_loc - hp.inner_lr * g_q
+    return p_loc, q_loc
+
+
+def _triples_loss(p_loc, q_loc, iu, ip, ineg, hp: InnerParams) -> torch.Tensor:
+    """Mean BPR loss of the triples at slot indices (T, K) or (T,) -> (T,)."""
+    squeeze = iu.dim() == 1
+    if squeeze:
+        iu, ip, ineg = iu[:, None], ip[:, None], ineg[:, None]
+    loss = bpr_triple_loss(_take(p_loc, iu), _take(q_loc, ip), _take(q_loc, ineg), hp.lambda_p, hp.lambda_q_pos, hp.lambda_q_neg)
+    return loss.mean(1)
+
+
+def meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: InnerParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(support loss, query loss), each the mean over tasks; the objective is support + λ_ML · query.
+
+    P (n_users, d), Q (n_items, d). Support: L^K_t(Θ). Query: L^1_t(Θ^L_t).
+    """
+    loc = localise(batch)
+    p_loc, q_loc = P[loc.user_rows], Q[loc.item_rows]  # (T, Su, d), (T, Si, d); grads flow back via the gather
+    support = _triples_loss(p_loc, q_loc, loc.s_user, loc.s_pos, loc.s_neg, hp)
+    p_ad, q_ad = inner_adapt(p_loc, q_loc, loc.s_user, loc.s_pos, loc.s_neg, hp, create_graph=not hp.first_order)
+    query = _triples_loss(p_ad, q_ad, loc.q_user, loc.q_pos, loc.q_neg, hp)
+    return support.mean(), query.mean()
+
+
+@dataclass(frozen=True)
+class StepStats:
+    support_loss: float
+    query_loss: float
+    grad_norm: float
+
+
+def meta_step(P: torch.Tensor, Q: torch.Tensor, optimizer: torch.optim.Optimizer, batch: TaskBatch, hp: InnerParams) -> StepStats:
+    """One outer step on a batch of tasks; raises DivergedError (Θ untouched) on NaN/Inf."""
+    optimizer.zero_grad(set_to_none=True)
+    support, query = meta_objective(P, Q, batch, hp)
+    total = support + hp.lambda_ml * query
+    if not torch.isfinite(total):
+        raise DivergedError(f"meta-objective is {float(total)} (support {float(support)}, query {float(query)})")
+    total.backward()
+    params = [P, Q]
+    clip = hp.grad_clip if hp.grad_clip is not None else math.inf
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    if not math.isfinite(norm):
+        raise DivergedError(f"meta-gradient norm is {norm} (support loss {float(support)}, query loss {float(query)})")
+    optimizer.step()
+    if not (torch.isfinite(P).all() and torch.isfinite(Q).all()):
+        raise DivergedError("P or Q holds NaN/Inf after the outer step")
+    return StepStats(float(support), float(query), norm)
+
+
+def reference_meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: InnerParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same objective as ``meta_objective``, as a plain per-task loop with torch.autograd.
+
+    For tests and the benchmark only: each task gathers its distinct rows
+    (torch.unique), takes L autograd steps on them, then scores its query.
+    """
+    supports, queries = [], []
+    for t in range(len(batch)):
+        users, u_idx = torch.unique(torch.cat([batch.support_users[t], batch.query_user[t : t + 1]]), return_inverse=True)
+        items, i_idx = torch.unique(
+            torch.cat([batch.support_pos[t], batch.support_neg[t], batch.query_pos[t : t + 1], batch.query_neg[t : t + 1]]),
+            return_inverse=True,
+        )
+        K = batch.support_users.shape[1]
+        su, sp, sn = u_idx[:K], i_idx[:K], i_idx[K : 2 * K]
+        p, q = P[users], Q[items]
+
+        def support_loss(p, q):
+            return bpr_triple_loss(p[su], q[sp], q[sn], hp.lambda_p, hp.lambda_q_pos, hp.lambda_q_neg).mean()
+
+        supports.append(support_loss(p, q))
+        for _ in range(hp.inner_steps):
+            g_p, g_q = torch.autograd.grad(support_loss(p, q), (p, q), create_graph=not hp.first_order)
+            p, q = p - hp.inner_lr * g_p, q - hp.inner_lr * g_q
+        queries.append(
+            bpr_triple_loss(p[u_idx[K]], q[i_idx[2 * K]], q[i_idx[2 * K + 1]], hp.lambda_p, hp.lambda_q_pos, hp.lambda_q_neg)
+        )
+    return torch.stack(supports).mean(), torch.stack(queries).mean()
