@@ -1,0 +1,334 @@
+"""Who interacted with what, and when: the index behind task construction, serving and online updates.
+
+``InteractionIndex`` answers four questions for many users at once, with sorted
+arrays and ``np.searchsorted`` only (no Python loop over users or positions):
+
+- ``recent_items``: a user's last k positives before a time (METHOD.md §6, §7);
+- ``sample_negatives``: a uniform item the user never had as a positive (§3);
+- ``sample_neighbour_interactions``: interactions of the user's neighbours,
+  other users who share one of its k own items, no later than a cutoff (§4);
+- ``extend``: the index after a stream batch (§7).
+
+Layout, built once in O(N log N):
+
+- by user: every interaction sorted by (user, ts, item) with offsets per user
+  (a CSR), plus a combined key ``user * (R + 1) + ts_rank`` (R = distinct
+  timestamps) so one ``searchsorted`` finds "user u's interactions with ts <= c";
+- by item: the distinct (user, item) pairs at their earliest ts, sorted by
+  (item, ts, user), with the same kind of key; a neighbour is a user in this
+  list other than the task user;
+- the distinct pairs sorted by (user, item) under the key ``user << 32 | item``:
+  membership, per-user positive counts, and exact uniform negatives (see
+  ``sample_negatives``).
+
+Timestamps are compared through their dense rank among the index's
+timestamps, so any int64 timestamps work and the keys cannot overflow for any
+realistic size (checked at build time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from metarec.interface import Interactions
+
+_SHIFT = np.int64(32)  # pair keys: user << 32 | item
+_MAX_ID = 1 << 31
+PAD_TS = np.iinfo(np.int64).min  # ts of -1 padding in recent_items
+
+
+def _offsets(sorted_ids: np.ndarray, n: int) -> np.ndarray:
+    """CSR offsets (n + 1,) of a sorted id column."""
+    return np.concatenate(([0], np.cumsum(np.bincount(sorted_ids, minlength=n)))).astype(np.int64)
+
+
+def _as_ids(values: np.ndarray, name: str) -> np.ndarray:
+    values = np.asarray(values, dtype=np.int64)
+    if values.size and (values.min() < 0 or values.max() >= _MAX_ID):
+        raise ValueError(f"{name} must be ids in [0, 2**31), got range [{values.min()}, {values.max()}]")
+    return values
+
+
+@dataclass(frozen=True, eq=False)
+class InteractionIndex:
+    """Positives seen so far, indexed by user, by item and by (user, item). Build with ``build``."""
+
+    interactions: Interactions  # everything indexed, as given (concatenated by ``extend``)
+    n_users: int  # 1 + the largest user id seen
+    n_items: int  # 1 + the largest item id seen
+    uniq_ts_: np.ndarray  # (R,) distinct timestamps, sorted
+    # by user: (N,) sorted by (user, ts, item)
+    user_ptr_: np.ndarray  # (n_users + 1,)
+    user_items_: np.ndarray
+    user_ts_: np.ndarray
+    user_key_: np.ndarray  # user * (R + 1) + ts_rank
+    # by item: (P,) distinct pairs at their earliest ts, sorted by (item, ts, user)
+    item_ptr_: np.ndarray  # (n_items + 1,)
+    item_users_: np.ndarray
+    item_key_: np.ndarray  # item * (R + 1) + ts_rank
+    # by pair: (P,) distinct pairs sorted by (user, item)
+    pair_key_: np.ndarray  # user << 32 | item
+    pair_item_pos_: np.ndarray  # where the pair sits in the by-item arrays
+    gap_key_: np.ndarray  # user << 32 | (item - rank of the item among the user's items)
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(cls, interactions: Interactions) -> "InteractionIndex":
+        users = _as_ids(interactions.users, "users")
+        items = _as_ids(interactions.items, "items")
+        ts = np.asarray(interactions.ts, dtype=np.int64)
+        n_users = int(users.max()) + 1 if len(users) else 0
+        n_items = int(items.max()) + 1 if len(items) else 0
+        uniq_ts = np.unique(ts)
+        rank = np.searchsorted(uniq_ts, ts).astype(np.int64)
+        stride = np.int64(len(uniq_ts) + 1)
+        if max(n_users, n_items) * int(stride) >= 2**62:
+            raise ValueError(f"index too large for int64 keys: {n_users} users, {n_items} items, {len(uniq_ts)} timestamps")
+
+        by_user = np.lexsort((items, rank, users))
+        user_sorted = users[by_user]
+
+        # distinct pairs at their earliest ts: a neighbour "has" an item from its first interaction with it
+        by_pair = np.lexsort((rank, items, users))
+        pu, pv, pr = users[by_pair], items[by_pair], rank[by_pair]
+        first = np.ones(len(pu), dtype=bool)
+        first[1:] = (pu[1:] != pu[:-1]) | (pv[1:] != pv[:-1])
+        pu, pv, pr = pu[first], pv[first], pr[first]
+        pair_ptr = _offsets(pu, n_users)
+        rank_in_user = np.arange(len(pu), dtype=np.int64) - pair_ptr[pu]
+
+        by_item = np.lexsort((pu, pr, pv))
+        pair_item_pos = np.empty(len(pu), dtype=np.int64)
+        pair_item_pos[by_item] = np.arange(len(pu), dtype=np.int64)
+
+        return cls(
+            interactions=Interactions(users, items, ts),
+            n_users=n_users,
+            n_items=n_items,
+            uniq_ts_=uniq_ts,
+            user_ptr_=_offsets(user_sorted, n_users),
+            user_items_=items[by_user],
+            user_ts_=ts[by_user],
+            user_key_=user_sorted * stride + rank[by_user],
+            item_ptr_=_offsets(pv[by_item], n_items),
+            item_users_=pu[by_item],
+            item_key_=pv[by_item] * stride + pr[by_item],
+            pair_key_=(pu << _SHIFT) | pv,
+            pair_item_pos_=pair_item_pos,
+            gap_key_=(pu << _SHIFT) + (pv - rank_in_user),
+        )
+
+    def extend(self, batch: Interactions) -> "InteractionIndex":
+        """A new index holding these interactions and the batch (this one is unchanged)."""
+        old = self.interactions
+        return InteractionIndex.build(
+            Interactions(
+                np.concatenate([old.users, np.asarray(batch.users, dtype=np.int64)]),
+                np.concatenate([old.items, np.asarray(batch.items, dtype=np.int64)]),
+                np.concatenate([old.ts, np.asarray(batch.ts, dtype=np.int64)]),
+            )
+        )
+
+    def __len__(self) -> int:
+        return len(self.interactions)
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def _stride(self) -> np.int64:
+        return np.int64(len(self.uniq_ts_) + 1)
+
+    def _rank_le(self, cutoff_ts: np.ndarray) -> np.ndarray:
+        """Largest ts rank <= cutoff (-1 when every indexed ts is later)."""
+        return np.searchsorted(self.uniq_ts_, np.asarray(cutoff_ts, dtype=np.int64), side="right").astype(np.int64) - 1
+
+    def _rank_lt(self, before_ts: np.ndarray) -> np.ndarray:
+        """Largest ts rank < before (-1 when none)."""
+        return np.searchsorted(self.uniq_ts_, np.asarray(before_ts, dtype=np.int64), side="left").astype(np.int64) - 1
+
+    def _user_range(self, users: np.ndarray, max_rank: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """[lo, hi) in the by-user arrays of each user's interactions with ts rank <= max_rank (empty if unknown)."""
+        known = users < self.n_users
+        u = np.where(known, users, 0)
+        lo = self.user_ptr_[u]
+        if max_rank is None:
+            hi = self.user_ptr_[u + 1]
+        else:
+            hi = np.searchsorted(self.user_key_, u * self._stride + max_rank, side="right").astype(np.int64)
+            hi = np.maximum(hi, lo)
+        return np.where(known, lo, 0), np.where(known, hi, 0)
+
+    def has_pair(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Whether each (user, item) is a positive in the index (any time)."""
+        users, items = np.broadcast_arrays(np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64))
+        ok = (users >= 0) & (items >= 0) & (items < _MAX_ID)
+        if not len(self.pair_key_):
+            return np.zeros(users.shape, dtype=bool)
+        key = (np.where(ok, users, 0) << _SHIFT) | np.where(ok, items, 0)
+        pos = np.minimum(np.searchsorted(self.pair_key_, key), len(self.pair_key_) - 1)
+        return ok & (self.pair_key_[pos] == key)
+
+    def positive_counts(self, users: np.ndarray, n_items: int | None = None) -> np.ndarray:
+        """Distinct positive items < n_items of each user."""
+        n_items = self.n_items if n_items is None else int(n_items)
+        base = _as_ids(users, "users") << _SHIFT
+        return (np.searchsorted(self.pair_key_, base + n_items) - np.searchsorted(self.pair_key_, base)).astype(np.int64)
+
+    # ------------------------------------------------------------- negatives
+    def sample_negatives(
+        self,
+        users: np.ndarray,
+        rng: np.random.Generator,
+        n_items: int | None = None,
+        exclude: np.ndarray | None = None,
+        max_rounds: int = 32,
+    ) -> np.ndarray:
+        """One item per entry of ``users`` (any shape), uniform over [0, n_items) minus the user's positives.
+
+        Exact, without rejection: with the user's distinct positive items
+        p_0 < p_1 < ... and a uniform r in [0, n_items - c_u), the r-th
+        non-positive item is r + #{j : p_j - j <= r}, one ``searchsorted`` on
+        the per-user nondecreasing key ``p_j - j``. Users unknown to the index
+        draw uniformly from all items.
+
+        ``exclude`` (shape users.shape + (x,), -1 = none) names extra items to
+        avoid per entry, e.g. a new user's recent items that the index does not
+        hold; they are avoided by redrawing up to ``max_rounds`` times (a draw
+        still colliding after that is kept: with x << n_items this does not happen
+        in practice).
+        """
+        users = _as_ids(users, "users")
+        n_items = self.n_items if n_items is None else int(n_items)
+        if n_items <= 0:
+            raise ValueError(f"n_items must be >= 1 to sample negatives, got {n_items}")
+        flat = users.reshape(-1)
+        out = self._draw_negatives(flat, rng, n_items)
+        if exclude is not None:
+            excl = np.asarray(exclude, dtype=np.int64).reshape(len(flat), -1)
+            for _ in range(max_rounds):  # rounds, not users: each redraws every colliding entry at once
+                clash = np.flatnonzero((excl == out[:, None]).any(axis=1))
+                if not len(clash):
+                    break
+                out[clash] = self._draw_negatives(flat[clash], rng, n_items)
+        return out.reshape(users.shape)
+
+    def _draw_negatives(self, users: np.ndarray, rng: np.random.Generator, n_items: int) -> np.ndarray:
+        base = users << _SHIFT
+        lo = np.searchsorted(self.pair_key_, base)
+        free = n_items - (np.searchsorted(self.pair_key_, base + n_items) - lo)
+        if len(free) and free.min() <= 0:
+            bad = users[np.argmin(free)]
+            raise ValueError(f"user {bad} has a positive for every one of the {n_items} items; no negative to sample")
+        r = np.floor(rng.random(len(users)) * free).astype(np.int64)
+        r = np.minimum(r, free - 1)  # guards the float edge r == free
+        skipped = np.searchsorted(self.gap_key_, base + r, side="right") - lo
+        return r + skipped
+
+    # ---------------------------------------------------------------- recent
+    def recent_items(self, users: np.ndarray, k: int, before_ts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's last k positives with ts < before_ts (all when None), oldest first.
+
+        Returns items (B, k) and ts (B, k), left-aligned: a user with j < k such
+        positives has them in columns 0..j-1 and items -1 (ts ``PAD_TS``) after.
+        """
+        users = _as_ids(users, "users").reshape(-1)
+        max_rank = None if before_ts is None else self._rank_lt(np.broadcast_to(before_ts, users.shape))
+        lo, hi = self._user_range(users, max_rank)
+        start = np.maximum(lo, hi - k)
+        idx = start[:, None] + np.arange(k, dtype=np.int64)[None, :]
+        valid = idx < hi[:, None]
+        idx = np.where(valid, idx, 0)
+        if not len(self.user_items_):
+            return np.full((len(users), k), -1, np.int64), np.full((len(users), k), PAD_TS, np.int64)
+        return np.where(valid, self.user_items_[idx], -1), np.where(valid, self.user_ts_[idx], PAD_TS)
+
+    # ------------------------------------------------------------ neighbours
+    def sample_neighbour_interactions(
+        self,
+        users: np.ndarray,
+        own_items: np.ndarray,
+        cutoff_ts: np.ndarray,
+        count: int,
+        rng: np.random.Generator,
+        return_fallback: bool = False,
+    ):
+        """``count`` neighbour interactions per user, none later than its cutoff.
+
+        users (B,), own_items (B, k) with -1 as padding, cutoff_ts (B,) ->
+        nb_users (B, count), nb_items (B, count) [, fallback (B,) bool].
+
+        Two hops per draw, all draws at once:
+        1. pick uniformly one of the row's own items v that has at least one
+           other user with a (first) interaction of v at ts <= cutoff;
+        2. pick uniformly one such other user w (a neighbour: it shares v);
+        3. pick uniformly one of w's interactions with ts <= cutoff.
+        This is not uniform over the union of the neighbours' interactions: a
+        neighbour's weight is sum over shared own items v of 1 / (#other users
+        of v), so neighbours sharing more of the user's items (or its rarer
+        items) are drawn more often, and every own item gets an equal share.
+
+        Fallback, for a row whose own items have no other user by the cutoff
+        (e.g. a brand-new item): every draw is (the user itself, one of its own
+        valid items uniformly), i.e. the own items are repeated; a row without
+        any valid own item gets (user, -1). ``return_fallback`` reports these rows.
+        """
+        users = _as_ids(users, "users").reshape(-1)
+        own = np.asarray(own_items, dtype=np.int64).reshape(len(users), -1)
+        n_rows, k = own.shape
+        max_rank = self._rank_le(np.broadcast_to(cutoff_ts, users.shape))
+        valid = (own >= 0) & (own < self.n_items)
+        v = np.where(valid, own, 0)
+
+        # other users of each own item by the cutoff, skipping the user's own entry
+        lo = self.item_ptr_[v] if self.n_items else np.zeros_like(v)
+        hi = np.searchsorted(self.item_key_, v * self._stride + max_rank[:, None], side="right").astype(np.int64)
+        hi = np.where(valid, np.maximum(hi, lo), lo)
+        has_self = valid & self.has_pair(users[:, None], own)
+        key = (users[:, None] << _SHIFT) | v
+        pair = np.minimum(np.searchsorted(self.pair_key_, key), max(len(self.pair_key_) - 1, 0))
+        self_pos = np.where(has_self, self.pair_item_pos_[pair] if len(self.pair_key_) else 0, -1)
+        has_self &= self_pos < hi
+        self_pos = np.where(has_self, self_pos, -1)
+        n_other = hi - lo - has_self
+        usable = n_other > 0  # (B, k)
+
+        # hop 1: the r-th usable own item of the row, via one searchsorted on a row-offset cumulative count
+        n_usable = usable.sum(axis=1)
+        r = np.floor(rng.random((n_rows, count)) * np.maximum(n_usable, 1)[:, None]).astype(np.int64)
+        rows = np.arange(n_rows, dtype=np.int64)[:, None]
+        cum_key = (np.cumsum(usable, axis=1) + rows * (k + 1)).reshape(-1)
+        col = np.searchsorted(cum_key, rows * (k + 1) + np.minimum(r, np.maximum(n_usable - 1, 0)[:, None]) + 1) - rows * k
+        col = np.clip(col, 0, k - 1)
+
+        # hop 2: a uniform other user of that item
+        sel_lo, sel_n = lo[rows, col], n_other[rows, col]
+        sel_self = self_pos[rows, col]
+        pos = sel_lo + np.floor(rng.random((n_rows, count)) * np.maximum(sel_n, 1)).astype(np.int64)
+        pos += (sel_self >= 0) & (pos >= sel_self)
+        ok = n_usable[:, None] > 0
+        pos = np.where(ok, np.minimum(pos, max(len(self.item_users_) - 1, 0)), 0)
+        nb_users = np.where(ok, self.item_users_[pos] if len(self.item_users_) else 0, users[:, None])
+
+        # hop 3: a uniform interaction of the neighbour by the cutoff
+        w_lo, w_hi = self._user_range(nb_users, np.broadcast_to(max_rank[:, None], nb_users.shape))
+        j = w_lo + np.floor(rng.random((n_rows, count)) * np.maximum(w_hi - w_lo, 1)).astype(np.int64)
+        nb_items = np.where(ok, self.user_items_[np.where(ok, j, 0)] if len(self.user_items_) else -1, -1)
+
+        # fallback rows: repeat the user's own valid items
+        fallback = n_usable == 0
+        if fallback.any():
+            nb_items[fallback] = _random_valid(own[fallback], count, rng)
+        return (nb_users, nb_items, fallback) if return_fallback else (nb_users, nb_items)
+
+
+def _random_valid(own: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """(B, count) items drawn uniformly with repetition from each row's entries >= 0 (-1 if none)."""
+    valid = own >= 0
+    n_valid = valid.sum(axis=1)
+    r = np.floor(rng.random((len(own), count)) * np.maximum(n_valid, 1)[:, None]).astype(np.int64)
+    # valid entries first (stable), then index by r
+    order = np.argsort(~valid, axis=1, kind="stable")
+    packed = np.take_along_axis(own, order, axis=1)
+    out = np.take_along_axis(packed, np.minimum(r, packed.shape[1] - 1), axis=1)
+    return np.where(n_valid[:, None] > 0, out, -1)
