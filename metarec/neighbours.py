@@ -205,7 +205,9 @@ class InteractionIndex:
         flat = users.reshape(-1)
         out = self._draw_negatives(flat, rng, n_items)
         if exclude is not None:
-            excl = np.asarray(exclude, dtype=np.int64).reshape(len(flat), -1)
+            excl = np.asarray(exclude, dtype=np.int64)
+            excl = excl[..., None] if excl.ndim == users.ndim else excl
+            excl = excl.reshape(len(flat), excl.shape[-1])
             for _ in range(max_rounds):  # rounds, not users: each redraws every colliding entry at once
                 clash = np.flatnonzero((excl == out[:, None]).any(axis=1))
                 if not len(clash):

@@ -1,0 +1,166 @@
+"""Offline tasks (METHOD.md §4) checked against the user timelines they come from."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from metarec.interface import Interactions
+from metarec.meta_tasks import TaskArrays, build_tasks, fill_own, stream_tasks
+from metarec.neighbours import InteractionIndex
+from metarec.synthetic import planted_interactions
+
+K, k = 12, 4
+
+
+@pytest.fixture(scope="module")
+def history() -> Interactions:
+    """Planted timelines of varied length (some users shorter than k), with timestamp ties."""
+    data = planted_interactions(n_users=120, n_items=100, per_user=30, seed=3).interactions
+    rng = np.random.default_rng(0)
+    keep = rng.random(len(data)) < np.repeat(rng.uniform(0.05, 1.0, 120), 30)[np.argsort(np.argsort(data.users, kind="stable"))]
+    return Interactions.from_arrays(data.users[keep], data.items[keep], data.ts[keep] // 40)
+
+
+@pytest.fixture(scope="module")
+def tasks(history) -> TaskArrays:
+    return build_tasks(history, k, K, seed=5)
+
+
+def timelines(history: Interactions) -> dict[int, list[tuple[int, int]]]:
+    """user -> [(ts, item)] in the order tasks use: by ts, ties by item."""
+    out: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for u, v, t in sorted(zip(history.users.tolist(), history.items.tolist(), history.ts.tolist()), key=lambda r: (r[0], r[2], r[1])):
+        out[u].append((t, v))
+    return out
+
+
+def test_one_task_per_position_after_k(history, tasks):
+    lines = timelines(history)
+    assert min(len(x) for x in lines.values()) < k  # the fixture has users too short for a task
+    assert len(tasks) == sum(max(0, len(x) - k) for x in lines.values())
+    per_user = np.bincount(tasks.query_user, minlength=history.n_users)
+    assert all(per_user[u] == max(0, len(x) - k) for u, x in lines.items())
+    assert tasks.support_users.shape == (len(tasks), K) and tasks.support_pos.dtype == np.int64
+
+
+def test_own_columns_are_the_k_previous_interactions_and_query_the_next(history, tasks):
+    lines = timelines(history)
+    seen = set()
+    for t in range(len(tasks)):
+        u = int(tasks.query_user[t])
+        own = tasks.support_pos[t, :k].tolist()
+        line = lines[u]
+        starts = [i for i in range(k, len(line)) if [v for _, v in line[i - k : i]] == own and line[i][1] == tasks.query_pos[t]]
+        assert starts, t
+        i = starts[0]
+        assert tasks.query_ts[t] == line[i][0]
+        assert (tasks.support_users[t, :k] == u).all()
+        seen.add((u, i))
+    assert len(seen) == len(tasks)  # every (user, position) exactly once
+
+
+def test_no_task_sees_its_future_and_neighbours_share_an_own_item(history, tasks):
+    first = {}
+    interactions = defaultdict(list)
+    for u, v, t in zip(history.users.tolist(), history.items.tolist(), history.ts.tolist()):
+        first[(u, v)] = min(t, first.get((u, v), t))
+        interactions[(u, v)].append(t)
+    lines = timelines(history)
+    fallbacks = 0
+    for t in range(len(tasks)):
+        u, own = int(tasks.query_user[t]), tasks.support_pos[t, :k].tolist()
+        i = next(i for i in range(k, len(lines[u])) if [v for _, v in lines[u][i - k : i]] == own and lines[u][i][1] == tasks.query_pos[t])
+        cutoff = lines[u][i - 1][0]
+        for w, v in zip(tasks.support_users[t, k:].tolist(), tasks.support_pos[t, k:].tolist()):
+            if w == u:  # documented fallback: the user's own items repeated
+                fallbacks += 1
+                assert v in own
+                continue
+            assert min(interactions[(w, v)]) <= cutoff, (t, w, v)
+            assert any(first.get((w, o), cutoff + 1) <= cutoff for o in own), (t, w)
+    assert fallbacks < 0.05 * len(tasks) * (K - k)
+
+
+def test_negatives_are_never_positives_of_their_triples_user(history, tasks):
+    positives = defaultdict(set)
+    for u, v in zip(history.users.tolist(), history.items.tolist()):
+        positives[u].add(v)
+    for users, negs in ((tasks.support_users.ravel(), tasks.support_neg.ravel()), (tasks.query_user, tasks.query_neg)):
+        assert not any(n in positives[u] for u, n in zip(users.tolist(), negs.tolist()))
+        assert negs.min() >= 0 and negs.max() < history.n_items
+
+
+def test_same_seed_same_tasks_other_seed_other_tasks(history, tasks):
+    again = build_tasks(history, k, K, seed=5)
+    other = build_tasks(history, k, K, seed=6)
+    for name in TaskArrays.__dataclass_fields__:
+        assert np.array_equal(getattr(tasks, name), getattr(again, name)), name
+    assert not np.array_equal(tasks.support_pos, other.support_pos)
+    assert not np.array_equal(tasks.query_neg, other.query_neg)
+    # the same tasks, only ordered and sampled differently
+    key = lambda t: sorted(zip(t.query_user.tolist(), t.query_ts.tolist(), t.query_pos.tolist()))  # noqa: E731
+    assert key(tasks) == key(other)
+
+
+def test_unshuffled_tasks_follow_user_then_time(history):
+    ordered = build_tasks(history, k, K, seed=5, shuffle=False)
+    assert np.all(np.diff(ordered.query_user) >= 0)
+    same_user = np.diff(ordered.query_user) == 0
+    assert np.all(np.diff(ordered.query_ts)[same_user] >= 0)
+
+
+def test_cap_on_tasks_per_user(history):
+    capped = build_tasks(history, k, K, seed=5, max_tasks_per_user=3)
+    per_user = np.bincount(capped.query_user, minlength=history.n_users)
+    lines = timelines(history)
+    assert all(per_user[u] == min(3, max(0, len(x) - k)) for u, x in lines.items())
+
+
+def test_k_equal_K_and_tiny_histories():
+    tiny = Interactions.from_arrays([0, 0, 0, 1], [0, 1, 2, 3], [1, 2, 3, 1])
+    tasks = build_tasks(tiny, 2, 2, seed=0)
+    assert len(tasks) == 1 and tasks.support_pos.tolist() == [[0, 1]] and tasks.query_pos.tolist() == [2]
+    assert len(build_tasks(tiny, 3, 4, seed=0)) == 0
+    with pytest.raises(ValueError, match="1 <= k <= K"):
+        build_tasks(tiny, 5, 4, seed=0)
+
+
+def test_fill_own_repeats_when_fewer_than_k():
+    rng = np.random.default_rng(0)
+    filled = fill_own(np.array([[7, -1, -1], [1, 2, 3]]), 5, rng)
+    assert filled[0].tolist() == [7] * 5
+    assert filled[1, :3].tolist() == [1, 2, 3] and set(filled[1, 3:].tolist()) <= {1, 2, 3}
+    assert fill_own(np.array([[1, 2, 3, 4]]), 2, rng).tolist() == [[3, 4]]
+    with pytest.raises(ValueError, match="row 1 of own_items has no item"):
+        fill_own(np.array([[1], [-1]]), 2, rng)
+
+
+def test_stream_tasks_use_only_the_past(history):
+    cut = len(history) * 3 // 4
+    past, batch = history.take(slice(0, cut)), history.take(slice(cut, None))
+    index = InteractionIndex.build(past).extend(batch)
+    tasks, kept = stream_tasks(index, batch, k, K, np.random.default_rng(1))
+    assert len(tasks) == kept.sum() > 0
+    assert np.array_equal(tasks.query_user, batch.users[kept]) and np.array_equal(tasks.query_pos, batch.items[kept])
+    # a kept interaction's own items all happened strictly before it
+    lines = timelines(history)
+    for t in range(0, len(tasks), 7):
+        u, ts = int(tasks.query_user[t]), int(tasks.query_ts[t])
+        before = {v for s, v in lines[u] if s < ts}
+        assert set(tasks.support_pos[t, :k].tolist()) <= before
+    # users with nothing before their interaction form no task
+    dropped = ~kept
+    assert all(not any(s < t for s, _ in lines[u]) for u, t in zip(batch.users[dropped].tolist(), batch.ts[dropped].tolist()))
+
+
+def test_ml100k_tasks_count(ml100k_dir):
+    raw = np.loadtxt(ml100k_dir / "ml-100k" / "u.data", dtype=np.int64)
+    raw = raw[raw[:, 2] >= 3]
+    history = Interactions.from_arrays(raw[:, 0] - 1, raw[:, 1] - 1, raw[:, 3])
+    tasks = build_tasks(history, 5, 20, seed=0)
+    counts = np.bincount(history.users)
+    assert len(tasks) == np.maximum(counts - 5, 0).sum()
+    assert (tasks.support_users[:, 5:] != tasks.query_user[:, None]).mean() > 0.99  # neighbours found nearly always
