@@ -60,7 +60,8 @@ class TaskConfig(Section):
     k: int = Field(5, ge=1, description="The user's own consecutive interactions in a support set.")
     K: int = Field(20, ge=1, description="Support set size: k own + K-k neighbour interactions.")
     shard_size: int = Field(65536, ge=1, description="Tasks per Parquet shard.")
-    max_tasks_per_user: int | None = Field(None, ge=1, description="Cap on tasks per user (None = every position i > k).")
+    max_tasks_per_user: int | None = Field(None, ge=1, description="Cap on tasks per user (None = every position i > k); a seeded uniform sample of positions.")
+    shuffle: bool = Field(True, description="Store tasks in a seeded random order, so each shard is a uniform sample (False = user, position order).")
     seed: int = 7
 
     @model_validator(mode="after")
