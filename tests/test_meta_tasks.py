@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from metarec.config import Config
 from metarec.interface import Interactions
 from metarec.meta_tasks import TaskArrays, build_tasks, fill_own, stream_tasks
 from metarec.neighbours import InteractionIndex
 from metarec.synthetic import planted_interactions
+from tasks.paths import prepared_dir, task_shards_dir
+from tasks.task_shards import (
+    MANIFEST,
+    build_task_shards,
+    build_task_shards_task,
+    iter_task_shards,
+    load_tasks,
+    read_manifest,
+    shards_complete,
+    write_task_shards,
+)
 
 K, k = 12, 4
 
@@ -164,3 +179,48 @@ def test_ml100k_tasks_count(ml100k_dir):
     counts = np.bincount(history.users)
     assert len(tasks) == np.maximum(counts - 5, 0).sum()
     assert (tasks.support_users[:, 5:] != tasks.query_user[:, None]).mean() > 0.99  # neighbours found nearly always
+
+
+# ----------------------------------------------------------------- shards on disk
+
+
+def fake_prepared(root: Path, history: Interactions) -> None:
+    """The files load_prepared needs, with this history and nothing else."""
+    root.mkdir(parents=True, exist_ok=True)
+    cols = {"user_id": history.users, "item_id": history.items, "ts": history.ts, "pos": np.zeros(len(history), np.int64)}
+    for name in ("interactions", "history", "new_users"):
+        pq.write_table(pa.table(cols), root / f"{name}.parquet")
+    pq.write_table(pa.table({**cols, "batch": np.zeros(len(history), np.int64)}), root / "stream.parquet")
+    pq.write_table(pa.table({"user_id": np.arange(history.n_users)}), root / "users.parquet")
+    pq.write_table(pa.table({"item_id": np.arange(history.n_items)}), root / "items.parquet")
+    pq.write_table(pa.table({"case_id": np.zeros(0, np.int64)}), root / "candidates.parquet")
+    (root / "stats.json").write_text("{}")
+
+
+def test_shards_round_trip(tasks, tmp_path):
+    out = write_task_shards(tasks, tmp_path / "tasks", shard_size=500, manifest_extra={"seed": 5, "k": k})
+    manifest = read_manifest(out)
+    assert manifest["n_tasks"] == len(tasks) and manifest["K"] == K and manifest["seed"] == 5
+    assert manifest["n_shards"] == -(-len(tasks) // 500) == len(list(out.glob("shard-*.parquet")))
+    schema = pq.read_schema(out / manifest["shards"][0]["file"])
+    assert pa.types.is_fixed_size_list(schema.field("support_pos").type) and schema.field("support_pos").type.list_size == K
+    back = load_tasks(out)
+    for name in TaskArrays.__dataclass_fields__:
+        assert np.array_equal(getattr(back, name), getattr(tasks, name)), name
+    assert [len(s) for s in iter_task_shards(out)][:2] == [500, 500]
+    (out / manifest["shards"][-1]["file"]).unlink()
+    assert not shards_complete(out)
+
+
+def test_build_task_shards_from_prepared_data_once(history, artifacts, prefect_harness):
+    config = Config(tasks={"k": k, "K": K, "shard_size": 500})
+    fake_prepared(prepared_dir(config), history)
+    out = build_task_shards_task(config)
+    assert out == task_shards_dir(config) and shards_complete(out, config.hash_of("data", "tasks"))
+    manifest = read_manifest(out)
+    assert manifest["config_hash"] == config.hash_of("data", "tasks") and manifest["k"] == k
+    built = load_tasks(out)
+    direct = build_tasks(history, k, K, seed=config.tasks.seed)
+    assert np.array_equal(built.support_neg, direct.support_neg) and len(built) == manifest["n_tasks"]
+    stamp = (out / MANIFEST).stat().st_mtime_ns
+    assert build_task_shards(config) == out and (out / MANIFEST).stat().st_mtime_ns == stamp  # skipped, not rebuilt

@@ -1,0 +1,165 @@
+"""Meta-learning tasks on disk: Parquet shards of fixed-width rows, and a manifest.
+
+Folder ``task_shards_dir(config)`` (written whole, atomically; a folder with a
+manifest is complete):
+
+- ``shard-00000.parquet`` ...: one row per task. support_users, support_pos,
+  support_neg: fixed_size_list<int64>[K]; query_user, query_pos, query_neg,
+  query_ts: int64. Columns 0..k-1 of the support lists are the task user's own
+  interactions (METHOD.md §4, ``metarec.meta_tasks``).
+- ``manifest.json``: n_tasks, n_shards, shards [{file, rows}], k, K, seed,
+  config_hash, format_version, plus what the caller adds (dataset, counts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
+
+from metarec.config import Config
+from metarec.meta_tasks import TaskArrays, build_tasks
+from tasks.atomic import atomic_dir
+from tasks.paths import prepared_dir, task_shards_dir
+from tasks.prepared import load_prepared
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+LIST_COLUMNS = ("support_users", "support_pos", "support_neg")
+SCALAR_COLUMNS = ("query_user", "query_pos", "query_neg", "query_ts")
+
+
+def _table(tasks: TaskArrays) -> pa.Table:
+    K = tasks.K
+    columns = {
+        name: pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(getattr(tasks, name), dtype=np.int64).reshape(-1)), K)
+        for name in LIST_COLUMNS
+    }
+    columns.update({name: pa.array(getattr(tasks, name), type=pa.int64()) for name in SCALAR_COLUMNS})
+    return pa.table(columns)
+
+
+def _arrays(table: pa.Table, path: Path) -> TaskArrays:
+    missing = [c for c in LIST_COLUMNS + SCALAR_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"task shard {path} lacks columns {missing}; expected {list(LIST_COLUMNS + SCALAR_COLUMNS)}")
+    table = table.combine_chunks()
+    out = {}
+    for name in LIST_COLUMNS:
+        kind = table.schema.field(name).type
+        if not pa.types.is_fixed_size_list(kind):
+            raise ValueError(f"task shard {path}: column {name} is {kind}, expected fixed_size_list<int64>")
+        column = table.column(name)
+        flat = column.chunk(0).flatten().to_numpy() if column.num_chunks else np.zeros(0, np.int64)
+        out[name] = flat.astype(np.int64, copy=False).reshape(table.num_rows, kind.list_size)
+    for name in SCALAR_COLUMNS:
+        out[name] = table.column(name).to_numpy().astype(np.int64, copy=False)
+    return TaskArrays(**out)
+
+
+def write_task_shards(tasks: TaskArrays, out_dir: Path, shard_size: int, manifest_extra: dict | None = None) -> Path:
+    """Write ``tasks`` as shards of ``shard_size`` rows plus the manifest; the folder appears whole or not at all."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out_dir = Path(out_dir)
+    shards = []
+    with atomic_dir(out_dir) as tmp:
+        for number, start in enumerate(range(0, len(tasks), shard_size)):
+            name = f"shard-{number:05d}.parquet"
+            part = tasks.take(slice(start, start + shard_size))
+            pq.write_table(_table(part), tmp / name)
+            shards.append({"file": name, "rows": len(part)})
+        manifest = {"format_version": FORMAT_VERSION, "n_tasks": len(tasks), "n_shards": len(shards), "K": tasks.K, "shards": shards}
+        manifest.update(manifest_extra or {})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    return out_dir
+
+
+def read_manifest(task_dir: Path) -> dict:
+    path = Path(task_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no task manifest {path}; build the tasks first (build_task_shards)")
+    return json.loads(path.read_text())
+
+
+def iter_task_shards(task_dir: Path) -> Iterator[TaskArrays]:
+    """The shards in manifest order, one TaskArrays each (memory: one shard at a time)."""
+    task_dir = Path(task_dir)
+    for shard in read_manifest(task_dir)["shards"]:
+        path = task_dir / shard["file"]
+        tasks = _arrays(pq.read_table(path), path)
+        if len(tasks) != shard["rows"]:
+            raise ValueError(f"task shard {path} has {len(tasks)} rows, the manifest says {shard['rows']}")
+        yield tasks
+
+
+def load_tasks(task_dir: Path) -> TaskArrays:
+    """Every task in one TaskArrays (small data sets and tests)."""
+    parts = list(iter_task_shards(task_dir))
+    return TaskArrays.concat(parts) if parts else TaskArrays.empty(int(read_manifest(task_dir)["K"]))
+
+
+def shards_complete(task_dir: Path, config_hash: str | None = None) -> bool:
+    """A manifest whose shards all exist with the stated row counts (and, if given, the same config hash)."""
+    try:
+        manifest = read_manifest(task_dir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    if config_hash is not None and manifest.get("config_hash") != config_hash:
+        return False
+    for shard in manifest.get("shards", []):
+        path = Path(task_dir) / shard["file"]
+        if not path.is_file() or pq.read_metadata(path).num_rows != shard["rows"]:
+            return False
+    return True
+
+
+def build_task_shards(config: Config) -> Path:
+    """Tasks of the prepared history (METHOD.md §4) into ``task_shards_dir(config)``; skipped when already complete."""
+    out = task_shards_dir(config)
+    config_hash = config.hash_of("data", "tasks")
+    if shards_complete(out, config_hash):
+        logger.info("task shards already complete in %s", out)
+        return out
+    t = config.tasks
+    history = load_prepared(prepared_dir(config)).history
+    started = time.perf_counter()
+    tasks = build_tasks(history, t.k, t.K, t.seed, max_tasks_per_user=t.max_tasks_per_user, shuffle=t.shuffle)
+    seconds = time.perf_counter() - started
+    extra = {
+        "k": t.k,
+        "seed": t.seed,
+        "config_hash": config_hash,
+        "dataset": config.data.dataset,
+        "history_interactions": len(history),
+        "history_users": int(len(np.unique(history.users))),
+        "n_items": history.n_items,
+        "n_users": history.n_users,
+        "shuffle": t.shuffle,
+        "max_tasks_per_user": t.max_tasks_per_user,
+    }
+    write_task_shards(tasks, out, t.shard_size, extra)
+    logger.info("built %d tasks from %d interactions in %.1fs into %s", len(tasks), len(history), seconds, out)
+    return out
+
+
+@task(name="build-task-shards")
+def build_task_shards_task(config: Config) -> Path:
+    """Prefect wrapper around ``build_task_shards``."""
+    out = build_task_shards(config)
+    try:
+        manifest = read_manifest(out)
+        get_run_logger().info("task shards: %d tasks in %d shards at %s", manifest["n_tasks"], manifest["n_shards"], out)
+    except MissingContextError:
+        pass
+    return out
