@@ -36,6 +36,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from metarec.mf import bpr_triple_loss
 
@@ -135,52 +136,110 @@ def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.gather(1, index[..., None].expand(-1, -1, table.shape[-1]))
 
 
-def _put(n_slots: int, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Sum values (T, K, d) into (T, n_slots, d) at index (T, K): repeated uses of a slot accumulate."""
-    out = values.new_zeros(values.shape[0], n_slots, values.shape[-1])
-    return out.scatter_add(1, index[..., None].expand_as(values), values)
+@dataclass(frozen=True)
+class SupportOps:
+    """The support triples of T tasks as constant index maps on the local slots.
 
-
-def support_grads(p_loc, q_loc, s_user, s_pos, s_neg, hp: InnerParams):
-    """Closed-form gradient of L^K_t = mean_k L_ijk w.r.t. the local slots (T, Su, d), (T, Si, d).
-
-    d/dx [-log σ(x)] = -σ(-x) with x = p·(q_j - q_k); the L2 terms give 2λ·row.
-    Built from differentiable ops, so autograd can differentiate it again.
+    pair_pos, pair_neg (T, K): flat index u·Si + j of each triple's (user slot,
+    positive slot) and (user slot, negative slot) in a task's slot score matrix
+    p_loc·q_locᵀ (T, Su, Si); reg_user (T, Su, 1), reg_item (T, Si, 1): the L2
+    weight each slot carries in L^K_t = mean_k L_ijk, i.e. λ · (number of
+    triples using it) / K. A slot used n times is counted n times, which is how
+    repeated rows accumulate into one parameter.
     """
+
+    pair_pos: torch.Tensor
+    pair_neg: torch.Tensor
+    n_item_slots: int
+    reg_user: torch.Tensor
+    reg_item: torch.Tensor
+
+
+def support_ops(s_user, s_pos, s_neg, n_user_slots: int, n_item_slots: int, hp: InnerParams, dtype: torch.dtype) -> SupportOps:
+    """Operators for support triples at slot indices s_* (T, K)."""
     K = s_user.shape[1]
-    p, qj, qk = _take(p_loc, s_user), _take(q_loc, s_pos), _take(q_loc, s_neg)
-    diff = qj - qk
-    coef = (-torch.sigmoid(-(p * diff).sum(-1)) / K)[..., None]
-    g_p = coef * diff + (2.0 * hp.lambda_p / K) * p
-    g_qj = coef * p + (2.0 * hp.lambda_q_pos / K) * qj
-    g_qk = -coef * p + (2.0 * hp.lambda_q_neg / K) * qk
-    g_items = torch.cat([g_qj, g_qk], dim=1)
-    return _put(p_loc.shape[1], s_user, g_p), _put(q_loc.shape[1], torch.cat([s_pos, s_neg], 1), g_items)
+    uses = lambda index, n: F.one_hot(index, n).sum(1).to(dtype)[..., None]  # (T, n, 1)
+    reg_user = (hp.lambda_p / K) * uses(s_user, n_user_slots)
+    reg_item = (hp.lambda_q_pos * uses(s_pos, n_item_slots) + hp.lambda_q_neg * uses(s_neg, n_item_slots)) / K
+    return SupportOps(s_user * n_item_slots + s_pos, s_user * n_item_slots + s_neg, n_item_slots, reg_user, reg_item)
 
 
-def inner_adapt(p_loc, q_loc, s_user, s_pos, s_neg, hp: InnerParams, create_graph: bool = True):
+def _margins(p_loc: torch.Tensor, q_loc: torch.Tensor, ops: SupportOps) -> torch.Tensor:
+    """x_k = p_u·(q_j - q_k) of each support triple (T, K), read off the slot score matrix (T, Su, Si)."""
+    scores = torch.bmm(p_loc, q_loc.transpose(1, 2)).flatten(1)
+    return scores.gather(1, ops.pair_pos) - scores.gather(1, ops.pair_neg)
+
+
+def _mix(coef: torch.Tensor, ops: SupportOps, n_user_slots: int) -> torch.Tensor:
+    """M (T, Su, Si) = Σ_k c_k e_u (e_j - e_k)ᵀ: the coefficient of each (user slot, item slot) pair."""
+    flat = coef.new_zeros(coef.shape[0], n_user_slots * ops.n_item_slots)
+    flat = flat.scatter_add(1, torch.cat([ops.pair_pos, ops.pair_neg], 1), torch.cat([coef, -coef], 1))
+    return flat.view(coef.shape[0], n_user_slots, ops.n_item_slots)
+
+
+def support_loss(p_loc: torch.Tensor, q_loc: torch.Tensor, ops: SupportOps) -> torch.Tensor:
+    """L^K_t = mean_k L_ijk for each task (T,), written on slots (equal to bpr_triple_loss(...).mean(-1))."""
+    x = _margins(p_loc, q_loc, ops)
+    l2 = (ops.reg_user * p_loc.pow(2)).sum((1, 2)) + (ops.reg_item * q_loc.pow(2)).sum((1, 2))
+    return -F.logsigmoid(x).mean(1) + l2
+
+
+def support_grads(p_loc: torch.Tensor, q_loc: torch.Tensor, ops: SupportOps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form gradient of L^K_t w.r.t. the slots: (T, Su, d), (T, Si, d).
+
+    With c_k = -σ(-x_k)/K (the derivative of the mean of -log σ(x_k)) and
+    M = Σ_k c_k e_u (e_j - e_k)ᵀ (T, Su, Si): ∇P = M·Q + 2 reg_user·P,
+    ∇Q = Mᵀ·P + 2 reg_item·Q. Only batched matmuls and element-wise ops, all
+    differentiable, so autograd can differentiate it again (second order).
+    """
+    K = ops.pair_pos.shape[1]
+    coef = -torch.sigmoid(-_margins(p_loc, q_loc, ops)) / K
+    mix = _mix(coef, ops, p_loc.shape[1])
+    g_p = torch.bmm(mix, q_loc) + 2.0 * ops.reg_user * p_loc
+    g_q = torch.bmm(mix.transpose(1, 2), p_loc) + 2.0 * ops.reg_item * q_loc
+    return g_p, g_q
+
+
+def _inner_step(p_loc: torch.Tensor, q_loc: torch.Tensor, ops: SupportOps, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step Θ - α∇L^K_t, fused: P' = (1 - 2α reg_user)·P - α M·Q (one baddbmm), Q' likewise.
+
+    Algebraically the same as ``p - lr * support_grads(...)[0]``; fusing the
+    L2 term and the matmul into ``baddbmm`` halves the passes over the slots.
+    """
+    K = ops.pair_pos.shape[1]
+    coef = -torch.sigmoid(-_margins(p_loc, q_loc, ops)) / K
+    mix = _mix(coef, ops, p_loc.shape[1])
+    p_new = torch.baddbmm(p_loc * (1.0 - 2.0 * lr * ops.reg_user), mix, q_loc, alpha=-lr)
+    q_new = torch.baddbmm(q_loc * (1.0 - 2.0 * lr * ops.reg_item), mix.transpose(1, 2), p_loc, alpha=-lr)
+    return p_new, q_new
+
+
+def inner_adapt(p_loc: torch.Tensor, q_loc: torch.Tensor, ops: SupportOps, hp: InnerParams, create_graph: bool = True):
     """L inner steps, for T tasks at once.
 
-    Shapes: p_loc (T, Su, d), q_loc (T, Si, d) local slots; s_* (T, K) slot
-    indices of the support triples. Returns the adapted (p_loc, q_loc).
-    ``create_graph=False`` detaches each inner gradient: first order, or serving.
+    Shapes: p_loc (T, Su, d), q_loc (T, Si, d) local slots; ``ops`` the support
+    triples. Returns the adapted (p_loc, q_loc). ``create_graph=False``
+    detaches each inner gradient step (the adapted rows then depend on Θ with
+    an identity Jacobian): first-order MAML, or serving.
     """
     for _ in range(hp.inner_steps):
-        g_p, g_q = support_grads(p_loc, q_loc, s_user, s_pos, s_neg, hp)
+        p_new, q_new = _inner_step(p_loc, q_loc, ops, hp.inner_lr)
         if not create_graph:
-            g_p, g_q = g_p.detach(), g_q.detach()
-        p_loc = p_loc - hp.inner_lr * g_p
-        q_loc = q_loc - hp.inner_lr * g_q
+            p_new = p_loc + (p_new - p_loc).detach()
+            q_new = q_loc + (q_new - q_loc).detach()
+        p_loc, q_loc = p_new, q_new
     return p_loc, q_loc
 
 
-def _triples_loss(p_loc, q_loc, iu, ip, ineg, hp: InnerParams) -> torch.Tensor:
-    """Mean BPR loss of the triples at slot indices (T, K) or (T,) -> (T,)."""
-    squeeze = iu.dim() == 1
-    if squeeze:
-        iu, ip, ineg = iu[:, None], ip[:, None], ineg[:, None]
-    loss = bpr_triple_loss(_take(p_loc, iu), _take(q_loc, ip), _take(q_loc, ineg), hp.lambda_p, hp.lambda_q_pos, hp.lambda_q_neg)
-    return loss.mean(1)
+def query_loss(p_loc: torch.Tensor, q_loc: torch.Tensor, loc: LocalTasks, hp: InnerParams) -> torch.Tensor:
+    """L^1_t of each task's single query triple (T,)."""
+    take = lambda table, index: _take(table, index[:, None])[:, 0]
+    return bpr_triple_loss(take(p_loc, loc.q_user), take(q_loc, loc.q_pos), take(q_loc, loc.q_neg), hp.lambda_p, hp.lambda_q_pos, hp.lambda_q_neg)
+
+
+def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """table (n, d), rows (T, S) -> (T, S, d); the outer gradient flows back through it (index_add)."""
+    return table.index_select(0, rows.flatten()).view(*rows.shape, table.shape[1])
 
 
 def meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: InnerParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,11 +248,11 @@ def meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: Inner
     P (n_users, d), Q (n_items, d). Support: L^K_t(Θ). Query: L^1_t(Θ^L_t).
     """
     loc = localise(batch)
-    p_loc, q_loc = P[loc.user_rows], Q[loc.item_rows]  # (T, Su, d), (T, Si, d); grads flow back via the gather
-    support = _triples_loss(p_loc, q_loc, loc.s_user, loc.s_pos, loc.s_neg, hp)
-    p_ad, q_ad = inner_adapt(p_loc, q_loc, loc.s_user, loc.s_pos, loc.s_neg, hp, create_graph=not hp.first_order)
-    query = _triples_loss(p_ad, q_ad, loc.q_user, loc.q_pos, loc.q_neg, hp)
-    return support.mean(), query.mean()
+    p_loc, q_loc = gather_rows(P, loc.user_rows), gather_rows(Q, loc.item_rows)
+    ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], hp, P.dtype)
+    support = support_loss(p_loc, q_loc, ops)
+    p_ad, q_ad = inner_adapt(p_loc, q_loc, ops, hp, create_graph=not hp.first_order)
+    return support.mean(), query_loss(p_ad, q_ad, loc, hp).mean()
 
 
 @dataclass(frozen=True)
@@ -208,18 +267,19 @@ def meta_step(P: torch.Tensor, Q: torch.Tensor, optimizer: torch.optim.Optimizer
     optimizer.zero_grad(set_to_none=True)
     support, query = meta_objective(P, Q, batch, hp)
     total = support + hp.lambda_ml * query
-    if not torch.isfinite(total):
-        raise DivergedError(f"meta-objective is {float(total)} (support {float(support)}, query {float(query)})")
+    s_val, q_val = float(support.detach()), float(query.detach())
+    if not math.isfinite(float(total.detach())):
+        raise DivergedError(f"meta-objective is not finite (support loss {s_val}, query loss {q_val})")
     total.backward()
     params = [P, Q]
     clip = hp.grad_clip if hp.grad_clip is not None else math.inf
     norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
     if not math.isfinite(norm):
-        raise DivergedError(f"meta-gradient norm is {norm} (support loss {float(support)}, query loss {float(query)})")
+        raise DivergedError(f"meta-gradient norm is {norm} (support loss {s_val}, query loss {q_val})")
     optimizer.step()
     if not (torch.isfinite(P).all() and torch.isfinite(Q).all()):
         raise DivergedError("P or Q holds NaN/Inf after the outer step")
-    return StepStats(float(support), float(query), norm)
+    return StepStats(s_val, q_val, norm)
 
 
 def reference_meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: InnerParams) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from metarec.maml import (
     meta_step,
     reference_meta_objective,
     support_grads,
+    support_ops,
 )
 from metarec.mf import bpr_triple_loss
 
@@ -96,7 +97,8 @@ def test_repeated_rows_in_one_task_are_one_parameter():
     # the closed-form inner gradient equals autograd of the task's loss w.r.t. the whole tables
     loss = bpr_triple_loss(P[[0, 0, 0]], Q[[1, 2, 1]], Q[[2, 3, 3]], HP.lambda_p, HP.lambda_q_pos, HP.lambda_q_neg).mean()
     gP, gQ = torch.autograd.grad(loss, (P, Q))
-    g_p, g_q = support_grads(P[torch.tensor([[0]])], Q[torch.tensor([[1, 2, 3]])], torch.tensor([[0, 0, 0]]), torch.tensor([[0, 1, 0]]), torch.tensor([[1, 2, 2]]), HP)
+    ops = support_ops(torch.tensor([[0, 0, 0]]), torch.tensor([[0, 1, 0]]), torch.tensor([[1, 2, 2]]), 1, 3, HP, torch.float64)
+    g_p, g_q = support_grads(P[torch.tensor([[0]])], Q[torch.tensor([[1, 2, 3]])], ops)
     assert torch.allclose(g_p[0, 0], gP[0], atol=1e-14)
     assert torch.allclose(g_q[0], gQ[[1, 2, 3]], atol=1e-14)
     loss_b, gP_b, gQ_b = _grads(meta_objective, P, Q, batch, HP)
