@@ -1,0 +1,268 @@
+"""The data stage: ingest -> split -> candidates -> stats, into ``prepared_dir(config)``.
+
+Each step is a plain function writing into a work folder (callable without
+Prefect); ``prepare_data`` runs them all inside ``atomic_dir`` so the prepared
+folder appears whole or not at all, and skips the work when it already exists.
+The ``*_task`` objects are thin Prefect wrappers used by ``flows/prepare.py``.
+
+All the relational work is in ``sql/*.sql`` (DuckDB, bound parameters); only the
+negative sampling is vectorised numpy. Outputs are sorted explicitly and written
+with pyarrow, so the same config gives byte-identical Parquet files.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from metarec.config import Config
+from tasks.atomic import atomic_dir, write_json
+from tasks.datasets import EXPECTED, DataError, load_raw, resolve_source
+from tasks.paths import prepared_dir
+from tasks.prepared import SPLIT_FILES
+from tasks.sqlfiles import run_sql, sql
+
+logger = logging.getLogger(__name__)
+
+BATCH_ROWS = 1 << 20  # rows per Arrow batch / Parquet row group when streaming query results
+CASE_CHUNK = 1 << 16  # evaluation cases per negative-sampling chunk (each chunk has its own seeded stream)
+
+
+@contextmanager
+def duckdb_connection(threads: int = 2) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB that may spill to a private temp folder (100M Netflix rows do not fit in RAM)."""
+    with tempfile.TemporaryDirectory(prefix="metarec-duckdb-") as spill:
+        con = duckdb.connect(config={"threads": threads, "preserve_insertion_order": True, "temp_directory": spill})
+        try:
+            yield con
+        finally:
+            con.close()
+
+
+def export(con: duckdb.DuckDBPyConnection, query: str, params: dict, path: Path) -> int:
+    """Stream the result of ``sql/<query>.sql`` into a Parquet file; returns the row count."""
+    reader = con.sql(sql(query), params=params).to_arrow_reader(BATCH_ROWS)
+    rows = 0
+    with pq.ParquetWriter(path, reader.schema) as writer:
+        for batch in reader:
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    return rows
+
+
+def is_prepared(root: Path) -> bool:
+    return all((root / f"{name}.parquet").is_file() for name in SPLIT_FILES) and (root / "stats.json").is_file()
+
+
+# ---------------------------------------------------------------------------- steps
+
+
+def ingest(config: Config, out: Path) -> dict:
+    """Raw ratings -> interactions.parquet (dense ids), users.parquet, items.parquet."""
+    data = config.data
+    columns = {"user_col": data.user_col, "item_col": data.item_col, "rating_col": data.rating_col, "ts_col": data.ts_col}
+    source = resolve_source(data.dataset, data.data_dir, data.download, columns)
+    logger.info("ingesting %s (%s) from %s", source.name, source.layout, source.ratings[0].parent)
+    with duckdb_connection(config.runtime.max_workers) as con:
+        load_raw(con, source)
+        run_sql(con, "ratings", {"ts_format": EXPECTED[source.layout][2]})
+        con.execute("DROP TABLE raw_text")
+        ratings_read = run_sql(con, "count_rows", {"table": "ratings"}).fetchall()[0][0]
+        if data.sample_users is not None:
+            run_sql(con, "sample_users", {"n": data.sample_users, "seed": data.seed})
+        run_sql(con, "user_ids")
+        run_sql(con, "item_ids")
+        users = export(con, "out_users", {}, out / "users.parquet")
+        items = export(con, "out_items", {}, out / "items.parquet")
+        rows = export(con, "out_interactions", {}, out / "interactions.parquet")
+    return {"source": source.describe(), "ratings_read": ratings_read, "interactions": rows, "users": users, "items": items}
+
+
+def split(config: Config, out: Path) -> dict:
+    """interactions.parquet -> positives -> new_users / history / stream Parquet files (METHOD.md §2)."""
+    data = config.data
+    interactions = str(out / "interactions.parquet")
+    with duckdb_connection(config.runtime.max_workers) as con:
+        run_sql(con, "positives", {"interactions": interactions, "threshold": data.rating_threshold})
+        run_sql(con, "split_new_users", {"seed": data.seed, "fraction": data.new_user_fraction})
+        run_sql(con, "split_history_stream", {"history_fraction": data.history_fraction, "batches": data.stream_batches})
+        counts = dict(zip(("positives", "users", "new_users", "history", "stream"), run_sql(con, "split_counts").fetchall()[0]))
+        _check_split(config, counts, run_sql(con, "rating_range", {"interactions": interactions}).fetchall()[0])
+        for name in ("new_users", "history", "stream"):
+            export(con, f"out_{name}", {}, out / f"{name}.parquet")
+    return counts
+
+
+def _check_split(config: Config, counts: dict, rating_range: tuple) -> None:
+    data = config.data
+    n, lo, hi = rating_range
+    if counts["positives"] == 0:
+        raise DataError(f"no positive interactions in {data.dataset}: none of its {n} ratings (range {lo}..{hi}) is "
+                        f">= data.rating_threshold={data.rating_threshold}; expected at least one")
+    remaining = counts["users"] - counts["new_users"]
+    if counts["new_users"] < 1 or remaining < 1:
+        raise DataError(f"too few users for the split in {data.dataset}: {counts['users']} user(s) with positives and "
+                        f"data.new_user_fraction={data.new_user_fraction} give {counts['new_users']} new and {remaining} "
+                        "remaining users; expected at least one of each")
+    if counts["history"] < 1 or counts["stream"] < data.stream_batches:
+        raise DataError(f"too few interactions for the split in {data.dataset}: the remaining users' positives give "
+                        f"{counts['history']} history and {counts['stream']} stream rows; expected >= 1 history row and "
+                        f">= data.stream_batches={data.stream_batches} stream rows")
+
+
+def candidates(config: Config, out: Path) -> dict:
+    """Evaluation cases + n_negatives stored negatives each -> candidates.parquet (METHOD.md §9)."""
+    data = config.data
+    n_items = pq.read_metadata(out / "items.parquet").num_rows
+    parts = [str(out / f"{name}.parquet") for name in ("history", "stream", "new_users")]
+    params = {"new_users": parts[2], "stream": parts[1], "ns": list(data.new_user_ns), "min_positives": max(data.new_user_ns) + 1}
+    with duckdb_connection(config.runtime.max_workers) as con:
+        cases = con.sql(sql("candidate_cases"), params=params).to_arrow_table()
+        keys = run_sql(con, "positive_keys", {"paths": parts, "n_items": n_items}).fetchnumpy()["key"]
+    keys = np.asarray(keys, dtype=np.int64)
+    users = cases.column("user_id").to_numpy().astype(np.int64)
+    _check_enough_negatives(users, keys, n_items, data.n_negatives)
+    with pq.ParquetWriter(out / "candidates.parquet", _candidate_schema(cases.schema)) as writer:
+        for chunk, start in enumerate(range(0, max(len(users), 1), CASE_CHUNK)):
+            part = cases.slice(start, CASE_CHUNK)
+            rng = np.random.default_rng([data.seed, chunk])
+            negatives = sample_negatives(users[start:start + CASE_CHUNK], keys, n_items, data.n_negatives, rng)
+            flat = pa.array(negatives.reshape(-1), type=pa.int64())
+            offsets = pa.array(np.arange(0, negatives.size + 1, data.n_negatives, dtype=np.int32))
+            writer.write_table(part.append_column("negatives", pa.ListArray.from_arrays(offsets, flat)))
+    return {"cases": len(users)}
+
+
+def _candidate_schema(schema: pa.Schema) -> pa.Schema:
+    return schema.append(pa.field("negatives", pa.list_(pa.int64())))
+
+
+def _check_enough_negatives(users: np.ndarray, keys: np.ndarray, n_items: int, n_negatives: int) -> None:
+    if len(users) == 0:
+        return
+    positives_per_user = np.bincount(keys // n_items, minlength=int(users.max()) + 1)
+    free = n_items - positives_per_user[users]
+    if free.min() < n_negatives:
+        worst = int(users[np.argmin(free)])
+        raise DataError(f"user_id {worst} has only {int(free.min())} items they never had as a positive; "
+                        f"data.n_negatives={n_negatives} needs at least that many")
+
+
+def sample_negatives(users: np.ndarray, keys: np.ndarray, n_items: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(len(users), n) distinct items per row, uniform over the items the row's user never had as a positive.
+
+    keys: sorted ``user * n_items + item`` of every positive. Draws wide rows of
+    uniform items, drops positives and repeats, keeps the first n survivors; rows
+    left short are redrawn wider, then (rarely) sampled exactly from the complement.
+    Keeping the first n distinct valid draws of an iid stream is uniform sampling
+    without replacement from the valid items.
+    """
+    out = np.empty((len(users), n), dtype=np.int64)
+    todo = np.arange(len(users))
+    width = 2 * n + 16
+    for _ in range(4):
+        if todo.size == 0:
+            return out
+        draws = rng.integers(0, n_items, size=(todo.size, width), dtype=np.int64)
+        keep = ~_is_positive(users[todo, None] * n_items + draws, keys) & _first_occurrence(draws)
+        done = keep.sum(axis=1) >= n
+        keep &= np.cumsum(keep, axis=1) <= n
+        out[todo[done]] = draws[done][keep[done]].reshape(-1, n)
+        todo, width = todo[~done], width * 4
+    for row in todo:  # users with almost every item positive: sample the complement exactly
+        owned = keys[(keys >= users[row] * n_items) & (keys < (users[row] + 1) * n_items)] - users[row] * n_items
+        out[row] = rng.choice(np.setdiff1d(np.arange(n_items), owned), size=n, replace=False)
+    return out
+
+
+def _is_positive(query: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    if keys.size == 0:
+        return np.zeros(query.shape, dtype=bool)
+    idx = np.minimum(np.searchsorted(keys, query), keys.size - 1)
+    return keys[idx] == query
+
+
+def _first_occurrence(draws: np.ndarray) -> np.ndarray:
+    """True where a value appears in its row for the first time (left to right)."""
+    order = np.argsort(draws, axis=1, kind="stable")
+    ordered = np.take_along_axis(draws, order, axis=1)
+    repeat = np.zeros_like(ordered, dtype=bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    first = np.empty_like(repeat)
+    np.put_along_axis(first, order, ~repeat, axis=1)
+    return first
+
+
+def write_stats(config: Config, out: Path, ingested: dict) -> dict:
+    """stats.json: rows, users, items and time ranges per part; new users with enough positives."""
+    data = config.data
+    min_positives = max(data.new_user_ns) + 1
+    with duckdb_connection(config.runtime.max_workers) as con:
+        parts = {}
+        for name in ("interactions", "history", "stream", "new_users"):
+            row = run_sql(con, "part_stats", {"path": str(out / f"{name}.parquet")}).fetchall()[0]
+            parts[name] = dict(zip(("rows", "users", "items", "ts_min", "ts_max"), row))
+        batches = [dict(zip(("batch", "rows", "ts_min", "ts_max"), r)) for r in run_sql(con, "batch_sizes", {"stream": str(out / "stream.parquet")}).fetchall()]
+        cases = [dict(zip(("kind", "n", "cases", "users"), r)) for r in run_sql(con, "candidate_counts", {"candidates": str(out / "candidates.parquet")}).fetchall()]
+        evaluable = run_sql(con, "new_user_sizes", {"new_users": str(out / "new_users.parquet"), "min_positives": min_positives}).fetchall()[0][0]
+    positives = sum(parts[name]["rows"] for name in ("history", "stream", "new_users"))
+    stats = {
+        "dataset": data.dataset,
+        "data_hash": config.hash_of("data"),
+        "data_config": config.data.model_dump(mode="json"),
+        "source": ingested["source"],
+        "ratings_read": ingested["ratings_read"],
+        "users": ingested["users"],
+        "items": ingested["items"],
+        "positives": positives,
+        "parts": parts,
+        "stream_batches": batches,
+        "new_users_min_positives": min_positives,
+        "new_users_evaluable": evaluable,
+        "candidates": cases,
+    }
+    write_json(stats, out / "stats.json")
+    return stats
+
+
+# ---------------------------------------------------------------------------- the whole stage
+
+
+def run_steps(config: Config, out: Path) -> dict:
+    ingested = ingest(config, out)
+    split(config, out)
+    candidates(config, out)
+    return write_stats(config, out, ingested)
+
+
+def prepare_data(config: Config) -> Path:
+    """Prepare the data set of ``config`` (no Prefect); returns the prepared folder.
+
+    Does nothing when the complete folder for this data hash exists already.
+    """
+    final = prepared_dir(config)
+    if is_prepared(final):
+        logger.info("prepared data already in %s", final)
+        return final
+    started = time.perf_counter()
+    with atomic_dir(final) as work:
+        run_steps(config, work)
+    logger.info("prepared %s in %.1f s", final, time.perf_counter() - started)
+    return final
+
+
+ingest_task = task(name="ingest", cache_policy=NO_CACHE)(ingest)
+split_task = task(name="split", cache_policy=NO_CACHE)(split)
+candidates_task = task(name="candidates", cache_policy=NO_CACHE)(candidates)
+stats_task = task(name="stats", cache_policy=NO_CACHE)(write_stats)
