@@ -55,5 +55,18 @@ def prepare(
     typer.echo(f"prepared data in {out}")
 
 
+@app.command()
+def datasets(data_dir: Optional[Path] = DataDirOpt) -> None:
+    """List the known data sets, the folders searched, and where each one was found."""
+    from tasks.datasets import KNOWN, detect_folder, search_dirs
+
+    dirs = search_dirs(data_dir)
+    typer.echo("searched: " + ", ".join(str(d) for d in dirs))
+    for name, spec in KNOWN.items():
+        found = next((d / f for d in dirs for f in spec.folders if (d / f).is_dir() and detect_folder(d / f)), None)
+        where = str(found) if found else f"absent ({spec.url or 'no official download'})"
+        typer.echo(f"{name:16s} {where}")
+
+
 if __name__ == "__main__":
     app()
