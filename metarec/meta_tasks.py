@@ -71,9 +71,18 @@ class TaskArrays:
         return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
 
     @classmethod
+    def allocate(cls, T: int, K: int) -> "TaskArrays":
+        """Uninitialised arrays for T tasks, to fill with ``put``."""
+        return cls(**{f.name: np.empty((T, K) if f.name.startswith("support") else T, np.int64) for f in fields(cls)})
+
+    @classmethod
     def empty(cls, K: int) -> "TaskArrays":
-        two, one = np.zeros((0, K), np.int64), np.zeros(0, np.int64)
-        return cls(two, two.copy(), two.copy(), one, one.copy(), one.copy(), one.copy())
+        return cls.allocate(0, K)
+
+    def put(self, index, part: "TaskArrays") -> None:
+        """Write ``part`` into rows ``index`` (the arrays are mutable; the dataclass only fixes which arrays)."""
+        for f in fields(self):
+            getattr(self, f.name)[index] = getattr(part, f.name)
 
 
 def fill_own(own_items: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -173,8 +182,10 @@ def build_tasks(
     queries = task_positions(index, k, max_tasks_per_user, rng)
     if shuffle:
         queries = queries[rng.permutation(len(queries))]
-    parts = [_tasks_at(index, queries[s : s + CHUNK_TASKS], k, K, rng, n_items) for s in range(0, len(queries), CHUNK_TASKS)]
-    return TaskArrays.concat(parts) if parts else TaskArrays.empty(K)
+    out = TaskArrays.allocate(len(queries), K)
+    for start in range(0, len(queries), CHUNK_TASKS):  # chunks bound the temporaries; the output is filled in place
+        out.put(slice(start, start + CHUNK_TASKS), _tasks_at(index, queries[start : start + CHUNK_TASKS], k, K, rng, n_items))
+    return out
 
 
 def _tasks_at(index: InteractionIndex, queries: np.ndarray, k: int, K: int, rng: np.random.Generator, n_items: int | None) -> TaskArrays:

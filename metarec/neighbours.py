@@ -36,7 +36,22 @@ from metarec.interface import Interactions
 
 _SHIFT = np.int64(32)  # pair keys: user << 32 | item
 _MAX_ID = 1 << 31
+BITMAP_MAX_CELLS = 1 << 30  # users x items up to this get a 1-bit membership table (128 MB at most)
+REJECTION_ROUNDS = 3  # cheap draw-and-check rounds before the exact searchsorted path
 PAD_TS = np.iinfo(np.int64).min  # ts of -1 padding in recent_items
+
+
+def _bitmap(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> np.ndarray | None:
+    """Bit u * n_items + v of a packed table set for each distinct sorted pair; None beyond BITMAP_MAX_CELLS."""
+    cells = n_users * n_items
+    if cells == 0 or cells > BITMAP_MAX_CELLS:
+        return None
+    cell = users * n_items + items  # sorted and distinct, as the pairs are
+    byte = cell >> 3
+    starts = np.flatnonzero(np.concatenate(([True], byte[1:] != byte[:-1])))
+    bits = np.zeros((cells + 7) // 8, dtype=np.uint8)
+    bits[byte[starts]] = np.bitwise_or.reduceat((1 << (cell & 7)).astype(np.uint8), starts)
+    return bits
 
 
 def _offsets(sorted_ids: np.ndarray, n: int) -> np.ndarray:
@@ -70,8 +85,10 @@ class InteractionIndex:
     item_key_: np.ndarray  # item * (R + 1) + ts_rank
     # by pair: (P,) distinct pairs sorted by (user, item)
     pair_key_: np.ndarray  # user << 32 | item
+    pair_ptr_: np.ndarray  # (n_users + 1,)
     pair_item_pos_: np.ndarray  # where the pair sits in the by-item arrays
     gap_key_: np.ndarray  # user << 32 | (item - rank of the item among the user's items)
+    bitmap_: np.ndarray | None  # bit u * n_items + v set iff (u, v) is a positive; None when too large
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -116,8 +133,10 @@ class InteractionIndex:
             item_users_=pu[by_item],
             item_key_=pv[by_item] * stride + pr[by_item],
             pair_key_=(pu << _SHIFT) | pv,
+            pair_ptr_=pair_ptr,
             pair_item_pos_=pair_item_pos,
             gap_key_=(pu << _SHIFT) + (pv - rank_in_user),
+            bitmap_=_bitmap(pu, pv, n_users, n_items),
         )
 
     def extend(self, batch: Interactions) -> "InteractionIndex":
@@ -159,15 +178,48 @@ class InteractionIndex:
             hi = np.maximum(hi, lo)
         return np.where(known, lo, 0), np.where(known, hi, 0)
 
+    def _draw_until(self, users: np.ndarray, max_rank: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Per entry (1-d), a uniform position in the by-user arrays among ``users``' interactions with ts rank <= max_rank.
+
+        A few rounds draw from the user's whole timeline and keep draws that are early enough
+        (cheap, and uniform over the early ones); the rest take the exact searchsorted path.
+        Every entry must have at least one such interaction.
+        """
+        out = np.zeros(len(users), dtype=np.int64)
+        pending = np.arange(len(users))
+        lo = self.user_ptr_[users]
+        n_all = self.user_ptr_[users + 1] - lo
+        ts_cut = self.uniq_ts_[max_rank]
+        for _ in range(REJECTION_ROUNDS):
+            if not len(pending):
+                return out
+            draw = lo + np.floor(rng.random(len(pending)) * n_all).astype(np.int64)
+            good = self.user_ts_[draw] <= ts_cut
+            out[pending[good]] = draw[good]
+            keep = ~good
+            pending, lo, n_all, ts_cut = pending[keep], lo[keep], n_all[keep], ts_cut[keep]
+        if len(pending):
+            hi = np.searchsorted(self.user_key_, users[pending] * self._stride + max_rank[pending], side="right")
+            out[pending] = lo + np.floor(rng.random(len(pending)) * (hi - lo)).astype(np.int64)
+        return out
+
     def has_pair(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Whether each (user, item) is a positive in the index (any time)."""
         users, items = np.broadcast_arrays(np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64))
+        if self.bitmap_ is not None:
+            ok = (users >= 0) & (users < self.n_users) & (items >= 0) & (items < self.n_items)
+            cell = np.where(ok, users, 0) * self.n_items + np.where(ok, items, 0)
+            return ok & ((self.bitmap_[cell >> 3] >> (cell & 7).astype(np.uint8)) & 1).astype(bool)
+        return self._pair_lookup(users, items)[0]
+
+    def _pair_lookup(self, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found, position in the pair arrays) of each (user, item)."""
         ok = (users >= 0) & (items >= 0) & (items < _MAX_ID)
         if not len(self.pair_key_):
-            return np.zeros(users.shape, dtype=bool)
+            return np.zeros(users.shape, dtype=bool), np.zeros(users.shape, dtype=np.int64)
         key = (np.where(ok, users, 0) << _SHIFT) | np.where(ok, items, 0)
         pos = np.minimum(np.searchsorted(self.pair_key_, key), len(self.pair_key_) - 1)
-        return ok & (self.pair_key_[pos] == key)
+        return ok & (self.pair_key_[pos] == key), pos
 
     def positive_counts(self, users: np.ndarray, n_items: int | None = None) -> np.ndarray:
         """Distinct positive items < n_items of each user."""
@@ -216,16 +268,34 @@ class InteractionIndex:
         return out.reshape(users.shape)
 
     def _draw_negatives(self, users: np.ndarray, rng: np.random.Generator, n_items: int) -> np.ndarray:
-        base = users << _SHIFT
-        lo = np.searchsorted(self.pair_key_, base)
-        free = n_items - (np.searchsorted(self.pair_key_, base + n_items) - lo)
+        """Draw-and-check rounds while the membership bitmap makes checks cheap, then the exact path for the rest.
+
+        Both are uniform over the allowed items (a rejected draw is redrawn), so the mix is too.
+        """
+        known = users < self.n_users
+        u = np.where(known, users, 0)
+        lo = np.where(known, self.pair_ptr_[u], len(self.pair_key_))  # an unknown user sorts after every pair
+        if n_items >= self.n_items:
+            taken = np.where(known, self.pair_ptr_[u + 1] - lo, 0)
+        else:
+            taken = np.searchsorted(self.pair_key_, (users << _SHIFT) + n_items) - np.searchsorted(self.pair_key_, users << _SHIFT)
+        free = n_items - taken
         if len(free) and free.min() <= 0:
             bad = users[np.argmin(free)]
             raise ValueError(f"user {bad} has a positive for every one of the {n_items} items; no negative to sample")
-        r = np.floor(rng.random(len(users)) * free).astype(np.int64)
-        r = np.minimum(r, free - 1)  # guards the float edge r == free
-        skipped = np.searchsorted(self.gap_key_, base + r, side="right") - lo
-        return r + skipped
+        out = np.empty(len(users), dtype=np.int64)
+        pending = np.arange(len(users))
+        for _ in range(REJECTION_ROUNDS if self.bitmap_ is not None else 0):
+            draw = np.minimum(np.floor(rng.random(len(pending)) * n_items).astype(np.int64), n_items - 1)
+            good = ~self.has_pair(users[pending], draw)
+            out[pending[good]] = draw[good]
+            pending = pending[~good]
+            if not len(pending):
+                return out
+        r = np.minimum(np.floor(rng.random(len(pending)) * free[pending]).astype(np.int64), free[pending] - 1)
+        skipped = np.searchsorted(self.gap_key_, (users[pending] << _SHIFT) + r, side="right") - lo[pending]
+        out[pending] = r + skipped
+        return out
 
     # ---------------------------------------------------------------- recent
     def recent_items(self, users: np.ndarray, k: int, before_ts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -286,9 +356,8 @@ class InteractionIndex:
         lo = self.item_ptr_[v] if self.n_items else np.zeros_like(v)
         hi = np.searchsorted(self.item_key_, v * self._stride + max_rank[:, None], side="right").astype(np.int64)
         hi = np.where(valid, np.maximum(hi, lo), lo)
-        has_self = valid & self.has_pair(users[:, None], own)
-        key = (users[:, None] << _SHIFT) | v
-        pair = np.minimum(np.searchsorted(self.pair_key_, key), max(len(self.pair_key_) - 1, 0))
+        has_self, pair = self._pair_lookup(np.broadcast_to(users[:, None], v.shape), v)
+        has_self &= valid
         self_pos = np.where(has_self, self.pair_item_pos_[pair] if len(self.pair_key_) else 0, -1)
         has_self &= self_pos < hi
         self_pos = np.where(has_self, self_pos, -1)
@@ -313,9 +382,11 @@ class InteractionIndex:
         nb_users = np.where(ok, self.item_users_[pos] if len(self.item_users_) else 0, users[:, None])
 
         # hop 3: a uniform interaction of the neighbour by the cutoff
-        w_lo, w_hi = self._user_range(nb_users, np.broadcast_to(max_rank[:, None], nb_users.shape))
-        j = w_lo + np.floor(rng.random((n_rows, count)) * np.maximum(w_hi - w_lo, 1)).astype(np.int64)
-        nb_items = np.where(ok, self.user_items_[np.where(ok, j, 0)] if len(self.user_items_) else -1, -1)
+        nb_items = np.full((n_rows, count), -1, dtype=np.int64)
+        if ok.any():
+            rows_ok = np.flatnonzero(ok[:, 0])
+            picks = self._draw_until(nb_users[rows_ok].reshape(-1), np.repeat(max_rank[rows_ok], count), rng)
+            nb_items[rows_ok] = self.user_items_[picks].reshape(len(rows_ok), count)
 
         # fallback rows: repeat the user's own valid items
         fallback = n_usable == 0

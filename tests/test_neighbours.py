@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 
 from metarec.interface import Interactions
+from metarec import neighbours
 from metarec.neighbours import PAD_TS, InteractionIndex
+
+
+@pytest.fixture(autouse=True, params=["fast paths", "exact paths"])
+def paths(request, monkeypatch):
+    """Every test runs twice: with the bitmap and draw-and-check rounds, and with the exact searchsorted paths only."""
+    if request.param == "exact paths":
+        monkeypatch.setattr(neighbours, "BITMAP_MAX_CELLS", 0)
+        monkeypatch.setattr(neighbours, "REJECTION_ROUNDS", 0)
+    return request.param
 
 
 def random_history(seed: int = 0, n_users: int = 40, n_items: int = 30, n: int = 600, ts_range: int = 200) -> Interactions:
