@@ -1,7 +1,8 @@
 """Who interacted with what, and when: the index behind task construction, serving and online updates.
 
 ``InteractionIndex`` answers four questions for many users at once, with sorted
-arrays and ``np.searchsorted`` only (no Python loop over users or positions):
+arrays, ``np.searchsorted`` and gathers (no Python loop over users or positions;
+the only loops run over a fixed number of sampling rounds):
 
 - ``recent_items``: a user's last k positives before a time (METHOD.md §6, §7);
 - ``sample_negatives``: a uniform item the user never had as a positive (§3);
@@ -20,6 +21,14 @@ Layout, built once in O(N log N):
 - the distinct pairs sorted by (user, item) under the key ``user << 32 | item``:
   membership, per-user positive counts, and exact uniform negatives (see
   ``sample_negatives``).
+
+Speed-ups that do not change the distributions: when users x items is small
+enough (``BITMAP_MAX_CELLS``, ML-1M needs 3 MB) a packed membership bitmap lets
+negatives be drawn uniformly and rejected if positive for a few rounds, and a
+neighbour's interaction by the cutoff is drawn from its whole timeline and
+rejected if too late; whatever is left after ``REJECTION_ROUNDS`` takes the
+exact searchsorted path. A rejected draw is redrawn, so both stay uniform over
+the allowed set; the tests run every check on both paths.
 
 Timestamps are compared through their dense rank among the index's
 timestamps, so any int64 timestamps work and the keys cannot overflow for any
