@@ -23,6 +23,7 @@ same arrays, bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Iterator
 
 import numpy as np
 
@@ -168,24 +169,61 @@ def build_tasks(
     n_items: int | None = None,
     index: InteractionIndex | None = None,
 ) -> TaskArrays:
-    """Every task of METHOD.md §4 from the history.
+    """Every task of METHOD.md §4 from the history, in memory (see ``iter_tasks`` for the arguments).
 
-    Count: sum over users of max(0, m_u - k) (or the cap). ``shuffle`` orders the tasks by a
-    seeded permutation, so any contiguous slice (a shard) is a uniform sample of tasks and an
-    epoch streamed shard by shard needs no global shuffle; False keeps (user, position) order.
-    ``n_items`` bounds negatives (default: the history's items); pass ``index`` to reuse one.
+    Count: sum over users of max(0, m_u - k) (or the cap).
     """
+    index, queries, rng = _plan(history, k, K, seed, max_tasks_per_user, shuffle, index)
+    out = TaskArrays.allocate(len(queries), K)
+    for start, part in _chunks(index, queries, k, K, rng, n_items):  # the output is filled in place
+        out.put(slice(start, start + len(part)), part)
+    return out
+
+
+def iter_tasks(
+    history: Interactions,
+    k: int,
+    K: int,
+    seed: int,
+    max_tasks_per_user: int | None = None,
+    shuffle: bool = True,
+    n_items: int | None = None,
+    index: InteractionIndex | None = None,
+) -> Iterator[TaskArrays]:
+    """The same tasks as ``build_tasks``, in the same order, as chunks of ``CHUNK_TASKS`` (bounded memory).
+
+    ``shuffle`` orders the tasks by a seeded permutation, so any contiguous slice (a shard) is a
+    uniform sample of tasks and an epoch streamed shard by shard needs no global shuffle; False
+    keeps (user, position) order. ``max_tasks_per_user`` keeps a seeded sample of positions per
+    user. ``n_items`` bounds negatives (default: the history's items); pass ``index`` to reuse one
+    built on this history.
+    """
+    index, queries, rng = _plan(history, k, K, seed, max_tasks_per_user, shuffle, index)
+    for _, part in _chunks(index, queries, k, K, rng, n_items):
+        yield part
+
+
+def count_tasks(history: Interactions, k: int, max_tasks_per_user: int | None = None) -> int:
+    """How many tasks ``build_tasks`` makes, without building them."""
+    counts = np.bincount(np.asarray(history.users, dtype=np.int64)) if len(history) else np.zeros(0, np.int64)
+    per_user = np.maximum(counts - k, 0)
+    return int(np.minimum(per_user, max_tasks_per_user).sum() if max_tasks_per_user is not None else per_user.sum())
+
+
+def _plan(history, k, K, seed, max_tasks_per_user, shuffle, index):
     if not 1 <= k <= K:
         raise ValueError(f"need 1 <= k <= K, got k={k}, K={K}")
-    index = index or InteractionIndex.build(history)
+    index = InteractionIndex.build(history) if index is None else index
     rng = np.random.default_rng(seed)
     queries = task_positions(index, k, max_tasks_per_user, rng)
     if shuffle:
         queries = queries[rng.permutation(len(queries))]
-    out = TaskArrays.allocate(len(queries), K)
-    for start in range(0, len(queries), CHUNK_TASKS):  # chunks bound the temporaries; the output is filled in place
-        out.put(slice(start, start + CHUNK_TASKS), _tasks_at(index, queries[start : start + CHUNK_TASKS], k, K, rng, n_items))
-    return out
+    return index, queries, rng
+
+
+def _chunks(index, queries, k, K, rng, n_items) -> Iterator[tuple[int, TaskArrays]]:
+    for start in range(0, len(queries), CHUNK_TASKS):  # chunks bound the temporaries
+        yield start, _tasks_at(index, queries[start : start + CHUNK_TASKS], k, K, rng, n_items)
 
 
 def _tasks_at(index: InteractionIndex, queries: np.ndarray, k: int, K: int, rng: np.random.Generator, n_items: int | None) -> TaskArrays:

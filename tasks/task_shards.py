@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +26,7 @@ from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
 from metarec.config import Config
-from metarec.meta_tasks import TaskArrays, build_tasks
+from metarec.meta_tasks import TaskArrays, count_tasks, iter_tasks
 from tasks.atomic import atomic_dir
 from tasks.paths import prepared_dir, task_shards_dir
 from tasks.prepared import load_prepared
@@ -67,19 +67,43 @@ def _arrays(table: pa.Table, path: Path) -> TaskArrays:
     return TaskArrays(**out)
 
 
-def write_task_shards(tasks: TaskArrays, out_dir: Path, shard_size: int, manifest_extra: dict | None = None) -> Path:
-    """Write ``tasks`` as shards of ``shard_size`` rows plus the manifest; the folder appears whole or not at all."""
+def write_task_shards(
+    tasks: TaskArrays | Iterable[TaskArrays], out_dir: Path, shard_size: int, manifest_extra: dict | None = None
+) -> Path:
+    """Write tasks (all at once, or as chunks of any size) as shards of ``shard_size`` rows plus the manifest.
+
+    Chunks are consumed as they come, so at most one shard is held besides the chunk; the folder
+    appears whole or not at all.
+    """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    parts = [tasks] if isinstance(tasks, TaskArrays) else tasks
     out_dir = Path(out_dir)
-    shards = []
+    shards: list[dict] = []
+    K = (manifest_extra or {}).get("K")
     with atomic_dir(out_dir) as tmp:
-        for number, start in enumerate(range(0, len(tasks), shard_size)):
-            name = f"shard-{number:05d}.parquet"
-            part = tasks.take(slice(start, start + shard_size))
+
+        def flush(part: TaskArrays) -> None:
+            name = f"shard-{len(shards):05d}.parquet"
             pq.write_table(_table(part), tmp / name)
             shards.append({"file": name, "rows": len(part)})
-        manifest = {"format_version": FORMAT_VERSION, "n_tasks": len(tasks), "n_shards": len(shards), "K": tasks.K, "shards": shards}
+            logger.debug("wrote %s (%d tasks)", name, len(part))
+
+        pending: list[TaskArrays] = []
+        held = 0
+        for part in parts:
+            K = part.K
+            pending.append(part)
+            held += len(part)
+            while held >= shard_size:
+                buffer = TaskArrays.concat(pending)
+                flush(buffer.take(slice(0, shard_size)))
+                rest = buffer.take(slice(shard_size, None))
+                pending, held = ([rest] if len(rest) else []), len(rest)
+        if held:
+            flush(TaskArrays.concat(pending))
+        n_tasks = sum(s["rows"] for s in shards)
+        manifest = {"format_version": FORMAT_VERSION, "n_tasks": n_tasks, "n_shards": len(shards), "K": K, "shards": shards}
         manifest.update(manifest_extra or {})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     return out_dir
@@ -134,9 +158,9 @@ def build_task_shards(config: Config) -> Path:
     t = config.tasks
     history = load_prepared(prepared_dir(config)).history
     started = time.perf_counter()
-    tasks = build_tasks(history, t.k, t.K, t.seed, max_tasks_per_user=t.max_tasks_per_user, shuffle=t.shuffle)
-    seconds = time.perf_counter() - started
+    tasks = iter_tasks(history, t.k, t.K, t.seed, max_tasks_per_user=t.max_tasks_per_user, shuffle=t.shuffle)
     extra = {
+        "K": t.K,
         "k": t.k,
         "seed": t.seed,
         "config_hash": config_hash,
@@ -149,7 +173,11 @@ def build_task_shards(config: Config) -> Path:
         "max_tasks_per_user": t.max_tasks_per_user,
     }
     write_task_shards(tasks, out, t.shard_size, extra)
-    logger.info("built %d tasks from %d interactions in %.1fs into %s", len(tasks), len(history), seconds, out)
+    n_tasks = read_manifest(out)["n_tasks"]
+    if n_tasks != count_tasks(history, t.k, t.max_tasks_per_user):
+        raise RuntimeError(f"task shards in {out} hold {n_tasks} tasks, expected {count_tasks(history, t.k, t.max_tasks_per_user)}")
+    seconds = time.perf_counter() - started
+    logger.info("built %d tasks from %d interactions in %.1fs into %s", n_tasks, len(history), seconds, out)
     return out
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from metarec.config import Config
 from metarec.interface import Interactions
-from metarec.meta_tasks import TaskArrays, build_tasks, fill_own, stream_tasks
+from metarec.meta_tasks import TaskArrays, build_tasks, count_tasks, fill_own, iter_tasks, stream_tasks
 from metarec.neighbours import InteractionIndex
 from metarec.synthetic import planted_interactions
 from tasks.paths import prepared_dir, task_shards_dir
@@ -210,6 +210,27 @@ def test_shards_round_trip(tasks, tmp_path):
     assert [len(s) for s in iter_task_shards(out)][:2] == [500, 500]
     (out / manifest["shards"][-1]["file"]).unlink()
     assert not shards_complete(out)
+
+
+def test_chunked_tasks_equal_whole_tasks_and_write_the_same_shards(history, tasks, tmp_path, monkeypatch):
+    from metarec import meta_tasks
+
+    monkeypatch.setattr(meta_tasks, "CHUNK_TASKS", 1 << 30)
+    whole = build_tasks(history, k, K, seed=5)  # the chunk size is part of the random stream: keep it
+    monkeypatch.setattr(meta_tasks, "CHUNK_TASKS", 170)
+    chunks = list(iter_tasks(history, k, K, seed=5))
+    again = build_tasks(history, k, K, seed=5)
+    assert [len(c) for c in chunks[:-1]] == [170] * (len(chunks) - 1)
+    assert np.array_equal(TaskArrays.concat(chunks).support_neg, again.support_neg)
+    assert len(whole) == len(again) == count_tasks(history, k) and count_tasks(history, k, 3) < len(whole)
+    out = write_task_shards(iter(chunks), tmp_path / "chunked", shard_size=400, manifest_extra={"K": K})
+    manifest = read_manifest(out)
+    assert [s["rows"] for s in manifest["shards"]] == [400] * (len(again) // 400) + ([len(again) % 400] if len(again) % 400 else [])
+    back = load_tasks(out)
+    for name in TaskArrays.__dataclass_fields__:
+        assert np.array_equal(getattr(back, name), getattr(again, name)), name
+    empty = write_task_shards(iter([]), tmp_path / "empty", shard_size=10, manifest_extra={"K": K})
+    assert read_manifest(empty)["n_tasks"] == 0 and len(load_tasks(empty)) == 0 and load_tasks(empty).K == K
 
 
 def test_build_task_shards_from_prepared_data_once(history, artifacts, prefect_harness):
