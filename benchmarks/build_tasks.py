@@ -12,8 +12,10 @@ task at a time) on a sample of tasks in the same run, and the ratio printed.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import sys
+import tempfile
 import time
 from bisect import bisect_right
 from collections import defaultdict
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from metarec.interface import Interactions
-from metarec.meta_tasks import build_tasks
+from metarec.meta_tasks import build_tasks, iter_tasks
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k" / "u.data"
 
@@ -121,6 +123,41 @@ def measure(name: str, history: Interactions, k: int, K: int, reference_count: i
     )
 
 
+def measure_shards(name: str, history: Interactions, k: int, K: int, shard_size: int = 65536) -> None:
+    """Tasks streamed chunk by chunk into Parquet shards, as ``tasks.task_shards.build_task_shards`` does."""
+    from tasks.task_shards import read_manifest, write_task_shards
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        out = write_task_shards(iter_tasks(history, k, K, seed=0), Path(tmp) / "tasks", shard_size, {"K": K})
+        seconds = time.perf_counter() - started
+        manifest = read_manifest(out)
+        size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(
+        f"{name} streamed to shards: {manifest['n_tasks']:,} tasks in {manifest['n_shards']} shards ({size:,.0f} MB) "
+        f"in {seconds:.2f}s = {manifest['n_tasks'] / seconds:,.0f} tasks/s, peak RSS {peak_rss_mb():,.0f} MB",
+        flush=True,
+    )
+
+
+def _in_fresh_process(target, *args) -> None:
+    """Run one measurement in a spawned interpreter, so its peak RSS is its own."""
+    process = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    process.start()
+    process.join()
+    if process.exitcode:
+        raise SystemExit(f"{target.__name__}{args[:1]} failed with exit code {process.exitcode}")
+
+
+def _run(kind: str, n: int, k: int, K: int, reference_count: int) -> None:
+    history = ml100k() if kind == "ml-100k" else synthetic(n)
+    name = kind if kind == "ml-100k" else f"synthetic-{n // 1000}k"
+    if kind == "shards":
+        measure_shards(name, history, k, K)
+    else:
+        measure(name, history, k, K, reference_count)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="synthetic interactions")
@@ -129,8 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-tasks", type=int, default=3000)
     args = parser.parse_args(argv)
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}", flush=True)
-    measure("ml-100k", ml100k(), args.k, args.K, args.reference_tasks)
-    measure(f"synthetic-{args.n // 1000}k", synthetic(args.n), args.k, args.K, args.reference_tasks)
+    for kind in ("ml-100k", "synthetic", "shards"):
+        _in_fresh_process(_run, kind, args.n, args.k, args.K, args.reference_tasks)
 
 
 if __name__ == "__main__":
