@@ -181,7 +181,7 @@ class InteractionIndex:
         u = np.where(known, users, 0)
         lo = self.user_ptr_[u]
         if max_rank is None:
-            hi = self.user_ptr_[u + 1]
+            hi = self.user_ptr_[np.minimum(u + 1, self.n_users)]
         else:
             hi = np.searchsorted(self.user_key_, u * self._stride + max_rank, side="right").astype(np.int64)
             hi = np.maximum(hi, lo)
@@ -285,7 +285,7 @@ class InteractionIndex:
         u = np.where(known, users, 0)
         lo = np.where(known, self.pair_ptr_[u], len(self.pair_key_))  # an unknown user sorts after every pair
         if n_items >= self.n_items:
-            taken = np.where(known, self.pair_ptr_[u + 1] - lo, 0)
+            taken = np.where(known, self.pair_ptr_[np.minimum(u + 1, self.n_users)] - lo, 0)
         else:
             taken = np.searchsorted(self.pair_key_, (users << _SHIFT) + n_items) - np.searchsorted(self.pair_key_, users << _SHIFT)
         free = n_items - taken
@@ -388,7 +388,9 @@ class InteractionIndex:
         pos += (sel_self >= 0) & (pos >= sel_self)
         ok = n_usable[:, None] > 0
         pos = np.where(ok, np.minimum(pos, max(len(self.item_users_) - 1, 0)), 0)
-        nb_users = np.where(ok, self.item_users_[pos] if len(self.item_users_) else 0, users[:, None])
+        nb_users = np.repeat(users[:, None], count, axis=1)
+        if len(self.item_users_):
+            nb_users = np.where(ok, self.item_users_[pos], nb_users)
 
         # hop 3: a uniform interaction of the neighbour by the cutoff
         nb_items = np.full((n_rows, count), -1, dtype=np.int64)

@@ -170,3 +170,17 @@ def test_extend_equals_building_on_everything():
 def test_bad_ids_raise_a_clear_error():
     with pytest.raises(ValueError, match="users must be ids"):
         InteractionIndex.build(Interactions.from_arrays([-1], [0]))
+
+
+def test_an_empty_index_answers_without_errors():
+    index = InteractionIndex.build(Interactions.from_arrays([], []))
+    rng = np.random.default_rng(0)
+    assert (index.n_users, index.n_items, len(index)) == (0, 0, 0)
+    assert set(index.sample_negatives(np.array([0, 3, 3]), rng, n_items=4).tolist()) <= {0, 1, 2, 3}
+    items, _ = index.recent_items(np.array([0, 1]), 3)
+    assert (items == -1).all()
+    nb_users, nb_items, fallback = index.sample_neighbour_interactions(np.array([2]), np.array([[5, -1]]), np.array([0]), 4, rng, True)
+    assert fallback.all() and (nb_users == 2).all() and (nb_items == 5).all()
+    empty_users, empty_items = index.sample_neighbour_interactions(np.array([2]), np.array([[5]]), np.array([0]), 0, rng)
+    assert empty_users.shape == empty_items.shape == (1, 0)
+    assert len(index.extend(Interactions.from_arrays([1], [2]))) == 1
