@@ -376,13 +376,15 @@ LOADERS: dict[str, Callable[[duckdb.DuckDBPyConnection, Source], None]] = {
 
 def load_raw(con: duckdb.DuckDBPyConnection, source: Source) -> None:
     """Run the source's loader, then check every line; DuckDB read errors become DataError."""
+    problem = None
     try:
         LOADERS[source.layout](con, source)
     except duckdb.Error as exc:
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])
+        lines = str(exc).strip().splitlines()
+        problem = " ".join(line.strip() for line in lines[:3])
+    if problem is not None:  # raised outside the handler: DuckDB's exception (and its C++ state) is not kept alive
         raise DataError(f"{', '.join(_paths(source)[:3])}: could not be read as {source.layout} "
-                        f"({detail}); expected {EXPECTED[source.layout][0]}") from exc
+                        f"({problem}); expected {EXPECTED[source.layout][0]}")
     check_raw_text(con, source)
 
 

@@ -12,12 +12,13 @@ with pyarrow, so the same config gives byte-identical Parquet files.
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import duckdb
 import numpy as np
@@ -262,7 +263,23 @@ def prepare_data(config: Config) -> Path:
     return final
 
 
-ingest_task = task(name="ingest", cache_policy=NO_CACHE)(ingest)
-split_task = task(name="split", cache_policy=NO_CACHE)(split)
-candidates_task = task(name="candidates", cache_policy=NO_CACHE)(candidates)
-stats_task = task(name="stats", cache_policy=NO_CACHE)(write_stats)
+def _user_errors_without_frames(fn: Callable) -> Callable:
+    """Drop the traceback of a DataError before Prefect stores it: its frames hold DuckDB
+    connections, which would stay alive until exit (nanobind then prints leak warnings).
+    The message already names the file, line or parameter."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DataError as exc:
+            exc.__traceback__ = None
+            raise
+
+    return wrapper
+
+
+ingest_task = task(name="ingest", cache_policy=NO_CACHE)(_user_errors_without_frames(ingest))
+split_task = task(name="split", cache_policy=NO_CACHE)(_user_errors_without_frames(split))
+candidates_task = task(name="candidates", cache_policy=NO_CACHE)(_user_errors_without_frames(candidates))
+stats_task = task(name="stats", cache_policy=NO_CACHE)(_user_errors_without_frames(write_stats))
