@@ -107,6 +107,7 @@ def measure(name: str, history: Interactions, k: int, K: int, reference_count: i
     seconds = time.perf_counter() - started
     fast = len(tasks) / seconds
     rss = peak_rss_mb()  # before the reference's dicts inflate it
+    fallback = float((tasks.support_users[:, k:] == tasks.query_user[:, None]).all(axis=1).mean()) if len(tasks) else 0.0
     started = time.perf_counter()
     index = reference_index(history)
     ref_index_seconds = time.perf_counter() - started
@@ -117,6 +118,7 @@ def measure(name: str, history: Interactions, k: int, K: int, reference_count: i
     print(
         f"{name}: {len(history):,} interactions, {len(np.unique(history.users)):,} users -> {len(tasks):,} tasks (k={k}, K={K})\n"
         f"  build_tasks: {seconds:.2f}s (index included) = {fast:,.0f} tasks/s, peak RSS so far {rss:,.0f} MB\n"
+        f"  tasks without any neighbour (own items repeated instead): {fallback:.2%}\n"
         f"  per-task reference: {slow:,.0f} tasks/s ({done:,} tasks in {ref_seconds:.1f}s, after {ref_index_seconds:.1f}s building its dicts)\n"
         f"  ratio {fast / slow:,.0f}x",
         flush=True,
