@@ -100,13 +100,18 @@ class BaselineConfig(Section):
     epochs: int = Field(20, ge=1)
     lr: float = Field(0.05, gt=0.0)
     reg: float = Field(1e-4, ge=0.0)
+    batch_size: int = Field(128, ge=1, description="Triples per SGD minibatch (small, so a row rarely repeats in one).")
+    init_std: float = Field(0.1, gt=0.0, description="Std of initial (and new, where the paper draws them) factor entries.")
     # RKMF
     rkmf_kernel: Literal["linear", "logistic"] = "logistic"
+    rkmf_scale: float = Field(4.0, gt=0.0, description="Logistic kernel c = r_max - r_min (the 1-5 rating range).")
     rkmf_update_epochs: int = Field(5, ge=1)
     # sRec
     srec_obs_var: float = Field(1.0, gt=0.0)
     srec_drift_var: float = Field(1e-7, ge=0.0)
     srec_negatives: int = Field(1, ge=0)
+    srec_prior_var: float = Field(0.1, gt=0.0, description="Initial posterior variance of every coordinate before any data.")
+    srec_passes: int = Field(3, ge=1, description="Filtering passes over the history at fit time.")
     # SPMF
     spmf_reservoir: int = Field(5000, ge=1)
     spmf_samples: int = Field(1000, ge=0)

@@ -1,0 +1,357 @@
+"""Shared machinery of the baselines: BPR gradients, batched SGD, per-row update rounds, table growth, state.
+
+Every baseline is trained on BPR triples (u, i, j): i one of u's positives, j
+an item u never had, drawn uniformly by ``InteractionIndex.sample_negatives``.
+Two SGD drivers, both without a Python loop per interaction:
+
+- ``sgd_epoch``: shuffled minibatches; the gradients of a minibatch are
+  scatter-added into the tables (``index_add_``), which equals sequential SGD
+  whenever a row appears once in the minibatch (keep batches small).
+- ``sgd_rounds``: for methods that retrain single rows (RKMF's
+  UserUpdate/ItemUpdate, a new user's vector): round r applies every row's
+  r-th triple at once, so each row takes exactly one SGD step per triple, as
+  the per-rating loops of the papers do, vectorised across rows.
+
+Randomness: every call takes a ``numpy.random.Generator`` that the model seeds
+from ``(seed, purpose, counter)``, so results depend only on the seed and the
+sequence of calls, and a model's state needs no RNG state to be saved.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metarec.interface import Interactions, StreamingRecommender
+from metarec.neighbours import InteractionIndex
+
+# (w, h_i, h_j) rows (B, d) -> gradients of the per-triple loss w.r.t. each, (B, d) each
+GradFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Kernel = Literal["linear", "logistic"]
+Side = Literal["user", "pos", "neg"]
+
+PURPOSE_FIT, PURPOSE_OBSERVE, PURPOSE_NEW_USERS, PURPOSE_GROW = 0, 1, 2, 3
+
+
+def rng_for(seed: int, purpose: int, *counters: int) -> np.random.Generator:
+    """A generator determined by the model seed, what it is for, and a call counter."""
+    return np.random.default_rng([seed, purpose, *counters])
+
+
+# ---------------------------------------------------------------- kernels and gradients
+def kernel_score(z: torch.Tensor, kernel: Kernel, scale: float) -> torch.Tensor:
+    """RKMF's kernels on z = <w, h>: linear z; logistic scale * sigmoid(z) (bias b = 0)."""
+    return z if kernel == "linear" else scale * torch.sigmoid(z)
+
+
+def _kernel_slope(z: torch.Tensor, kernel: Kernel, scale: float) -> torch.Tensor:
+    if kernel == "linear":
+        return torch.ones_like(z)
+    s = torch.sigmoid(z)
+    return scale * s * (1.0 - s)
+
+
+def kernel_bpr_grads(kernel: Kernel, scale: float, reg: float) -> GradFn:
+    """Closed-form gradients of -log sigma(K(w,h_i) - K(w,h_j)) + reg(|w|^2 + |h_i|^2 + |h_j|^2)."""
+
+    def grads(w: torch.Tensor, hi: torch.Tensor, hj: torch.Tensor):
+        zi, zj = (w * hi).sum(-1), (w * hj).sum(-1)
+        x = kernel_score(zi, kernel, scale) - kernel_score(zj, kernel, scale)
+        g = -torch.sigmoid(-x)  # dL/dx
+        ki, kj = _kernel_slope(zi, kernel, scale), _kernel_slope(zj, kernel, scale)
+        gw = g[:, None] * (ki[:, None] * hi - kj[:, None] * hj) + 2 * reg * w
+        ghi = (g * ki)[:, None] * w + 2 * reg * hi
+        ghj = -(g * kj)[:, None] * w + 2 * reg * hj
+        return gw, ghi, ghj
+
+    return grads
+
+
+def autograd_bpr_grads(loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> GradFn:
+    """Gradients of any per-triple loss by autograd (MF-FT uses metarec.mf.bpr_triple_loss through this)."""
+
+    def grads(w: torch.Tensor, hi: torch.Tensor, hj: torch.Tensor):
+        w, hi, hj = (t.detach().requires_grad_(True) for t in (w, hi, hj))
+        loss = loss_fn(w, hi, hj).sum()
+        gw, ghi, ghj = torch.autograd.grad(loss, (w, hi, hj))
+        return gw, ghi, ghj
+
+    return grads
+
+
+def bpr_loss_value(W: torch.Tensor, H: torch.Tensor, u, i, j, kernel: Kernel = "linear", scale: float = 1.0) -> float:
+    """Mean -log sigma(x_uij) of triples (no regulariser): a progress reading for logs and tests."""
+    u, i, j = (torch.as_tensor(a) for a in (u, i, j))
+    w = W[u]
+    x = kernel_score((w * H[i]).sum(-1), kernel, scale) - kernel_score((w * H[j]).sum(-1), kernel, scale)
+    return float(-F.logsigmoid(x).mean()) if len(u) else float("nan")
+
+
+# ---------------------------------------------------------------- SGD drivers
+def _apply(W: torch.Tensor, H: torch.Tensor, u, i, j, gw, ghi, ghj, lr: float, update: Iterable[Side]) -> None:
+    update = set(update)
+    if "user" in update:
+        W.index_add_(0, u, gw, alpha=-lr)
+    if "pos" in update:
+        H.index_add_(0, i, ghi, alpha=-lr)
+    if "neg" in update:
+        H.index_add_(0, j, ghj, alpha=-lr)
+
+
+def sgd_epoch(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    u: np.ndarray,
+    i: np.ndarray,
+    j: np.ndarray,
+    grad_fn: GradFn,
+    lr: float,
+    batch_size: int,
+    rng: np.random.Generator,
+    update: Iterable[Side] = ("user", "pos", "neg"),
+) -> None:
+    """One shuffled pass of minibatch SGD over triples (u, i, j), in place on W (users) and H (items)."""
+    order = torch.from_numpy(rng.permutation(len(u)))
+    ut, it, jt = (torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in (u, i, j))
+    update = tuple(update)
+    for start in range(0, len(order), batch_size):
+        b = order[start : start + batch_size]
+        ub, ib, jb = ut[b], it[b], jt[b]
+        gw, ghi, ghj = grad_fn(W[ub], H[ib], H[jb])
+        _apply(W, H, ub, ib, jb, gw, ghi, ghj, lr, update)
+
+
+def rounds(rows: np.ndarray, rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Positions of ``rows`` split into rounds holding each row at most once.
+
+    Each row's entries are shuffled by ``rng``, or kept in their given order when it is None.
+    """
+    if not len(rows):
+        return []
+    tiebreak = rng.random(len(rows)) if rng is not None else np.arange(len(rows))
+    order = np.lexsort((tiebreak, rows))
+    sorted_rows = rows[order]
+    starts = np.flatnonzero(np.concatenate(([True], sorted_rows[1:] != sorted_rows[:-1])))
+    counts = np.diff(np.concatenate((starts, [len(rows)])))
+    rank = np.arange(len(rows)) - np.repeat(starts, counts)
+    by_rank = np.argsort(rank, kind="stable")
+    bounds = np.cumsum(np.bincount(rank))
+    return np.split(order[by_rank], bounds[:-1])
+
+
+def sgd_rounds(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    u: np.ndarray,
+    i: np.ndarray,
+    j: np.ndarray,
+    grad_fn: GradFn,
+    lr: float,
+    rng: np.random.Generator,
+    side: Literal["user", "pos"],
+) -> None:
+    """One pass where only the rows of one side change, one SGD step per triple and row (see module doc)."""
+    ut, it, jt = (torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in (u, i, j))
+    rows = np.asarray(u if side == "user" else i, dtype=np.int64)
+    for part in rounds(rows, rng):
+        b = torch.from_numpy(part)
+        ub, ib, jb = ut[b], it[b], jt[b]
+        gw, ghi, ghj = grad_fn(W[ub], H[ib], H[jb])
+        _apply(W, H, ub, ib, jb, gw, ghi, ghj, lr, (side,))
+
+
+# ---------------------------------------------------------------- data helpers
+def negatives(index: InteractionIndex, users: np.ndarray, rng: np.random.Generator, n_items: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """One uniform non-positive item in [0, n_items) per user entry."""
+    return index.sample_negatives(np.asarray(users, dtype=np.int64), rng, n_items=n_items, exclude=exclude)
+
+
+def csr_rows(ptr: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, value) for every value of the given CSR rows (rows beyond ptr have none)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    rows = rows[rows < len(ptr) - 1]
+    lo, hi = ptr[rows], ptr[rows + 1]
+    counts = hi - lo
+    owner = np.repeat(rows, counts)
+    offset = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return owner, values[np.repeat(lo, counts) + offset]
+
+
+def user_positives(index: InteractionIndex, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every distinct (user, item) positive of the given users."""
+    return csr_rows(index.pair_ptr_, index.pair_key_ & np.int64(0xFFFFFFFF), users)
+
+
+def item_positives(index: InteractionIndex, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every distinct (item, user) positive of the given items."""
+    return csr_rows(index.item_ptr_, index.item_users_, items)
+
+
+def concat(a: Interactions, b: Interactions) -> Interactions:
+    return Interactions(np.concatenate([a.users, b.users]), np.concatenate([a.items, b.items]), np.concatenate([a.ts, b.ts]))
+
+
+def grow(table: torch.Tensor, rows: int, fill: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """The table with rows appended up to ``rows`` (unchanged if already that long)."""
+    extra = rows - len(table)
+    return torch.cat([table, fill(extra)]) if extra > 0 else table
+
+
+def lookup(table: torch.Tensor, ids: np.ndarray, default: torch.Tensor) -> torch.Tensor:
+    """Rows of ``ids`` (any shape); ids beyond the table get ``default`` (d,), the model's rule for unseen ids."""
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    known = ids_t < len(table)
+    rows = table[torch.where(known, ids_t, torch.zeros_like(ids_t))]
+    return torch.where(known[..., None], rows, default.to(rows.dtype))
+
+
+def gaussian(rng: np.random.Generator, rows: int, dim: int, std: float) -> torch.Tensor:
+    return torch.from_numpy(rng.normal(0.0, std, size=(rows, dim)).astype(np.float32))
+
+
+def sampled_metrics(scores: np.ndarray) -> dict[str, float]:
+    """HR@10, NDCG@10 and AUC of (B, 1 + negatives) scores whose column 0 is the true item (METHOD.md §9)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    pos, neg = scores[:, :1], scores[:, 1:]
+    # a tie counts half, as in the AUC; the rank is pessimistic on ties so ties never help HR
+    rank = (neg >= pos).sum(1)
+    hit = rank < 10
+    auc = ((neg < pos).sum(1) + 0.5 * (neg == pos).sum(1)) / neg.shape[1]
+    return {
+        "hr@10": float(hit.mean()),
+        "ndcg@10": float(np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0).mean()),
+        "auc": float(auc.mean()),
+        "cases": int(len(scores)),
+    }
+
+
+# ---------------------------------------------------------------- state without pickle
+class ArrayStateMixin:
+    """State as named numpy arrays (for .npz without pickle): the listed attributes plus the seen interactions.
+
+    Subclasses list their fitted tensors/arrays in ``_state_fields`` and may
+    override ``_after_load`` to rebuild derived structures (the index).
+    """
+
+    _state_fields: tuple[str, ...] = ()
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for name in self._state_fields:
+            value = getattr(self, name)
+            out[name] = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        seen: Interactions = self.seen_  # type: ignore[attr-defined]
+        out.update(seen_users=seen.users, seen_items=seen.items, seen_ts=seen.ts)
+        return out
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for name in self._state_fields:
+            current = getattr(self, name, None)
+            value = arrays[name]
+            if isinstance(current, torch.Tensor):
+                setattr(self, name, torch.from_numpy(np.array(value)))
+            elif isinstance(current, (int, float)) and np.ndim(value) == 0:
+                setattr(self, name, type(current)(value))
+            else:
+                setattr(self, name, np.array(value))
+        self.seen_ = Interactions(arrays["seen_users"], arrays["seen_items"], arrays["seen_ts"])
+        self._after_load()
+
+    def _after_load(self) -> None:
+        self.index_ = InteractionIndex.build(self.seen_)  # type: ignore[attr-defined]
+
+
+def require_fitted(model: StreamingRecommender, *tables: torch.Tensor) -> None:
+    if any(t is None or len(t) == 0 for t in tables):
+        raise RuntimeError(f"{model.name}: call fit(history) before scoring or observing")
+
+
+# ---------------------------------------------------------------- the shared shape of the factor baselines
+class FactorBaseline(ArrayStateMixin, StreamingRecommender):
+    """User table W_ (n_users, d), item table H_ (n_items, d), the index of positives seen so far.
+
+    Subclasses set ``grad_fn`` and implement ``fit``/``observe``; scoring,
+    unseen ids, new-user adaptation and state are shared. An id the model has
+    never trained is scored with the mean row of its table (transiently).
+    """
+
+    _state_fields = ("W_", "H_", "batches_")
+    kernel: Kernel = "linear"
+    scale: float = 1.0
+
+    def __init__(self, dim: int, seed: int) -> None:
+        self.dim = dim
+        self.seed = seed
+        self.W_ = torch.zeros(0, dim)
+        self.H_ = torch.zeros(0, dim)
+        self.batches_ = 0  # stream batches observed: the counter that seeds each observe
+        self.seen_ = Interactions.from_arrays([], [])
+        self.index_: InteractionIndex | None = None
+
+    @property
+    def n_items_(self) -> int:  # type: ignore[override]
+        return len(self.H_)
+
+    @property
+    def n_users_(self) -> int:
+        return len(self.W_)
+
+    # ---- scoring
+    def _default_user(self) -> torch.Tensor:
+        return self.W_.mean(0) if len(self.W_) else torch.zeros(self.dim)
+
+    def _default_item(self) -> torch.Tensor:
+        return self.H_.mean(0) if len(self.H_) else torch.zeros(self.dim)
+
+    def score_rows(self, w: torch.Tensor, candidates: np.ndarray) -> np.ndarray:
+        """Scores (B, C) of user rows w (B, d) for candidate ids (B, C)."""
+        h = lookup(self.H_, candidates, self._default_item())
+        z = torch.einsum("bd,bcd->bc", w, h)
+        return kernel_score(z, self.kernel, self.scale).numpy()
+
+    def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        require_fitted(self, self.H_)
+        return self.score_rows(lookup(self.W_, users, self._default_user()), np.asarray(candidates))
+
+    # ---- new users: only a transient user row is trained; the model is untouched
+    def new_user_triples(self, recent_items: np.ndarray, recent_users: np.ndarray, epochs: int, rng: np.random.Generator):
+        """Triples (local row, pos, neg) for ``epochs`` passes over each new user's shown items (padding < 0 skipped)."""
+        items = np.asarray(recent_items, dtype=np.int64)
+        local, col = np.nonzero(items >= 0)
+        pos = items[local, col]
+        local_all = np.tile(local, epochs)
+        pos_all = np.tile(pos, epochs)
+        owners = np.asarray(recent_users, dtype=np.int64)[local_all]
+        neg = negatives(self.index_, owners, rng, max(len(self.H_), 1), exclude=items[local_all])
+        return local_all, pos_all, neg
+
+    def adapt_new_users(self, init: torch.Tensor, recent_items: np.ndarray, recent_users: np.ndarray, epochs: int, lr: float, rng: np.random.Generator) -> torch.Tensor:
+        """Rows (B, d) trained from ``init`` by per-row SGD on each new user's shown items, H_ fixed."""
+        w = init.clone()
+        items = np.asarray(recent_items, dtype=np.int64)
+        # items never trained (beyond H_) carry no signal for the user row; drop them
+        items = np.where(items < len(self.H_), items, -1)
+        for epoch in range(epochs):
+            local, pos, neg = self.new_user_triples(items, recent_users, 1, rng)
+            sgd_rounds(w, self.H_, local, pos, neg, self.grad_fn, lr, rng, side="user")
+        return w
+
+    def grad_fn(self, w: torch.Tensor, hi: torch.Tensor, hj: torch.Tensor):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    # ---- growth and bookkeeping
+    def _grow(self, n_users: int, n_items: int, user_fill, item_fill) -> None:
+        self.W_ = grow(self.W_, n_users, user_fill)
+        self.H_ = grow(self.H_, n_items, item_fill)
+
+    def _remember(self, batch: Interactions) -> None:
+        self.seen_ = concat(self.seen_, batch)
+        self.index_ = self.index_.extend(batch) if self.index_ is not None else InteractionIndex.build(batch)
+
+    def fit_triples(self, history: Interactions, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every history positive with one fresh uniform negative."""
+        neg = negatives(self.index_, history.users, rng, len(self.H_))
+        return history.users, history.items, neg

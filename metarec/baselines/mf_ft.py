@@ -1,0 +1,99 @@
+"""MF-FT: our MF and BPR without the meta loss (λ_ML = 0), updated online by plain fine-tuning.
+
+The decisive ablation (BASELINES.md): the same model f (METHOD.md §3: score
+p_iᵀq_j, per-triple loss ``metarec.mf.bpr_triple_loss`` with the meta
+section's λ_P, λ_Q⁺, λ_Q⁻, dimension d and initial std) as the meta-learned
+model, so the two differ only in how they learn:
+
+- offline: plain BPR by minibatch SGD over the history (``baselines.epochs``,
+  ``baselines.lr``), one uniform negative per positive per epoch;
+- stream batch: new ids get the mean of the existing rows plus N(0, σ²I)
+  (METHOD.md §7, σ = ``meta.new_row_std``), then ``baselines.ft_epochs`` SGD
+  passes (rate ``baselines.ft_lr``) over the batch's interactions with fresh
+  negatives, updating every touched user and item row — plain fine-tuning,
+  the strategy the paper argues against;
+- new user: a mean-plus-noise vector fine-tuned by ``ft_epochs`` SGD passes
+  (one step per interaction per pass) on its first n interactions, item rows
+  fixed, on a transient copy (``score_new_users`` changes nothing). Keeping
+  the item rows fixed is our choice: one user's n interactions would move
+  only those n items and the sampled negatives, and the model must not change.
+
+An id never observed is scored with its table's mean row (§7 without the noise).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from metarec.config import BaselineConfig, Config, MetaConfig
+from metarec.interface import Interactions, RecentItems
+from metarec.mf import bpr_triple_loss
+from metarec.neighbours import InteractionIndex
+
+from .common import (
+    PURPOSE_FIT,
+    PURPOSE_NEW_USERS,
+    PURPOSE_OBSERVE,
+    FactorBaseline,
+    autograd_bpr_grads,
+    gaussian,
+    negatives,
+    require_fitted,
+    rng_for,
+    sgd_epoch,
+)
+
+
+class MFFineTune(FactorBaseline):
+    name = "mf_ft"
+
+    def __init__(self, config: BaselineConfig | None = None, meta: MetaConfig | None = None) -> None:
+        self.config = config or BaselineConfig()
+        self.meta = meta or MetaConfig()
+        super().__init__(self.meta.dim, self.config.seed)
+        m = self.meta
+        self.grad_fn = autograd_bpr_grads(lambda w, hi, hj: bpr_triple_loss(w, hi, hj, m.lambda_p, m.lambda_q_pos, m.lambda_q_neg))
+
+    def fit(self, history: Interactions) -> "MFFineTune":
+        cfg = self.config
+        rng = rng_for(self.seed, PURPOSE_FIT)
+        self.W_ = gaussian(rng, history.n_users, self.dim, self.meta.init_std)
+        self.H_ = gaussian(rng, history.n_items, self.dim, self.meta.init_std)
+        self.seen_, self.index_, self.batches_ = history, InteractionIndex.build(history), 0
+        for epoch in range(cfg.epochs):
+            epoch_rng = rng_for(self.seed, PURPOSE_FIT, epoch + 1)
+            u, i, j = self.fit_triples(history, epoch_rng)
+            sgd_epoch(self.W_, self.H_, u, i, j, self.grad_fn, cfg.lr, cfg.batch_size, epoch_rng)
+        return self
+
+    def _mean_plus_noise(self, table, rng: np.random.Generator):
+        mean = table.mean(0, keepdim=True)
+        return lambda k: mean + gaussian(rng, k, self.dim, self.meta.new_row_std)
+
+    def observe(self, batch: Interactions) -> None:
+        require_fitted(self, self.H_)
+        if not len(batch):
+            return
+        cfg = self.config
+        rng = rng_for(self.seed, PURPOSE_OBSERVE, self.batches_)
+        self._grow(
+            max(len(self.W_), batch.n_users), max(len(self.H_), batch.n_items),
+            self._mean_plus_noise(self.W_, rng), self._mean_plus_noise(self.H_, rng),
+        )
+        self._remember(batch)
+        for _ in range(cfg.ft_epochs):
+            neg = negatives(self.index_, batch.users, rng, len(self.H_))
+            sgd_epoch(self.W_, self.H_, batch.users, batch.items, neg, self.grad_fn, cfg.ft_lr, cfg.batch_size, rng)
+        self.batches_ += 1
+
+    def score_new_users(self, recent: RecentItems, candidates: np.ndarray) -> np.ndarray:
+        require_fitted(self, self.H_)
+        users = np.asarray(recent.users, dtype=np.int64)
+        rng = rng_for(self.seed, PURPOSE_NEW_USERS, self.batches_, int(users[0]) if len(users) else 0, len(users))
+        init = self._mean_plus_noise(self.W_, rng)(len(users))
+        w = self.adapt_new_users(init, recent.items, users, self.config.ft_epochs, self.config.ft_lr, rng)
+        return self.score_rows(w, np.asarray(candidates))
+
+
+def from_config(config: Config) -> MFFineTune:
+    return MFFineTune(config.baselines, config.meta)

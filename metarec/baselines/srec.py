@@ -1,0 +1,203 @@
+"""sRec: user and item vectors as continuous-time random processes, filtered recursively.
+
+Chang, Zhang, Tang, Yin, Chang & Huang, "Streaming Recommender Systems", WWW 2017.
+
+Followed from the paper:
+- each user and item vector is a Gaussian random process that drifts between
+  observations (a random walk: the variance of every coordinate grows by
+  s²·Δt with the time Δt since that vector was last updated, s² =
+  ``baselines.srec_drift_var`` per second);
+- an observation is the inner product of the two vectors plus Gaussian noise
+  of variance σ² (``baselines.srec_obs_var``);
+- inference is recursive: the posterior after an observation is the prior of
+  the next, so an update touches only the two vectors involved and never
+  revisits old data (a Kalman / assumed-density step, BASELINES.md):
+    predict  Σ_u ← Σ_u + s²(t − τ_u),  τ_u ← t;
+    update   S = σ² + m_iᵀΣ_u m_i,  m_u ← m_u + Σ_u m_i (y − m_uᵀm_i) / S,
+             Σ_u ← Σ_u − Σ_u m_i m_iᵀ Σ_u / S,
+  then the same for the item with m_u fixed;
+- new users and items enter with a prior built from the existing population:
+  mean = the mean of the current posterior means, variance = their spread
+  (per-coordinate variance across the population).
+
+Adaptations and choices:
+- implicit feedback: an observed positive is y = 1, and each positive comes
+  with ``baselines.srec_negatives`` uniform non-positive items observed as
+  y = 0 at the same time (the Gaussian likelihood kept, not a probit one);
+- diagonal (mean-field) covariance per vector: O(d) per update, so it scales
+  to Netflix; the update above keeps the diagonal of the exact rank-1 update;
+- the item side uses its posterior means only (the user's uncertainty about
+  the item is not propagated), as in the update written above;
+- vectorised order: within a batch, all user updates run first (item means
+  fixed at their values before the batch), one observation per user per
+  round in time order, then all item updates with the new user means;
+- fit: the history is filtered in time order in chunks of ``SREC_CHUNK``
+  positives, from N(0, init_std²) means and variance ``srec_prior_var``;
+  ``srec_passes`` > 1 repeats the pass from the previous means with the
+  variances reset to the prior (a multi-pass warm start; one pass is the
+  paper's pure streaming form);
+- scoring uses the posterior means, m_uᵀm_i; an id never observed is scored
+  with the population prior mean; a new user's n interactions are filtered
+  into a transient vector from the population prior (``score_new_users``
+  changes nothing).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from metarec.config import BaselineConfig, Config
+from metarec.interface import Interactions, RecentItems
+from metarec.neighbours import InteractionIndex
+
+from .common import (
+    PURPOSE_FIT,
+    PURPOSE_NEW_USERS,
+    PURPOSE_OBSERVE,
+    FactorBaseline,
+    gaussian,
+    grow,
+    negatives,
+    require_fitted,
+    rng_for,
+    rounds,
+)
+
+SREC_CHUNK = 1024  # history positives filtered together at fit time (same two-sided order as a stream batch)
+MIN_VAR = 1e-6
+NEVER = -1  # tau of a vector not yet observed: no drift before its first observation
+
+
+def kalman_round(mean: torch.Tensor, var: torch.Tensor, tau: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, obs_var: float, drift_var: float) -> None:
+    """One diagonal Kalman step for distinct ``rows`` of (mean, var, tau), observing y ≈ mean[row]·x at time t.
+
+    Shapes: rows (R,), x (R, d), y (R,), t (R,); in place.
+    """
+    last = tau[rows]
+    elapsed = torch.where(last == NEVER, torch.zeros_like(t), (t - last).clamp(min=0)).to(var.dtype)
+    P = var[rows] + drift_var * elapsed[:, None]
+    m = mean[rows]
+    S = obs_var + (P * x * x).sum(1, keepdim=True)
+    gain = P * x / S
+    mean[rows] = m + gain * (y[:, None] - (m * x).sum(1, keepdim=True))
+    var[rows] = (P - gain * x * P).clamp(min=MIN_VAR)
+    tau[rows] = t
+
+
+class SRec(FactorBaseline):
+    name = "srec"
+    _state_fields = FactorBaseline._state_fields + ("var_W_", "var_H_", "tau_W_", "tau_H_")
+
+    def __init__(self, config: BaselineConfig | None = None) -> None:
+        self.config = config or BaselineConfig()
+        super().__init__(self.config.dim, self.config.seed)
+        self.var_W_ = torch.zeros(0, self.dim)
+        self.var_H_ = torch.zeros(0, self.dim)
+        self.tau_W_ = torch.zeros(0, dtype=torch.int64)
+        self.tau_H_ = torch.zeros(0, dtype=torch.int64)
+
+    # ---- observations
+    def observations(self, batch: Interactions, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        """(users, items, y, ts) in time order: each positive (y=1) followed by its sampled negatives (y=0)."""
+        k = self.config.srec_negatives
+        users = np.repeat(batch.users, 1 + k)
+        items = np.repeat(batch.items, 1 + k)
+        y = np.tile(np.r_[1.0, np.zeros(k)], len(batch)).astype(np.float32)
+        if k:
+            slots = y == 0
+            items[slots] = negatives(self.index_, users[slots], rng, len(self.H_))
+        return users, items, y, np.repeat(batch.ts, 1 + k)
+
+    def filter(self, users: np.ndarray, items: np.ndarray, y: np.ndarray, ts: np.ndarray) -> None:
+        """User updates (item means fixed), then item updates (new user means fixed), in time order."""
+        cfg = self.config
+        u, i = torch.from_numpy(users), torch.from_numpy(items)
+        yt, tt = torch.from_numpy(y), torch.from_numpy(np.asarray(ts, dtype=np.int64))
+        item_means = self.H_[i]
+        for part in rounds(users, None):
+            b = torch.from_numpy(part)
+            kalman_round(self.W_, self.var_W_, self.tau_W_, u[b], item_means[b], yt[b], tt[b], cfg.srec_obs_var, cfg.srec_drift_var)
+        user_means = self.W_[u]
+        for part in rounds(items, None):
+            b = torch.from_numpy(part)
+            kalman_round(self.H_, self.var_H_, self.tau_H_, i[b], user_means[b], yt[b], tt[b], cfg.srec_obs_var, cfg.srec_drift_var)
+
+    # ---- population prior
+    @staticmethod
+    def prior(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and per-coordinate spread of the existing posterior means."""
+        if len(means) < 2:
+            return torch.zeros(means.shape[1]), torch.ones(means.shape[1])
+        return means.mean(0), means.var(0).clamp(min=MIN_VAR)
+
+    def _grow_from_prior(self, n_users: int, n_items: int) -> None:
+        for mean_name, var_name, tau_name, rows in (("W_", "var_W_", "tau_W_", n_users), ("H_", "var_H_", "tau_H_", n_items)):
+            mean_tbl = getattr(self, mean_name)
+            m, v = self.prior(mean_tbl)
+            setattr(self, mean_name, grow(mean_tbl, rows, lambda k: m.expand(k, -1).clone()))
+            setattr(self, var_name, grow(getattr(self, var_name), rows, lambda k: v.expand(k, -1).clone()))
+            setattr(self, tau_name, grow(getattr(self, tau_name), rows, lambda k: torch.full((k,), NEVER, dtype=torch.int64)))
+
+    # ---- the protocol
+    def fit(self, history: Interactions) -> "SRec":
+        cfg = self.config
+        rng = rng_for(self.seed, PURPOSE_FIT)
+        self.W_ = gaussian(rng, history.n_users, self.dim, cfg.init_std)
+        self.H_ = gaussian(rng, history.n_items, self.dim, cfg.init_std)
+        self.seen_, self.index_, self.batches_ = history, InteractionIndex.build(history), 0
+        for p in range(cfg.srec_passes):
+            self.var_W_ = torch.full_like(self.W_, cfg.srec_prior_var)
+            self.var_H_ = torch.full_like(self.H_, cfg.srec_prior_var)
+            self.tau_W_ = torch.full((len(self.W_),), NEVER, dtype=torch.int64)
+            self.tau_H_ = torch.full((len(self.H_),), NEVER, dtype=torch.int64)
+            pass_rng = rng_for(self.seed, PURPOSE_FIT, p + 1)
+            for start in range(0, len(history), SREC_CHUNK):
+                chunk = history.take(slice(start, start + SREC_CHUNK))
+                self.filter(*self.observations(chunk, pass_rng))
+        return self
+
+    def _default_user(self) -> torch.Tensor:
+        return self.prior(self.W_)[0]
+
+    def _default_item(self) -> torch.Tensor:
+        return self.prior(self.H_)[0]
+
+    def observe(self, batch: Interactions) -> None:
+        require_fitted(self, self.H_)
+        if not len(batch):
+            return
+        rng = rng_for(self.seed, PURPOSE_OBSERVE, self.batches_)
+        self._grow_from_prior(max(len(self.W_), batch.n_users), max(len(self.H_), batch.n_items))
+        self._remember(batch)
+        self.filter(*self.observations(batch, rng))
+        self.batches_ += 1
+
+    def score_new_users(self, recent: RecentItems, candidates: np.ndarray) -> np.ndarray:
+        require_fitted(self, self.H_)
+        cfg = self.config
+        users = np.asarray(recent.users, dtype=np.int64)
+        rng = rng_for(self.seed, PURPOSE_NEW_USERS, self.batches_, int(users[0]) if len(users) else 0, len(users))
+        items = np.asarray(recent.items, dtype=np.int64)
+        ts = np.broadcast_to(np.asarray(recent.ts, dtype=np.int64), items.shape)
+        local, col = np.nonzero((items >= 0) & (items < len(self.H_)))  # row-major: each user's items in time order
+        k = cfg.srec_negatives
+        rows = np.repeat(local, 1 + k)
+        obs_items = np.repeat(items[local, col], 1 + k)
+        y = np.tile(np.r_[1.0, np.zeros(k)], len(local)).astype(np.float32)
+        if k:
+            slots = y == 0
+            obs_items[slots] = negatives(self.index_, users[rows[slots]], rng, len(self.H_), exclude=items[rows[slots]])
+        obs_ts = torch.from_numpy(np.repeat(ts[local, col], 1 + k).copy())
+        m, v = self.prior(self.W_)
+        mean, var = m.expand(len(users), -1).clone(), v.expand(len(users), -1).clone()
+        tau = torch.full((len(users),), NEVER, dtype=torch.int64)
+        x_all, y_all, r_all = self.H_[torch.from_numpy(obs_items)], torch.from_numpy(y), torch.from_numpy(rows)
+        for part in rounds(rows, None):
+            b = torch.from_numpy(part)
+            kalman_round(mean, var, tau, r_all[b], x_all[b], y_all[b], obs_ts[b], cfg.srec_obs_var, cfg.srec_drift_var)
+        return self.score_rows(mean, np.asarray(candidates))
+
+
+def from_config(config: Config) -> SRec:
+    return SRec(config.baselines)

@@ -1,0 +1,327 @@
+"""The baselines on planted data: they rank, they update as their papers say, they are deterministic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from metarec.baselines.common import rounds, sampled_metrics
+from metarec.baselines.spmf import reservoir_insert
+from metarec.baselines.srec import SRec, kalman_round
+from metarec.config import BaselineConfig, Config, MetaConfig
+from metarec.interface import Interactions, RecentItems
+from metarec.registry import make_model
+from metarec.synthetic import planted_interactions
+
+MODELS = ("rkmf", "srec", "spmf", "mf_ft", "pop")
+FACTOR_MODELS = ("rkmf", "srec", "spmf", "mf_ft")
+N_NEG = 50
+
+
+def small_config(seed: int = 1) -> Config:
+    return Config(
+        baselines=BaselineConfig(dim=16, epochs=10, seed=seed, spmf_reservoir=500, spmf_samples=200),
+        meta=MetaConfig(dim=16),
+    )
+
+
+class Split:
+    """Planted data: 10% of users held out as new users, the rest cut by time into history and stream."""
+
+    def __init__(self) -> None:
+        data = planted_interactions(n_users=160, n_items=100, per_user=24, seed=3).interactions
+        self.data = data
+        is_new = np.arange(data.n_users) % 10 == 0
+        old = data.take(~is_new[data.users])
+        cut = np.quantile(old.ts, 0.8)
+        self.history, self.stream = old.take(old.ts <= cut), old.take(old.ts > cut)
+        self.new = data.take(is_new[data.users])
+        rng = np.random.default_rng(0)
+        positives = np.zeros((data.n_users, data.n_items), dtype=bool)
+        positives[data.users, data.items] = True
+        self.positives = positives
+        self.rng = rng
+
+    def candidates(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """The true item first, then N_NEG items the user never had (as the stored candidates are built)."""
+        out = np.empty((len(users), 1 + N_NEG), dtype=np.int64)
+        for row, (u, i) in enumerate(zip(users, items)):
+            allowed = np.flatnonzero(~self.positives[u])
+            out[row] = np.r_[i, self.rng.choice(allowed, N_NEG, replace=False)]
+        return out
+
+    def new_user_case(self, n: int) -> tuple[RecentItems, np.ndarray]:
+        users = np.unique(self.new.users)
+        items = np.stack([self.new.items[self.new.users == u] for u in users])
+        ts = np.stack([self.new.ts[self.new.users == u] for u in users])
+        return RecentItems(users, items[:, :n], ts[:, :n]), self.candidates(users, items[:, n])
+
+
+@pytest.fixture(scope="module")
+def split() -> Split:
+    return Split()
+
+
+@pytest.fixture(scope="module")
+def fitted(split: Split) -> dict:
+    torch.set_num_threads(1)
+    return {name: make_model(name, small_config()).fit(split.history) for name in MODELS}
+
+
+def state(model) -> dict[str, np.ndarray]:
+    return model.state_arrays() if hasattr(model, "state_arrays") else {"counts": model.counts_.copy()}
+
+
+def fresh(name: str, split: Split, seed: int = 1):
+    return make_model(name, small_config(seed)).fit(split.history)
+
+
+# ------------------------------------------------------------------ ranking quality
+@pytest.mark.parametrize("name", FACTOR_MODELS)
+def test_beats_random_on_next_items_and_new_users(name: str, split: Split, fitted: dict) -> None:
+    model = fitted[name]
+    known = np.isin(split.stream.users, split.history.users)
+    users, items = split.stream.users[known], split.stream.items[known]
+    stream = sampled_metrics(model.score(users, split.candidates(users, items)))
+    random_hr = 10 / (1 + N_NEG)
+    assert stream["auc"] > 0.7, stream
+    assert stream["hr@10"] > 2.5 * random_hr, stream
+    recent, cands = split.new_user_case(5)
+    new = sampled_metrics(model.score_new_users(recent, cands))
+    assert new["hr@10"] > 2.5 * random_hr, new
+
+
+def test_pop_beats_random_where_popularity_is_the_signal() -> None:
+    """Planted genres carry little popularity signal, so Pop gets data whose items follow a Zipf law."""
+    rng = np.random.default_rng(0)
+    weights = 1.0 / np.arange(1, 101) ** 1.1
+    users = np.repeat(np.arange(200), 20)
+    items = np.concatenate([rng.choice(100, 20, replace=False, p=weights / weights.sum()) for _ in range(200)])
+    data = Interactions.from_arrays(users, items, np.tile(np.arange(20), 200) + users * 0)
+    history, test = data.take(data.ts < 15), data.take(data.ts >= 15)
+    model = make_model("pop", small_config()).fit(history)
+    positives = np.zeros((200, 100), dtype=bool)
+    positives[users, items] = True
+    cands = np.stack([np.r_[i, rng.choice(np.flatnonzero(~positives[u]), N_NEG, replace=False)] for u, i in zip(test.users, test.items)])
+    metrics = sampled_metrics(model.score(test.users, cands))
+    assert metrics["auc"] > 0.7 and metrics["hr@10"] > 2 * 10 / (1 + N_NEG), metrics
+    model.observe(Interactions.from_arrays([0, 1], [99, 99], [30, 31]))
+    assert model.counts_[99] == np.bincount(history.items, minlength=100)[99] + 2
+
+
+# ------------------------------------------------------------------ protocol properties
+@pytest.mark.parametrize("name", MODELS)
+def test_score_new_users_leaves_model_unchanged_and_repeats(name: str, split: Split, fitted: dict) -> None:
+    model = fitted[name]
+    before = state(model)
+    recent, cands = split.new_user_case(5)
+    first = model.score_new_users(recent, cands)
+    second = model.score_new_users(recent, cands)
+    after = state(model)
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    np.testing.assert_array_equal(first, second)
+    assert first.shape == cands.shape and np.isfinite(first).all()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_same_seed_same_scores_through_the_stream(name: str, split: Split) -> None:
+    a, b = fresh(name, split), fresh(name, split)
+    users = split.stream.users[:40]
+    cands = split.candidates(users, split.stream.items[:40])
+    np.testing.assert_array_equal(a.score(users, cands), b.score(users, cands))
+    half = split.stream.take(slice(0, len(split.stream) // 2))
+    a.observe(half)
+    b.observe(half)
+    np.testing.assert_array_equal(a.score(users, cands), b.score(users, cands))
+    recent, new_cands = split.new_user_case(1)
+    np.testing.assert_array_equal(a.score_new_users(recent, new_cands), b.score_new_users(recent, new_cands))
+
+
+@pytest.mark.parametrize("name", FACTOR_MODELS)
+def test_other_seed_other_scores(name: str, split: Split, fitted: dict) -> None:
+    users = split.stream.users[:20]
+    cands = split.candidates(users, split.stream.items[:20])
+    assert not np.array_equal(fitted[name].score(users, cands), fresh(name, split, seed=2).score(users, cands))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unseen_ids_are_scored_and_grown_never_an_error(name: str, split: Split) -> None:
+    model = fresh(name, split)
+    n_users, n_items = split.data.n_users, split.data.n_items
+    batch = Interactions.from_arrays([n_users + 5, n_users + 5, 0], [n_items + 3, 1, n_items + 7], [10**9, 10**9 + 1, 10**9 + 2])
+    far = np.array([n_users + 50, 2], dtype=np.int64)
+    cands = np.array([[n_items + 90, 0, 1], [n_items + 3, 2, 3]], dtype=np.int64)
+    assert np.isfinite(model.score(far, cands)).all()
+    model.observe(batch)
+    assert model.n_items_ >= n_items + 8
+    assert np.isfinite(model.score(np.array([n_users + 5, n_users + 60]), cands)).all()
+    recent = RecentItems(np.array([n_users + 70]), np.array([[n_items + 3, n_items + 99]]), np.array([[1, 2]]))
+    assert np.isfinite(model.score_new_users(recent, cands[:1])).all()
+
+
+@pytest.mark.parametrize("name", FACTOR_MODELS)
+def test_state_round_trip_gives_the_same_model(name: str, split: Split) -> None:
+    model = fresh(name, split)
+    clone = make_model(name, small_config())
+    clone.load_state_arrays(model.state_arrays())
+    users = split.stream.users[:30]
+    cands = split.candidates(users, split.stream.items[:30])
+    np.testing.assert_array_equal(model.score(users, cands), clone.score(users, cands))
+    batch = split.stream.take(slice(0, 60))
+    model.observe(batch)
+    clone.observe(batch)
+    np.testing.assert_array_equal(model.score(users, cands), clone.score(users, cands))
+
+
+# ------------------------------------------------------------------ what each observe changes
+def test_rkmf_observe_retrains_only_the_batch_users_and_items(split: Split) -> None:
+    model = fresh("rkmf", split)
+    W, H = model.W_.clone(), model.H_.clone()
+    batch = split.stream.take(slice(0, 50))
+    model.observe(batch)
+    touched_u = np.zeros(len(W), dtype=bool)
+    touched_u[batch.users[batch.users < len(W)]] = True
+    touched_i = np.zeros(len(H), dtype=bool)
+    touched_i[batch.items[batch.items < len(H)]] = True
+    assert torch.equal(model.W_[: len(W)][~touched_u], W[~touched_u])
+    assert torch.equal(model.H_[: len(H)][~touched_i], H[~touched_i])
+    assert not torch.isclose(model.W_[: len(W)][touched_u], W[touched_u]).all(dim=1).any()
+    assert not torch.isclose(model.H_[: len(H)][touched_i], H[touched_i]).all(dim=1).any()
+
+
+def test_mf_ft_observe_changes_only_rows_in_the_batch_triples(split: Split) -> None:
+    model = fresh("mf_ft", split)
+    W = model.W_.clone()
+    batch = split.stream.take(slice(0, 50))
+    model.observe(batch)
+    untouched = np.setdiff1d(np.arange(len(W)), batch.users)
+    assert torch.equal(model.W_[untouched], W[untouched])
+    assert not torch.equal(model.W_[np.unique(batch.users)], W[np.unique(batch.users)])
+
+
+def test_spmf_reservoir_keeps_its_size_and_is_seeded(split: Split) -> None:
+    a, b, c = fresh("spmf", split), fresh("spmf", split), fresh("spmf", split, seed=2)
+    size = small_config().baselines.spmf_reservoir
+    assert len(a.res_users_) == size == len(a.res_items_)
+    assert a.res_seen_ == len(split.history)
+    for model in (a, b, c):
+        model.observe(split.stream.take(slice(0, 80)))
+        model.observe(split.stream.take(slice(80, 200)))
+    assert len(a.res_users_) == size and a.res_seen_ == len(split.history) + 200
+    np.testing.assert_array_equal(a.res_users_, b.res_users_)
+    np.testing.assert_array_equal(a.res_items_, b.res_items_)
+    assert not (np.array_equal(a.res_users_, c.res_users_) and np.array_equal(a.res_items_, c.res_items_))
+    # every reservoir entry is an interaction that was seen
+    seen = set(zip(a.seen_.users.tolist(), a.seen_.items.tolist()))
+    assert all(pair in seen for pair in zip(a.res_users_.tolist(), a.res_items_.tolist()))
+
+
+def test_reservoir_insert_equals_algorithm_r_one_by_one() -> None:
+    size, seen = 7, 0
+    stream = np.arange(40, dtype=np.int64)
+    empty = np.zeros(0, dtype=np.int64)
+    res, _, total = reservoir_insert(empty, empty, seen, stream[:25], stream[:25], size, np.random.default_rng(5))
+    res, _, total = reservoir_insert(res, res, total, stream[25:], stream[25:], size, np.random.default_rng(6))
+    # the reference: Vitter's Algorithm R item by item, with the same uniforms
+    ref = []
+    for block, rng in ((stream[:25], np.random.default_rng(5)), (stream[25:], np.random.default_rng(6))):
+        u = rng.random(max(0, len(block) - max(size - len(ref), 0)))
+        k = 0
+        for x in block:
+            t = len(ref) if len(ref) < size else None
+            if t is not None:
+                ref.append(int(x))
+                continue
+            slot = int(np.floor(u[k] * (int(x) + 1)))
+            k += 1
+            if slot < size:
+                ref[slot] = int(x)
+    assert total == 40
+    assert res.tolist() == ref
+
+
+def test_reservoir_is_a_uniform_sample() -> None:
+    hits = np.zeros(200)
+    empty = np.zeros(0, dtype=np.int64)
+    stream = np.arange(200, dtype=np.int64)
+    for seed in range(300):
+        res, _, _ = reservoir_insert(empty, empty, 0, stream, stream, 20, np.random.default_rng(seed))
+        hits[res] += 1
+    # each item is kept with probability 20/200 = 0.1: 30 expected of 300 runs, early and late alike
+    assert abs(hits[:100].mean() - 30) < 3 and abs(hits[100:].mean() - 30) < 3
+
+
+def test_spmf_samples_favour_poorly_ranked_interactions(split: Split) -> None:
+    model = fresh("spmf", split)
+    ranks = model.reservoir_ranks()
+    model.config = model.config.model_copy(update={"spmf_samples": 4000, "spmf_temperature": 0.1})
+    users, items = model.sample_reservoir(np.random.default_rng(0))
+    key = lambda u, i: u * 10_000 + i  # noqa: E731
+    order = {k: r for k, r in zip(key(model.res_users_, model.res_items_).tolist(), ranks.tolist())}
+    drawn = np.array([order[k] for k in key(users, items).tolist()])
+    assert drawn.mean() > ranks.mean() + 0.05
+
+
+# ------------------------------------------------------------------ sRec
+def test_srec_new_rows_come_from_the_population_prior(split: Split) -> None:
+    model = fresh("srec", split)
+    mean, spread = model.W_.mean(0), model.W_.var(0)
+    rows = len(model.W_)
+    model._grow_from_prior(rows + 3, len(model.H_))
+    assert torch.allclose(model.W_[rows:], mean.expand(3, -1))
+    assert torch.allclose(model.var_W_[rows:], spread.expand(3, -1))
+    assert (model.tau_W_[rows:] == -1).all()
+
+
+def test_srec_variance_grows_with_elapsed_time() -> None:
+    def after(elapsed: int) -> torch.Tensor:
+        mean, var = torch.zeros(1, 2), torch.full((1, 2), 0.1)
+        tau = torch.tensor([100])
+        kalman_round(mean, var, tau, torch.tensor([0]), torch.tensor([[1.0, 0.5]]), torch.tensor([1.0]), torch.tensor([100 + elapsed]), 1.0, 1e-3)
+        return var[0], mean[0]
+
+    var_soon, mean_soon = after(1)
+    var_late, mean_late = after(1000)
+    assert (var_late > var_soon).all()
+    # more prior uncertainty, a larger step toward the observation
+    assert (mean_late > mean_soon).all() and (mean_soon > 0).all()
+
+
+def test_srec_update_matches_the_exact_kalman_step_in_one_dimension() -> None:
+    mean, var, tau = torch.tensor([[0.2]]), torch.tensor([[0.5]]), torch.tensor([-1])
+    x, y, noise = 0.8, 1.0, 0.3
+    kalman_round(mean, var, tau, torch.tensor([0]), torch.tensor([[x]]), torch.tensor([y]), torch.tensor([7]), noise, 0.0)
+    post_var = 1.0 / (1.0 / 0.5 + x * x / noise)
+    post_mean = post_var * (0.2 / 0.5 + x * y / noise)
+    assert mean.item() == pytest.approx(post_mean, rel=1e-5)
+    assert var.item() == pytest.approx(post_var, rel=1e-5)
+    assert tau.item() == 7
+
+
+def test_srec_unseen_user_scores_as_the_prior_mean(split: Split, fitted: dict) -> None:
+    model: SRec = fitted["srec"]
+    cands = np.array([[0, 1, 2, 3]])
+    expected = (model.H_[torch.tensor(cands[0])] @ model.W_.mean(0)).numpy()
+    np.testing.assert_allclose(model.score(np.array([10_000]), cands)[0], expected, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ helpers
+def test_rounds_hold_each_row_once_and_cover_everything() -> None:
+    rows = np.array([3, 1, 3, 3, 2, 1, 0])
+    parts = rounds(rows, np.random.default_rng(0))
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(rows)))
+    assert all(len(set(rows[p].tolist())) == len(p) for p in parts)
+    ordered = rounds(rows, None)
+    assert [p.tolist() for p in ordered][0] == [6, 1, 4, 0]  # first occurrences, by row
+    assert ordered[1].tolist() == [5, 2] and ordered[2].tolist() == [3]
+
+
+def test_sampled_metrics_by_hand() -> None:
+    scores = np.array([[5.0, 1.0, 2.0, 6.0], [0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    m = sampled_metrics(scores)
+    assert m["hr@10"] == 1.0
+    assert m["ndcg@10"] == pytest.approx((1 / np.log2(3) + 1 / np.log2(5) + 1 / np.log2(3)) / 3)
+    assert m["auc"] == pytest.approx((2 / 3 + 0 + 2.5 / 3) / 3)
