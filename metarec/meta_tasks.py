@@ -210,7 +210,16 @@ def count_tasks(history: Interactions, k: int, max_tasks_per_user: int | None = 
     return int(np.minimum(per_user, max_tasks_per_user).sum() if max_tasks_per_user is not None else per_user.sum())
 
 
-def _plan(history, k, K, seed, max_tasks_per_user, shuffle, index):
+def _plan(
+    history: Interactions,
+    k: int,
+    K: int,
+    seed: int,
+    max_tasks_per_user: int | None,
+    shuffle: bool,
+    index: InteractionIndex | None,
+) -> tuple[InteractionIndex, np.ndarray, np.random.Generator]:
+    """The index, the query positions in output order, and the generator the sampling continues with."""
     if not 1 <= k <= K:
         raise ValueError(f"need 1 <= k <= K, got k={k}, K={K}")
     index = InteractionIndex.build(history) if index is None else index
@@ -221,7 +230,9 @@ def _plan(history, k, K, seed, max_tasks_per_user, shuffle, index):
     return index, queries, rng
 
 
-def _chunks(index, queries, k, K, rng, n_items) -> Iterator[tuple[int, TaskArrays]]:
+def _chunks(
+    index: InteractionIndex, queries: np.ndarray, k: int, K: int, rng: np.random.Generator, n_items: int | None
+) -> Iterator[tuple[int, TaskArrays]]:
     for start in range(0, len(queries), CHUNK_TASKS):  # chunks bound the temporaries
         yield start, _tasks_at(index, queries[start : start + CHUNK_TASKS], k, K, rng, n_items)
 

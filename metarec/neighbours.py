@@ -333,7 +333,7 @@ class InteractionIndex:
         count: int,
         rng: np.random.Generator,
         return_fallback: bool = False,
-    ):
+    ) -> tuple[np.ndarray, ...]:
         """``count`` neighbour interactions per user, none later than its cutoff.
 
         users (B,), own_items (B, k) with -1 as padding, cutoff_ts (B,) ->
