@@ -24,7 +24,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import tempfile
 import urllib.error
 import urllib.request
