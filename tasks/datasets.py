@@ -311,6 +311,12 @@ def load_ml1m(con: duckdb.DuckDBPyConnection, source: Source) -> None:
 def load_ml_csv(con: duckdb.DuckDBPyConnection, source: Source) -> None:
     """MovieLens latest ``ratings.csv`` (header userId,movieId,rating,timestamp); titles from ``movies.csv``."""
     _read_lines(con, source)
+    for path in source.ratings:  # the header line is skipped below, so make sure it is one
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            header = fh.readline().strip().lstrip("\ufeff")
+        if header and header.replace(" ", "").lower() != "userid,movieid,rating,timestamp":
+            raise DataError(f"{path}, line 1: header {header!r}, expected 'userId,movieId,rating,timestamp' "
+                            "(for other columns pass the file itself with data.user_col, ... set)")
     run_sql(con, "parse_delimited", {"delim": ",", "header_lines": 1})
     _load_titles(con, source, "titles_csv", {})
 

@@ -65,6 +65,11 @@ def test_wrong_format(tmp_path: Path, name: str, text: str, message: str):
     fails(tmp_path, tmp_path / name, message)
 
 
+def test_wrong_format_movielens_latest_header(tmp_path: Path):
+    (tmp_path / "ratings.csv").write_text("1,2,4.5,100\n1,3,4,101\n")  # no header: its first rating would be lost
+    fails(tmp_path, tmp_path, re.escape("ratings.csv, line 1: header '1,2,4.5,100', expected 'userId,movieId,rating,timestamp'"))
+
+
 @pytest.mark.parametrize(
     "row, message",
     [("abc,2,4,100", "user id 'abc' is not an integer"), ("1,x2,4,100", "item id 'x2' is not an integer")],
