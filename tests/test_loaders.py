@@ -149,3 +149,17 @@ def test_known_name_found_in_the_first_dir_that_holds_it(tmp_path: Path, monkeyp
     monkeypatch.setenv("METAREC_DATA_DIR", str(tmp_path / "mine"))
     source = resolve_source("ml-1m", data_dir=tmp_path / "empty", download=False)
     assert source.ratings == (tmp_path / "mine" / "ml-1m" / "ratings.dat",)
+
+
+def test_datasets_command_lists_where_each_known_set_is(ml100k_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("METAREC_DATA_DIR", raising=False)
+    result = CliRunner().invoke(app, ["datasets", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()[1:]}
+    assert str(ml100k_dir / "ml-100k") in lines["ml-100k"]
+    assert "absent (https://files.grouplens.org/datasets/movielens/ml-1m.zip)" in lines["ml-1m"]
