@@ -354,19 +354,19 @@ def _load_generic(con: duckdb.DuckDBPyConnection, source: Source, peek: str, sta
                         "(set data.user_col, data.item_col, data.rating_col, data.ts_col)")
     run_sql(con, stage, {"path": str(path), **cols})
     run_sql(con, "number_staged", {"first_line": first_line})
-    con.execute("CREATE TABLE titles (raw_item BIGINT, title VARCHAR)")
+    run_sql(con, "titles_table")
 
 
 def _load_titles(con: duckdb.DuckDBPyConnection, source: Source, query: str, params: dict) -> None:
     """Titles are a convenience: an unreadable titles file leaves them null rather than failing the run."""
-    con.execute("CREATE TABLE titles (raw_item BIGINT, title VARCHAR)")
+    run_sql(con, "titles_table")
     if source.titles is None:
         return
     try:
         run_sql(con, query, {"path": str(source.titles), **params})
     except duckdb.Error as exc:
         logger.warning("titles in %s not read (%s); items.title stays null", source.titles, str(exc).splitlines()[0])
-        con.execute("DELETE FROM titles")
+        run_sql(con, "titles_clear")
 
 
 LOADERS: dict[str, Callable[[duckdb.DuckDBPyConnection, Source], None]] = {

@@ -84,7 +84,7 @@ def ingest(config: Config, out: Path) -> dict:
     with duckdb_connection(config.runtime.max_workers) as con:
         load_raw(con, source)
         run_sql(con, "ratings", {"ts_format": EXPECTED[source.layout][2]})
-        con.execute("DROP TABLE raw_text")
+        run_sql(con, "drop_raw_text")
         ratings_read = run_sql(con, "count_rows", {"table": "ratings"}).fetchall()[0][0]
         if data.sample_users is not None:
             run_sql(con, "sample_users", {"n": data.sample_users, "seed": data.seed})

@@ -163,3 +163,10 @@ def test_datasets_command_lists_where_each_known_set_is(ml100k_dir: Path, tmp_pa
     lines = {line.split()[0]: line for line in result.output.splitlines()[1:]}
     assert str(ml100k_dir / "ml-100k") in lines["ml-100k"]
     assert "absent (https://files.grouplens.org/datasets/movielens/ml-1m.zip)" in lines["ml-1m"]
+
+
+def test_unreadable_titles_leave_titles_null_but_load_the_ratings(tmp_path: Path):
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,10,4.0,100\n")
+    (tmp_path / "movies.csv").write_bytes(b"movieId,title,genres\n10,Bad \xff\xfe title,Drama\n")  # not UTF-8
+    rows, titles = read(detect_folder(tmp_path))
+    assert rows == [(1, 10, 4.0, 100)] and titles == {}
