@@ -1,8 +1,8 @@
 """The `prepare` flow: ingest -> split -> candidates -> stats, each a Prefect task.
 
 The prepared folder is built in a temporary sibling and renamed into place only
-when every task succeeded (``atomic_dir``); an existing complete folder for the
-same data hash is reused.
+when every task succeeded (``build_once`` over ``atomic_dir``); an existing
+complete folder for the same data hash is reused.
 """
 
 from __future__ import annotations
@@ -12,19 +12,16 @@ from pathlib import Path
 from prefect import flow
 
 from metarec.config import Config
-from tasks.atomic import atomic_dir
 from tasks.paths import prepared_dir
-from tasks.prepare import candidates_task, ingest_task, is_prepared, split_task, stats_task
+from tasks.prepare import build_once, candidates_task, ingest_task, split_task, stats_task
 
 
 @flow(name="prepare")
 def prepare_flow(config: Config) -> Path:
-    final = prepared_dir(config)
-    if is_prepared(final):
-        return final
-    with atomic_dir(final) as work:
+    def steps(work: Path) -> None:
         ingested = ingest_task(config, work)
         split_task(config, work)
         candidates_task(config, work)
         stats_task(config, work, ingested)
-    return final
+
+    return build_once(prepared_dir(config), steps)

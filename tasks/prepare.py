@@ -253,20 +253,39 @@ def run_steps(config: Config, out: Path) -> dict:
     return write_stats(config, out, ingested)
 
 
+class _PreparedMeanwhile(Exception):
+    """Another process published the same prepared folder while this one was building it."""
+
+
+def build_once(final: Path, build: Callable[[Path], object]) -> Path:
+    """Run ``build(work)`` in a temporary sibling of ``final`` and publish it atomically.
+
+    Skipped when ``final`` is already complete. If another process completes it while
+    this one builds, theirs is kept: ``atomic_dir`` would replace the whole folder, and
+    later stages write inside it (tasks-*/, runs/).
+    """
+    if is_prepared(final):
+        logger.info("prepared data already in %s", final)
+        return final
+    started = time.perf_counter()
+    try:
+        with atomic_dir(final) as work:
+            build(work)
+            if is_prepared(final):
+                raise _PreparedMeanwhile
+    except _PreparedMeanwhile:
+        logger.info("%s was prepared by another process meanwhile; keeping that one", final)
+        return final
+    logger.info("prepared %s in %.1f s", final, time.perf_counter() - started)
+    return final
+
+
 def prepare_data(config: Config) -> Path:
     """Prepare the data set of ``config`` (no Prefect); returns the prepared folder.
 
     Does nothing when the complete folder for this data hash exists already.
     """
-    final = prepared_dir(config)
-    if is_prepared(final):
-        logger.info("prepared data already in %s", final)
-        return final
-    started = time.perf_counter()
-    with atomic_dir(final) as work:
-        run_steps(config, work)
-    logger.info("prepared %s in %.1f s", final, time.perf_counter() - started)
-    return final
+    return build_once(prepared_dir(config), lambda work: run_steps(config, work))
 
 
 def _user_errors_without_frames(fn: Callable) -> Callable:

@@ -192,3 +192,21 @@ def test_sample_negatives_is_roughly_uniform():
     counts = np.bincount(negs.ravel(), minlength=10)
     assert counts[:3].sum() == 0
     assert counts[3:].min() > 0.85 * counts[3:].mean()  # 7 free items, ~1714 draws each
+
+
+def test_build_once_keeps_a_folder_another_process_completed_meanwhile(prepared, tmp_path: Path):
+    import shutil
+
+    from tasks.prepare import build_once
+
+    _, out, _, _ = prepared
+    final = tmp_path / "prepared"
+
+    def racing_build(work: Path) -> None:
+        shutil.copytree(out, work, dirs_exist_ok=True)
+        shutil.copytree(out, final)  # "another process" publishes first, then writes a run inside it
+        (final / "runs").mkdir()
+
+    assert build_once(final, racing_build) == final
+    assert (final / "runs").is_dir() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert build_once(final, lambda work: pytest.fail("must not rebuild a complete folder")) == final
