@@ -46,6 +46,12 @@ def prepare(
 ) -> None:
     """Ingest ratings, split them in DuckDB, sample the evaluation candidates."""
     cfg = _config(config, set_, dataset, data_dir, data={"sample_users": sample_users} if sample_users else {})
+    from tasks.paths import prepared_dir
+    from tasks.prepare import is_prepared
+
+    if is_prepared(prepared_dir(cfg)):  # skip starting Prefect (~15 s) for nothing
+        typer.echo(f"already prepared: {prepared_dir(cfg)}")
+        return
     from flows.prepare import prepare_flow
 
     try:

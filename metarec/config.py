@@ -22,6 +22,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KNOWN_MODELS = ("responsive", "mf_ft", "rkmf", "srec", "spmf", "pop")
 
+# Where the data is read from does not change what it is: these stay out of the hashes.
+NOT_HASHED: dict[str, set[str]] = {"data": {"data_dir", "download"}}
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -121,6 +124,33 @@ class BaselineConfig(Section):
     ft_epochs: int = Field(5, ge=1)
     ft_lr: float = Field(0.05, gt=0.0)
     seed: int = 1
+    # validation search (tasks/tuning.py): the same budget for every model
+    tune_budget: int = Field(8, ge=1, description="Configurations tried per model (the defaults first, then seeded random draws).")
+    tune_holdout: float = Field(0.1, gt=0.0, lt=1.0, description="Last fraction of the history (by time) held out for validation.")
+    per_model: dict[str, dict[str, float | int | str]] = Field(
+        default_factory=dict,
+        description="Per-model overrides of the fields above, e.g. {'rkmf': {'lr': 0.02}}: where the tuned values go (shared fields like lr differ per model).",
+    )
+
+    @field_validator("per_model")
+    @classmethod
+    def _known_overrides(cls, per_model: dict[str, dict[str, float | int | str]]) -> dict[str, dict[str, float | int | str]]:
+        for model, fields in per_model.items():
+            if model not in KNOWN_MODELS:
+                raise ValueError(f"baselines.per_model: unknown model {model!r}; expected some of {list(KNOWN_MODELS)}")
+            unknown = [f for f in fields if f not in cls.model_fields or f in ("per_model", "tune_budget", "tune_holdout")]
+            if unknown:
+                raise ValueError(f"baselines.per_model[{model!r}]: {unknown} are not tunable baseline fields")
+            try:
+                cls(**fields)  # the values themselves, against each field's constraints
+            except ValueError as exc:
+                raise ValueError(f"baselines.per_model[{model!r}]: {exc}") from exc
+        return per_model
+
+    def for_model(self, name: str) -> "BaselineConfig":
+        """These values with ``per_model[name]`` applied (validated), without the per-model table."""
+        values = {**self.model_dump(exclude={"per_model"}), **self.per_model.get(name, {})}
+        return BaselineConfig(**values)
 
 
 class EvalConfig(Section):
@@ -177,7 +207,7 @@ class Config(BaseSettings):
     def hash_of(self, *sections: str) -> str:
         """A short stable hash of the named sections (all result sections if none)."""
         names = sections or ("data", "tasks", "meta", "baselines", "eval")
-        payload = {name: getattr(self, name).model_dump(mode="json") for name in names}
+        payload = {name: getattr(self, name).model_dump(mode="json", exclude=NOT_HASHED.get(name)) for name in names}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
