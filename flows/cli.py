@@ -74,5 +74,47 @@ def datasets(data_dir: Optional[Path] = DataDirOpt) -> None:
         typer.echo(f"{name:16s} {where}")
 
 
+@app.command()
+def tune(
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    dataset: Optional[str] = DatasetOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    model: list[str] = typer.Option([], "--model", help="Baseline(s) to tune (repeatable; default: all five)."),
+) -> None:
+    """Seeded validation search of the baselines' hyperparameters on the history (same budget each)."""
+    cfg = _config(config, set_, dataset, data_dir)
+    from flows.baselines import tune_flow
+    from tasks.tuning import BASELINES
+
+    try:
+        out = tune_flow(cfg, tuple(model) or BASELINES)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(f"tuning record in {out}")
+
+
+@app.command()
+def fit(
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    dataset: Optional[str] = DatasetOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    model: list[str] = typer.Option([], "--model", help="Model(s) to fit (repeatable; default: eval.models)."),
+    tuned: Optional[Path] = typer.Option(None, "--tuned", help="A tuning record (metarec tune) whose chosen values to use."),
+    force: bool = typer.Option(False, "--force", help="Refit even if a saved model with the same config exists."),
+) -> None:
+    """Fit models on the prepared history and save them (state.npz + model.json, no pickle)."""
+    cfg = _config(config, set_, dataset, data_dir)
+    from flows.baselines import fit_flow
+
+    try:
+        out = fit_flow(cfg, tuple(model) or cfg.eval.models, tuned, force)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        _fail(exc)
+    for name, path in out.items():
+        typer.echo(f"{name}: {path}")
+
+
 if __name__ == "__main__":
     app()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel
 
+from metarec.config import Config
 from metarec.interface import Interactions, RecentItems, StreamingRecommender
 
 
@@ -45,6 +46,14 @@ class PopRecommender(StreamingRecommender):
         self.counts_ = grown.astype(np.int64)
         self.n_items_ = len(self.counts_)
 
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The fitted state as named arrays (saved as .npz without pickle by tasks/models.py)."""
+        return {"counts_": self.counts_.copy()}
 
-def from_config(config) -> PopRecommender:
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self.counts_ = np.asarray(arrays["counts_"], dtype=np.int64)
+        self.n_items_ = len(self.counts_)
+
+
+def from_config(config: Config) -> PopRecommender:
     return PopRecommender()

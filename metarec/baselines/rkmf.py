@@ -117,4 +117,4 @@ class RKMF(FactorBaseline):
 
 
 def from_config(config: Config) -> RKMF:
-    return RKMF(config.baselines)
+    return RKMF(config.baselines.for_model("rkmf"))

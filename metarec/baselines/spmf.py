@@ -161,4 +161,4 @@ class SPMF(FactorBaseline):
 
 
 def from_config(config: Config) -> SPMF:
-    return SPMF(config.baselines)
+    return SPMF(config.baselines.for_model("spmf"))

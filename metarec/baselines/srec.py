@@ -200,4 +200,4 @@ class SRec(FactorBaseline):
 
 
 def from_config(config: Config) -> SRec:
-    return SRec(config.baselines)
+    return SRec(config.baselines.for_model("srec"))

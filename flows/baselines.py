@@ -1,0 +1,29 @@
+"""Flows for the baselines: the validation search, and fitting models on the prepared history.
+
+Composition only: the work is in ``tasks/tuning.py`` and ``tasks/models.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from flows.prepare import prepare_flow
+from metarec.config import Config
+from tasks.models import fit_model_task
+from tasks.tuning import BASELINES, apply_tuned, tune_baselines_task
+
+
+@flow(name="tune-baselines")
+def tune_flow(config: Config, models: tuple[str, ...] = BASELINES) -> Path:
+    prepare_flow(config)
+    return tune_baselines_task(config, models)
+
+
+@flow(name="fit-models")
+def fit_flow(config: Config, models: tuple[str, ...], tuned: Path | None = None, force: bool = False) -> dict[str, Path]:
+    prepare_flow(config)
+    config = apply_tuned(config, tuned) if tuned else config
+    futures = {name: fit_model_task.submit(name, config, force) for name in models}
+    return {name: future.result() for name, future in futures.items()}

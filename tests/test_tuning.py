@@ -1,0 +1,87 @@
+"""The validation search: history-only split, same budget for every model, seeded, chosen values usable."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from metarec.config import BaselineConfig, Config, MetaConfig
+from metarec.synthetic import planted_interactions
+from tasks.tuning import SEARCH_SPACES, apply_tuned, draw_configs, tune_baselines, tune_model, validation_split, with_values
+
+
+def tiny_config() -> Config:
+    return Config(
+        data={"n_negatives": 30, "new_user_ns": (1, 3)},
+        baselines=BaselineConfig(dim=8, epochs=3, tune_budget=2, srec_passes=1, spmf_reservoir=200, spmf_samples=50),
+        meta=MetaConfig(dim=8),
+    )
+
+
+@pytest.fixture(scope="module")
+def history():
+    return planted_interactions(n_users=80, n_items=60, per_user=12, seed=5).interactions
+
+
+def test_validation_split_uses_the_history_only_and_cuts_by_time(history) -> None:
+    config = tiny_config()
+    split = validation_split(history, config)
+    train = split["train"]
+    tail_batches = [batch for batch, _, _ in split["tail"]]
+    assert train.ts.max() <= min(b.ts.min() for b in tail_batches)
+    new_users = split["new"][1][0].users
+    assert not np.isin(new_users, train.users).any()
+    assert not np.isin(new_users, np.concatenate([b.users for b in tail_batches])).any()
+    # candidates: the true item first, then negatives the user never had anywhere in the history
+    positives = set(zip(history.users.tolist(), history.items.tolist()))
+    for _, users, cands in split["tail"]:
+        assert cands.shape[1] == 1 + config.data.n_negatives
+        assert all((u, c) not in positives for u, row in zip(users.tolist(), cands[:, 1:].tolist()) for c in row)
+    recent, cands = split["new"][3]
+    assert recent.items.shape == (len(recent.users), 3)
+    again = validation_split(history, config)
+    np.testing.assert_array_equal(again["new"][3][1], cands)
+
+
+def test_every_model_gets_the_same_budget_defaults_first() -> None:
+    for name in ("rkmf", "srec", "spmf", "mf_ft"):
+        draws = draw_configs(name, 6, seed=1)
+        assert len(draws) == 6 and draws[0] == {}
+        assert len({json.dumps(d, sort_keys=True) for d in draws}) == 6
+        assert all(set(d) == set(SEARCH_SPACES[name]) for d in draws[1:])
+        assert draws == draw_configs(name, 6, seed=1)
+        assert draws != draw_configs(name, 6, seed=2)
+    assert draw_configs("pop", 6, seed=1) == [{}]  # nothing to tune
+
+
+def test_with_values_validates_and_applies_per_model() -> None:
+    config = with_values(tiny_config(), "rkmf", {"lr": 0.02, "rkmf_kernel": "linear"})
+    assert config.baselines.for_model("rkmf").lr == 0.02
+    assert config.baselines.for_model("spmf").lr == tiny_config().baselines.lr
+    with pytest.raises(ValueError, match="lr"):
+        with_values(tiny_config(), "rkmf", {"lr": -1.0})
+
+
+def test_tune_model_picks_the_best_trial(history) -> None:
+    config = tiny_config()
+    result = tune_model("spmf", config, validation_split(history, config))
+    objectives = [t["metrics"]["objective"] for t in result["trials"]]
+    assert len(objectives) == config.baselines.tune_budget
+    assert objectives[result["best_trial"]] == max(objectives)
+    assert result["chosen"].items() >= result["trials"][result["best_trial"]]["values"].items()
+    assert set(result["chosen"]) == set(SEARCH_SPACES["spmf"])
+
+
+def test_tune_baselines_writes_a_record_that_configures_the_models(history, artifacts) -> None:
+    config = tiny_config()
+    path = tune_baselines(config, ("rkmf", "pop"), history=history)
+    record = json.loads(path.read_text())
+    assert record["budget"] == 2 and set(record["models"]) == {"rkmf", "pop"}
+    assert record["search_spaces"]["rkmf"] == SEARCH_SPACES["rkmf"]
+    tuned = apply_tuned(config, path)
+    assert tuned.baselines.per_model["rkmf"] == record["models"]["rkmf"]["chosen"]
+    assert not list(path.parent.glob(".*.tmp"))  # written atomically
+    with pytest.raises(ValueError, match="responsive"):
+        tune_baselines(config, ("responsive",), history=history)
