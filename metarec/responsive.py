@@ -1,0 +1,344 @@
+"""The meta-learned responsive MF (METHOD.md §3-7) behind ``StreamingRecommender``.
+
+Θ = {P, Q} is meta-trained with MAML (``metarec.maml``) on tasks built from the
+history (``metarec.meta_tasks``). Serving (§6) builds each user's support set
+R^K from its most recent k interactions plus neighbour interactions up to K
+(``meta_tasks.support_sets``), runs the L inner steps from Θ for many users at
+once, and scores with the adapted rows; Θ is never changed by serving.
+``observe`` (§7) grows P and Q for new ids (mean + N(0, σ²I)), indexes the
+batch, forms one task per new interaction of a user with a past and takes
+meta-objective Adam steps on them.
+
+Pure: no files, no MLflow; ``tasks/training.py`` adds checkpoints, shards and
+tracking around the same methods (``init_params``, ``pretrain_epoch``,
+``meta_train_epoch``, ``training_state``).
+
+Randomness: P, Q init and the rows of new ids use a torch generator seeded by
+``meta.seed``; the task order of epoch e and the pretraining negatives use
+``numpy.random.default_rng([meta.seed, e, ...])``, so an epoch's result depends
+only on the state at its start (which makes resume exact). Serving draws its
+support sets and temporary rows from a generator seeded per call, so scoring
+the same input twice gives the same scores and leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from metarec.config import Config, MetaConfig, TaskConfig
+from metarec.interface import Interactions, RecentItems, StreamingRecommender
+from metarec.maml import StepStats, TaskBatch, inner_adapt, localise, meta_step, support_ops
+from metarec.meta_tasks import TaskArrays, build_tasks, fill_own, stream_tasks, support_sets
+from metarec.mf import bpr_triple_loss, init_table, mean_plus_noise
+from metarec.neighbours import InteractionIndex
+
+logger = logging.getLogger(__name__)
+
+SCORE_CHUNK = 4096  # users adapted and scored at once (bounds memory of the candidate lookup)
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Means over the tasks of an epoch (weighted by batch size)."""
+
+    support_loss: float
+    query_loss: float
+    tasks: int
+    seconds: float
+
+    @property
+    def tasks_per_s(self) -> float:
+        return self.tasks / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """Adapted rows of B users: user_rows (B, d); item_ids (B, Si) and item_rows (B, Si, d) the items each
+    user's support touched (padding slots repeat a real id with the same row)."""
+
+    user_rows: torch.Tensor
+    item_ids: torch.Tensor
+    item_rows: torch.Tensor
+
+
+class ResponsiveMF(StreamingRecommender):
+    name = "responsive"
+
+    def __init__(self, meta: MetaConfig | None = None, tasks: TaskConfig | None = None) -> None:
+        self.meta = meta or MetaConfig()
+        self.tasks = tasks or TaskConfig()
+        self.generator_ = torch.Generator().manual_seed(self.meta.seed)
+        self.P_ = torch.zeros(0, self.meta.dim)
+        self.Q_ = torch.zeros(0, self.meta.dim)
+        self.optimizer_: torch.optim.Adam | None = None
+        self.index_: InteractionIndex | None = None
+        self.online_steps_ = 0
+
+    # ------------------------------------------------------------------ state
+    @property
+    def n_users_(self) -> int:
+        return int(self.P_.shape[0])
+
+    @property
+    def n_items_(self) -> int:  # type: ignore[override]
+        return int(self.Q_.shape[0])
+
+    def init_params(self, n_users: int, n_items: int) -> None:
+        """Fresh Θ with N(0, init_std²) entries and a fresh Adam at the outer rate."""
+        std = self.meta.init_std
+        self.P_ = torch.nn.Parameter(init_table(n_users, self.meta.dim, std, self.generator_))
+        self.Q_ = torch.nn.Parameter(init_table(n_items, self.meta.dim, std, self.generator_))
+        self.optimizer_ = torch.optim.Adam([self.P_, self.Q_], lr=self.meta.outer_lr)
+
+    def set_index(self, history: Interactions) -> None:
+        """Index what the model has seen (recent items, neighbours, negatives)."""
+        self.index_ = InteractionIndex.build(history)
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Θ, the Adam moments and the generator state as named tensors (for checkpoints)."""
+        state: dict[str, torch.Tensor] = {"P": self.P_.detach().clone(), "Q": self.Q_.detach().clone()}
+        state["generator"] = self.generator_.get_state()
+        if self.optimizer_ is not None:
+            for name, param in (("P", self.P_), ("Q", self.Q_)):
+                for key, value in self.optimizer_.state.get(param, {}).items():
+                    state[f"adam.{name}.{key}"] = torch.as_tensor(value).clone()
+        return state
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.P_ = torch.nn.Parameter(state["P"].clone())
+        self.Q_ = torch.nn.Parameter(state["Q"].clone())
+        self.optimizer_ = torch.optim.Adam([self.P_, self.Q_], lr=self.meta.outer_lr)
+        if "generator" in state:
+            self.generator_.set_state(state["generator"])
+        for name, param in (("P", self.P_), ("Q", self.Q_)):
+            moments = {key.split(".")[-1]: value.clone() for key, value in state.items() if key.startswith(f"adam.{name}.")}
+            if moments:
+                self.optimizer_.state[param] = moments
+
+    # --------------------------------------------------------------- training
+    def fit(self, history: Interactions) -> "ResponsiveMF":
+        """Index the history, build its tasks, optionally pre-train with BPR, meta-train (DivergedError on NaN/Inf)."""
+        self.set_index(history)
+        self.init_params(history.n_users, history.n_items)
+        t = self.tasks
+        tasks = build_tasks(history, t.k, t.K, t.seed, t.max_tasks_per_user, index=self.index_)
+        for epoch in range(self.meta.pretrain_epochs):
+            self.pretrain_epoch(history, epoch)
+        for epoch in range(self.meta.epochs):
+            stats = self.meta_train_epoch([tasks], epoch)
+            logger.info("epoch %d: support %.4f query %.4f, %.0f tasks/s", epoch, stats.support_loss, stats.query_loss, stats.tasks_per_s)
+        return self
+
+    def pretrain_epoch(self, history: Interactions, epoch: int) -> float:
+        """One epoch of plain BPR over the history (one sampled negative each), mean loss, its own Adam."""
+        if self.index_ is None:
+            self.set_index(history)
+        rng = np.random.default_rng([self.meta.seed, epoch, 1])
+        order = rng.permutation(len(history))
+        users, pos = history.users[order], history.items[order]
+        neg = self.index_.sample_negatives(users, rng, self.n_items_)
+        optimizer = torch.optim.Adam([self.P_, self.Q_], lr=self.meta.outer_lr)
+        m = self.meta
+        total = 0.0
+        for start in range(0, len(users), m.batch_tasks):
+            u, j, k = (torch.as_tensor(a[start : start + m.batch_tasks]) for a in (users, pos, neg))
+            optimizer.zero_grad(set_to_none=True)
+            loss = bpr_triple_loss(self.P_[u], self.Q_[j], self.Q_[k], m.lambda_p, m.lambda_q_pos, m.lambda_q_neg).mean()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(u)
+        return total / max(len(users), 1)
+
+    def meta_train_epoch(
+        self,
+        parts: Iterable[TaskArrays],
+        epoch: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> EpochStats:
+        """One pass over the tasks (parts: shards, each shuffled with its own seeded rng), batch_tasks per outer step."""
+        started = time.perf_counter()
+        n_tasks, support, query = 0, 0.0, 0.0
+        for part_no, part in enumerate(parts):
+            order = np.random.default_rng([self.meta.seed, epoch, 2, part_no]).permutation(len(part))
+            for start in range(0, len(order), self.meta.batch_tasks):
+                batch = TaskBatch.from_arrays(part, order[start : start + self.meta.batch_tasks])
+                stats = self.meta_update(batch)
+                n_tasks += len(batch)
+                support += stats.support_loss * len(batch)
+                query += stats.query_loss * len(batch)
+                if progress is not None:
+                    progress(len(batch))
+        n = max(n_tasks, 1)
+        return EpochStats(support / n, query / n, n_tasks, time.perf_counter() - started)
+
+    def meta_update(self, batch: TaskBatch, lr: float | None = None) -> StepStats:
+        """One Adam step on the meta-objective of ``batch`` (DivergedError on NaN/Inf)."""
+        if self.optimizer_ is None:
+            raise RuntimeError("ResponsiveMF: call fit() or init_params() before training")
+        for group in self.optimizer_.param_groups:
+            group["lr"] = lr or self.meta.outer_lr
+        return meta_step(self.P_, self.Q_, self.optimizer_, batch, self.meta)
+
+    # ---------------------------------------------------------------- serving
+    def _rows(self, table: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """table[ids] for known ids; mean + N(0, σ²I) for ids beyond the table (§7), without growing it."""
+        known = ids < table.shape[0]
+        rows = table.detach()[torch.where(known, ids, torch.zeros_like(ids))]
+        n_new = int((~known).sum())
+        if n_new:
+            rows[~known] = mean_plus_noise(table.detach(), n_new, self.meta.new_row_std, generator)
+        return rows
+
+    def _serving_rng(self, tag: int, users: np.ndarray) -> tuple[np.random.Generator, torch.Generator]:
+        """Per-call generators: the same call gives the same scores; the model's own state is untouched."""
+        key = [self.meta.seed, tag, len(users), int(np.asarray(users, dtype=np.int64).sum()) & 0x7FFFFFFF]
+        rng = np.random.default_rng(key)
+        return rng, torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+
+    def supports(self, users: np.ndarray, recent: np.ndarray, recent_ts: np.ndarray, rng: np.random.Generator):
+        """Support sets (B, K) for users whose recent items (B, n) (-1 = padding) are given; rows without any item: None."""
+        recent = np.asarray(recent, dtype=np.int64).reshape(len(users), -1)
+        has = (recent >= 0).any(axis=1)
+        if not has.any():
+            return None, has
+        own = fill_own(recent[has], self.tasks.k, rng)
+        ts = np.where(recent[has] >= 0, np.asarray(recent_ts, dtype=np.int64).reshape(recent.shape)[has], np.iinfo(np.int64).min)
+        if self.index_ is None:
+            raise RuntimeError("ResponsiveMF: no interaction index; call fit() or set_index() first")
+        s = support_sets(self.index_, np.asarray(users, dtype=np.int64)[has], own, ts.max(axis=1), self.tasks.K, rng, max(self.n_items_, 1))
+        return s, has
+
+    @torch.no_grad()
+    def adapt_supports(self, support_users, support_pos, support_neg, generator: torch.Generator) -> Adapted:
+        """The L inner steps from Θ for B tasks at once (first column's user is the one adapted)."""
+        zeros = np.zeros(len(support_users), dtype=np.int64)
+        batch = TaskBatch.from_arrays(
+            TaskArrays(support_users, support_pos, support_neg, support_users[:, 0], support_pos[:, 0], support_neg[:, 0], zeros)
+        )
+        loc = localise(batch)
+        p_loc = self._rows(self.P_, loc.user_rows.flatten(), generator).view(*loc.user_rows.shape, -1)
+        q_loc = self._rows(self.Q_, loc.item_rows.flatten(), generator).view(*loc.item_rows.shape, -1)
+        ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], self.meta, p_loc.dtype)
+        p_ad, q_ad = inner_adapt(p_loc, q_loc, ops, self.meta, create_graph=False)
+        user = p_ad.gather(1, loc.q_user[:, None, None].expand(-1, 1, p_ad.shape[-1]))[:, 0]
+        return Adapted(user, loc.item_rows, q_ad)
+
+    def adapt(self, users: np.ndarray, recent: np.ndarray, recent_ts: np.ndarray | None = None) -> Adapted:
+        """Adapted rows for many users at once from their recent items (B, n) (-1 = padding); Θ unchanged.
+
+        A user without any recent item keeps its Θ row (mean + noise when unseen) and no item rows.
+        """
+        users = np.asarray(users, dtype=np.int64)
+        recent = np.asarray(recent, dtype=np.int64).reshape(len(users), -1)
+        recent_ts = np.zeros_like(recent) + np.iinfo(np.int64).max // 2 if recent_ts is None else recent_ts
+        rng, gen = self._serving_rng(1, users)
+        s, has = self.supports(users, recent, recent_ts, rng)
+        base = self._rows(self.P_, torch.as_tensor(users), gen)
+        if s is None:
+            return Adapted(base, torch.zeros(len(users), 0, dtype=torch.int64), base.new_zeros(len(users), 0, base.shape[1]))
+        adapted = self.adapt_supports(*s, gen)
+        rows = base.clone()
+        idx = torch.as_tensor(np.flatnonzero(has))
+        rows[idx] = adapted.user_rows
+        item_ids = torch.full((len(users), adapted.item_ids.shape[1]), -1, dtype=torch.int64)
+        item_ids[idx] = adapted.item_ids
+        item_rows = base.new_zeros(len(users), *adapted.item_rows.shape[1:])
+        item_rows[idx] = adapted.item_rows
+        return Adapted(rows, item_ids, item_rows)
+
+    @torch.no_grad()
+    def score_adapted(self, adapted: Adapted, candidates: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        """Scores (B, C): adapted user row · (the adapted row of a candidate the support touched, else Θ's)."""
+        cand = torch.as_tensor(np.asarray(candidates, dtype=np.int64))
+        q = self._rows(self.Q_, cand.flatten(), generator).view(*cand.shape, -1)
+        if adapted.item_ids.shape[1]:
+            match = cand[:, :, None] == adapted.item_ids[:, None, :]  # (B, C, Si)
+            hit = match.any(-1)
+            slot = match.float().argmax(-1)
+            q_ad = adapted.item_rows.gather(1, slot[..., None].expand(-1, -1, q.shape[-1]))
+            q = torch.where(hit[..., None], q_ad, q)
+        return (adapted.user_rows[:, None, :] * q).sum(-1).numpy()
+
+    def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Each user adapted from its last k interactions in the index (§6), then scored. Θ unchanged."""
+        users = np.asarray(users, dtype=np.int64)
+        candidates = np.asarray(candidates, dtype=np.int64).reshape(len(users), -1)
+        out = np.empty(candidates.shape, dtype=np.float32)
+        for s in range(0, len(users), SCORE_CHUNK):
+            u = users[s : s + SCORE_CHUNK]
+            recent, recent_ts = self.index_.recent_items(u, self.tasks.k)
+            adapted = self.adapt(u, recent, recent_ts)
+            out[s : s + SCORE_CHUNK] = self.score_adapted(adapted, candidates[s : s + SCORE_CHUNK], self._serving_rng(2, u)[1])
+        return out
+
+    def score_new_users(self, recent: RecentItems, candidates: np.ndarray) -> np.ndarray:
+        """New users adapted from the interactions they have shown (§6); unseen ids start at mean + noise (§7)."""
+        users = np.asarray(recent.users, dtype=np.int64)
+        candidates = np.asarray(candidates, dtype=np.int64).reshape(len(users), -1)
+        out = np.empty(candidates.shape, dtype=np.float32)
+        for s in range(0, len(users), SCORE_CHUNK):
+            sl = slice(s, s + SCORE_CHUNK)
+            adapted = self.adapt(users[sl], recent.items[sl], recent.ts[sl])
+            out[sl] = self.score_adapted(adapted, candidates[sl], self._serving_rng(3, users[sl])[1])
+        return out
+
+    def recommend(self, user: int, n: int = 10, exclude: np.ndarray | None = None, n_items: int | None = None, recent: np.ndarray | None = None, exclude_seen: bool = True) -> np.ndarray:
+        """Top-n items for a user, adapted from ``recent`` (default: its last k interactions); seen items skipped."""
+        if recent is None:
+            return super().recommend(user, n, self._seen(user, exclude, exclude_seen), n_items)
+        n_items = n_items or self.n_items_
+        users = np.array([user], dtype=np.int64)
+        adapted = self.adapt(users, np.asarray(recent)[None, :])
+        scores = self.score_adapted(adapted, np.arange(n_items)[None, :], self._serving_rng(4, users)[1])[0].astype(np.float64)
+        skip = self._seen(user, exclude, exclude_seen)
+        skip = np.concatenate([skip, np.asarray(recent, dtype=np.int64)]) if exclude_seen else skip
+        scores[skip[(skip >= 0) & (skip < n_items)]] = -np.inf
+        top = np.argsort(-scores, kind="stable")[:n]
+        return top[np.isfinite(scores[top])]
+
+    def _seen(self, user: int, exclude: np.ndarray | None, exclude_seen: bool) -> np.ndarray:
+        extra = np.zeros(0, np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
+        if not exclude_seen or self.index_ is None or user >= self.index_.n_users:
+            return extra
+        lo, hi = self.index_.user_ptr_[user], self.index_.user_ptr_[user + 1]
+        return np.concatenate([extra, self.index_.user_items_[lo:hi]])
+
+    # ------------------------------------------------------------- streaming
+    def observe(self, batch: Interactions) -> None:
+        """§7: grow P/Q for new ids, index the batch, one meta step per batch_tasks tasks of existing users."""
+        if self.index_ is None or self.optimizer_ is None:
+            raise RuntimeError("ResponsiveMF: call fit() before observe()")
+        if not len(batch):
+            return
+        self._grow(max(self.n_users_, batch.n_users), max(self.n_items_, batch.n_items))
+        self.index_ = self.index_.extend(batch)
+        rng = np.random.default_rng([self.meta.seed, 3, self.online_steps_])
+        tasks, _ = stream_tasks(self.index_, batch, self.tasks.k, self.tasks.K, rng, self.n_items_)
+        for start in range(0, len(tasks), self.meta.batch_tasks):
+            self.meta_update(TaskBatch.from_arrays(tasks, slice(start, start + self.meta.batch_tasks)), self.meta.online_lr)
+        self.online_steps_ += 1
+
+    def _grow(self, n_users: int, n_items: int) -> None:
+        """New users/items get mean + N(0, σ²I) rows; Adam's moments for them start at zero."""
+        if n_users == self.n_users_ and n_items == self.n_items_:
+            return
+        state = self.training_state()
+        for name, n in (("P", n_users), ("Q", n_items)):
+            old = state[name]
+            extra = n - len(old)
+            if extra > 0:
+                state[name] = torch.cat([old, mean_plus_noise(old, extra, self.meta.new_row_std, self.generator_)])
+                for key in [k for k in state if k.startswith(f"adam.{name}.") and state[k].dim() == 2]:
+                    state[key] = torch.cat([state[key], state[key].new_zeros(extra, state[key].shape[1])])
+        state["generator"] = self.generator_.get_state()
+        self.load_training_state(state)
+
+
+def from_config(config: Config) -> ResponsiveMF:
+    return ResponsiveMF(config.meta, config.tasks)
