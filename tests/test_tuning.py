@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +86,26 @@ def test_tune_baselines_writes_a_record_that_configures_the_models(history, arti
     assert not list(path.parent.glob(".*.tmp"))  # written atomically
     with pytest.raises(ValueError, match="responsive"):
         tune_baselines(config, ("responsive",), history=history)
+
+
+def test_cli_fit_saves_models_through_prefect_and_reuses_them(prefect_harness, artifacts, ml100k_dir) -> None:
+    """`metarec fit` on ml-100k: the flow prepares, fits through the fit-model task, saves, and reloads the same model."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.models import load_model
+
+    args = ["fit", "--data-dir", str(ml100k_dir), "--model", "pop", "--model", "spmf",
+            "--set", "baselines.epochs=1", "--set", "baselines.dim=4", "--set", "baselines.spmf_reservoir=100"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    paths = dict(line.split(": ", 1) for line in result.output.strip().splitlines() if ": " in line)
+    assert set(paths) == {"pop", "spmf"}
+    model = load_model(paths["spmf"])
+    assert model.name == "spmf" and len(model.res_users_) == 100
+    stamp = (Path(paths["spmf"]) / "state.npz").stat().st_mtime_ns
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert (Path(paths["spmf"]) / "state.npz").stat().st_mtime_ns == stamp  # reused, not refitted
+    bad = CliRunner().invoke(app, ["fit", "--data-dir", str(ml100k_dir), "--model", "nope"])
+    assert bad.exit_code != 0 and "nope" in bad.output
