@@ -339,3 +339,14 @@ def test_save_and_load_without_pickle(name: str, split: Split, fitted: dict, tmp
     np.testing.assert_array_equal(model.score(users, cands), loaded.score(users, cands))
     with np.load(out / "state.npz", allow_pickle=False) as npz:
         assert set(npz.files) == set(model.state_arrays())
+
+
+@pytest.mark.parametrize("name", ("rkmf", "srec"))
+def test_full_ranking_scores_equal_candidate_scores(name: str, split: Split, fitted: dict) -> None:
+    """The matmul path (many candidates) and the gather path (few) agree, unseen ids included."""
+    model = fitted[name]
+    users = np.array([1, 2, 10_000])
+    everything = np.tile(np.arange(model.n_items_ + 2), (3, 1))  # two ids beyond the table
+    full = model.score(users, everything)
+    few = model.score(users, everything[:, [0, 5, model.n_items_ + 1]])
+    np.testing.assert_allclose(full[:, [0, 5, model.n_items_ + 1]], few, rtol=1e-5, atol=1e-6)

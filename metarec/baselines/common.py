@@ -34,6 +34,7 @@ Kernel = Literal["linear", "logistic"]
 Side = Literal["user", "pos", "neg"]
 
 PURPOSE_FIT, PURPOSE_OBSERVE, PURPOSE_NEW_USERS, PURPOSE_GROW = 0, 1, 2, 3
+SCORE_CHUNK = 1024  # users scored at once
 
 
 def rng_for(seed: int, purpose: int, *counters: int) -> np.random.Generator:
@@ -307,10 +308,26 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
         return self.H_.mean(0) if len(self.H_) else torch.zeros(self.dim)
 
     def score_rows(self, w: torch.Tensor, candidates: np.ndarray) -> np.ndarray:
-        """Scores (B, C) of user rows w (B, d) for candidate ids (B, C)."""
-        h = lookup(self.H_, candidates, self._default_item())
-        z = torch.einsum("bd,bcd->bc", w, h)
-        return kernel_score(z, self.kernel, self.scale).numpy()
+        """Scores (B, C) of user rows w (B, d) for candidate ids (B, C), in chunks of rows.
+
+        Few candidates per row: gather their rows (B, C, d). Many (full ranking):
+        one matmul against every item row plus the unseen-item default, then a
+        gather, so memory stays O(chunk x items) rather than O(chunk x C x d).
+        """
+        candidates = np.asarray(candidates, dtype=np.int64)
+        out = np.empty(candidates.shape, dtype=np.float32)
+        default = self._default_item()
+        full = torch.cat([self.H_, default[None]])  # row len(H_) stands for every unseen id
+        for start in range(0, len(candidates), SCORE_CHUNK):
+            rows = slice(start, start + SCORE_CHUNK)
+            cands = candidates[rows]
+            if 4 * cands.shape[1] < len(full):
+                z = torch.einsum("bd,bcd->bc", w[rows], lookup(self.H_, cands, default))
+            else:
+                ids = torch.from_numpy(np.where(cands < len(self.H_), cands, len(self.H_)))
+                z = (w[rows] @ full.T).gather(1, ids)
+            out[rows] = kernel_score(z, self.kernel, self.scale).numpy()
+        return out
 
     def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         require_fitted(self, self.H_)
