@@ -116,5 +116,32 @@ def fit(
         typer.echo(f"{name}: {path}")
 
 
+@app.command()
+def train(
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    dataset: Optional[str] = DatasetOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Meta-training epochs (meta.epochs)."),
+    lambda_ml: Optional[float] = typer.Option(None, "--lambda-ml", help="Weight of the meta-learning loss (meta.lambda_ml)."),
+) -> None:
+    """Prepare, build the task shards and meta-train the responsive MF (resumes from its last checkpoint); logs to MLflow."""
+    meta = {k: v for k, v in {"epochs": epochs, "lambda_ml": lambda_ml}.items() if v is not None}
+    cfg = _config(config, set_, dataset, data_dir, meta=meta)
+    from flows.train import train_flow
+
+    try:
+        result = train_flow(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    for row in result.history:
+        typer.echo(f"epoch {row['epoch']}: support_loss {row['support_loss']:.4f} query_loss {row['query_loss']:.4f} "
+                   f"{row['tasks_per_s']:.0f} tasks/s ({row['epoch_seconds']:.1f} s)")
+    typer.echo(f"status {result.status}; MLflow run {result.run_id}" + (f"; model version {result.model_version}" if result.model_version else ""))
+    if result.status == "diverged":
+        typer.secho(f"meta-training diverged: {result.message}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(3)
+
+
 if __name__ == "__main__":
     app()

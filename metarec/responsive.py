@@ -121,6 +121,16 @@ class ResponsiveMF(StreamingRecommender):
             if moments:
                 self.optimizer_.state[param] = moments
 
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Numeric arrays only (saved by tasks.models without pickle): Θ and every interaction seen."""
+        seen = self.index_.interactions if self.index_ is not None else Interactions.from_arrays([], [], [])
+        return {"P": self.P_.detach().numpy().copy(), "Q": self.Q_.detach().numpy().copy(),
+                "seen_users": seen.users, "seen_items": seen.items, "seen_ts": seen.ts}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self.load_training_state({"P": torch.as_tensor(np.asarray(arrays["P"])), "Q": torch.as_tensor(np.asarray(arrays["Q"]))})
+        self.index_ = InteractionIndex.build(Interactions(*(np.asarray(arrays[k], dtype=np.int64) for k in ("seen_users", "seen_items", "seen_ts"))))
+
     # --------------------------------------------------------------- training
     def fit(self, history: Interactions) -> "ResponsiveMF":
         """Index the history, build its tasks, optionally pre-train with BPR, meta-train (DivergedError on NaN/Inf)."""
