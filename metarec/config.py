@@ -96,6 +96,16 @@ class MetaConfig(Section):
     seed: int = 0
 
 
+# Chosen by `metarec tune` on ml-100k (tasks/tuning.py: budget 8 per model, seed 1, last 10% of the history
+# held out, objective = mean of new-user and held-out NDCG@10); the search spaces are tasks.tuning.SEARCH_SPACES.
+TUNED_ML100K: dict[str, dict[str, float | int | str]] = {
+    "rkmf": {"epochs": 40, "lr": 0.1, "reg": 0.01, "rkmf_kernel": "logistic", "rkmf_update_epochs": 10},
+    "srec": {"srec_drift_var": 1e-07, "srec_negatives": 4, "srec_obs_var": 0.3, "srec_passes": 3, "srec_prior_var": 0.03},
+    "spmf": {"epochs": 40, "lr": 0.01, "reg": 0.001, "spmf_reservoir": 1000, "spmf_samples": 250, "spmf_temperature": 3.0, "spmf_update_epochs": 3},
+    "mf_ft": {"epochs": 20, "ft_epochs": 5, "ft_lr": 0.2, "lr": 0.02, "reg": 0.001},
+}
+
+
 class BaselineConfig(Section):
     """Hyperparameters of the baselines (BASELINES.md); chosen by the validation search."""
 
@@ -128,8 +138,10 @@ class BaselineConfig(Section):
     tune_budget: int = Field(8, ge=1, description="Configurations tried per model (the defaults first, then seeded random draws).")
     tune_holdout: float = Field(0.1, gt=0.0, lt=1.0, description="Last fraction of the history (by time) held out for validation.")
     per_model: dict[str, dict[str, float | int | str]] = Field(
-        default_factory=dict,
-        description="Per-model overrides of the fields above, e.g. {'rkmf': {'lr': 0.02}}: where the tuned values go (shared fields like lr differ per model).",
+        default_factory=lambda: {name: dict(values) for name, values in TUNED_ML100K.items()},
+        description="Per-model overrides of the fields above, e.g. {'rkmf': {'lr': 0.02}}: where the tuned values go "
+        "(shared fields like lr differ per model); they fill fields left at their defaults (see for_model). "
+        "Default: the values `metarec tune` chose on ml-100k (TUNED_ML100K).",
     )
 
     @field_validator("per_model")
@@ -148,8 +160,16 @@ class BaselineConfig(Section):
         return per_model
 
     def for_model(self, name: str) -> "BaselineConfig":
-        """These values with ``per_model[name]`` applied (validated), without the per-model table."""
-        values = {**self.model_dump(exclude={"per_model"}), **self.per_model.get(name, {})}
+        """The values model ``name`` uses (validated), without the per-model table.
+
+        ``per_model[name]`` fills the fields left at their class default; a field
+        set to any other value (``--set baselines.lr=0.03``) wins, so an explicit
+        setting is never silently replaced by a tuned one.
+        """
+        values = self.model_dump(exclude={"per_model"})
+        for key, value in self.per_model.get(name, {}).items():
+            if values[key] == type(self).model_fields[key].default:
+                values[key] = value
         return BaselineConfig(**values)
 
 

@@ -165,9 +165,11 @@ def draw_configs(name: str, budget: int, seed: int) -> list[dict]:
 
 
 def with_values(config: Config, name: str, values: dict) -> Config:
-    """The config with ``values`` as ``baselines.per_model[name]`` (validated)."""
+    """The config with ``values`` in ``baselines.per_model[name]`` (validated) and those fields reset to their
+    class defaults, so the per-model values take effect (``BaselineConfig.for_model``)."""
     per_model = {**config.baselines.per_model, name: {**config.baselines.per_model.get(name, {}), **values}}
-    baselines = BaselineConfig(**{**config.baselines.model_dump(), "per_model": per_model})
+    reset = {key: BaselineConfig.model_fields[key].default for key in values}
+    baselines = BaselineConfig(**{**config.baselines.model_dump(), **reset, "per_model": per_model})
     return config.model_copy(update={"baselines": baselines})
 
 

@@ -16,7 +16,7 @@ from tasks.tuning import SEARCH_SPACES, apply_tuned, draw_configs, tune_baseline
 def tiny_config() -> Config:
     return Config(
         data={"n_negatives": 30, "new_user_ns": (1, 3)},
-        baselines=BaselineConfig(dim=8, epochs=3, tune_budget=2, srec_passes=1, spmf_reservoir=200, spmf_samples=50),
+        baselines=BaselineConfig(dim=8, epochs=3, tune_budget=2, srec_passes=1, spmf_reservoir=200, spmf_samples=50, per_model={}),
         meta=MetaConfig(dim=8),
     )
 
@@ -109,3 +109,13 @@ def test_cli_fit_saves_models_through_prefect_and_reuses_them(prefect_harness, a
     assert (Path(paths["spmf"]) / "state.npz").stat().st_mtime_ns == stamp  # reused, not refitted
     bad = CliRunner().invoke(app, ["fit", "--data-dir", str(ml100k_dir), "--model", "nope"])
     assert bad.exit_code != 0 and "nope" in bad.output
+
+
+def test_per_model_values_fill_defaults_but_never_replace_an_explicit_setting() -> None:
+    tuned = BaselineConfig(per_model={"spmf": {"lr": 0.01, "spmf_reservoir": 1000}})
+    assert tuned.for_model("spmf").lr == 0.01 and tuned.for_model("spmf").spmf_reservoir == 1000
+    assert tuned.for_model("rkmf").lr == BaselineConfig.model_fields["lr"].default
+    explicit = BaselineConfig(lr=0.03, per_model={"spmf": {"lr": 0.01}})
+    assert explicit.for_model("spmf").lr == 0.03
+    # tuning takes effect even where the base config set the field explicitly
+    assert with_values(Config(baselines=explicit), "spmf", {"lr": 0.2}).baselines.for_model("spmf").lr == 0.2
