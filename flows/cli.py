@@ -100,16 +100,17 @@ def fit(
     set_: list[str] = SetOpt,
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    model: list[str] = typer.Option([], "--model", help="Model(s) to fit (repeatable; default: eval.models)."),
+    model: list[str] = typer.Option([], "--model", help="Model(s) to fit (repeatable; default: the baselines among eval.models)."),
     tuned: Optional[Path] = typer.Option(None, "--tuned", help="A tuning record (metarec tune) whose chosen values to use."),
     force: bool = typer.Option(False, "--force", help="Refit even if a saved model with the same config exists."),
 ) -> None:
     """Fit models on the prepared history and save them (state.npz + model.json, no pickle)."""
     cfg = _config(config, set_, dataset, data_dir)
     from flows.baselines import fit_flow
+    from tasks.models import BASELINE_NAMES
 
     try:
-        out = fit_flow(cfg, tuple(model) or cfg.eval.models, tuned, force)
+        out = fit_flow(cfg, tuple(model) or tuple(m for m in cfg.eval.models if m in BASELINE_NAMES), tuned, force)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         _fail(exc)
     for name, path in out.items():
