@@ -350,3 +350,16 @@ def test_full_ranking_scores_equal_candidate_scores(name: str, split: Split, fit
     full = model.score(users, everything)
     few = model.score(users, everything[:, [0, 5, model.n_items_ + 1]])
     np.testing.assert_allclose(full[:, [0, 5, model.n_items_ + 1]], few, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_empty_inputs_work_and_bad_ids_are_refused(name: str, fitted: dict) -> None:
+    model = fitted[name]
+    none = np.zeros(0, dtype=np.int64)
+    assert model.score(none, np.zeros((0, 5), dtype=np.int64)).shape == (0, 5)
+    empty_recent = RecentItems(none, np.zeros((0, 3), dtype=np.int64), np.zeros((0, 3), dtype=np.int64))
+    assert model.score_new_users(empty_recent, np.zeros((0, 5), dtype=np.int64)).shape == (0, 5)
+    padded = RecentItems(np.array([9_999]), np.array([[1, -1, -1]]), np.array([[5, -1, -1]]))
+    assert np.isfinite(model.score_new_users(padded, np.array([[1, 2, 3]]))).all()
+    with pytest.raises(ValueError, match="candidates"):
+        model.score(np.array([1]), np.array([[2, -3]]))

@@ -265,6 +265,18 @@ class ArrayStateMixin:
         self.index_ = InteractionIndex.build(self.seen_)  # type: ignore[attr-defined]
 
 
+def check_ids(model: StreamingRecommender, what: str, ids: np.ndarray, allow_padding: bool = False) -> np.ndarray:
+    """``ids`` as int64, or a clear error: negative ids would silently index from the end of a table."""
+    ids = np.asarray(ids)
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{model.name}: {what} must be integer ids, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    low = -1 if allow_padding else 0
+    if ids.size and ids.min() < low:
+        raise ValueError(f"{model.name}: {what} must be ids >= {low}{' (-1 = padding)' if allow_padding else ''}, got {ids.min()}")
+    return ids
+
+
 def require_fitted(model: StreamingRecommender, *tables: torch.Tensor) -> None:
     if any(t is None or len(t) == 0 for t in tables):
         raise RuntimeError(f"{model.name}: call fit(history) before scoring or observing")
@@ -314,7 +326,7 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
         one matmul against every item row plus the unseen-item default, then a
         gather, so memory stays O(chunk x items) rather than O(chunk x C x d).
         """
-        candidates = np.asarray(candidates, dtype=np.int64)
+        candidates = check_ids(self, "candidates", candidates)
         out = np.empty(candidates.shape, dtype=np.float32)
         default = self._default_item()
         full = torch.cat([self.H_, default[None]])  # row len(H_) stands for every unseen id
@@ -331,7 +343,10 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
 
     def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         require_fitted(self, self.H_)
-        return self.score_rows(lookup(self.W_, users, self._default_user()), np.asarray(candidates))
+        users, candidates = check_ids(self, "users", users), check_ids(self, "candidates", candidates)
+        if candidates.shape[:1] != users.shape:
+            raise ValueError(f"{self.name}: candidates {candidates.shape} must have one row per user ({users.shape})")
+        return self.score_rows(lookup(self.W_, users, self._default_user()), candidates)
 
     # ---- new users: only a transient user row is trained; the model is untouched
     def new_user_triples(self, recent_items: np.ndarray, recent_users: np.ndarray, epochs: int, rng: np.random.Generator):
@@ -348,7 +363,7 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
     def adapt_new_users(self, init: torch.Tensor, recent_items: np.ndarray, recent_users: np.ndarray, epochs: int, lr: float, rng: np.random.Generator) -> torch.Tensor:
         """Rows (B, d) trained from ``init`` by per-row SGD on each new user's shown items, H_ fixed."""
         w = init.clone()
-        items = np.asarray(recent_items, dtype=np.int64)
+        items = check_ids(self, "recent items", recent_items, allow_padding=True)
         # items never trained (beyond H_) carry no signal for the user row; drop them
         items = np.where(items < len(self.H_), items, -1)
         for epoch in range(epochs):

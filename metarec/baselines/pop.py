@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel
 
+from metarec.baselines.common import check_ids
 from metarec.config import Config
 from metarec.interface import Interactions, RecentItems, StreamingRecommender
 
@@ -30,7 +31,8 @@ class PopRecommender(StreamingRecommender):
         return self
 
     def _item_scores(self, candidates: np.ndarray) -> np.ndarray:
-        padded = np.zeros(max(int(candidates.max()) + 1, len(self.counts_)), dtype=np.float64)
+        candidates = check_ids(self, "candidates", candidates)
+        padded = np.zeros(max(int(candidates.max(initial=-1)) + 1, len(self.counts_)), dtype=np.float64)
         padded[: len(self.counts_)] = self.counts_
         return padded[candidates]
 

@@ -56,6 +56,7 @@ from .common import (
     PURPOSE_NEW_USERS,
     PURPOSE_OBSERVE,
     FactorBaseline,
+    check_ids,
     gaussian,
     grow,
     negatives,
@@ -178,7 +179,7 @@ class SRec(FactorBaseline):
         cfg = self.config
         users = np.asarray(recent.users, dtype=np.int64)
         rng = rng_for(self.seed, PURPOSE_NEW_USERS, self.batches_, int(users[0]) if len(users) else 0, len(users))
-        items = np.asarray(recent.items, dtype=np.int64)
+        items = check_ids(self, "recent items", recent.items, allow_padding=True)
         ts = np.broadcast_to(np.asarray(recent.ts, dtype=np.int64), items.shape)
         local, col = np.nonzero((items >= 0) & (items < len(self.H_)))  # row-major: each user's items in time order
         k = cfg.srec_negatives
