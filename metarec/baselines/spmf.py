@@ -31,6 +31,11 @@ Adaptations and choices (BASELINES.md):
   interactions (items fixed, transient: ``score_new_users`` changes nothing);
 - updates run ``baselines.spmf_update_epochs`` SGD passes over the batch plus
   the sample; the reservoir and every draw are seeded by (seed, batch count).
+
+Not verified against the paper's full text (only its abstract was reachable
+while writing this): the exact functional form of the rank-based weight and
+whether its negatives are sampled non-uniformly. The form above is the one
+BASELINES.md describes; τ is tuned like every other hyperparameter.
 """
 
 from __future__ import annotations
