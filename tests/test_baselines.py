@@ -363,3 +363,22 @@ def test_empty_inputs_work_and_bad_ids_are_refused(name: str, fitted: dict) -> N
     assert np.isfinite(model.score_new_users(padded, np.array([[1, 2, 3]]))).all()
     with pytest.raises(ValueError, match="candidates"):
         model.score(np.array([1]), np.array([[2, -3]]))
+
+
+def test_mf_ft_new_rows_are_the_mean_plus_small_noise(split: Split) -> None:
+    model = fresh("mf_ft", split)
+    rows = model._mean_plus_noise(model.H_, np.random.default_rng(0))(500)
+    assert torch.allclose(rows.mean(0), model.H_.mean(0), atol=4 * model.meta.new_row_std / np.sqrt(500) + 1e-6)
+    assert rows.std(0).mean().item() == pytest.approx(model.meta.new_row_std, rel=0.15)
+
+
+def test_new_users_learn_from_their_first_interactions(split: Split, fitted: dict) -> None:
+    """Showing a new user items of one genre moves its scores toward that genre (every factor model)."""
+    data = planted_interactions(n_users=160, n_items=100, per_user=24, seed=3)
+    genre = data.item_group
+    shown = np.flatnonzero(genre == 0)[:5]
+    recent = RecentItems(np.array([9_999]), shown[None, :], np.arange(5)[None, :] + 10**6)
+    cands = np.r_[np.flatnonzero(genre == 0)[5:25], np.flatnonzero(genre == 1)[:20]][None, :]
+    for name in FACTOR_MODELS:
+        scores = fitted[name].score_new_users(recent, cands)[0]
+        assert scores[:20].mean() > scores[20:].mean(), name
