@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
@@ -113,7 +112,7 @@ def fit_and_save(name: str, config: Config, prepared: PreparedData | None = None
         logger.info("model %s already fitted in %s", name, out)
         return out
     prepared = prepared or load_prepared(prepared_dir(config))
-    torch.set_num_threads(baseline_threads(config) if name in BASELINE_NAMES else config.runtime.torch_threads)
+    # no torch.set_num_threads here: it is process-wide, and fits run beside meta-training in the pipeline
     started = time.perf_counter()
     model = fit_model(name, config, prepared)
     seconds = time.perf_counter() - started
