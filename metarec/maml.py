@@ -200,17 +200,42 @@ def support_grads(p_loc: torch.Tensor, q_loc: torch.Tensor, ops: SupportOps) -> 
     return g_p, g_q
 
 
-def _inner_step(p_loc: torch.Tensor, q_loc: torch.Tensor, ops: SupportOps, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _mix_of(x: torch.Tensor, ops: SupportOps, n_user_slots: int) -> torch.Tensor:
+    """M (T, Su, Si) from the support margins x (T, K): c_k = d/dx_k mean_k[-log σ(x_k)] = -σ(-x_k)/K."""
+    return _mix(-torch.sigmoid(-x) / x.shape[1], ops, n_user_slots)
+
+
+def _inner_step(p_loc: torch.Tensor, q_loc: torch.Tensor, ops: SupportOps, lr: float, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One step Θ - α∇L^K_t, fused: P' = (1 - 2α reg_user)·P - α M·Q (one baddbmm), Q' likewise.
 
     Algebraically the same as ``p - lr * support_grads(...)[0]``; fusing the
     L2 term and the matmul into ``baddbmm`` halves the passes over the slots.
+    ``x``: the margins at (p_loc, q_loc) when already computed.
     """
-    K = ops.pair_pos.shape[1]
-    coef = -torch.sigmoid(-_margins(p_loc, q_loc, ops)) / K
-    mix = _mix(coef, ops, p_loc.shape[1])
+    mix = _mix_of(_margins(p_loc, q_loc, ops) if x is None else x, ops, p_loc.shape[1])
     p_new = torch.baddbmm(p_loc * (1.0 - 2.0 * lr * ops.reg_user), mix, q_loc, alpha=-lr)
     q_new = torch.baddbmm(q_loc * (1.0 - 2.0 * lr * ops.reg_item), mix.transpose(1, 2), p_loc, alpha=-lr)
+    return p_new, q_new
+
+
+def _rows_at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table (T, S, n), index (T, r) -> (T, r, n)."""
+    return table.gather(1, index[..., None].expand(-1, -1, table.shape[-1]))
+
+
+def _last_step_query_rows(p_loc, q_loc, ops: SupportOps, loc: "LocalTasks", lr: float, x: torch.Tensor, create_graph: bool):
+    """The final inner step for the three rows the query reads only: p_u (T, 1, d), q_j and q_k (T, 2, d).
+
+    Row r of M·Q needs only row r of M, so this costs (T, 1, Si)·(T, Si, d) and
+    (T, 2, Su)·(T, Su, d) instead of the full slot updates.
+    """
+    mix = _mix_of(x, ops, p_loc.shape[1])
+    u, ij = loc.q_user[:, None], torch.stack([loc.q_pos, loc.q_neg], 1)
+    p_u, q_ij = _rows_at(p_loc, u), _rows_at(q_loc, ij)
+    p_new = torch.baddbmm(p_u * (1.0 - 2.0 * lr * _rows_at(ops.reg_user, u)), _rows_at(mix, u), q_loc, alpha=-lr)
+    q_new = torch.baddbmm(q_ij * (1.0 - 2.0 * lr * _rows_at(ops.reg_item, ij)), _rows_at(mix.transpose(1, 2), ij), p_loc, alpha=-lr)
+    if not create_graph:
+        p_new, q_new = p_u + (p_new - p_u).detach(), q_ij + (q_new - q_ij).detach()
     return p_new, q_new
 
 
@@ -246,13 +271,26 @@ def meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: Inner
     """(support loss, query loss), each the mean over tasks; the objective is support + λ_ML · query.
 
     P (n_users, d), Q (n_items, d). Support: L^K_t(Θ). Query: L^1_t(Θ^L_t).
+    The same computation as ``inner_adapt`` followed by ``query_loss``, with two
+    savings: the margins at Θ serve both the support loss and the first inner
+    step, and the last inner step updates only the three rows the query reads.
     """
     loc = localise(batch)
     p_loc, q_loc = gather_rows(P, loc.user_rows), gather_rows(Q, loc.item_rows)
     ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], hp, P.dtype)
-    support = support_loss(p_loc, q_loc, ops)
-    p_ad, q_ad = inner_adapt(p_loc, q_loc, ops, hp, create_graph=not hp.first_order)
-    return support.mean(), query_loss(p_ad, q_ad, loc, hp).mean()
+    x = _margins(p_loc, q_loc, ops)
+    l2 = (ops.reg_user * p_loc.pow(2)).sum((1, 2)) + (ops.reg_item * q_loc.pow(2)).sum((1, 2))
+    support = -F.logsigmoid(x).mean(1) + l2
+    create_graph = not hp.first_order
+    for _ in range(hp.inner_steps - 1):
+        p_new, q_new = _inner_step(p_loc, q_loc, ops, hp.inner_lr, x)
+        if not create_graph:
+            p_new, q_new = p_loc + (p_new - p_loc).detach(), q_loc + (q_new - q_loc).detach()
+        p_loc, q_loc = p_new, q_new
+        x = _margins(p_loc, q_loc, ops)
+    p_u, q_ij = _last_step_query_rows(p_loc, q_loc, ops, loc, hp.inner_lr, x, create_graph)
+    query = bpr_triple_loss(p_u[:, 0], q_ij[:, 0], q_ij[:, 1], hp.lambda_p, hp.lambda_q_pos, hp.lambda_q_neg)
+    return support.mean(), query.mean()
 
 
 @dataclass(frozen=True)

@@ -249,7 +249,7 @@ class ResponsiveMF(StreamingRecommender):
         recent_ts = np.zeros_like(recent) + np.iinfo(np.int64).max // 2 if recent_ts is None else recent_ts
         rng, gen = self._serving_rng(1, users)
         s, has = self.supports(users, recent, recent_ts, rng)
-        base = self._rows(self.P_, torch.as_tensor(users), gen)
+        base = self._rows(self.P_, torch.tensor(users), gen)
         if s is None:
             return Adapted(base, torch.zeros(len(users), 0, dtype=torch.int64), base.new_zeros(len(users), 0, base.shape[1]))
         adapted = self.adapt_supports(*s, gen)
@@ -265,7 +265,7 @@ class ResponsiveMF(StreamingRecommender):
     @torch.no_grad()
     def score_adapted(self, adapted: Adapted, candidates: np.ndarray, generator: torch.Generator) -> np.ndarray:
         """Scores (B, C): adapted user row · (the adapted row of a candidate the support touched, else Θ's)."""
-        cand = torch.as_tensor(np.asarray(candidates, dtype=np.int64))
+        cand = torch.tensor(np.asarray(candidates, dtype=np.int64))
         q = self._rows(self.Q_, cand.flatten(), generator).view(*cand.shape, -1)
         if adapted.item_ids.shape[1]:
             match = cand[:, :, None] == adapted.item_ids[:, None, :]  # (B, C, Si)
