@@ -23,7 +23,6 @@ from typing import Callable, Iterable, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from metarec.interface import Interactions, StreamingRecommender
 from metarec.neighbours import InteractionIndex
@@ -33,7 +32,7 @@ GradFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 Kernel = Literal["linear", "logistic"]
 Side = Literal["user", "pos", "neg"]
 
-PURPOSE_FIT, PURPOSE_OBSERVE, PURPOSE_NEW_USERS, PURPOSE_GROW = 0, 1, 2, 3
+PURPOSE_FIT, PURPOSE_OBSERVE, PURPOSE_NEW_USERS = 0, 1, 2
 SCORE_CHUNK = 1024  # users scored at once
 
 
@@ -81,14 +80,6 @@ def autograd_bpr_grads(loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tens
         return gw, ghi, ghj
 
     return grads
-
-
-def bpr_loss_value(W: torch.Tensor, H: torch.Tensor, u, i, j, kernel: Kernel = "linear", scale: float = 1.0) -> float:
-    """Mean -log sigma(x_uij) of triples (no regulariser): a progress reading for logs and tests."""
-    u, i, j = (torch.as_tensor(a) for a in (u, i, j))
-    w = W[u]
-    x = kernel_score((w * H[i]).sum(-1), kernel, scale) - kernel_score((w * H[j]).sum(-1), kernel, scale)
-    return float(-F.logsigmoid(x).mean()) if len(u) else float("nan")
 
 
 # ---------------------------------------------------------------- SGD drivers
