@@ -144,5 +144,49 @@ def train(
         raise typer.Exit(3)
 
 
+def _run_config(config, set_, dataset, data_dir, quick: bool):
+    from tasks.settings import QUICK_OVERRIDES
+
+    return _config(config, [*(QUICK_OVERRIDES if quick else ()), *set_], dataset, data_dir)
+
+
+@app.command()
+def run(
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    dataset: Optional[str] = DatasetOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    quick: bool = typer.Option(False, "--quick", help="Fewer epochs, tasks and resamples: minutes, for tests and a first look."),
+    sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also run the λ_ML sweep (paper Fig. 4)."),
+) -> None:
+    """The whole pipeline: prepare, build tasks, train ours and the baselines, evaluate in parallel, Table 1 and curves."""
+    cfg = _run_config(config, set_, dataset, data_dir, quick)
+    from flows.lambda_sweep import lambda_sweep
+    from flows.pipeline import pipeline
+    from flows.runners import with_runner
+
+    try:
+        result = with_runner(pipeline, cfg)(cfg)
+        typer.echo((Path(result["run_dir"]) / "table1.md").read_text())
+        typer.echo(f"results, plots and summary in {result['run_dir']}")
+        if sweep:
+            swept = with_runner(lambda_sweep, cfg)(cfg)
+            typer.echo(f"λ_ML curve: {swept['plot']}")
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def evaluate(
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    dataset: Optional[str] = DatasetOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    quick: bool = typer.Option(False, "--quick"),
+) -> None:
+    """Evaluate the models of eval.models (fitting what is missing) and render Table 1; same as `run --no-sweep`."""
+    run(config, set_, dataset, data_dir, quick, sweep=False)
+
+
 if __name__ == "__main__":
     app()

@@ -105,8 +105,8 @@ def _cases_table(new: dict[int, CaseResults], stream: dict[int, CaseResults]) ->
 
 
 # ---------------------------------------------------------------- the step
-def evaluate_model(name: str, model_path: Path, config: Config, prepared: PreparedData | None = None) -> dict:
-    """Run the whole protocol for one saved model; reuse results already written for this config."""
+def evaluate_model(name: str, model_path: Path, config: Config, prepared: PreparedData | None = None, stream: bool = True) -> dict:
+    """Run the whole protocol for one saved model (``stream=False``: new users only); reuse results already written."""
     out = eval_dir(config, name)
     done = out / METRICS_FILE
     if done.is_file():
@@ -120,19 +120,19 @@ def evaluate_model(name: str, model_path: Path, config: Config, prepared: Prepar
     new_cases = cap_new_users(load_cases(prepared, "new"), config.eval.max_new_users, config.eval.seed)
     new = evaluate_new_users(model, prepared.new_users, prepared.new_users_pos, new_cases, prepared.n_items, config.eval.full_ranking)
     new_seconds = time.perf_counter() - started
-    stream = evaluate_stream(model, prepared.stream, prepared.stream_batch, load_cases(prepared, "stream"))
+    stream_results = evaluate_stream(model, prepared.stream, prepared.stream_batch, load_cases(prepared, "stream")) if stream else {}
     record = {
         "model": name,
         "model_path": str(model_path),
         "config_hash": config.hash_of(),
-        "metrics": summarise(new, stream, config),
+        "metrics": summarise(new, stream_results, config),
         "seconds": {
             "new_users": round(new_seconds, 3),
-            "stream": round(sum(r.seconds for r in stream.values()), 3),
-            "stream_update": round(sum(float(r.extra["update_seconds"][0]) for r in stream.values()), 3),
+            "stream": round(sum(r.seconds for r in stream_results.values()), 3),
+            "stream_update": round(sum(float(r.extra["update_seconds"][0]) for r in stream_results.values()), 3),
         },
     }
-    write_parquet(_cases_table(new, stream), out / CASES_FILE)
+    write_parquet(_cases_table(new, stream_results), out / CASES_FILE)
     write_json(record, done)
     return record
 

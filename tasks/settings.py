@@ -54,3 +54,14 @@ def load_config(path: Path | None = None, overrides: Iterable[str] = (), **secti
         where = f" (from {path})" if path else ""
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid configuration{where}: {problems}") from exc
+
+
+# `--quick`: the same pipeline, small enough for tests and a first look (minutes on 2 cores).
+QUICK_OVERRIDES = (
+    "meta.epochs=2",
+    "tasks.max_tasks_per_user=20",
+    "baselines.epochs=5",
+    "baselines.tune_budget=2",
+    "eval.bootstrap=200",
+    "eval.lambda_sweep=[0.0, 1.0, 1000.0]",
+)

@@ -1,0 +1,67 @@
+"""The `lambda_sweep` flow: meta-train and evaluate ours for each λ_ML -> the λ_ML curve (paper Fig. 4).
+
+The points run in parallel on the configured task runner; a diverged value is
+a marked point on the curve, never a crash of the sweep.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.prepare import prepare_flow
+from metarec.config import Config
+from tasks.aggregate import lambda_plot
+from tasks.atomic import write_json
+from tasks.evaluation import evaluate_model, new_user_metric
+from tasks.paths import prepared_dir
+from tasks.task_shards import build_task_shards_task
+from tasks.tracking import run_tags, setup_mlflow
+from tasks.training import meta_train
+
+
+def sweep_dir(config: Config) -> Path:
+    return prepared_dir(config) / "sweeps" / config.hash_of()
+
+
+@task(name="sweep-point")
+def sweep_point(config: Config, lambda_ml: float, task_dir: Path) -> dict:
+    point = config.model_copy(update={"meta": config.meta.model_copy(update={"lambda_ml": lambda_ml})})
+    point_eval = point.model_copy(update={"eval": point.eval.model_copy(update={"full_ranking": False})})
+    training = meta_train(point, task_dir)
+    if training.status != "finished":
+        return {"lambda_ml": lambda_ml, "status": training.status, "message": training.message, "metrics": {}}
+    record = evaluate_model("responsive", Path(training.model_path), point_eval, stream=False)
+    return {"lambda_ml": lambda_ml, "status": "finished", "metrics": record["metrics"], "run_id": training.run_id}
+
+
+@flow(name="lambda-sweep")
+def lambda_sweep(config: Config) -> dict:
+    logger = get_run_logger()
+    prepare_flow(config)
+    task_dir = build_task_shards_task(config)
+    futures = [sweep_point.submit(config, value, task_dir) for value in config.eval.lambda_sweep]
+    points = [future.result() for future in futures]
+    out = sweep_dir(config)
+    write_json(points, out / "lambda_ml.json")
+    plot = lambda_plot(points, out / "lambda_ml.png", config.data.dataset)
+    lines = ["| λ_ML | status | HR@10 (n=5) | NDCG@10 (n=5) |", "|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: p["lambda_ml"]):
+        hr = p["metrics"].get(new_user_metric(5, "hr"), {}).get("mean")
+        ndcg = p["metrics"].get(new_user_metric(5, "ndcg"), {}).get("mean")
+        lines.append(f"| {p['lambda_ml']} | {p['status']} | {'–' if hr is None else f'{hr:.3f}'} | {'–' if ndcg is None else f'{ndcg:.3f}'} |")
+    table = "\n".join(lines) + "\n"
+    (out / "lambda_ml.md").write_text(table)
+    setup_mlflow(config)
+    with mlflow.start_run(run_name=f"lambda-sweep-{config.hash_of()}", tags=run_tags(config, kind="lambda_sweep")):
+        for p in points:
+            if p["status"] == "finished":
+                mlflow.log_metric("sweep_n5_ndcg10", p["metrics"][new_user_metric(5, "ndcg")]["mean"], step=int(round(p["lambda_ml"] * 1000)))
+        mlflow.log_artifact(str(plot))
+        mlflow.log_artifact(str(out / "lambda_ml.md"))
+    create_markdown_artifact(table, key="lambda-ml", description="λ_ML sweep, new users n=5")
+    logger.info("λ_ML sweep in %s", out)
+    return {"points": points, "plot": str(plot), "dir": str(out)}
