@@ -168,6 +168,10 @@ def run(
     try:
         result = with_runner(pipeline, cfg)(cfg)
         typer.echo((Path(result["run_dir"]) / "table1.md").read_text())
+        if (result["training"] or {}).get("status") == "finished":
+            from flows.nightly import promote_result
+
+            typer.echo("champion: " + promote_result(cfg, result)[1]["reason"])
         typer.echo(f"results, plots and summary in {result['run_dir']}")
         if sweep:
             swept = with_runner(lambda_sweep, cfg)(cfg)
@@ -186,6 +190,59 @@ def evaluate(
 ) -> None:
     """Evaluate the models of eval.models (fitting what is missing) and render Table 1; same as `run --no-sweep`."""
     run(config, set_, dataset, data_dir, quick, sweep=False)
+
+
+@app.command()
+def recommend(
+    user: str = typer.Option(..., "--user", help="The user's id as in the raw data (e.g. 196 for ml-100k)."),
+    recent: Optional[str] = typer.Option(None, "--recent", help="Comma-separated raw item ids, oldest first; default: the user's stored ones."),
+    n: int = typer.Option(10, "-n", help="How many items."),
+    version: Optional[str] = typer.Option(None, "--version", help="A registered version of responsive-mf (default: the champion)."),
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+) -> None:
+    """Top-n items from the champion, adapted to the user's most recent interactions (METHOD.md §6)."""
+    cfg = _config(config, set_)
+    from tasks.serving import ServingError, load_served
+    from tasks.serving import recommend as recommend_items
+
+    items = [part.strip() for part in recent.split(",") if part.strip()] if recent is not None else None
+    if recent is not None and not items:
+        _fail(ValueError("--recent is empty: give at least one item id, e.g. --recent 50,172"))
+    try:
+        served = load_served(cfg, version)
+        rows = recommend_items(served, user, items, n)
+    except (ServingError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(f"responsive-mf v{served.version}, user {user}" + (f", adapted to {len(items)} recent item(s)" if items else ", adapted to its stored recent items"))
+    for row in rows:
+        typer.echo(f"{row['rank']:>3}  {row['item']:>8}  {row['title']}")
+
+
+@app.command()
+def deploy(
+    port: int = typer.Option(4200, "--port", help="Port of the local Prefect server (127.0.0.1)."),
+    cron: str = typer.Option("0 2 * * *", "--cron", help="Schedule of the nightly retraining."),
+    dataset: str = typer.Option("ml-100k", "--dataset"),
+    quick: bool = typer.Option(False, "--quick", help="Retrain with the --quick preset."),
+    set_: list[str] = SetOpt,
+    server: bool = typer.Option(True, "--server/--no-server", help="Start a Prefect server here (else use PREFECT_API_URL)."),
+) -> None:
+    """Start a local Prefect server and serve the nightly retraining deployment (Ctrl-C stops both)."""
+    import os
+
+    from flows.deploy import DEPLOYMENT_NAME, api_url, local_server, serve_nightly
+
+    _config(None, set_, dataset)  # validate the overrides before anything starts
+    parameters = {"dataset": dataset, "quick": quick, "overrides": list(set_)}
+    typer.echo(f"trigger a run with: PREFECT_API_URL={api_url(port)} prefect deployment run 'nightly-retrain/{DEPLOYMENT_NAME}'")
+    if not server:
+        serve_nightly(cron, parameters)
+        return
+    with local_server(port):
+        os.environ["PREFECT_API_URL"] = api_url(port)
+        typer.echo(f"Prefect server on {api_url(port).removesuffix('/api')}; serving 'nightly-retrain/{DEPLOYMENT_NAME}' on '{cron}'")
+        serve_nightly(cron, parameters)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def pipeline(config: Config) -> dict:
     out = run_dir(config)
     files = write_report(out, config.data.dataset, results, config.data.new_user_ns, config.data.stream_batches, prepared.stats, config.to_flat_dict(), seconds)
     setup_mlflow(config)
-    with mlflow.start_run(run_name=f"pipeline-{config.hash_of()}", tags=run_tags(config, kind="pipeline")):
+    with mlflow.start_run(run_name=f"pipeline-{config.hash_of()}", tags=run_tags(config, kind="pipeline"), nested=mlflow.active_run() is not None):
         _log_parent(config, results, files, training)
         mlflow.log_metrics({f"seconds_{k.replace(' ', '_')}": v for k, v in seconds.items()})
     create_markdown_artifact(files["table1.md"].read_text(), key="table1", description=f"Table 1 on {config.data.dataset}")

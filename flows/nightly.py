@@ -1,0 +1,69 @@
+"""The nightly retraining flow behind the `nightly` deployment.
+
+prepare on the latest data -> build tasks -> meta-train -> evaluate against the
+baselines (the `pipeline` flow) -> register Θ (done by meta-training) -> move
+the `champion` alias only if the new version's new-user NDCG@10 at n = 5 is at
+least the champion's on the same evaluation data. A run that fails anywhere
+raises before the promotion step, so the champion is untouched, and the MLflow
+runs it opened are marked FAILED with the error.
+"""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.pipeline import pipeline
+from flows.runners import with_runner
+from metarec.config import Config
+from tasks.champion import promote_if_better
+from tasks.serving import rescore_version
+from tasks.settings import QUICK_OVERRIDES, load_config
+from tasks.tracking import run_tags, setup_mlflow
+
+SCORE = "new_n5_ndcg10"
+
+
+class RetrainingFailed(RuntimeError):
+    """Meta-training did not produce a model to register (diverged or stopped)."""
+
+
+@task(name="promote-champion")
+def promote_task(config: Config, version: str, score: float) -> dict:
+    setup_mlflow(config)
+    decision = promote_if_better(MlflowClient(), version, score, config.hash_of("data"), lambda v: rescore_version(v, config))
+    return decision.__dict__
+
+
+def promote_result(config: Config, result: dict) -> tuple[float, dict]:
+    """(score, decision) for the version a pipeline run registered."""
+    training = result["training"]
+    score = result["results"]["responsive"]["metrics"][SCORE]["mean"]
+    return score, promote_task(config, training["model_version"], score)
+
+
+def nightly_config(dataset: str, quick: bool, overrides: list[str], config_file: str | None) -> Config:
+    sets = [*(QUICK_OVERRIDES if quick else ()), *overrides, "eval.lambda_sweep=[1.0]"]
+    return load_config(config_file, sets, data={"dataset": dataset})
+
+
+@flow(name="nightly-retrain")
+def nightly_retrain(dataset: str = "ml-100k", quick: bool = False, overrides: list[str] | None = None, config_file: str | None = None) -> dict:
+    logger = get_run_logger()
+    config = nightly_config(dataset, quick, overrides or [], config_file)
+    setup_mlflow(config)
+    with mlflow.start_run(run_name=f"nightly-{config.hash_of()}", tags=run_tags(config, kind="nightly")) as run:
+        # an exception here leaves the run FAILED (mlflow's context manager) and the champion untouched
+        result = with_runner(pipeline, config)(config)
+        training = result["training"]
+        if training is None or training["status"] != "finished":
+            status = "missing" if training is None else training["status"]
+            raise RetrainingFailed(f"meta-training {status}: {training and training.get('message')}; champion left as it was")
+        score, decision = promote_result(config, result)
+        mlflow.set_tags({"promotion": decision["reason"], "model_version": training["model_version"]})
+        mlflow.log_metric(SCORE, score)
+    create_markdown_artifact(f"**responsive-mf v{training['model_version']}**: {decision['reason']}", key="champion", description="champion decision")
+    logger.info("v%s: %s", training["model_version"], decision["reason"])
+    return {"run_id": run.info.run_id, "version": training["model_version"], "score": score, "promotion": decision}
