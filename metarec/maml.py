@@ -17,7 +17,10 @@ ordinary indexing, so the outer gradient flows back into P and Q through it.
 
 Inner gradients are written in closed form (the BPR triple loss has a simple
 derivative) and kept differentiable: second order is plain autograd through
-them, with no ``torch.autograd.grad`` in the inner loop. ``first_order``
+them, with no ``torch.autograd.grad`` in the inner loop. They are computed on
+each task's slot score matrix p_loc·q_locᵀ (T, Su, Si): the margins are read
+off it by index, and the gradients are M·Q and Mᵀ·P with M the (user slot,
+item slot) coefficients of the triples, so the work is a few batched matmuls. ``first_order``
 detaches them (FOMAML). ``reference_meta_objective`` is the same objective as
 a plain per-task loop with torch.autograd, for tests and the benchmark.
 
@@ -218,11 +221,6 @@ def _inner_step(p_loc: torch.Tensor, q_loc: torch.Tensor, ops: SupportOps, lr: f
     return p_new, q_new
 
 
-def _rows_at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """table (T, S, n), index (T, r) -> (T, r, n)."""
-    return table.gather(1, index[..., None].expand(-1, -1, table.shape[-1]))
-
-
 def _last_step_query_rows(p_loc, q_loc, ops: SupportOps, loc: "LocalTasks", lr: float, x: torch.Tensor, create_graph: bool):
     """The final inner step for the three rows the query reads only: p_u (T, 1, d), q_j and q_k (T, 2, d).
 
@@ -231,9 +229,9 @@ def _last_step_query_rows(p_loc, q_loc, ops: SupportOps, loc: "LocalTasks", lr: 
     """
     mix = _mix_of(x, ops, p_loc.shape[1])
     u, ij = loc.q_user[:, None], torch.stack([loc.q_pos, loc.q_neg], 1)
-    p_u, q_ij = _rows_at(p_loc, u), _rows_at(q_loc, ij)
-    p_new = torch.baddbmm(p_u * (1.0 - 2.0 * lr * _rows_at(ops.reg_user, u)), _rows_at(mix, u), q_loc, alpha=-lr)
-    q_new = torch.baddbmm(q_ij * (1.0 - 2.0 * lr * _rows_at(ops.reg_item, ij)), _rows_at(mix.transpose(1, 2), ij), p_loc, alpha=-lr)
+    p_u, q_ij = _take(p_loc, u), _take(q_loc, ij)
+    p_new = torch.baddbmm(p_u * (1.0 - 2.0 * lr * _take(ops.reg_user, u)), _take(mix, u), q_loc, alpha=-lr)
+    q_new = torch.baddbmm(q_ij * (1.0 - 2.0 * lr * _take(ops.reg_item, ij)), _take(mix.transpose(1, 2), ij), p_loc, alpha=-lr)
     if not create_graph:
         p_new, q_new = p_u + (p_new - p_u).detach(), q_ij + (q_new - q_ij).detach()
     return p_new, q_new

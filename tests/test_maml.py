@@ -16,6 +16,9 @@ from metarec.maml import (
     reference_meta_objective,
     support_grads,
     support_ops,
+    inner_adapt,
+    localise,
+    query_loss,
 )
 from metarec.mf import bpr_triple_loss
 
@@ -125,3 +128,18 @@ def test_meta_step_lowers_the_objective():
     for _ in range(30):
         last = meta_step(P, Q, opt, batch, HP)
     assert last.support_loss + HP.lambda_ml * last.query_loss < first.support_loss + HP.lambda_ml * first.query_loss
+
+
+def test_serving_adaptation_is_the_training_adaptation():
+    """inner_adapt (serving, all rows) followed by query_loss equals meta_objective's query term (only the query rows)."""
+    P, Q = _params(6, 9, 4)
+    batch = _tasks(T=7, K=5, n_users=6, n_items=9, seed=8)
+    _, query = meta_objective(P, Q, batch, HP)
+    loc = localise(batch)
+    p_loc, q_loc = P[loc.user_rows], Q[loc.item_rows]
+    ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], HP, P.dtype)
+    p_ad, q_ad = inner_adapt(p_loc, q_loc, ops, HP)
+    assert float(query_loss(p_ad, q_ad, loc, HP).mean().detach()) == pytest.approx(float(query.detach()), rel=1e-12)
+    g = support_grads(p_loc, q_loc, ops)
+    p_one, _ = inner_adapt(p_loc, q_loc, ops, HP.model_copy(update={"inner_steps": 1}))
+    assert torch.allclose(p_one, p_loc - HP.inner_lr * g[0], atol=1e-12)
