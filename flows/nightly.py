@@ -19,6 +19,7 @@ from flows.pipeline import pipeline
 from flows.runners import with_runner
 from metarec.config import Config
 from tasks.champion import promote_if_better
+from tasks.paths import prepared_dir
 from tasks.serving import rescore_version
 from tasks.settings import QUICK_OVERRIDES, load_config
 from tasks.tracking import run_tags, setup_mlflow
@@ -33,7 +34,7 @@ class RetrainingFailed(RuntimeError):
 @task(name="promote-champion")
 def promote_task(config: Config, version: str, score: float) -> dict:
     setup_mlflow(config)
-    decision = promote_if_better(MlflowClient(), version, score, config.hash_of("data"), lambda v: rescore_version(v, config))
+    decision = promote_if_better(MlflowClient(), version, score, prepared_dir(config).name, lambda v: rescore_version(v, config))
     return decision.__dict__
 
 
@@ -55,13 +56,17 @@ def nightly_retrain(dataset: str = "ml-100k", quick: bool = False, overrides: li
     config = nightly_config(dataset, quick, overrides or [], config_file)
     setup_mlflow(config)
     with mlflow.start_run(run_name=f"nightly-{config.hash_of()}", tags=run_tags(config, kind="nightly")) as run:
-        # an exception here leaves the run FAILED (mlflow's context manager) and the champion untouched
-        result = with_runner(pipeline, config)(config)
-        training = result["training"]
-        if training is None or training["status"] != "finished":
-            status = "missing" if training is None else training["status"]
-            raise RetrainingFailed(f"meta-training {status}: {training and training.get('message')}; champion left as it was")
-        score, decision = promote_result(config, result)
+        try:
+            result = with_runner(pipeline, config)(config)
+            training = result["training"]
+            if training is None or training["status"] != "finished":
+                status = "missing" if training is None else training["status"]
+                raise RetrainingFailed(f"meta-training {status}: {training and training.get('message')}; champion left as it was")
+            score, decision = promote_result(config, result)
+        except Exception as exc:
+            # the run ends FAILED (mlflow's context manager) with the error; nothing was promoted
+            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+            raise
         mlflow.set_tags({"promotion": decision["reason"], "model_version": training["model_version"]})
         mlflow.log_metric(SCORE, score)
     create_markdown_artifact(f"**responsive-mf v{training['model_version']}**: {decision['reason']}", key="champion", description="champion decision")

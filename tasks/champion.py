@@ -61,12 +61,17 @@ def promote_if_better(
     if champion is None:
         client.set_registered_model_alias(name, CHAMPION, version)
         return Promotion(True, version, None, score, None, "first version becomes champion")
-    if champion.version == version:
+    if str(champion.version) == str(version):
         return Promotion(True, version, version, score, score, "already champion")
     if champion.tags.get(DATA_TAG) == data_hash and SCORE_TAG in champion.tags:
         champion_score = float(champion.tags[SCORE_TAG])
     else:
-        champion_score = rescore_champion(champion.version)
+        try:
+            champion_score = rescore_champion(champion.version)
+        except Exception as exc:  # an unloadable champion must not block every later version
+            client.set_registered_model_alias(name, CHAMPION, version)
+            reason = f"promoted: champion v{champion.version} could not be re-scored on this data ({type(exc).__name__}: {exc})"
+            return Promotion(True, version, champion.version, score, None, reason[:2000])
         logger.info("re-scored champion v%s on data %s: %.4f", champion.version, data_hash, champion_score)
     if score >= champion_score:
         client.set_registered_model_alias(name, CHAMPION, version)

@@ -226,7 +226,7 @@ def write_stats(config: Config, out: Path, ingested: dict) -> dict:
     positives = sum(parts[name]["rows"] for name in ("history", "stream", "new_users"))
     stats = {
         "dataset": data.dataset,
-        "data_hash": config.hash_of("data"),
+        "data_hash": prepared_dir(config).name,
         "data_config": config.data.model_dump(mode="json"),
         "source": ingested["source"],
         "ratings_read": ingested["ratings_read"],

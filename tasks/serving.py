@@ -24,7 +24,7 @@ from metarec.protocol import Cases, evaluate_new_users
 from metarec.responsive import ResponsiveMF
 from tasks.champion import CHAMPION, current_champion
 from tasks.evaluation import load_cases
-from tasks.paths import dataset_slug
+from tasks.paths import dataset_slug, prepared_dir
 from tasks.prepared import PreparedData, load_prepared
 from tasks.tracking import REGISTERED_MODEL, setup_mlflow
 from tasks.training import load_theta
@@ -65,7 +65,7 @@ def load_theta_model(version) -> ResponsiveMF:
 def prepared_for(version, config: Config) -> PreparedData:
     """The prepared data the version was trained on (by its tags)."""
     dataset, data_hash = version.tags.get("dataset"), version.tags.get("data_hash")
-    root = Path(config.runtime.artifacts_dir) / dataset_slug(dataset or config.data.dataset) / (data_hash or config.hash_of("data"))
+    root = Path(config.runtime.artifacts_dir) / dataset_slug(dataset or config.data.dataset) / (data_hash or prepared_dir(config).name)
     return load_prepared(root)
 
 
@@ -131,8 +131,6 @@ def recommend(served: Served, raw_user: str, raw_recent: list[str] | None, n: in
 
 def rescore_version(version: str, config: Config, n: int = 5) -> float:
     """New-user NDCG@10 at n of a registered version on the current prepared data (champion comparison)."""
-    from tasks.paths import prepared_dir
-
     setup_mlflow(config)
     model = load_theta_model(MlflowClient().get_model_version(REGISTERED_MODEL, version))
     prepared = load_prepared(prepared_dir(config))

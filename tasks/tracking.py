@@ -13,16 +13,23 @@ from pathlib import Path
 import mlflow
 
 from metarec.config import Config
+from tasks.paths import prepared_dir
 
 REGISTERED_MODEL = "responsive-mf"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+# mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI; a value we exported ourselves
+# must not outrank the config of a later run in the same process.
+_SET_BY_US: set[str] = set()
+
+
 def tracking_uri(config: Config) -> str:
     if config.runtime.mlflow_tracking_uri:
         return config.runtime.mlflow_tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    from_env = os.environ.get("MLFLOW_TRACKING_URI")
+    if from_env and from_env not in _SET_BY_US:
+        return from_env
     root = Path(config.runtime.artifacts_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
@@ -31,6 +38,7 @@ def tracking_uri(config: Config) -> str:
 def setup_mlflow(config: Config) -> str:
     """Point MLflow at the store and experiment; artifacts go beside the sqlite file."""
     uri = tracking_uri(config)
+    _SET_BY_US.add(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = config.runtime.experiment
@@ -55,7 +63,7 @@ def run_tags(config: Config, **extra: str) -> dict[str, str]:
     return {
         "dataset": config.data.dataset,
         "config_hash": config.hash_of(),
-        "data_hash": config.hash_of("data"),
+        "data_hash": prepared_dir(config).name,
         "git_commit": git_commit(),
         **extra,
     }

@@ -49,3 +49,16 @@ def test_champion_from_other_data_is_rescored_on_the_current_data(client, tmp_pa
     decision = promote_if_better(client, v2, 0.40, "new-data", lambda v: calls.append(v) or 0.50, NAME)
     assert calls == [v1]
     assert not decision.promoted and decision.champion_score == 0.50
+
+
+def test_an_unloadable_champion_does_not_block_promotion(client, tmp_path):
+    v1 = _new_version(client, tmp_path)
+    promote_if_better(client, v1, 0.5, "d1", lambda v: 0.0, NAME)
+    v2 = _new_version(client, tmp_path)
+
+    def broken(version):
+        raise FileNotFoundError("no theta.safetensors")
+
+    decision = promote_if_better(client, v2, 0.1, "d2", broken, NAME)
+    assert decision.promoted and "could not be re-scored" in decision.reason
+    assert current_champion(client, NAME).version == v2

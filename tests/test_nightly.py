@@ -1,0 +1,80 @@
+"""Nightly retraining: promotion, and failure half-way leaves the champion untouched (real flows, real MLflow)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from metarec.synthetic import planted_interactions
+from tasks.champion import CHAMPION, DATA_TAG, SCORE_TAG, current_champion
+from tasks.paths import prepared_dir
+from tasks.settings import load_config
+from tasks.tracking import REGISTERED_MODEL, setup_mlflow
+
+SMALL = ["eval.models=['responsive','pop']", "meta.epochs=1", "eval.bootstrap=20", "data.new_user_ns=[1,5]"]
+
+
+@pytest.fixture()
+def ratings_csv(tmp_path: Path) -> Path:
+    data = planted_interactions(n_users=200, n_items=300, per_user=24, seed=5).interactions
+    path = tmp_path / "planted.csv"
+    rows = ["user_id,item_id,rating,timestamp"] + [f"{u},{i},4,{t}" for u, i, t in zip(data.users, data.items, data.ts)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _fake_champion(client: MlflowClient, data_hash: str, score: float) -> str:
+    try:
+        client.create_registered_model(REGISTERED_MODEL)
+    except mlflow.exceptions.MlflowException:
+        pass
+    run = client.create_run(client.get_experiment_by_name("metarec").experiment_id)
+    version = client.create_model_version(REGISTERED_MODEL, f"runs:/{run.info.run_id}/model", run.info.run_id).version
+    client.set_model_version_tag(REGISTERED_MODEL, version, SCORE_TAG, str(score))
+    client.set_model_version_tag(REGISTERED_MODEL, version, DATA_TAG, data_hash)
+    client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, version)
+    return version
+
+
+def _nightly_runs(client: MlflowClient):
+    exp = client.get_experiment_by_name("metarec")
+    return client.search_runs([exp.experiment_id], "tags.kind = 'nightly'", order_by=["attributes.start_time ASC"])
+
+
+@pytest.mark.slow
+def test_failure_half_way_keeps_champion_then_next_run_starts_clean(prefect_harness, artifacts, ratings_csv):
+    from flows.nightly import nightly_retrain
+
+    config = load_config(overrides=SMALL, data={"dataset": str(ratings_csv)})
+    setup_mlflow(config)
+    client = MlflowClient()
+    champion = _fake_champion(client, prepared_dir(config).name, 0.0)
+
+    # 1. training blows up half-way (the paper's own failure mode: a huge step explodes the gradients)
+    with pytest.raises(Exception, match="diverged"):
+        nightly_retrain(dataset=str(ratings_csv), overrides=[*SMALL, "meta.outer_lr=1e12", "meta.inner_lr=1e6", "meta.grad_clip=1e30"])
+    assert str(current_champion(client).version) == str(champion)
+    failed = _nightly_runs(client)[-1]
+    assert failed.info.status == "FAILED" and "diverged" in failed.data.tags["error"]
+
+    # 2. a corrupt input file: clear error, champion untouched, run FAILED
+    good, stat = ratings_csv.read_text(), ratings_csv.stat()
+    ratings_csv.write_text(good.replace(",4,", ",four,", 1))
+    with pytest.raises(ValueError, match="rating"):
+        nightly_retrain(dataset=str(ratings_csv), overrides=SMALL)
+    assert str(current_champion(client).version) == str(champion)
+    assert _nightly_runs(client)[-1].info.status == "FAILED"
+
+    # 3. the next run on good data starts clean, registers a version and promotes it (score >= 0.0)
+    ratings_csv.write_text(good)
+    os.utime(ratings_csv, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the very same input file as before
+    result = nightly_retrain(dataset=str(ratings_csv), overrides=SMALL)
+    assert result["promotion"]["promoted"], result["promotion"]
+    assert str(current_champion(client).version) == str(result["version"]) != str(champion)
+    assert _nightly_runs(client)[-1].info.status == "FINISHED"
+    version = client.get_model_version(REGISTERED_MODEL, str(result["version"]))
+    assert float(version.tags[SCORE_TAG]) == pytest.approx(result["score"])
