@@ -15,13 +15,13 @@ from tasks.models import fit_model_task
 from tasks.tuning import BASELINES, apply_tuned, tune_baselines_task
 
 
-@flow(name="tune-baselines")
+@flow(name="tune-baselines", validate_parameters=False)
 def tune_flow(config: Config, models: tuple[str, ...] = BASELINES) -> Path:
     prepare_flow(config)
     return tune_baselines_task(config, models)
 
 
-@flow(name="fit-models")
+@flow(name="fit-models", validate_parameters=False)
 def fit_flow(config: Config, models: tuple[str, ...], tuned: Path | None = None, force: bool = False) -> dict[str, Path]:
     prepare_flow(config)
     config = apply_tuned(config, tuned) if tuned else config

@@ -239,6 +239,11 @@ def deploy(
     if not server:
         serve_nightly(cron, parameters)
         return
+    import signal
+    import sys
+
+    # SIGTERM unwinds like Ctrl-C, so the server started below is stopped with us
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with local_server(port):
         os.environ["PREFECT_API_URL"] = api_url(port)
         typer.echo(f"Prefect server on {api_url(port).removesuffix('/api')}; serving 'nightly-retrain/{DEPLOYMENT_NAME}' on '{cron}'")

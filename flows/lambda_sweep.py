@@ -38,7 +38,7 @@ def sweep_point(config: Config, lambda_ml: float, task_dir: Path) -> dict:
     return {"lambda_ml": lambda_ml, "status": "finished", "metrics": record["metrics"], "run_id": training.run_id}
 
 
-@flow(name="lambda-sweep")
+@flow(name="lambda-sweep", validate_parameters=False)
 def lambda_sweep(config: Config) -> dict:
     logger = get_run_logger()
     prepare_flow(config)

@@ -54,7 +54,7 @@ def _log_parent(config: Config, results: dict[str, dict], files: dict[str, Path]
         mlflow.log_artifact(str(path))
 
 
-@flow(name="pipeline")
+@flow(name="pipeline", validate_parameters=False)  # Config is validated once, by load_config
 def pipeline(config: Config) -> dict:
     logger = get_run_logger()
     seconds: dict[str, float] = {}

@@ -16,7 +16,7 @@ from tasks.paths import prepared_dir
 from tasks.prepare import build_once, candidates_task, ingest_task, split_task, stats_task
 
 
-@flow(name="prepare")
+@flow(name="prepare", validate_parameters=False)
 def prepare_flow(config: Config) -> Path:
     def steps(work: Path) -> None:
         ingested = ingest_task(config, work)

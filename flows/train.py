@@ -14,7 +14,7 @@ from tasks.task_shards import build_task_shards_task
 from tasks.training import TrainResult, meta_train_task
 
 
-@flow(name="train")
+@flow(name="train", validate_parameters=False)
 def train_flow(config: Config) -> TrainResult:
     prepare_flow(config)
     task_dir = build_task_shards_task(config)

@@ -1,0 +1,94 @@
+"""End to end with real parts: a Prefect server, the served deployment, `prefect deployment run`, MLflow, recommend.
+
+Run alone with `pytest -m deployment`. Every process the test starts is stopped
+by its own process group, pass or fail.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.deploy import api_url, stop_process_group, wait_until_healthy
+from tasks.champion import CHAMPION, SCORE_TAG
+from tasks.tracking import REGISTERED_MODEL
+
+BIN = Path(sys.executable).parent
+DEPLOYMENT = "nightly-retrain/nightly"
+SMALL = ["--set", "eval.models=['responsive','pop']", "--set", "eval.bootstrap=50"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_deployment(env: dict, serve: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if serve.poll() is not None:
+            raise AssertionError(f"`metarec deploy` exited early with code {serve.returncode}")
+        probe = subprocess.run([BIN / "prefect", "deployment", "inspect", DEPLOYMENT], env=env, capture_output=True, text=True, timeout=60)
+        if probe.returncode == 0:
+            return
+        time.sleep(2)
+    raise AssertionError(f"deployment {DEPLOYMENT} did not appear within {timeout} s")
+
+
+@pytest.mark.deployment
+@pytest.mark.slow
+def test_deployment_run_retrains_registers_promotes_and_serves(tmp_path: Path, ml100k_dir: Path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_PROFILE")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_API_URL=api_url(port),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        METAREC_RUNTIME__ARTIFACTS_DIR=str(tmp_path / "artifacts"),
+        METAREC_DATA__DATA_DIR=str(ml100k_dir),
+    )
+    started: list[subprocess.Popen] = []
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    try:
+        server = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                                  env=env, stdout=open(logs / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(server)
+        wait_until_healthy(api_url(port), timeout=180, process=server)
+        serve = subprocess.Popen([BIN / "metarec", "deploy", "--no-server", "--quick", *SMALL],
+                                 env=env, stdout=open(logs / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(serve)
+        _wait_for_deployment(env, serve)
+
+        run = subprocess.run([BIN / "prefect", "deployment", "run", DEPLOYMENT, "--watch", "--watch-timeout", "900"],
+                             env=env, capture_output=True, text=True, timeout=1000)
+        assert run.returncode == 0, run.stdout + run.stderr + (logs / "serve.log").read_text()[-3000:]
+        assert "Completed" in run.stdout, run.stdout
+
+        uri = f"sqlite:///{tmp_path / 'artifacts' / 'mlflow.db'}"
+        champion = MlflowClient(uri, uri).get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+        assert champion.tags["dataset"] == "ml-100k" and 0.0 <= float(champion.tags[SCORE_TAG]) <= 1.0
+
+        rec = subprocess.run([BIN / "metarec", "recommend", "--user", "196", "-n", "5"], env=env, capture_output=True, text=True, timeout=300)
+        assert rec.returncode == 0, rec.stderr
+        ranked = [line for line in rec.stdout.splitlines() if line.strip()[:1].isdigit()]
+        assert len(ranked) == 5 and f"v{champion.version}" in rec.stdout
+
+        new_user = subprocess.run([BIN / "metarec", "recommend", "--user", "no-such-user", "--recent", "50,172", "-n", "3"],
+                                  env=env, capture_output=True, text=True, timeout=300)
+        assert new_user.returncode == 0 and len([l for l in new_user.stdout.splitlines() if l.strip()[:1].isdigit()]) == 3
+        unknown = subprocess.run([BIN / "metarec", "recommend", "--user", "no-such-user"], env=env, capture_output=True, text=True, timeout=300)
+        assert unknown.returncode != 0 and "new user needs at least one interaction" in unknown.stderr
+    finally:
+        for process in reversed(started):
+            stop_process_group(process)
+    assert all(process.poll() is not None for process in started)
