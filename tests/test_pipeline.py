@@ -1,0 +1,110 @@
+"""The whole pipeline in --quick mode on ml-100k, with real Prefect flows, DuckDB, Parquet and MLflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from metarec.config import KNOWN_MODELS
+from tasks.evaluation import METRICS_FILE, eval_dir, new_user_metric
+from tasks.settings import QUICK_OVERRIDES, load_config
+from tasks.tracking import tracking_uri
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def quick_run(prefect_harness, tmp_path_factory, ml100k_dir):
+    """One quick pipeline run (all models) shared by the checks below, then a re-run."""
+    import os
+
+    root = tmp_path_factory.mktemp("pipeline")
+    os.environ["METAREC_RUNTIME__ARTIFACTS_DIR"] = str(root / "artifacts")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        from flows.pipeline import pipeline
+
+        config = load_config(overrides=[*QUICK_OVERRIDES, "eval.lambda_sweep=[0.0, 1.0]"], data={"data_dir": str(ml100k_dir)})
+        first = pipeline(config)
+        stamps = {m: (eval_dir(config, m) / METRICS_FILE).stat().st_mtime_ns for m in first["results"]}
+        second = pipeline(config)
+        yield config, first, second, stamps
+    finally:
+        os.environ.pop("METAREC_RUNTIME__ARTIFACTS_DIR", None)
+
+
+@pytest.mark.slow
+def test_every_output_file_is_written(quick_run):
+    config, first, _, _ = quick_run
+    run = Path(first["run_dir"])
+    for name in ("table1.md", "table1.csv", "summary.md", "stream_auc.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert (run / "stream_auc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (run / "table1.md").read_text()
+    assert "Ours (meta)" in table and "RKMF" in table and "0.599" in table  # the paper's figure beside ours
+    assert set(first["results"]) == set(KNOWN_MODELS)
+
+
+@pytest.mark.slow
+def test_metrics_are_probabilities_and_case_counts_match_stats(quick_run):
+    config, first, _, _ = quick_run
+    stats = json.loads((Path(first["run_dir"]).parents[1] / "stats.json").read_text())
+    for model, record in first["results"].items():
+        for key, value in record["metrics"].items():
+            assert 0.0 <= value["mean"] <= 1.0, (model, key, value)
+        for n in config.data.new_user_ns:
+            assert record["metrics"][new_user_metric(n, "hr")]["cases"] == stats["new_users_evaluable"]
+        assert record["metrics"]["stream_auc_mean"]["cases"] == stats["parts"]["stream"]["rows"]
+
+
+@pytest.mark.slow
+def test_one_mlflow_child_run_per_model_with_shared_metric_names(quick_run):
+    config, first, _, _ = quick_run
+    uri = tracking_uri(config)
+    client = MlflowClient(uri, uri)
+    experiment = client.get_experiment_by_name(config.runtime.experiment)
+    parents = client.search_runs([experiment.experiment_id], "tags.kind = 'pipeline'")
+    assert parents
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parents[-1].info.run_id}'")
+    assert sorted(run.data.tags["model"] for run in children) == sorted(KNOWN_MODELS)
+    for run in children:
+        assert {"new_n1_hr10", "new_n5_ndcg10", "new_n10_auc", "stream_auc_mean", "full_n5_ndcg10"} <= set(run.data.metrics)
+        assert run.data.tags["config_hash"] == config.hash_of()
+
+
+@pytest.mark.slow
+def test_rerun_reuses_finished_steps(quick_run):
+    config, first, second, stamps = quick_run
+    assert {m: (eval_dir(config, m) / METRICS_FILE).stat().st_mtime_ns for m in second["results"]} == stamps
+    assert second["results"]["pop"]["metrics"] == first["results"]["pop"]["metrics"]
+
+
+@pytest.mark.slow
+def test_lambda_sweep_draws_its_curve(quick_run):
+    from flows.lambda_sweep import lambda_sweep
+
+    config, _, _, _ = quick_run
+    swept = lambda_sweep(config)
+    assert [p["lambda_ml"] for p in swept["points"]] == [0.0, 1.0]
+    assert Path(swept["plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert all(p["status"] in ("finished", "diverged") for p in swept["points"])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("eval.models=['responsive','nope']", "unknown model"),
+    ("data.new_user_ns=[0,5]", "new_user_ns"),
+    ("meta.lambda_ml=-0.5", "meta.lambda_ml"),
+])
+def test_bad_config_rejected_before_any_work(tmp_path, override, words):
+    env_root = tmp_path / "artifacts"
+    import os
+
+    env = {**os.environ, "METAREC_RUNTIME__ARTIFACTS_DIR": str(env_root)}
+    done = subprocess.run([BIN / "metarec", "run", "--quick", "--set", override], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and words in done.stderr
+    assert not env_root.exists()  # nothing was started
