@@ -133,7 +133,8 @@ class ResponsiveMF(StreamingRecommender):
 
     # --------------------------------------------------------------- training
     def fit(self, history: Interactions) -> "ResponsiveMF":
-        """Index the history, build its tasks, optionally pre-train with BPR, meta-train (DivergedError on NaN/Inf)."""
+        """Index the history, build its tasks, optionally pre-train with BPR, meta-train (DivergedError on NaN/Inf);
+        then users absent from the history get §7's new-user rows (``reset_unseen_users``)."""
         self.set_index(history)
         self.init_params(history.n_users, history.n_items)
         t = self.tasks
@@ -143,7 +144,25 @@ class ResponsiveMF(StreamingRecommender):
         for epoch in range(self.meta.epochs):
             stats = self.meta_train_epoch([tasks], epoch)
             logger.info("epoch %d: support %.4f query %.4f, %.0f tasks/s", epoch, stats.support_loss, stats.query_loss, stats.tasks_per_s)
+        self.reset_unseen_users(history)
         return self
+
+    def reset_unseen_users(self, history: Interactions) -> None:
+        """Rows of user ids inside the table but absent from ``history`` become mean + N(0, σ²I) (§7).
+
+        Ids are dense over the whole data set, so new users and stream-only users
+        have rows in P that no training step ever touched: left alone they would
+        keep their random N(0, init_std²) start, a random user vector rather than
+        §7's mean of the trained rows (beyond the table ``_rows`` already does this).
+        """
+        seen = np.zeros(self.n_users_, dtype=bool)
+        seen[np.asarray(history.users, dtype=np.int64)] = True
+        if seen.all() or not seen.any():
+            return
+        with torch.no_grad():
+            P = self.P_.detach()
+            fresh = torch.as_tensor(np.flatnonzero(~seen))
+            P[fresh] = mean_plus_noise(P[torch.as_tensor(np.flatnonzero(seen))], len(fresh), self.meta.new_row_std, self.generator_)
 
     def pretrain_epoch(self, history: Interactions, epoch: int) -> float:
         """One epoch of plain BPR over the history (one sampled negative each), mean loss, its own Adam."""

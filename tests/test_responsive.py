@@ -62,6 +62,20 @@ def test_unseen_user_and_unseen_item_get_mean_plus_noise_rows(fitted):
     assert fitted.n_users_ == n_users and fitted.n_items_ == n_items  # serving never grows Θ
 
 
+def test_user_ids_absent_from_the_history_get_mean_plus_noise_rows_after_fit(planted):
+    """Ids are dense over the data set: a held-out user inside the table must not keep its random initial row."""
+    history = planted.interactions
+    absent = np.array([2, 7])
+    model = ResponsiveMF(SMALL, TaskConfig(k=3, K=6)).fit(history.take(~np.isin(history.users, absent)))
+    assert model.n_users_ == history.n_users  # their ids are inside the table
+    P = model.P_.detach()
+    seen = np.setdiff1d(np.arange(model.n_users_), absent)
+    mean = P[seen].mean(0)
+    spread = (P[absent] - mean).norm(dim=1)
+    assert (spread < 5 * SMALL.new_row_std * np.sqrt(SMALL.dim)).all()  # mean + small noise
+    assert (P[seen] - mean).norm(dim=1).median() > 5 * SMALL.new_row_std * np.sqrt(SMALL.dim)  # trained rows differ
+
+
 def test_new_user_with_fewer_than_k_interactions_is_adapted(fitted):
     one = RecentItems(np.array([1000]), np.array([[4]]), np.array([[5]]))  # k = 3, only one item shown
     adapted = fitted.adapt(one.users, one.items, one.ts)
