@@ -15,13 +15,17 @@ Protocol, on the history only (the stream and the new users are never seen):
      batch is scored first, then observed (so the online rules are tuned too).
 3. Per model: ``baselines.tune_budget`` configurations, the defaults first
    then seeded random draws from ``SEARCH_SPACES[model]``; each is fitted on
-   the training part and scored. The objective is the mean of the new-user
+   the training part and scored. The meta-learned ``responsive`` model gets
+   the same split, objective, budget and draws; its values are
+   ``section.field`` names of ``MetaConfig``/``TaskConfig`` (``meta.lambda_ml``)
+   and go into those sections, not into ``baselines.per_model``. The objective is the mean of the new-user
    NDCG@10 (pooled over n) and the held-out-tail NDCG@10; HR@10 and AUC are
    recorded beside it. Ties keep the earlier configuration.
 
 Output: ``tuning_path(config)`` (JSON, written atomically): the search space,
 the budget, every trial's values and metrics, and per model the chosen values,
-ready for ``baselines.per_model`` (``apply_tuned``).
+ready for ``baselines.per_model`` (``apply_tuned``; the responsive model's into
+``meta``/``tasks``).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
 from metarec.baselines.common import sampled_metrics
-from metarec.config import BaselineConfig, Config
+from metarec.config import BaselineConfig, Config, MetaConfig, TaskConfig
 from metarec.interface import Interactions, RecentItems
 from metarec.neighbours import InteractionIndex
 from metarec.registry import make_model
@@ -49,6 +53,9 @@ from tasks.prepared import load_prepared
 logger = logging.getLogger(__name__)
 
 BASELINES = ("rkmf", "srec", "spmf", "mf_ft", "pop")
+RESPONSIVE = "responsive"
+TUNABLE = (*BASELINES, RESPONSIVE)  # the position seeds each model's draws: append only
+RESPONSIVE_THREADS = 2  # torch threads for the responsive model's trials (meta-training is the heavy part)
 VAL_BATCHES = 2
 MAX_STREAM_CASES = 2000  # held-out tail cases scored per trial (a seeded sample when there are more)
 
@@ -72,7 +79,20 @@ SEARCH_SPACES: dict[str, dict[str, list]] = {
     },
     "mf_ft": {**_SGD, "ft_lr": [0.01, 0.05, 0.1, 0.2], "ft_epochs": [1, 3, 5, 10]},
     "pop": {},
+    # The responsive model: MetaConfig/TaskConfig fields by section. Second-order MAML (the method) throughout;
+    # batch_tasks fixed at 256 (smaller batches = more outer steps per epoch on ml-100k-sized histories).
+    RESPONSIVE: {
+        "meta.lambda_ml": [0.5, 1.0, 2.0, 5.0],
+        "meta.inner_lr": [0.1, 0.3, 0.5, 1.0],
+        "meta.inner_steps": [1, 2, 3],
+        "meta.pretrain_epochs": [0, 3, 10],
+        "meta.epochs": [5, 10],
+        "meta.outer_lr": [0.002, 0.005, 0.01, 0.02],
+        "meta.batch_tasks": [256],
+        "tasks.k": [3, 5],
+    },
 }
+SECTIONS = {"meta": MetaConfig, "tasks": TaskConfig}
 
 
 # ------------------------------------------------------------------ the validation data
@@ -149,7 +169,7 @@ def _pool(parts: list[dict]) -> dict[str, float]:
 def draw_configs(name: str, budget: int, seed: int) -> list[dict]:
     """The defaults ({}) first, then distinct seeded random draws from the model's space (fewer if it is exhausted)."""
     space = SEARCH_SPACES[name]
-    rng = np.random.default_rng([seed, BASELINES.index(name)])
+    rng = np.random.default_rng([seed, TUNABLE.index(name)])
     draws: list[dict] = [{}]
     seen = {json.dumps({}, sort_keys=True)}
     for _ in range(50 * budget):
@@ -166,11 +186,26 @@ def draw_configs(name: str, budget: int, seed: int) -> list[dict]:
 
 def with_values(config: Config, name: str, values: dict) -> Config:
     """The config with ``values`` in ``baselines.per_model[name]`` (validated) and those fields reset to their
-    class defaults, so the per-model values take effect (``BaselineConfig.for_model``)."""
+    class defaults, so the per-model values take effect (``BaselineConfig.for_model``).
+
+    For ``responsive``, ``values`` are ``section.field`` names set directly in ``meta``/``tasks`` (validated)."""
+    if name == RESPONSIVE:
+        return _with_section_values(config, values)
     per_model = {**config.baselines.per_model, name: {**config.baselines.per_model.get(name, {}), **values}}
     reset = {key: BaselineConfig.model_fields[key].default for key in values}
     baselines = BaselineConfig(**{**config.baselines.model_dump(), **reset, "per_model": per_model})
     return config.model_copy(update={"baselines": baselines})
+
+
+def _with_section_values(config: Config, values: dict) -> Config:
+    update: dict[str, dict] = {}
+    for key, value in values.items():
+        section, _, field = key.partition(".")
+        if section not in SECTIONS or field not in SECTIONS[section].model_fields:
+            raise ValueError(f"responsive tuning value {key!r}: expected section.field with section in {list(SECTIONS)} and a field of it")
+        update.setdefault(section, {})[field] = value
+    sections = {s: SECTIONS[s](**{**getattr(config, s).model_dump(), **fields}) for s, fields in update.items()}
+    return config.model_copy(update=sections)
 
 
 def tune_model(name: str, config: Config, split: dict) -> dict:
@@ -183,17 +218,23 @@ def tune_model(name: str, config: Config, split: dict) -> dict:
         trials.append({"values": values, "metrics": metrics})
         logger.info("tuning %s %s: objective %.4f", name, values, metrics["objective"])
     best = max(range(len(trials)), key=lambda k: (trials[k]["metrics"]["objective"], -k))
-    chosen = {**_defaults_of(config.baselines.for_model(name), name), **trials[best]["values"]}
+    chosen = {**_defaults_of(config, name), **trials[best]["values"]}
     return {"chosen": chosen, "best_trial": best, "trials": trials}
 
 
-def _defaults_of(baselines: BaselineConfig, name: str) -> dict:
+def _defaults_of(config: Config, name: str) -> dict:
+    if name == RESPONSIVE:
+        return {key: getattr(getattr(config, key.split(".")[0]), key.split(".")[1]) for key in SEARCH_SPACES[name]}
+    baselines = config.baselines.for_model(name)
     return {key: getattr(baselines, key) for key in SEARCH_SPACES[name]}
 
 
 # ------------------------------------------------------------------ I/O
-def tuning_path(config: Config) -> Path:
-    return prepared_dir(config) / f"tuning-{config.hash_of('data', 'baselines')}.json"
+def tuning_path(config: Config, models: tuple[str, ...] = BASELINES) -> Path:
+    """The record's path; it depends on meta/tasks too when the responsive model is among ``models``."""
+    sections = ("data", "baselines", "tasks", "meta") if RESPONSIVE in models else ("data", "baselines")
+    suffix = "-responsive" if RESPONSIVE in models else ""
+    return prepared_dir(config) / f"tuning-{config.hash_of(*sections)}{suffix}.json"
 
 
 def tune_baselines(config: Config, models: tuple[str, ...] = BASELINES, history: Interactions | None = None) -> Path:
@@ -201,7 +242,7 @@ def tune_baselines(config: Config, models: tuple[str, ...] = BASELINES, history:
     unknown = [m for m in models if m not in SEARCH_SPACES]
     if unknown:
         raise ValueError(f"cannot tune {unknown}: tunable models are {list(SEARCH_SPACES)}")
-    torch.set_num_threads(baseline_threads(config))
+    torch.set_num_threads(RESPONSIVE_THREADS if RESPONSIVE in models else baseline_threads(config))
     history = history if history is not None else load_prepared(prepared_dir(config)).history
     split = validation_split(history, config)
     record = {
@@ -216,13 +257,13 @@ def tune_baselines(config: Config, models: tuple[str, ...] = BASELINES, history:
         "tail_cases": int(sum(len(u) for _, u, _ in split["tail"])),
         "models": {name: tune_model(name, config, split) for name in models},
     }
-    out = tuning_path(config)
+    out = tuning_path(config, models)
     write_json(record, out)
     return out
 
 
 def apply_tuned(config: Config, path: Path | None = None) -> Config:
-    """The config with the chosen values of a tuning record in ``baselines.per_model``."""
+    """The config with the chosen values of a tuning record in ``baselines.per_model`` (responsive: ``meta``/``tasks``)."""
     record = json.loads(Path(path or tuning_path(config)).read_text())
     for name, result in record["models"].items():
         config = with_values(config, name, result["chosen"])

@@ -84,8 +84,36 @@ def test_tune_baselines_writes_a_record_that_configures_the_models(history, arti
     tuned = apply_tuned(config, path)
     assert tuned.baselines.per_model["rkmf"] == record["models"]["rkmf"]["chosen"]
     assert not list(path.parent.glob(".*.tmp"))  # written atomically
-    with pytest.raises(ValueError, match="responsive"):
-        tune_baselines(config, ("responsive",), history=history)
+    with pytest.raises(ValueError, match="nope"):
+        tune_baselines(config, ("nope",), history=history)
+
+
+def test_responsive_gets_the_same_budget_and_protocol_its_values_go_to_meta_and_tasks(history, artifacts) -> None:
+    draws = draw_configs("responsive", 8, seed=1)
+    assert len(draws) == 8 and draws[0] == {}
+    assert all(set(d) == set(SEARCH_SPACES["responsive"]) for d in draws[1:])
+    assert draws[:3] != draw_configs("rkmf", 8, seed=1)[:3]
+    assert draw_configs("rkmf", 8, seed=1) == draw_configs("rkmf", 8, seed=1)  # baselines' draws unchanged by its addition
+    config = with_values(tiny_config(), "responsive", {"meta.lambda_ml": 2.0, "tasks.k": 3})
+    assert config.meta.lambda_ml == 2.0 and config.tasks.k == 3 and config.meta.dim == 8
+    assert config.baselines == tiny_config().baselines
+    with pytest.raises(ValueError, match="lambda_ml"):
+        with_values(tiny_config(), "responsive", {"meta.lambda_ml": -1.0})
+    with pytest.raises(ValueError, match="meta.nope"):
+        with_values(tiny_config(), "responsive", {"meta.nope": 1})
+    # a real (small) search: every trial scored on the same split, the record configures meta/tasks
+    config = tiny_config().model_copy(update={"meta": MetaConfig(dim=8, epochs=1, batch_tasks=256)})
+    path = tune_baselines(config, ("responsive",), history=history)
+    record = json.loads(path.read_text())
+    result = record["models"]["responsive"]
+    objectives = [t["metrics"]["objective"] for t in result["trials"]]
+    assert len(objectives) == 2 and all(0.0 < o <= 1.0 for o in objectives)
+    assert objectives[result["best_trial"]] == max(objectives)
+    tuned = apply_tuned(config, path)
+    for key, value in result["chosen"].items():
+        section, field = key.split(".")
+        assert getattr(getattr(tuned, section), field) == value
+    assert path != tune_baselines(config, ("pop",), history=history)  # its own record, keyed on meta/tasks too
 
 
 def test_cli_fit_saves_models_through_prefect_and_reuses_them(prefect_harness, artifacts, ml100k_dir) -> None:
