@@ -117,16 +117,26 @@ def _full_ranking_new(model: StreamingRecommender, new_users: Interactions, rece
     return {"hr": np.concatenate(hr), "ndcg": np.concatenate(ndcg)}
 
 
-def evaluate_stream(model: StreamingRecommender, stream: Interactions, stream_batch: np.ndarray, cases: Cases) -> dict[int, CaseResults]:
-    """Per batch in time order: score the batch's cases first, then observe the batch."""
+def evaluate_stream(
+    model: StreamingRecommender, stream: Interactions, stream_batch: np.ndarray, cases: Cases, known_users: np.ndarray | None = None
+) -> dict[int, CaseResults]:
+    """Per batch in time order: score the batch's cases first, then observe the batch.
+
+    ``extra["seen"]`` marks cases whose user the model had seen (in ``known_users``, e.g. the
+    history's, or an earlier batch) before scoring: the existing users whose drift the stream
+    tests, apart from users who appear for the first time.
+    """
     results: dict[int, CaseResults] = {}
+    seen_users = set(np.unique(known_users).tolist()) if known_users is not None else set()
     for b in sorted(np.unique(stream_batch).tolist()):
         group = cases.take(cases.batch == b)
+        seen = np.fromiter((u in seen_users for u in group.users.tolist()), dtype=bool, count=len(group.users))
+        seen_users.update(np.unique(stream.users[stream_batch == b]).tolist())
         start = time.perf_counter()
         scores = model.score(group.users, group.candidates) if len(group.users) else np.zeros((0, 1 + cases.negatives.shape[1]))
         scored = time.perf_counter()
         model.observe(stream.take(stream_batch == b))
         metrics = case_metrics(scores) if len(group.users) else {"hr": np.zeros(0), "ndcg": np.zeros(0), "auc": np.zeros(0)}
-        results[b] = CaseResults(group.users, metrics, time.perf_counter() - start, {"update_seconds": np.array([time.perf_counter() - scored])})
+        results[b] = CaseResults(group.users, metrics, time.perf_counter() - start, {"update_seconds": np.array([time.perf_counter() - scored]), "seen": seen})
         logger.info("stream batch %d: %d cases, AUC %.4f", b, len(group.users), metrics["auc"].mean() if len(group.users) else float("nan"))
     return results

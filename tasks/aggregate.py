@@ -122,22 +122,23 @@ def _save_figure(fig, path: Path) -> Path:
 
 
 def stream_auc_plot(results: dict[str, dict], n_batches: int, path: Path, dataset: str) -> Path:
-    """Paper Fig. 3: AUC on each stream batch (scored before the model saw it), one line per model."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for model, record in results.items():
-        xs, ys = [], []
-        for b in range(n_batches):
-            cell = record["metrics"].get(stream_metric(b, "auc"))
-            if cell:
-                xs.append(b + 1)
-                ys.append(cell["mean"])
-        ax.plot(xs, ys, marker="o", linewidth=2.2 if model == OURS else 1.4, label=LABELS.get(model, model))
-    ax.set_xlabel("stream batch (time order)")
-    ax.set_ylabel("AUC (before observing the batch)")
-    ax.set_title(f"Existing users: AUC over the stream — {dataset}")
-    ax.set_xticks(range(1, n_batches + 1))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=9)
+    """Paper Fig. 3: AUC on each stream batch (scored before the model saw it), one line per model;
+    left all cases, right only users the model had seen before the batch (the existing users)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
+    panels = (("stream_b{b}_auc", "all stream interactions"), ("stream_b{b}_seen_auc", "users seen before the batch"))
+    for ax, (pattern, title) in zip(axes, panels):
+        for model, record in results.items():
+            points = [(b + 1, record["metrics"][pattern.format(b=b)]["mean"]) for b in range(n_batches) if pattern.format(b=b) in record["metrics"]]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", linewidth=2.4 if model == OURS else 1.4, label=LABELS.get(model, model))
+        ax.set_title(title)
+        ax.set_xlabel("stream batch (time order)")
+        ax.set_xticks(range(1, n_batches + 1))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("AUC (before observing the batch)")
+    axes[1].legend(loc="best", fontsize=9)
+    fig.suptitle(f"Existing users: AUC over the stream — {dataset}")
     return _save_figure(fig, path)
 
 
@@ -177,12 +178,13 @@ def summary_markdown(dataset: str, stats: dict, config_flat: dict, step_seconds:
             best_other = max((m for m in at_n if m != OURS), key=lambda m: at_n[m])
             verdict = "wins" if at_n[OURS] > at_n[best_other] else "does not win"
             lines.append(f"- new users n={n}, {metric}: ours {at_n[OURS]:.3f} vs best other {LABELS.get(best_other, best_other)} {at_n[best_other]:.3f} — {verdict}")
-    stream = {m: r["metrics"].get(stream_metric(None, "auc"), {}).get("mean") for m, r in results.items()}
-    if stream.get(OURS) is not None:
-        others = {m: v for m, v in stream.items() if m != OURS and v is not None}
-        if others:
+    for key, label in (("stream_auc_mean", "all stream cases"), ("stream_seen_auc_mean", "users seen before the batch"), ("stream_cold_auc_mean", "users first seen in the batch")):
+        stream = {m: r["metrics"].get(key, {}).get("mean") for m, r in results.items()}
+        others = {m: v for m, v in stream.items() if m != OURS and v is not None and not math.isnan(v)}
+        if stream.get(OURS) is not None and others:
             best = max(others, key=others.get)
-            lines.append(f"- stream (existing users), mean AUC: ours {stream[OURS]:.3f} vs best other {LABELS.get(best, best)} {others[best]:.3f} — {'wins' if stream[OURS] > others[best] else 'does not win'}")
+            cases = results[OURS]["metrics"][key]["cases"]
+            lines.append(f"- stream, {label} ({cases} cases), mean AUC: ours {stream[OURS]:.3f} vs best other {LABELS.get(best, best)} {others[best]:.3f} — {'wins' if stream[OURS] > others[best] else 'does not win'}")
     lines += ["", "## Configuration", "", "| key | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in sorted(config_flat.items())], ""]
     return "\n".join(lines)
 

@@ -79,12 +79,19 @@ def summarise(new: dict[int, CaseResults], stream: dict[int, CaseResults], confi
         for metric, values in res.metrics.items():
             out[new_user_metric(n, metric)] = _summary(values, config)
     if stream:
+        seen = np.concatenate([res.extra["seen"] for res in stream.values()])
         for metric in ("hr", "ndcg", "auc"):
             pooled = np.concatenate([res.metrics[metric] for res in stream.values()])
             out[stream_metric(None, metric)] = _summary(pooled, config)
+            # existing users (seen before the batch) apart from first-time users
+            out[stream_metric(None, metric).replace("stream_", "stream_seen_")] = _summary(pooled[seen], config)
+            out[stream_metric(None, metric).replace("stream_", "stream_cold_")] = _summary(pooled[~seen], config)
         for b, res in stream.items():
             if len(res.users):
                 out[stream_metric(b, "auc")] = {"mean": float(res.metrics["auc"].mean()), "cases": int(len(res.users))}
+            if res.extra["seen"].any():
+                seen_auc = res.metrics["auc"][res.extra["seen"]]
+                out[f"stream_b{b}_seen_auc"] = {"mean": float(seen_auc.mean()), "cases": int(len(seen_auc))}
     return out
 
 
@@ -120,7 +127,7 @@ def evaluate_model(name: str, model_path: Path, config: Config, prepared: Prepar
     new_cases = cap_new_users(load_cases(prepared, "new"), config.eval.max_new_users, config.eval.seed)
     new = evaluate_new_users(model, prepared.new_users, prepared.new_users_pos, new_cases, prepared.n_items, config.eval.full_ranking)
     new_seconds = time.perf_counter() - started
-    stream_results = evaluate_stream(model, prepared.stream, prepared.stream_batch, load_cases(prepared, "stream")) if stream else {}
+    stream_results = evaluate_stream(model, prepared.stream, prepared.stream_batch, load_cases(prepared, "stream"), prepared.history.users) if stream else {}
     record = {
         "model": name,
         "model_path": str(model_path),

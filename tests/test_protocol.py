@@ -81,3 +81,12 @@ def test_pop_runs_through_both_protocols():
     res = evaluate_new_users(model, inter, pos, cases, n_items=1200)
     # counts: 1000 -> 2, 1101 -> 1, 1001 and 5 -> 0. User 10: below 1000, tied with 5; user 11: between.
     assert res[1].metrics["auc"].tolist() == [0.25, 0.5]
+
+
+def test_stream_marks_users_seen_before_each_batch():
+    stream = Interactions.from_arrays([1, 2, 2, 3], [7, 8, 9, 7], [0, 1, 2, 3])
+    batch = np.array([0, 0, 1, 1])
+    cases = Cases(stream.users, stream.items, np.array([[50, 51]] * 4), np.full(4, -1), batch)
+    results = evaluate_stream(Spy(), stream, batch, cases, known_users=np.array([1]))
+    assert results[0].extra["seen"].tolist() == [True, False]  # user 1 from history, user 2 new
+    assert results[1].extra["seen"].tolist() == [True, False]  # user 2 seen in batch 0, user 3 new
