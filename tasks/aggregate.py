@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tasks.atomic import atomic_path, write_text  # noqa: E402
-from tasks.evaluation import new_user_metric, stream_metric  # noqa: E402
+from tasks.evaluation import new_user_metric  # noqa: E402
 
 OURS = "responsive"
 LABELS = {"responsive": "Ours (meta)", "mf_ft": "MF-FT", "rkmf": "RKMF", "srec": "sRec", "spmf": "SPMF", "pop": "Pop"}

@@ -295,6 +295,22 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
         self.seen_ = Interactions.from_arrays([], [])
         self.index_: InteractionIndex | None = None
 
+    def fit_bpr(self, history: Interactions, init_std: float) -> np.random.Generator:
+        """Fresh W and H, then ``config.epochs`` of BPR-SGD over the history (RKMF, SPMF and MF-FT alike).
+
+        Returns the fit's generator, for what a model draws after training (SPMF's reservoir).
+        """
+        cfg = self.config
+        rng = rng_for(self.seed, PURPOSE_FIT)
+        self.W_ = gaussian(rng, history.n_users, self.dim, init_std)
+        self.H_ = gaussian(rng, history.n_items, self.dim, init_std)
+        self.seen_, self.index_, self.batches_ = history, InteractionIndex.build(history), 0
+        for epoch in range(cfg.epochs):
+            epoch_rng = rng_for(self.seed, PURPOSE_FIT, epoch + 1)
+            u, i, j = self.fit_triples(history, epoch_rng)
+            sgd_epoch(self.W_, self.H_, u, i, j, self.grad_fn, cfg.lr, cfg.batch_size, epoch_rng)
+        return rng
+
     @property
     def n_items_(self) -> int:  # type: ignore[override]
         return len(self.H_)

@@ -28,10 +28,8 @@ import numpy as np
 from metarec.config import BaselineConfig, Config, MetaConfig
 from metarec.interface import Interactions, RecentItems
 from metarec.mf import bpr_triple_loss
-from metarec.neighbours import InteractionIndex
 
 from .common import (
-    PURPOSE_FIT,
     PURPOSE_NEW_USERS,
     PURPOSE_OBSERVE,
     FactorBaseline,
@@ -55,15 +53,7 @@ class MFFineTune(FactorBaseline):
         self.grad_fn = autograd_bpr_grads(lambda w, hi, hj: bpr_triple_loss(w, hi, hj, m.lambda_p, m.lambda_q_pos, m.lambda_q_neg))
 
     def fit(self, history: Interactions) -> "MFFineTune":
-        cfg = self.config
-        rng = rng_for(self.seed, PURPOSE_FIT)
-        self.W_ = gaussian(rng, history.n_users, self.dim, self.meta.init_std)
-        self.H_ = gaussian(rng, history.n_items, self.dim, self.meta.init_std)
-        self.seen_, self.index_, self.batches_ = history, InteractionIndex.build(history), 0
-        for epoch in range(cfg.epochs):
-            epoch_rng = rng_for(self.seed, PURPOSE_FIT, epoch + 1)
-            u, i, j = self.fit_triples(history, epoch_rng)
-            sgd_epoch(self.W_, self.H_, u, i, j, self.grad_fn, cfg.lr, cfg.batch_size, epoch_rng)
+        self.fit_bpr(history, self.meta.init_std)
         return self
 
     def _mean_plus_noise(self, table, rng: np.random.Generator):

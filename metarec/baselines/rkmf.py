@@ -38,10 +38,8 @@ import torch
 
 from metarec.config import BaselineConfig, Config
 from metarec.interface import Interactions, RecentItems
-from metarec.neighbours import InteractionIndex
 
 from .common import (
-    PURPOSE_FIT,
     PURPOSE_NEW_USERS,
     PURPOSE_OBSERVE,
     FactorBaseline,
@@ -51,7 +49,6 @@ from .common import (
     negatives,
     require_fitted,
     rng_for,
-    sgd_epoch,
     sgd_rounds,
     user_positives,
 )
@@ -68,15 +65,7 @@ class RKMF(FactorBaseline):
         self.grad_fn = kernel_bpr_grads(self.kernel, self.scale, self.config.reg)
 
     def fit(self, history: Interactions) -> "RKMF":
-        cfg = self.config
-        rng = rng_for(self.seed, PURPOSE_FIT)
-        self.W_ = gaussian(rng, history.n_users, self.dim, cfg.init_std)
-        self.H_ = gaussian(rng, history.n_items, self.dim, cfg.init_std)
-        self.seen_, self.index_, self.batches_ = history, InteractionIndex.build(history), 0
-        for epoch in range(cfg.epochs):
-            epoch_rng = rng_for(self.seed, PURPOSE_FIT, epoch + 1)
-            u, i, j = self.fit_triples(history, epoch_rng)
-            sgd_epoch(self.W_, self.H_, u, i, j, self.grad_fn, cfg.lr, cfg.batch_size, epoch_rng)
+        self.fit_bpr(history, self.config.init_std)
         return self
 
     def user_update(self, users: np.ndarray, rng: np.random.Generator) -> None:

@@ -45,10 +45,8 @@ import torch
 
 from metarec.config import BaselineConfig, Config
 from metarec.interface import Interactions, RecentItems
-from metarec.neighbours import InteractionIndex
 
 from .common import (
-    PURPOSE_FIT,
     PURPOSE_NEW_USERS,
     PURPOSE_OBSERVE,
     FactorBaseline,
@@ -103,14 +101,7 @@ class SPMF(FactorBaseline):
 
     def fit(self, history: Interactions) -> "SPMF":
         cfg = self.config
-        rng = rng_for(self.seed, PURPOSE_FIT)
-        self.W_ = gaussian(rng, history.n_users, self.dim, cfg.init_std)
-        self.H_ = gaussian(rng, history.n_items, self.dim, cfg.init_std)
-        self.seen_, self.index_, self.batches_ = history, InteractionIndex.build(history), 0
-        for epoch in range(cfg.epochs):
-            epoch_rng = rng_for(self.seed, PURPOSE_FIT, epoch + 1)
-            u, i, j = self.fit_triples(history, epoch_rng)
-            sgd_epoch(self.W_, self.H_, u, i, j, self.grad_fn, cfg.lr, cfg.batch_size, epoch_rng)
+        rng = self.fit_bpr(history, cfg.init_std)
         empty = np.zeros(0, dtype=np.int64)
         self.res_users_, self.res_items_, self.res_seen_ = reservoir_insert(empty, empty, 0, history.users, history.items, cfg.spmf_reservoir, rng)
         return self
