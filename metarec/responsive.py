@@ -215,14 +215,41 @@ class ResponsiveMF(StreamingRecommender):
         return meta_step(self.P_, self.Q_, self.optimizer_, batch, self.meta)
 
     # ---------------------------------------------------------------- serving
-    def _rows(self, table: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """table[ids] for known ids; mean + N(0, σ²I) for ids beyond the table (§7), without growing it."""
+    def _rows(self, table: torch.Tensor, ids: torch.Tensor, generator: torch.Generator, new: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+        """table[ids] for known ids; mean + N(0, σ²I) for ids beyond the table (§7), without growing it.
+
+        ``new`` (bool, like ids) marks more ids to treat as new (inside the table but never trained);
+        ``base``: the rows whose mean new ids get (default: the whole table)."""
         known = ids < table.shape[0]
         rows = table.detach()[torch.where(known, ids, torch.zeros_like(ids))]
-        n_new = int((~known).sum())
+        fresh = ~known if new is None else (~known | new)
+        n_new = int(fresh.sum())
         if n_new:
-            rows[~known] = mean_plus_noise(table.detach(), n_new, self.meta.new_row_std, generator)
+            rows[fresh] = mean_plus_noise(table.detach() if base is None else base, n_new, self.meta.new_row_std, generator)
         return rows
+
+    def _seen_user_mask(self) -> np.ndarray:
+        """(n_users_,) True where the index holds at least one interaction of the user."""
+        seen = np.zeros(self.n_users_, dtype=bool)
+        if self.index_ is not None:
+            counts = np.diff(self.index_.user_ptr_)[: self.n_users_]
+            seen[: len(counts)] = counts > 0
+        return seen
+
+    def _user_rows(self, users: np.ndarray, generator: torch.Generator, all_new: bool = False) -> torch.Tensor:
+        """Θ's rows of ``users``; users the index has never seen (or all, for new users) get mean + noise (§7).
+
+        Ids are dense over the whole data set, so a new user's id usually lies inside P, on a row
+        that no training step touched; it must not be scored with that untrained row."""
+        ids = torch.tensor(users)
+        seen = self._seen_user_mask()
+        if all_new:
+            new = torch.ones(len(users), dtype=torch.bool)
+        else:
+            inside = users < len(seen)
+            new = torch.as_tensor(inside & ~seen[np.where(inside, users, 0)])
+        base = self.P_.detach()[torch.as_tensor(seen)] if seen.any() else None
+        return self._rows(self.P_, ids, generator, new, base)
 
     def _serving_rng(self, tag: int, users: np.ndarray) -> tuple[np.random.Generator, torch.Generator]:
         """Per-call generators: the same call gives the same scores; the model's own state is untouched."""
@@ -251,24 +278,25 @@ class ResponsiveMF(StreamingRecommender):
             TaskArrays(support_users, support_pos, support_neg, support_users[:, 0], support_pos[:, 0], support_neg[:, 0], zeros)
         )
         loc = localise(batch)
-        p_loc = self._rows(self.P_, loc.user_rows.flatten(), generator).view(*loc.user_rows.shape, -1)
+        p_loc = self._user_rows(loc.user_rows.flatten().numpy(), generator).view(*loc.user_rows.shape, -1)
         q_loc = self._rows(self.Q_, loc.item_rows.flatten(), generator).view(*loc.item_rows.shape, -1)
         ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], self.meta, p_loc.dtype)
         p_ad, q_ad = inner_adapt(p_loc, q_loc, ops, self.meta, create_graph=False)
         user = p_ad.gather(1, loc.q_user[:, None, None].expand(-1, 1, p_ad.shape[-1]))[:, 0]
         return Adapted(user, loc.item_rows, q_ad)
 
-    def adapt(self, users: np.ndarray, recent: np.ndarray, recent_ts: np.ndarray | None = None) -> Adapted:
+    def adapt(self, users: np.ndarray, recent: np.ndarray, recent_ts: np.ndarray | None = None, new_users: bool = False) -> Adapted:
         """Adapted rows for many users at once from their recent items (B, n) (-1 = padding); Θ unchanged.
 
         A user without any recent item keeps its Θ row (mean + noise when unseen) and no item rows.
+        ``new_users``: every user starts from mean + noise (§7), whatever its id.
         """
         users = np.asarray(users, dtype=np.int64)
         recent = np.asarray(recent, dtype=np.int64).reshape(len(users), -1)
         recent_ts = np.zeros_like(recent) + np.iinfo(np.int64).max // 2 if recent_ts is None else recent_ts
         rng, gen = self._serving_rng(1, users)
         s, has = self.supports(users, recent, recent_ts, rng)
-        base = self._rows(self.P_, torch.tensor(users), gen)
+        base = self._user_rows(users, gen, all_new=new_users)
         if s is None:
             return Adapted(base, torch.zeros(len(users), 0, dtype=torch.int64), base.new_zeros(len(users), 0, base.shape[1]))
         adapted = self.adapt_supports(*s, gen)
@@ -313,7 +341,7 @@ class ResponsiveMF(StreamingRecommender):
         out = np.empty(candidates.shape, dtype=np.float32)
         for s in range(0, len(users), SCORE_CHUNK):
             sl = slice(s, s + SCORE_CHUNK)
-            adapted = self.adapt(users[sl], recent.items[sl], recent.ts[sl])
+            adapted = self.adapt(users[sl], recent.items[sl], recent.ts[sl], new_users=True)
             out[sl] = self.score_adapted(adapted, candidates[sl], self._serving_rng(3, users[sl])[1])
         return out
 

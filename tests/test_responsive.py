@@ -76,6 +76,24 @@ def test_user_ids_absent_from_the_history_get_mean_plus_noise_rows_after_fit(pla
     assert (P[seen] - mean).norm(dim=1).median() > 5 * SMALL.new_row_std * np.sqrt(SMALL.dim)  # trained rows differ
 
 
+def test_serving_never_uses_the_row_of_a_user_it_has_not_seen(planted):
+    """Whatever P holds for an unseen id inside the table (training code paths that skip the reset), serving
+    starts new users, and users the index has no interaction of, from mean + noise, as for an id beyond P."""
+    history = planted.interactions
+    model = ResponsiveMF(SMALL, TaskConfig(k=3, K=6)).fit(history.take(history.users != 4))
+    with torch.no_grad():
+        model.P_[4] = 50.0  # an untrained row must not leak into scores
+    beyond = model.n_users_ + 3
+    shown = RecentItems(np.array([4, beyond]), np.array([[1, 2], [1, 2]]), np.array([[5, 6], [5, 6]]))
+    rows = model.adapt(shown.users, shown.items, shown.ts, new_users=True).user_rows
+    assert torch.allclose(rows[0], rows[1], atol=0.2) and rows.abs().max() < 5
+    cands = np.tile(np.arange(10), (2, 1))
+    new_scores = model.score_new_users(shown, cands)
+    assert np.abs(new_scores[0] - new_scores[1]).max() < 0.2
+    stream = model.score(np.array([4, beyond]), cands)  # no interaction of either in the index
+    assert np.abs(stream[0] - stream[1]).max() < 0.2
+
+
 def test_new_user_with_fewer_than_k_interactions_is_adapted(fitted):
     one = RecentItems(np.array([1000]), np.array([[4]]), np.array([[5]]))  # k = 3, only one item shown
     adapted = fitted.adapt(one.users, one.items, one.ts)
