@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mlflow
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.prepare import prepare_flow
 from metarec.config import Config
@@ -63,5 +63,6 @@ def lambda_sweep(config: Config) -> dict:
         mlflow.log_artifact(str(plot))
         mlflow.log_artifact(str(out / "lambda_ml.md"))
     create_markdown_artifact(table, key="lambda-ml", description="λ_ML sweep, new users n=5")
+    create_link_artifact(Path(plot).resolve().as_uri(), link_text="λ_ML curve (PNG)", key="lambda-ml-plot")
     logger.info("λ_ML sweep in %s", out)
     return {"points": points, "plot": str(plot), "dir": str(out)}

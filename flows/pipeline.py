@@ -13,12 +13,13 @@ from pathlib import Path
 
 import mlflow
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.prepare import prepare_flow
 
 from metarec.config import Config
 from tasks.aggregate import write_report
+from tasks.atomic import write_json
 from tasks.evaluation import evaluate_model_task, log_child_run
 from tasks.models import fit_model_task
 from tasks.paths import run_dir
@@ -76,11 +77,14 @@ def pipeline(config: Config) -> dict:
     prepared = load_prepared(prepared_path)
     out = run_dir(config)
     files = write_report(out, config.data.dataset, results, config.data.new_user_ns, config.data.stream_batches, prepared.stats, config.to_flat_dict(), seconds)
+    write_json(config.model_dump(mode="json"), out / "config.json")  # the run's folder is named by its hash
+    files["config.json"] = out / "config.json"
     setup_mlflow(config)
     with mlflow.start_run(run_name=f"pipeline-{config.hash_of()}", tags=run_tags(config, kind="pipeline"), nested=mlflow.active_run() is not None):
         _log_parent(config, results, files, training)
         mlflow.log_metrics({f"seconds_{k.replace(' ', '_')}": v for k, v in seconds.items()})
     create_markdown_artifact(files["table1.md"].read_text(), key="table1", description=f"Table 1 on {config.data.dataset}")
     create_markdown_artifact(files["summary.md"].read_text(), key="run-summary")
+    create_link_artifact(files["stream_auc.png"].resolve().as_uri(), link_text="stream AUC per batch (PNG)", key="stream-auc-plot")
     logger.info("results in %s", out)
     return {"run_dir": str(out), "results": results, "training": None if training is None else training.__dict__, "files": {k: str(v) for k, v in files.items()}}

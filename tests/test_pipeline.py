@@ -42,7 +42,7 @@ def quick_run(prefect_harness, tmp_path_factory, ml100k_dir):
 def test_every_output_file_is_written(quick_run):
     config, first, _, _ = quick_run
     run = Path(first["run_dir"])
-    for name in ("table1.md", "table1.csv", "summary.md", "stream_auc.png"):
+    for name in ("table1.md", "table1.csv", "summary.md", "stream_auc.png", "config.json"):
         assert (run / name).stat().st_size > 0, name
     assert (run / "stream_auc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (run / "table1.md").read_text()
