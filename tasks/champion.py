@@ -43,7 +43,8 @@ def current_champion(client: MlflowClient, name: str = REGISTERED_MODEL):
 
 
 def record_score(client: MlflowClient, version: str, score: float, data_hash: str, name: str = REGISTERED_MODEL) -> None:
-    client.set_model_version_tag(name, version, SCORE_TAG, f"{score:.6f}")
+    # repr round-trips exactly: a rounded tag would make an equal score compare as lower or higher
+    client.set_model_version_tag(name, version, SCORE_TAG, repr(float(score)))
     client.set_model_version_tag(name, version, DATA_TAG, data_hash)
 
 

@@ -8,7 +8,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tasks.champion import CHAMPION, current_champion, promote_if_better
+from tasks.champion import CHAMPION, SCORE_TAG, current_champion, promote_if_better
 
 NAME = "responsive-mf-test"
 
@@ -62,3 +62,13 @@ def test_an_unloadable_champion_does_not_block_promotion(client, tmp_path):
     decision = promote_if_better(client, v2, 0.1, "d2", broken, NAME)
     assert decision.promoted and "could not be re-scored" in decision.reason
     assert current_champion(client, NAME).version == v2
+
+
+def test_stored_score_round_trips_so_an_exact_tie_promotes(client, tmp_path):
+    never = lambda v: pytest.fail("champion scored on the same data must not be re-scored")
+    score = 0.07363556297788664  # rounds up at six digits: a rounded tag would beat its own equal
+    v1 = _new_version(client, tmp_path)
+    promote_if_better(client, v1, score, "d1", never, NAME)
+    assert float(client.get_model_version(NAME, v1).tags[SCORE_TAG]) == score
+    v2 = _new_version(client, tmp_path)
+    assert promote_if_better(client, v2, score, "d1", never, NAME).promoted
