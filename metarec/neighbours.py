@@ -162,6 +162,13 @@ class InteractionIndex:
     def __len__(self) -> int:
         return len(self.interactions)
 
+    def has_user(self, users: np.ndarray) -> np.ndarray:
+        """(B,) bool: the user has at least one indexed interaction (ids beyond the index have none)."""
+        users = np.asarray(users, dtype=np.int64)
+        inside = (users >= 0) & (users < self.n_users)
+        u = np.where(inside, users, 0)
+        return inside & (self.user_ptr_[u + 1] > self.user_ptr_[u])
+
     # ---------------------------------------------------------------- helpers
     @property
     def _stride(self) -> np.int64:

@@ -230,11 +230,9 @@ class ResponsiveMF(StreamingRecommender):
 
     def _seen_user_mask(self) -> np.ndarray:
         """(n_users_,) True where the index holds at least one interaction of the user."""
-        seen = np.zeros(self.n_users_, dtype=bool)
-        if self.index_ is not None:
-            counts = np.diff(self.index_.user_ptr_)[: self.n_users_]
-            seen[: len(counts)] = counts > 0
-        return seen
+        if self.index_ is None:
+            return np.zeros(self.n_users_, dtype=bool)
+        return self.index_.has_user(np.arange(self.n_users_))
 
     def _user_rows(self, users: np.ndarray, generator: torch.Generator, all_new: bool = False) -> torch.Tensor:
         """Θ's rows of ``users``; users the index has never seen (or all, for new users) get mean + noise (§7).

@@ -265,10 +265,26 @@ def test_spmf_samples_favour_poorly_ranked_interactions(split: Split) -> None:
     assert drawn.mean() > ranks.mean() + 0.05
 
 
+@pytest.mark.parametrize("name", FACTOR_MODELS)
+def test_a_user_with_nothing_seen_is_scored_with_the_default_row(name: str, split: Split, fitted: dict) -> None:
+    """Ids are dense, so new users have rows inside W_ that no update touched: they must not be scored with them."""
+    model = fitted[name]
+    unseen = np.unique(split.new.users)[:2]
+    assert (unseen < len(model.W_)).all() and not model.index_.has_user(unseen).any()
+    candidates = np.tile(np.arange(model.n_items_), (2, 1))
+    scores = model.score(unseen, candidates)
+    default = model.score_rows(model._default_user()[None], candidates[:1])[0]
+    np.testing.assert_allclose(scores, np.stack([default, default]), rtol=1e-6)
+
+
 # ------------------------------------------------------------------ sRec
 def test_srec_new_rows_come_from_the_population_prior(split: Split) -> None:
     model = fresh("srec", split)
-    mean, spread = model.W_.mean(0), model.W_.var(0)
+    trained = model.W_[torch.from_numpy(model.index_.has_user(np.arange(len(model.W_))))]
+    mean, spread = trained.mean(0), trained.var(0)
+    assert len(model.unseen_users()) > 0
+    for unseen in model.unseen_users().tolist():  # users absent from the history enter with the prior too
+        assert torch.allclose(model.W_[unseen], mean) and torch.allclose(model.var_W_[unseen], spread)
     rows = len(model.W_)
     model._grow_from_prior(rows + 3, len(model.H_))
     assert torch.allclose(model.W_[rows:], mean.expand(3, -1))

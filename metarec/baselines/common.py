@@ -278,8 +278,9 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
     """User table W_ (n_users, d), item table H_ (n_items, d), the index of positives seen so far.
 
     Subclasses set ``grad_fn`` and implement ``fit``/``observe``; scoring,
-    unseen ids, new-user adaptation and state are shared. An id the model has
-    never trained is scored with the mean row of its table (transiently).
+    unseen ids, new-user adaptation and state are shared. A user the model has
+    seen no interaction of, and an id beyond a table, is scored with the
+    model's default row (the mean row of its table; sRec: its population prior).
     """
 
     _state_fields = ("W_", "H_", "batches_")
@@ -320,8 +321,20 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
         return len(self.W_)
 
     # ---- scoring
+    def trained_user_rows(self) -> torch.Tensor:
+        """The rows of W_ of users seen so far (all of W_ before any is seen): what the population is."""
+        if self.index_ is None:
+            return self.W_
+        seen = torch.from_numpy(self.index_.has_user(np.arange(len(self.W_))))
+        return self.W_[seen] if bool(seen.any()) else self.W_
+
+    def unseen_users(self) -> torch.Tensor:
+        """Ids of W_'s rows of users with no interaction seen (stream-only and new users, as ids are dense)."""
+        seen = self.index_.has_user(np.arange(len(self.W_))) if self.index_ is not None else np.zeros(len(self.W_), dtype=bool)
+        return torch.from_numpy(np.flatnonzero(~seen))
+
     def _default_user(self) -> torch.Tensor:
-        return self.W_.mean(0) if len(self.W_) else torch.zeros(self.dim)
+        return self.trained_user_rows().mean(0) if len(self.W_) else torch.zeros(self.dim)
 
     def _default_item(self) -> torch.Tensor:
         return self.H_.mean(0) if len(self.H_) else torch.zeros(self.dim)
@@ -353,7 +366,19 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
         users, candidates = check_ids(self, "users", users), check_ids(self, "candidates", candidates)
         if candidates.shape[:1] != users.shape:
             raise ValueError(f"{self.name}: candidates {candidates.shape} must have one row per user ({users.shape})")
-        return self.score_rows(lookup(self.W_, users, self._default_user()), candidates)
+        return self.score_rows(self.user_rows(users), candidates)
+
+    def user_rows(self, users: np.ndarray) -> torch.Tensor:
+        """W_'s rows of ``users``; a user with no interaction seen yet gets the model's default row.
+
+        Ids are dense over the whole data set, so a stream user first seen in a
+        batch has a row inside W_ that no update has touched (its random init):
+        scored before the model observes it, it gets the unseen-id rule instead.
+        """
+        default = self._default_user()
+        rows = lookup(self.W_, users, default)
+        unseen = torch.from_numpy(~self.index_.has_user(users)) if self.index_ is not None else torch.zeros(len(users), dtype=torch.bool)
+        return torch.where(unseen[:, None], default.to(rows.dtype), rows)
 
     # ---- new users: only a transient user row is trained; the model is untouched
     def new_user_triples(self, recent_items: np.ndarray, recent_users: np.ndarray, epochs: int, rng: np.random.Generator):

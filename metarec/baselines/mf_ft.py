@@ -53,7 +53,9 @@ class MFFineTune(FactorBaseline):
         self.grad_fn = autograd_bpr_grads(lambda w, hi, hj: bpr_triple_loss(w, hi, hj, m.lambda_p, m.lambda_q_pos, m.lambda_q_neg))
 
     def fit(self, history: Interactions) -> "MFFineTune":
-        self.fit_bpr(history, self.meta.init_std)
+        rng = self.fit_bpr(history, self.meta.init_std)
+        unseen = self.unseen_users()  # their rows start as every new user's does (§7), not as untrained noise
+        self.W_[unseen] = self._mean_plus_noise(self.trained_user_rows(), rng)(len(unseen))
         return self
 
     def _mean_plus_noise(self, table, rng: np.random.Generator):
@@ -68,7 +70,7 @@ class MFFineTune(FactorBaseline):
         rng = rng_for(self.seed, PURPOSE_OBSERVE, self.batches_)
         self._grow(
             max(len(self.W_), batch.n_users), max(len(self.H_), batch.n_items),
-            self._mean_plus_noise(self.W_, rng), self._mean_plus_noise(self.H_, rng),
+            self._mean_plus_noise(self.trained_user_rows(), rng), self._mean_plus_noise(self.H_, rng),
         )
         self._remember(batch)
         for _ in range(cfg.ft_epochs):
@@ -80,7 +82,7 @@ class MFFineTune(FactorBaseline):
         require_fitted(self, self.H_)
         users = np.asarray(recent.users, dtype=np.int64)
         rng = rng_for(self.seed, PURPOSE_NEW_USERS, self.batches_, int(users[0]) if len(users) else 0, len(users))
-        init = self._mean_plus_noise(self.W_, rng)(len(users))
+        init = self._mean_plus_noise(self.trained_user_rows(), rng)(len(users))
         w = self.adapt_new_users(init, recent.items, users, self.config.ft_epochs, self.config.ft_lr, rng)
         return self.score_rows(w, np.asarray(candidates))
 

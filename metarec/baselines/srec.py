@@ -135,7 +135,7 @@ class SRec(FactorBaseline):
     def _grow_from_prior(self, n_users: int, n_items: int) -> None:
         for mean_name, var_name, tau_name, rows in (("W_", "var_W_", "tau_W_", n_users), ("H_", "var_H_", "tau_H_", n_items)):
             mean_tbl = getattr(self, mean_name)
-            m, v = self.prior(mean_tbl)
+            m, v = self.prior(self.trained_user_rows() if mean_name == "W_" else mean_tbl)
             setattr(self, mean_name, grow(mean_tbl, rows, lambda k: m.expand(k, -1).clone()))
             setattr(self, var_name, grow(getattr(self, var_name), rows, lambda k: v.expand(k, -1).clone()))
             setattr(self, tau_name, grow(getattr(self, tau_name), rows, lambda k: torch.full((k,), NEVER, dtype=torch.int64)))
@@ -156,10 +156,13 @@ class SRec(FactorBaseline):
             for start in range(0, len(history), SREC_CHUNK):
                 chunk = history.take(slice(start, start + SREC_CHUNK))
                 self.filter(*self.observations(chunk, pass_rng))
+        unseen = self.unseen_users()  # users first seen later enter with the population prior, as new ones do
+        m, v = self.prior(self.trained_user_rows())
+        self.W_[unseen], self.var_W_[unseen] = m, v
         return self
 
     def _default_user(self) -> torch.Tensor:
-        return self.prior(self.W_)[0]
+        return self.prior(self.trained_user_rows())[0]
 
     def _default_item(self) -> torch.Tensor:
         return self.prior(self.H_)[0]
@@ -190,7 +193,7 @@ class SRec(FactorBaseline):
             slots = y == 0
             obs_items[slots] = negatives(self.index_, users[rows[slots]], rng, len(self.H_), exclude=items[rows[slots]])
         obs_ts = torch.from_numpy(np.repeat(ts[local, col], 1 + k).copy())
-        m, v = self.prior(self.W_)
+        m, v = self.prior(self.trained_user_rows())
         mean, var = m.expand(len(users), -1).clone(), v.expand(len(users), -1).clone()
         tau = torch.full((len(users),), NEVER, dtype=torch.int64)
         x_all, y_all, r_all = self.H_[torch.from_numpy(obs_items)], torch.from_numpy(y), torch.from_numpy(rows)
