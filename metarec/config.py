@@ -83,7 +83,7 @@ class MetaConfig(Section):
     lambda_q_neg: float = Field(1e-4, ge=0.0, description="L2 weight on negative item vectors.")
     lambda_ml: float = Field(1.0, ge=0.0, description="Weight of the meta-learning loss.")
     inner_steps: int = Field(2, ge=1, description="L, inner gradient steps.")
-    inner_lr: float = Field(0.5, gt=0.0, description="alpha, inner learning rate.")
+    inner_lr: float = Field(10.0, gt=0.0, description="alpha, inner learning rate on the mean loss over K triples (10 here = 0.5 on the paper's sum with K = 20).")
     first_order: bool = Field(False, description="First-order MAML (an option; second order is the method).")
     epochs: int = Field(5, ge=0, description="Meta-training epochs over all tasks.")
     batch_tasks: int = Field(1024, ge=1, description="Tasks per outer step.")

@@ -83,13 +83,15 @@ SEARCH_SPACES: dict[str, dict[str, list]] = {
     # batch_tasks fixed at 256 (smaller batches = more outer steps per epoch on ml-100k-sized histories).
     RESPONSIVE: {
         "meta.lambda_ml": [0.5, 1.0, 2.0, 5.0],
-        "meta.inner_lr": [0.1, 0.3, 0.5, 1.0],
+        # L^K_t is a mean over K triples, so the task user's row (in k of them) moves by about α·k/K per step:
+        # α = 10 on the mean is α = 0.5 on the paper's sum (METHOD.md §3) with K = 20; the range spans both sides.
+        "meta.inner_lr": [1.0, 3.0, 10.0, 20.0, 40.0],
         "meta.inner_steps": [1, 2, 3],
         "meta.pretrain_epochs": [0, 3, 10],
         "meta.epochs": [5, 10],
         "meta.outer_lr": [0.002, 0.005, 0.01, 0.02],
         "meta.batch_tasks": [256],
-        "tasks.k": [3, 5],
+        "tasks.k": [3, 5, 10],
     },
 }
 SECTIONS = {"meta": MetaConfig, "tasks": TaskConfig}
