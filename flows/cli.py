@@ -6,12 +6,16 @@ Config layers: defaults < METAREC_* environment < --config FILE (TOML) < --set s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from tasks.settings import ConfigError, load_config
+
+# A batch tool runs offline too: Prefect's server telemetry would only log a failed lookup on every run.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 

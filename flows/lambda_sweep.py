@@ -15,7 +15,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from flows.prepare import prepare_flow
 from metarec.config import Config
 from tasks.aggregate import lambda_plot
-from tasks.atomic import write_json
+from tasks.atomic import write_json, write_text
 from tasks.evaluation import evaluate_model, new_user_metric
 from tasks.paths import prepared_dir
 from tasks.task_shards import build_task_shards_task
@@ -54,7 +54,7 @@ def lambda_sweep(config: Config) -> dict:
         ndcg = p["metrics"].get(new_user_metric(5, "ndcg"), {}).get("mean")
         lines.append(f"| {p['lambda_ml']} | {p['status']} | {'–' if hr is None else f'{hr:.3f}'} | {'–' if ndcg is None else f'{ndcg:.3f}'} |")
     table = "\n".join(lines) + "\n"
-    (out / "lambda_ml.md").write_text(table)
+    write_text(table, out / "lambda_ml.md")
     setup_mlflow(config)
     with mlflow.start_run(run_name=f"lambda-sweep-{config.hash_of()}", tags=run_tags(config, kind="lambda_sweep")):
         for p in points:

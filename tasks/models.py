@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from prefect import get_run_logger, task
-from prefect.exceptions import MissingContextError
+from prefect import task
 
 from metarec.config import Config
 from metarec.interface import StreamingRecommender
 from metarec.registry import make_model
 from tasks.atomic import atomic_dir
+from tasks.logs import log_info
 from tasks.paths import prepared_dir
 from tasks.prepared import PreparedData, load_prepared
 
@@ -125,8 +125,5 @@ def fit_and_save(name: str, config: Config, prepared: PreparedData | None = None
 def fit_model_task(name: str, config: Config, force: bool = False) -> Path:
     """Prefect wrapper around ``fit_and_save``."""
     out = fit_and_save(name, config, force=force)
-    try:
-        get_run_logger().info("model %s in %s", name, out)
-    except MissingContextError:
-        pass
+    log_info(logger, "model %s in %s", name, out)
     return out

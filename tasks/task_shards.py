@@ -22,12 +22,12 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import get_run_logger, task
-from prefect.exceptions import MissingContextError
+from prefect import task
 
 from metarec.config import Config
 from metarec.meta_tasks import TaskArrays, count_tasks, iter_tasks
 from tasks.atomic import atomic_dir
+from tasks.logs import log_info
 from tasks.paths import prepared_dir, task_shards_dir
 from tasks.prepared import load_prepared
 
@@ -185,9 +185,6 @@ def build_task_shards(config: Config) -> Path:
 def build_task_shards_task(config: Config) -> Path:
     """Prefect wrapper around ``build_task_shards``."""
     out = build_task_shards(config)
-    try:
-        manifest = read_manifest(out)
-        get_run_logger().info("task shards: %d tasks in %d shards at %s", manifest["n_tasks"], manifest["n_shards"], out)
-    except MissingContextError:
-        pass
+    manifest = read_manifest(out)
+    log_info(logger, "task shards: %d tasks in %d shards at %s", manifest["n_tasks"], manifest["n_shards"], out)
     return out

@@ -38,14 +38,14 @@ import mlflow
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from prefect import get_run_logger, task
-from prefect.exceptions import MissingContextError
+from prefect import task
 from safetensors.torch import load_file, save_file
 
 from metarec.config import Config
 from metarec.maml import DivergedError
 from metarec.responsive import EpochStats, ResponsiveMF, from_config
 from tasks.atomic import atomic_dir, write_json
+from tasks.logs import log_info
 from tasks.models import model_dir, save_model
 from tasks.paths import prepared_dir, task_shards_dir
 from tasks.prepared import load_prepared
@@ -78,10 +78,7 @@ def training_dir(config: Config) -> Path:
 
 
 def _log(message: str, *args) -> None:
-    try:
-        get_run_logger().info(message, *args)
-    except MissingContextError:
-        logger.info(message, *args)
+    log_info(logger, message, *args)
 
 
 # ------------------------------------------------------------------ checkpoints

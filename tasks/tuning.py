@@ -37,8 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from prefect import get_run_logger, task
-from prefect.exceptions import MissingContextError
+from prefect import task
 
 from metarec.baselines.common import sampled_metrics
 from metarec.config import BaselineConfig, Config, MetaConfig, TaskConfig
@@ -46,6 +45,7 @@ from metarec.interface import Interactions, RecentItems
 from metarec.neighbours import InteractionIndex
 from metarec.registry import make_model
 from tasks.atomic import write_json
+from tasks.logs import log_info
 from tasks.models import baseline_threads
 from tasks.paths import prepared_dir
 from tasks.prepared import load_prepared
@@ -215,10 +215,12 @@ def tune_model(name: str, config: Config, split: dict) -> dict:
     if name not in SEARCH_SPACES:
         raise ValueError(f"no search space for model {name!r}; tunable: {list(SEARCH_SPACES)}")
     trials = []
-    for values in draw_configs(name, config.baselines.tune_budget, config.baselines.seed):
+    draws = draw_configs(name, config.baselines.tune_budget, config.baselines.seed)
+    budget = len(draws)
+    for values in draws:
         metrics = evaluate_trial(name, with_values(config, name, values), split)
         trials.append({"values": values, "metrics": metrics})
-        logger.info("tuning %s %s: objective %.4f", name, values, metrics["objective"])
+        log_info(logger, "tuning %s trial %d/%d %s: objective %.4f (%.0f s)", name, len(trials), budget, values, metrics["objective"], metrics["seconds"])
     best = max(range(len(trials)), key=lambda k: (trials[k]["metrics"]["objective"], -k))
     chosen = {**_defaults_of(config, name), **trials[best]["values"]}
     return {"chosen": chosen, "best_trial": best, "trials": trials}
@@ -276,8 +278,5 @@ def apply_tuned(config: Config, path: Path | None = None) -> Config:
 def tune_baselines_task(config: Config, models: tuple[str, ...] = BASELINES) -> Path:
     """Prefect wrapper around ``tune_baselines``."""
     out = tune_baselines(config, models)
-    try:
-        get_run_logger().info("tuning record in %s", out)
-    except MissingContextError:
-        pass
+    log_info(logger, "tuning record in %s", out)
     return out
