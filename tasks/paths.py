@@ -1,17 +1,23 @@
 """Where each stage writes, named by the hash of what it depends on.
 
-The prepared data depends on the data config *and* the input files: its folder
-name hashes both (each rating file's name, size and modification time), so a
-nightly run on updated ratings prepares afresh instead of reusing stale data.
+The prepared data depends on the data config, the input files and the code: its
+folder name hashes all three (each rating file's name, size and modification
+time; every source file), so a nightly run on updated ratings, or any run after
+a code change, computes afresh instead of reusing stale outputs. Every later
+stage writes inside that folder.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from pathlib import Path
 
 from metarec.config import Config
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CODE_FOLDERS = ("metarec", "tasks", "flows", "sql")
 
 
 def dataset_slug(dataset: str) -> str:
@@ -35,9 +41,25 @@ def source_fingerprint(config: Config) -> str:
     return digest.hexdigest()
 
 
+@functools.cache
+def code_version() -> str:
+    """Hash of the source every output is computed by (the packages and the SQL files).
+
+    Part of every cached output's folder name: after a change to the code, a
+    re-run computes afresh instead of reusing models or results the old code made.
+    """
+    digest = hashlib.sha256()
+    for folder in CODE_FOLDERS:
+        for path in sorted((PROJECT_ROOT / folder).rglob("*")):
+            if path.suffix in (".py", ".sql") and path.is_file():
+                digest.update(f"{path.relative_to(PROJECT_ROOT).as_posix()}:".encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def data_version(config: Config) -> str:
-    """The prepared data's identity: hash of the data config and the input files' fingerprint."""
-    return hashlib.sha256(f"{config.hash_of('data')}:{source_fingerprint(config)}".encode()).hexdigest()[:12]
+    """The prepared data's identity: hash of the data config, the input files' fingerprint and the code version."""
+    return hashlib.sha256(f"{config.hash_of('data')}:{source_fingerprint(config)}:{code_version()}".encode()).hexdigest()[:12]
 
 
 def prepared_dir(config: Config) -> Path:
