@@ -16,8 +16,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from metarec.metrics import bootstrap_ci  # noqa: E402
 from tasks.atomic import atomic_path, write_text  # noqa: E402
-from tasks.evaluation import new_user_metric  # noqa: E402
+from tasks.evaluation import CASES_FILE, new_user_metric  # noqa: E402
 
 OURS = "responsive"
 LABELS = {"responsive": "Ours (meta)", "mf_ft": "MF-FT", "rkmf": "RKMF", "srec": "sRec", "spmf": "SPMF", "pop": "Pop"}
@@ -163,28 +168,71 @@ def lambda_plot(points: list[dict], path: Path, dataset: str, n: int = 5) -> Pat
     return _save_figure(fig, path)
 
 
-def summary_markdown(dataset: str, stats: dict, config_flat: dict, step_seconds: dict[str, float], rows: list[dict], results: dict[str, dict]) -> str:
+STREAM_GROUPS = (("stream_auc_mean", "all stream cases", None), ("stream_seen_auc_mean", "users seen before the batch", True), ("stream_cold_auc_mean", "users first seen in the batch", False))
+
+
+def read_cases(run: Path, models) -> dict[str, pa.Table]:
+    """Each model's per-case results (``eval/<model>/cases.parquet``), where written."""
+    paths = {model: run / "eval" / model / CASES_FILE for model in models}
+    return {model: pq.read_table(path) for model, path in paths.items() if path.is_file()}
+
+
+def case_values(cases: pa.Table, metric: str, part: str, n: int | None = None, seen: bool | None = None) -> np.ndarray:
+    """One metric of the cases of one part (new users at n, or stream cases, optionally seen or not)."""
+    mask = np.asarray(cases.column("part").to_numpy(zero_copy_only=False) == part)
+    if n is not None:
+        mask &= cases.column("n").to_numpy() == n
+    if seen is not None:
+        mask &= cases.column("seen").to_numpy(zero_copy_only=False) == seen
+    return cases.column(metric).to_numpy(zero_copy_only=False)[mask].astype(np.float64)
+
+
+def paired_verdict(ours: np.ndarray, other: np.ndarray, resamples: int, seed: int) -> str:
+    """wins / loses when the 95% paired-bootstrap CI of the per-case difference excludes 0, else a tie.
+
+    The cases are the same for every model (the stored candidates, in order), so
+    the difference is taken case by case: far tighter than comparing two CIs.
+    """
+    if len(ours) != len(other) or not len(ours):
+        return "not comparable (different cases)"
+    diff, low, high = bootstrap_ci(ours - other, resamples, seed)
+    word = "wins" if low > 0 else "loses" if high < 0 else "tie"
+    return f"{word} (difference {diff:+.3f}, 95% CI [{low:+.3f}, {high:+.3f}])"
+
+
+def summary_markdown(
+    dataset: str, stats: dict, config_flat: dict, step_seconds: dict[str, float], rows: list[dict], results: dict[str, dict], cases: dict[str, pa.Table] | None = None
+) -> str:
+    cases = cases or {}
+    resamples, seed = int(config_flat.get("eval.bootstrap", 1000)), int(config_flat.get("eval.seed", 0))
+
+    def verdict(best: str, ours_value: float, best_value: float, part: str, metric: str, n: int | None = None, seen: bool | None = None) -> str:
+        if OURS in cases and best in cases:
+            return paired_verdict(case_values(cases[OURS], metric, part, n, seen), case_values(cases[best], metric, part, n, seen), resamples, seed)
+        return "wins" if ours_value > best_value else "does not win"
+
     parts = stats.get("parts", {})
     lines = [f"# Run summary — {dataset}", "", "## Data", ""]
     lines += [f"- {name}: {p.get('rows')} rows, {p.get('users')} users, {p.get('items')} items" for name, p in parts.items()]
     lines += [f"- new users evaluated (>= {stats.get('new_users_min_positives')} positives): {stats.get('new_users_evaluable')}", ""]
     lines += ["## Wall time per step (s)", "", *[f"- {k}: {v:.1f}" for k, v in step_seconds.items()], ""]
-    lines += ["## Where our model wins and where it does not", ""]
+    lines += ["## Where our model wins and where it does not", "", "Ours against the best other model on each line; wins and loses need the 95% paired-bootstrap CI of the per-case difference to exclude 0.", ""]
     for metric in ("hr", "ndcg", "auc", "full_hr", "full_ndcg"):
         for n in sorted({r["n"] for r in rows}):
             at_n = {r["model"]: r[metric] for r in rows if r["n"] == n and r[metric] is not None}
             if OURS not in at_n or len(at_n) < 2:
                 continue
             best_other = max((m for m in at_n if m != OURS), key=lambda m: at_n[m])
-            verdict = "wins" if at_n[OURS] > at_n[best_other] else "does not win"
-            lines.append(f"- new users n={n}, {metric}: ours {at_n[OURS]:.3f} vs best other {LABELS.get(best_other, best_other)} {at_n[best_other]:.3f} — {verdict}")
-    for key, label in (("stream_auc_mean", "all stream cases"), ("stream_seen_auc_mean", "users seen before the batch"), ("stream_cold_auc_mean", "users first seen in the batch")):
+            said = verdict(best_other, at_n[OURS], at_n[best_other], "new", metric, n)
+            lines.append(f"- new users n={n}, {metric}: ours {at_n[OURS]:.3f} vs best other {LABELS.get(best_other, best_other)} {at_n[best_other]:.3f} — {said}")
+    for key, label, seen in STREAM_GROUPS:
         stream = {m: r["metrics"].get(key, {}).get("mean") for m, r in results.items()}
         others = {m: v for m, v in stream.items() if m != OURS and v is not None and not math.isnan(v)}
         if stream.get(OURS) is not None and others:
             best = max(others, key=others.get)
-            cases = results[OURS]["metrics"][key]["cases"]
-            lines.append(f"- stream, {label} ({cases} cases), mean AUC: ours {stream[OURS]:.3f} vs best other {LABELS.get(best, best)} {others[best]:.3f} — {'wins' if stream[OURS] > others[best] else 'does not win'}")
+            count = results[OURS]["metrics"][key]["cases"]
+            said = verdict(best, stream[OURS], others[best], "stream", "auc", seen=seen)
+            lines.append(f"- stream, {label} ({count} cases), mean AUC: ours {stream[OURS]:.3f} vs best other {LABELS.get(best, best)} {others[best]:.3f} — {said}")
     lines += ["", "## Configuration", "", "| key | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in sorted(config_flat.items())], ""]
     return "\n".join(lines)
 
@@ -198,6 +246,7 @@ def write_report(run: Path, dataset: str, results: dict[str, dict], ns: tuple[in
     }
     write_text(table1_markdown(rows, dataset), files["table1.md"])
     write_text(table1_csv(rows), files["table1.csv"])
-    write_text(summary_markdown(dataset, stats, config_flat, step_seconds, rows, results), files["summary.md"])
+    summary = summary_markdown(dataset, stats, config_flat, step_seconds, rows, results, read_cases(run, results))
+    write_text(summary, files["summary.md"])
     files["stream_auc.png"] = stream_auc_plot(results, n_batches, run / "stream_auc.png", dataset)
     return files

@@ -1,7 +1,8 @@
 """Evaluate one saved model on the prepared data's stored candidates; results to disk and MLflow.
 
 Per model, in ``run_dir(config)/eval/<model>/``:
-- ``cases.parquet``: one row per case (part, n, batch, user_id, hr, ndcg, auc, full_hr, full_ndcg);
+- ``cases.parquet``: one row per case (part, n, batch, user_id, seen, hr, ndcg, auc, full_hr,
+  full_ndcg), in the stored candidates' order, so two models' cases pair up row by row;
 - ``metrics.json``: the means (with 95% bootstrap CIs and case counts) under the metric
   names below, which are the same in every MLflow child run so the compare view lines
   models up.
@@ -105,9 +106,10 @@ def _cases_table(new: dict[int, CaseResults], stream: dict[int, CaseResults]) ->
                 "n": [key if label == "new" else -1] * size,
                 "batch": [key if label == "stream" else -1] * size,
                 "user_id": res.users.tolist(),
+                "seen": res.extra["seen"].tolist() if "seen" in res.extra else [False] * size,
                 **{m: res.metrics.get(m, np.full(size, np.nan)).tolist() for m in ("hr", "ndcg", "auc", "full_hr", "full_ndcg")},
             })
-    columns = {k: sum((p[k] for p in parts), []) for k in ("part", "n", "batch", "user_id", "hr", "ndcg", "auc", "full_hr", "full_ndcg")}
+    columns = {k: sum((p[k] for p in parts), []) for k in ("part", "n", "batch", "user_id", "seen", "hr", "ndcg", "auc", "full_hr", "full_ndcg")}
     return pa.table(columns)
 
 
