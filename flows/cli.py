@@ -231,6 +231,7 @@ def deploy(
     quick: bool = typer.Option(False, "--quick", help="Retrain with the --quick preset."),
     set_: list[str] = SetOpt,
     server: bool = typer.Option(True, "--server/--no-server", help="Start a Prefect server here (else use PREFECT_API_URL)."),
+    ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the Prefect web UI from the started server."),
 ) -> None:
     """Start a local Prefect server and serve the nightly retraining deployment (Ctrl-C stops both)."""
     import os
@@ -248,7 +249,7 @@ def deploy(
 
     # SIGTERM unwinds like Ctrl-C, so the server started below is stopped with us
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with local_server(port):
+    with local_server(port, ui=ui):
         os.environ["PREFECT_API_URL"] = api_url(port)
         typer.echo(f"Prefect server on {api_url(port).removesuffix('/api')}; serving 'nightly-retrain/{DEPLOYMENT_NAME}' on '{cron}'")
         serve_nightly(cron, parameters)

@@ -61,11 +61,12 @@ def server_env(port: int, prefect_home: Path | None = None) -> dict[str, str]:
 
 
 @contextmanager
-def local_server(port: int, prefect_home: Path | None = None, log_path: Path | None = None) -> Iterator[subprocess.Popen]:
-    """A `prefect server start` child on 127.0.0.1:port, stopped (by its own process group) on exit."""
+def local_server(port: int, prefect_home: Path | None = None, log_path: Path | None = None, ui: bool = True) -> Iterator[subprocess.Popen]:
+    """A `prefect server start` child on 127.0.0.1:port (with its web UI unless ``ui`` is False),
+    stopped (by its own process group) on exit."""
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), *([] if ui else ["--no-ui"])],
         env=server_env(port, prefect_home),
         stdout=log,
         stderr=subprocess.STDOUT,
