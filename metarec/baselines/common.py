@@ -321,17 +321,18 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
         return len(self.W_)
 
     # ---- scoring
+    def _seen_users(self, users: np.ndarray) -> np.ndarray:
+        """(B,) bool: the model has seen at least one interaction of the user."""
+        return self.index_.has_user(users) if self.index_ is not None else np.zeros(len(users), dtype=bool)
+
     def trained_user_rows(self) -> torch.Tensor:
         """The rows of W_ of users seen so far (all of W_ before any is seen): what the population is."""
-        if self.index_ is None:
-            return self.W_
-        seen = torch.from_numpy(self.index_.has_user(np.arange(len(self.W_))))
-        return self.W_[seen] if bool(seen.any()) else self.W_
+        seen = self._seen_users(np.arange(len(self.W_)))
+        return self.W_[torch.from_numpy(seen)] if seen.any() else self.W_
 
     def unseen_users(self) -> torch.Tensor:
         """Ids of W_'s rows of users with no interaction seen (stream-only and new users, as ids are dense)."""
-        seen = self.index_.has_user(np.arange(len(self.W_))) if self.index_ is not None else np.zeros(len(self.W_), dtype=bool)
-        return torch.from_numpy(np.flatnonzero(~seen))
+        return torch.from_numpy(np.flatnonzero(~self._seen_users(np.arange(len(self.W_)))))
 
     def _default_user(self) -> torch.Tensor:
         return self.trained_user_rows().mean(0) if len(self.W_) else torch.zeros(self.dim)
@@ -377,7 +378,7 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
         """
         default = self._default_user()
         rows = lookup(self.W_, users, default)
-        unseen = torch.from_numpy(~self.index_.has_user(users)) if self.index_ is not None else torch.zeros(len(users), dtype=torch.bool)
+        unseen = torch.from_numpy(~self._seen_users(users))
         return torch.where(unseen[:, None], default.to(rows.dtype), rows)
 
     # ---- new users: only a transient user row is trained; the model is untouched
