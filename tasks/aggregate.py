@@ -190,8 +190,9 @@ def case_values(cases: pa.Table, metric: str, part: str, n: int | None = None, s
 def paired_verdict(ours: np.ndarray, other: np.ndarray, resamples: int, seed: int) -> str:
     """wins / loses when the 95% paired-bootstrap CI of the per-case difference excludes 0, else a tie.
 
-    The cases are the same for every model (the stored candidates, in order), so
-    the difference is taken case by case: far tighter than comparing two CIs.
+    ``ours[i]`` and ``other[i]`` must be the same case (the caller checks the
+    user ids line up): the difference is then taken case by case, far tighter
+    than comparing two CIs when cases differ much in difficulty.
     """
     if len(ours) != len(other) or not len(ours):
         return "not comparable (different cases)"
@@ -207,9 +208,12 @@ def summary_markdown(
     resamples, seed = int(config_flat.get("eval.bootstrap", 1000)), int(config_flat.get("eval.seed", 0))
 
     def verdict(best: str, ours_value: float, best_value: float, part: str, metric: str, n: int | None = None, seen: bool | None = None) -> str:
-        if OURS in cases and best in cases:
-            return paired_verdict(case_values(cases[OURS], metric, part, n, seen), case_values(cases[best], metric, part, n, seen), resamples, seed)
-        return "wins" if ours_value > best_value else "does not win"
+        if OURS not in cases or best not in cases:
+            return "wins" if ours_value > best_value else "does not win"
+        pick = lambda model, column: case_values(cases[model], column, part, n, seen)  # noqa: E731
+        if not np.array_equal(pick(OURS, "user_id"), pick(best, "user_id")):
+            return "not comparable (different cases)"
+        return paired_verdict(pick(OURS, metric), pick(best, metric), resamples, seed)
 
     parts = stats.get("parts", {})
     lines = [f"# Run summary — {dataset}", "", "## Data", ""]

@@ -133,9 +133,10 @@ class SRec(FactorBaseline):
         return means.mean(0), means.var(0).clamp(min=MIN_VAR)
 
     def _grow_from_prior(self, n_users: int, n_items: int) -> None:
-        for mean_name, var_name, tau_name, rows in (("W_", "var_W_", "tau_W_", n_users), ("H_", "var_H_", "tau_H_", n_items)):
+        tables = (("W_", "var_W_", "tau_W_", n_users, self.trained_user_rows()), ("H_", "var_H_", "tau_H_", n_items, self.H_))
+        for mean_name, var_name, tau_name, rows, population in tables:
             mean_tbl = getattr(self, mean_name)
-            m, v = self.prior(self.trained_user_rows() if mean_name == "W_" else mean_tbl)
+            m, v = self.prior(population)
             setattr(self, mean_name, grow(mean_tbl, rows, lambda k: m.expand(k, -1).clone()))
             setattr(self, var_name, grow(getattr(self, var_name), rows, lambda k: v.expand(k, -1).clone()))
             setattr(self, tau_name, grow(getattr(self, tau_name), rows, lambda k: torch.full((k,), NEVER, dtype=torch.int64)))
