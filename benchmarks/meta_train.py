@@ -23,7 +23,7 @@ from metarec.config import MetaConfig, TaskConfig
 from metarec.interface import Interactions, RecentItems
 from metarec.maml import TaskBatch, meta_step, reference_meta_objective
 from metarec.meta_tasks import build_tasks
-from metarec.responsive import ResponsiveMF
+from metarec.models.responsive import ResponsiveMF
 
 
 def synthetic_history(n_users: int, n_items: int, per_user: int, seed: int) -> Interactions:

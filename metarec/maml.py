@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metarec.mf import bpr_triple_loss
+from metarec.models.mf import bpr_triple_loss
 
 
 class InnerParams(Protocol):

@@ -23,7 +23,7 @@ from prefect import task
 
 from metarec.config import Config
 from metarec.interface import StreamingRecommender
-from metarec.registry import make_model
+from metarec.models.registry import make_model
 from tasks.atomic import atomic_dir
 from tasks.logs import log_info
 from tasks.paths import prepared_dir

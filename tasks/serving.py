@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from metarec.config import Config, MetaConfig, TaskConfig
 from metarec.interface import Interactions, RecentItems
 from metarec.protocol import Cases, evaluate_new_users
-from metarec.responsive import ResponsiveMF
+from metarec.models.responsive import ResponsiveMF
 from tasks.champion import CHAMPION, current_champion
 from tasks.evaluation import load_cases
 from tasks.paths import dataset_slug, prepared_dir

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from metarec.config import Config
 from metarec.maml import DivergedError
-from metarec.responsive import EpochStats, ResponsiveMF, from_config
+from metarec.models.responsive import EpochStats, ResponsiveMF, from_config
 from tasks.atomic import atomic_dir, write_json
 from tasks.logs import log_info
 from tasks.models import model_dir, save_model

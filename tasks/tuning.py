@@ -39,11 +39,11 @@ import numpy as np
 import torch
 from prefect import task
 
-from metarec.baselines.common import sampled_metrics
+from metarec.models.common import sampled_metrics
 from metarec.config import BaselineConfig, Config, MetaConfig, TaskConfig
 from metarec.interface import Interactions, RecentItems
 from metarec.neighbours import InteractionIndex
-from metarec.registry import make_model
+from metarec.models.registry import make_model
 from tasks.atomic import write_json
 from tasks.logs import log_info
 from tasks.models import baseline_threads

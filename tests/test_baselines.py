@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from metarec.baselines.common import rounds, sampled_metrics
-from metarec.baselines.spmf import reservoir_insert
-from metarec.baselines.srec import SRec, kalman_round
+from metarec.models.common import rounds, sampled_metrics
+from metarec.models.spmf import reservoir_insert
+from metarec.models.srec import SRec, kalman_round
 from metarec.config import BaselineConfig, Config, MetaConfig
 from metarec.interface import Interactions, RecentItems
-from metarec.registry import make_model
+from metarec.models.registry import make_model
 from metarec.synthetic import planted_interactions
 
 MODELS = ("rkmf", "srec", "spmf", "mf_ft", "pop")

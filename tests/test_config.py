@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metarec.baselines.pop import PopRecommender
+from metarec.models.pop import PopRecommender
 from metarec.interface import Interactions, RecentItems
 from tasks.settings import ConfigError, load_config
 

@@ -20,7 +20,7 @@ from metarec.maml import (
     localise,
     query_loss,
 )
-from metarec.mf import bpr_triple_loss
+from metarec.models.mf import bpr_triple_loss
 
 
 def _tasks(T: int, K: int, n_users: int, n_items: int, seed: int) -> TaskBatch:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from metarec.baselines.pop import PopRecommender
+from metarec.models.pop import PopRecommender
 from metarec.interface import Interactions, RecentItems, StreamingRecommender
 from metarec.protocol import Cases, evaluate_new_users, evaluate_stream, first_interactions
 

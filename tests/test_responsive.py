@@ -8,8 +8,8 @@ import torch
 
 from metarec.config import Config, MetaConfig, TaskConfig
 from metarec.interface import Interactions, RecentItems
-from metarec.registry import make_model
-from metarec.responsive import ResponsiveMF
+from metarec.models.registry import make_model
+from metarec.models.responsive import ResponsiveMF
 from metarec.synthetic import planted_interactions
 
 SMALL = MetaConfig(dim=8, epochs=1, batch_tasks=64, inner_lr=1.0, seed=0)

@@ -35,7 +35,7 @@ from metarec.config import Config, MetaConfig, TaskConfig
 from metarec.interface import Interactions, RecentItems, StreamingRecommender
 from metarec.maml import StepStats, TaskBatch, inner_adapt, localise, meta_step, support_ops
 from metarec.meta_tasks import TaskArrays, build_tasks, fill_own, stream_tasks, support_sets
-from metarec.mf import bpr_triple_loss, init_table, mean_plus_noise
+from metarec.models.mf import bpr_triple_loss, init_table, mean_plus_noise
 from metarec.neighbours import InteractionIndex
 
 logger = logging.getLogger(__name__)

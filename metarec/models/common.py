@@ -71,7 +71,7 @@ def kernel_bpr_grads(kernel: Kernel, scale: float, reg: float) -> GradFn:
 
 
 def autograd_bpr_grads(loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> GradFn:
-    """Gradients of any per-triple loss by autograd (MF-FT uses metarec.mf.bpr_triple_loss through this)."""
+    """Gradients of any per-triple loss by autograd (MF-FT uses metarec.models.mf.bpr_triple_loss through this)."""
 
     def grads(w: torch.Tensor, hi: torch.Tensor, hj: torch.Tensor):
         w, hi, hj = (t.detach().requires_grad_(True) for t in (w, hi, hj))

@@ -13,12 +13,12 @@ from metarec.interface import StreamingRecommender
 
 # name -> "module:factory"; each factory takes the whole Config and returns an unfitted model.
 MODEL_FACTORIES: dict[str, str] = {
-    "responsive": "metarec.responsive:from_config",
-    "mf_ft": "metarec.baselines.mf_ft:from_config",
-    "rkmf": "metarec.baselines.rkmf:from_config",
-    "srec": "metarec.baselines.srec:from_config",
-    "spmf": "metarec.baselines.spmf:from_config",
-    "pop": "metarec.baselines.pop:from_config",
+    "responsive": "metarec.models.responsive:from_config",
+    "mf_ft": "metarec.models.mf_ft:from_config",
+    "rkmf": "metarec.models.rkmf:from_config",
+    "srec": "metarec.models.srec:from_config",
+    "spmf": "metarec.models.spmf:from_config",
+    "pop": "metarec.models.pop:from_config",
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel
 
-from metarec.baselines.common import check_ids
+from metarec.models.common import check_ids
 from metarec.config import Config
 from metarec.interface import Interactions, RecentItems, StreamingRecommender
 

@@ -1,7 +1,7 @@
 """MF-FT: our MF and BPR without the meta loss (λ_ML = 0), updated online by plain fine-tuning.
 
 The decisive ablation (BASELINES.md): the same model f (METHOD.md §3: score
-p_iᵀq_j, per-triple loss ``metarec.mf.bpr_triple_loss`` with the meta
+p_iᵀq_j, per-triple loss ``metarec.models.mf.bpr_triple_loss`` with the meta
 section's λ_P, λ_Q⁺, λ_Q⁻, dimension d and initial std) as the meta-learned
 model, so the two differ only in how they learn:
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from metarec.config import BaselineConfig, Config, MetaConfig
 from metarec.interface import Interactions, RecentItems
-from metarec.mf import bpr_triple_loss
+from metarec.models.mf import bpr_triple_loss
 
 from .common import (
     PURPOSE_NEW_USERS,
