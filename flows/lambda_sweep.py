@@ -29,7 +29,8 @@ def sweep_dir(config: Config) -> Path:
 
 @task(name="sweep-point")
 def sweep_point(config: Config, lambda_ml: float, task_dir: Path) -> dict:
-    point = config.model_copy(update={"meta": config.meta.model_copy(update={"lambda_ml": lambda_ml})})
+    row = config.for_row("responsive")
+    point = row.model_copy(update={"meta": row.meta.model_copy(update={"lambda_ml": lambda_ml})})
     point_eval = point.model_copy(update={"eval": point.eval.model_copy(update={"full_ranking": False})})
     training = meta_train(point, task_dir)
     if training.status != "finished":
@@ -42,7 +43,7 @@ def sweep_point(config: Config, lambda_ml: float, task_dir: Path) -> dict:
 def lambda_sweep(config: Config) -> dict:
     logger = get_run_logger()
     prepare_flow(config)
-    task_dir = build_task_shards_task(config)
+    task_dir = build_task_shards_task(config.for_row("responsive"))
     futures = [sweep_point.submit(config, value, task_dir) for value in config.eval.lambda_sweep]
     points = [future.result() for future in futures]
     out = sweep_dir(config)

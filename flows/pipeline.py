@@ -36,7 +36,7 @@ def _fit_all(config: Config) -> tuple[dict[str, Path], object]:
     baselines = {name: fit_model_task.submit(name, config) for name in config.eval.models if name != OURS}
     training = None
     if OURS in config.eval.models:
-        training = meta_train_task.submit(config, build_task_shards_task(config)).result()
+        training = meta_train_task.submit(config, build_task_shards_task(config.for_row(OURS))).result()
     paths = {name: future.result() for name, future in baselines.items()}
     if training is not None and training.status == "finished":
         paths = {OURS: Path(training.model_path), **paths}

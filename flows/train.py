@@ -17,5 +17,5 @@ from tasks.training import TrainResult, meta_train_task
 @flow(name="train", validate_parameters=False)
 def train_flow(config: Config) -> TrainResult:
     prepare_flow(config)
-    task_dir = build_task_shards_task(config)
+    task_dir = build_task_shards_task(config.for_row("responsive"))
     return meta_train_task(config, task_dir)

@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-KNOWN_MODELS = ("responsive", "mf_ft", "rkmf", "srec", "spmf", "pop")
+from metarec.models.registry import KNOWN_MODELS, ROWS
 
 # Where the data is read from does not change what it is: these stay out of the hashes.
 NOT_HASHED: dict[str, set[str]] = {"data": {"data_dir", "download"}}
@@ -96,15 +96,15 @@ class MetaConfig(Section):
     seed: int = 0
 
 
-# Chosen by `metarec tune` on ml-100k (tasks/tuning.py: budget 8 per model, seed 1, last 10% of the history
-# held out, objective = mean of new-user and held-out NDCG@10); the search spaces are tasks.tuning.SEARCH_SPACES.
+# Chosen by `metarec tune` on ml-100k (budget 8 per model, seed 1, last 10% of the history held out, objective =
+# mean of new-user and held-out NDCG@10); keyed by row, then section.field (``Config.tuned``).
 TUNED_ML100K: dict[str, dict[str, float | int | str]] = {
-    "rkmf": {"epochs": 40, "lr": 0.1, "reg": 0.01, "rkmf_kernel": "logistic", "rkmf_update_epochs": 10},
-    "srec": {"srec_drift_var": 1e-07, "srec_negatives": 4, "srec_obs_var": 0.3, "srec_passes": 3, "srec_prior_var": 0.03},
-    "spmf": {"epochs": 40, "lr": 0.01, "reg": 0.001, "spmf_reservoir": 1000, "spmf_samples": 250, "spmf_temperature": 3.0, "spmf_update_epochs": 3},
-    "mf_ft": {"epochs": 20, "ft_epochs": 5, "ft_lr": 0.2, "lr": 0.02, "reg": 0.001},
+    "rkmf": {"baselines.epochs": 40, "baselines.lr": 0.1, "baselines.reg": 0.01, "baselines.rkmf_kernel": "logistic", "baselines.rkmf_update_epochs": 10},
+    "srec": {"baselines.srec_drift_var": 1e-07, "baselines.srec_negatives": 4, "baselines.srec_obs_var": 0.3, "baselines.srec_passes": 3, "baselines.srec_prior_var": 0.03},
+    "spmf": {"baselines.epochs": 40, "baselines.lr": 0.01, "baselines.reg": 0.001, "baselines.spmf_reservoir": 1000, "baselines.spmf_samples": 250,
+             "baselines.spmf_temperature": 3.0, "baselines.spmf_update_epochs": 3},
+    "mf_ft": {"baselines.epochs": 20, "baselines.ft_epochs": 5, "baselines.ft_lr": 0.2, "baselines.lr": 0.02, "baselines.reg": 0.001},
 }
-
 
 class BaselineConfig(Section):
     """Hyperparameters of the baselines (BASELINES.md); chosen by the validation search."""
@@ -137,40 +137,6 @@ class BaselineConfig(Section):
     # validation search (tasks/tuning.py): the same budget for every model
     tune_budget: int = Field(8, ge=1, description="Configurations tried per model (the defaults first, then seeded random draws).")
     tune_holdout: float = Field(0.1, gt=0.0, lt=1.0, description="Last fraction of the history (by time) held out for validation.")
-    per_model: dict[str, dict[str, float | int | str]] = Field(
-        default_factory=lambda: {name: dict(values) for name, values in TUNED_ML100K.items()},
-        description="Per-model overrides of the fields above, e.g. {'rkmf': {'lr': 0.02}}: where the tuned values go "
-        "(shared fields like lr differ per model); they fill fields left at their defaults (see for_model). "
-        "Default: the values `metarec tune` chose on ml-100k (TUNED_ML100K).",
-    )
-
-    @field_validator("per_model")
-    @classmethod
-    def _known_overrides(cls, per_model: dict[str, dict[str, float | int | str]]) -> dict[str, dict[str, float | int | str]]:
-        for model, fields in per_model.items():
-            if model not in KNOWN_MODELS:
-                raise ValueError(f"baselines.per_model: unknown model {model!r}; expected some of {list(KNOWN_MODELS)}")
-            unknown = [f for f in fields if f not in cls.model_fields or f in ("per_model", "tune_budget", "tune_holdout")]
-            if unknown:
-                raise ValueError(f"baselines.per_model[{model!r}]: {unknown} are not tunable baseline fields")
-            try:
-                cls(**fields)  # the values themselves, against each field's constraints
-            except ValueError as exc:
-                raise ValueError(f"baselines.per_model[{model!r}]: {exc}") from exc
-        return per_model
-
-    def for_model(self, name: str) -> "BaselineConfig":
-        """The values model ``name`` uses (validated), without the per-model table.
-
-        ``per_model[name]`` fills the fields left at their class default; a field
-        set to any other value (``--set baselines.lr=0.03``) wins, so an explicit
-        setting is never silently replaced by a tuned one.
-        """
-        values = self.model_dump(exclude={"per_model"})
-        for key, value in self.per_model.get(name, {}).items():
-            if values[key] == type(self).model_fields[key].default:
-                values[key] = value
-        return BaselineConfig(**values)
 
 
 class EvalConfig(Section):
@@ -214,6 +180,12 @@ class RuntimeConfig(Section):
     progress: bool = True
 
 
+RESULT_SECTIONS = ("data", "tasks", "meta", "baselines", "eval")
+SECTION_TYPES: dict[str, type[Section]] = {
+    "data": DataConfig, "tasks": TaskConfig, "meta": MetaConfig, "baselines": BaselineConfig, "eval": EvalConfig,
+}
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="METAREC_", env_nested_delimiter="__", extra="forbid")
 
@@ -223,13 +195,68 @@ class Config(BaseSettings):
     baselines: BaselineConfig = BaselineConfig()
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    tuned: dict[str, dict[str, float | int | str | bool]] = Field(
+        default_factory=lambda: {name: dict(values) for name, values in TUNED_ML100K.items()},
+        description="Per Table 1 row, tuned values by section.field, e.g. {'rkmf': {'baselines.lr': 0.02}}: shared fields "
+        "like baselines.lr differ per row. They fill fields left at their class default (see for_row), so an explicit "
+        "setting is never silently replaced. Default: the values `metarec tune` chose on ml-100k (TUNED_ML100K).",
+    )
+
+    @field_validator("tuned")
+    @classmethod
+    def _known_tuned(cls, tuned: dict[str, dict]) -> dict[str, dict]:
+        for name, values in tuned.items():
+            if name not in ROWS:
+                raise ValueError(f"tuned: unknown model {name!r}; expected some of {list(ROWS)}")
+            for key in values:
+                section, _, field = key.partition(".")
+                if section not in RESULT_SECTIONS or field not in SECTION_TYPES[section].model_fields:
+                    raise ValueError(f"tuned[{name!r}]: {key!r} is not section.field with section in {list(RESULT_SECTIONS)}")
+        return tuned
+
+    @model_validator(mode="after")
+    def _tuned_values_valid(self) -> "Config":
+        for name in self.tuned:
+            try:
+                self.for_row(name)
+            except ValueError as exc:
+                raise ValueError(f"tuned[{name!r}]: {exc}") from exc
+        return self
+
+    def for_row(self, name: str) -> "Config":
+        """The config row ``name`` runs with: tuned values fill fields at their class default, then the row's fixed options.
+
+        Sections are rebuilt, so every value is validated against its field. The result no longer carries
+        ``tuned[name]``, so applying it twice changes nothing and a value set on the result afterwards (a λ_ML
+        sweep point) is not replaced by a tuned one.
+        """
+        from metarec.models.registry import row
+
+        fixed = row(name).fixed
+        update: dict[str, dict] = {}
+        for key, value in self.tuned.get(name, {}).items():
+            section, _, field = key.partition(".")
+            current = getattr(self, section)
+            if getattr(current, field) == SECTION_TYPES[section].model_fields[field].default:
+                update.setdefault(section, {})[field] = value
+        for key, value in fixed.items():
+            section, _, field = key.partition(".")
+            update.setdefault(section, {})[field] = value
+        sections = {s: SECTION_TYPES[s](**{**getattr(self, s).model_dump(), **fields}) for s, fields in update.items()}
+        # the row's values are resolved: dropping them makes for_row idempotent, and a later change sticks
+        remaining = {other: values for other, values in self.tuned.items() if other != name}
+        return self.model_copy(update={**sections, "tuned": remaining})
 
     def hash_of(self, *sections: str) -> str:
         """A short stable hash of the named sections (all result sections if none)."""
-        names = sections or ("data", "tasks", "meta", "baselines", "eval")
-        payload = {name: getattr(self, name).model_dump(mode="json", exclude=NOT_HASHED.get(name)) for name in names}
+        names = sections or (*RESULT_SECTIONS, "tuned")
+        payload = {name: self._dump(name) for name in names}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def _dump(self, name: str) -> object:
+        value = getattr(self, name)
+        return value if name == "tuned" else value.model_dump(mode="json", exclude=NOT_HASHED.get(name))
 
     def to_flat_dict(self) -> dict[str, object]:
         """`section.field` -> value, for MLflow params and run records."""

@@ -21,11 +21,12 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from metarec.metrics import bootstrap_ci  # noqa: E402
+from metarec.models.registry import ROWS  # noqa: E402
 from tasks.atomic import atomic_path, write_text  # noqa: E402
 from tasks.evaluation import CASES_FILE, new_user_metric  # noqa: E402
 
 OURS = "responsive"
-LABELS = {"responsive": "Ours (meta)", "mf_ft": "MF-FT", "rkmf": "RKMF", "srec": "sRec", "spmf": "SPMF", "pop": "Pop"}
+LABELS = {name: row.label for name, row in ROWS.items()}
 PAPER_BASELINES = ("rkmf", "srec", "spmf")
 
 # METHOD.md §10: the paper's Table 1 (HR@10, NDCG@10) on ML-1M and Netflix

@@ -23,7 +23,7 @@ from prefect import task
 
 from metarec.config import Config
 from metarec.interface import StreamingRecommender
-from metarec.models.registry import make_model
+from metarec.models.registry import ROWS, make_model
 from tasks.atomic import atomic_dir
 from tasks.logs import log_info
 from tasks.paths import prepared_dir
@@ -32,11 +32,7 @@ from tasks.prepared import PreparedData, load_prepared
 logger = logging.getLogger(__name__)
 
 STATE_FILE, META_FILE = "state.npz", "model.json"
-# the config sections each model's fitted state depends on (besides data)
-MODEL_SECTIONS = {"mf_ft": ("baselines", "meta"), "responsive": ("tasks", "meta")}
-
-
-BASELINE_NAMES = ("rkmf", "srec", "spmf", "mf_ft", "pop")
+BASELINE_NAMES = tuple(name for name, r in ROWS.items() if not r.is_ours)
 
 
 def baseline_threads(config: Config) -> int:
@@ -46,12 +42,18 @@ def baseline_threads(config: Config) -> int:
 
 
 def model_sections(name: str) -> tuple[str, ...]:
-    return ("data", *MODEL_SECTIONS.get(name, ("baselines",)))
+    """The config sections row ``name``'s fitted state depends on (data, then the row's own)."""
+    return ("data", *ROWS[name].sections)
+
+
+def model_hash(config: Config, name: str) -> str:
+    """Hash of what row ``name`` is fitted with: its sections after its tuned and fixed values (``Config.for_row``)."""
+    return config.for_row(name).hash_of(*model_sections(name))
 
 
 def model_dir(config: Config, name: str) -> Path:
-    """prepared_dir/models/<name>-<hash of the sections it depends on>."""
-    return prepared_dir(config) / "models" / f"{name}-{config.hash_of(*model_sections(name))}"
+    """prepared_dir/models/<name>-<hash of the row's own config>."""
+    return prepared_dir(config) / "models" / f"{name}-{model_hash(config, name)}"
 
 
 def fit_model(name: str, config: Config, prepared: PreparedData) -> StreamingRecommender:
@@ -68,11 +70,12 @@ def save_model(model: StreamingRecommender, name: str, config: Config, out: Path
     bad = [key for key, value in arrays.items() if np.asarray(value).dtype == object]
     if bad:
         raise TypeError(f"model {name!r}: state arrays {bad} are not numeric; refusing to pickle them")
+    row_config = config.for_row(name)
     meta = {
         "name": name,
         "class": type(model).__name__,
-        "config": {section: getattr(config, section).model_dump(mode="json") for section in ("data", "tasks", "meta", "baselines")},
-        "config_hash": config.hash_of(*model_sections(name)),
+        "config": {section: getattr(row_config, section).model_dump(mode="json") for section in ("data", "tasks", "meta", "baselines")},
+        "config_hash": model_hash(config, name),
         "arrays": {key: list(np.shape(value)) for key, value in arrays.items()},
         **(extra or {}),
     }
@@ -90,7 +93,7 @@ def load_model(path: Path) -> StreamingRecommender:
     if not meta_path.is_file() or not state_path.is_file():
         raise FileNotFoundError(f"no saved model in {path} (expected {META_FILE} and {STATE_FILE})")
     meta = json.loads(meta_path.read_text())
-    config = Config(**meta["config"])
+    config = Config(**meta["config"], tuned={})  # the recorded sections are the row's own values already
     model = make_model(meta["name"], config)
     with np.load(state_path, allow_pickle=False) as npz:
         model.load_state_arrays({key: npz[key] for key in npz.files})
@@ -108,7 +111,7 @@ def saved_model_ok(path: Path, config_hash: str) -> bool:
 def fit_and_save(name: str, config: Config, prepared: PreparedData | None = None, force: bool = False) -> Path:
     """Fit ``name`` on the prepared history and save it in ``model_dir``; reuse a complete save unless ``force``."""
     out = model_dir(config, name)
-    if not force and saved_model_ok(out, config.hash_of(*model_sections(name))):
+    if not force and saved_model_ok(out, model_hash(config, name)):
         logger.info("model %s already fitted in %s", name, out)
         return out
     prepared = prepared or load_prepared(prepared_dir(config))

@@ -156,8 +156,10 @@ def _start(config: Config, model: ResponsiveMF, ckpt: Path, history) -> tuple[in
     return 0, [], None
 
 
-def meta_train(config: Config, task_dir: Path | None = None, max_epochs: int | None = None) -> TrainResult:
-    """Meta-train (or resume) on the task shards; ``max_epochs`` stops early (as an interruption would)."""
+def meta_train(config: Config, task_dir: Path | None = None, max_epochs: int | None = None, row: str = "responsive") -> TrainResult:
+    """Meta-train (or resume) row ``row`` (ours or a variant of it) on the task shards; ``max_epochs`` stops early
+    (as an interruption would)."""
+    config = config.for_row(row)
     torch.set_num_threads(config.runtime.torch_threads)
     task_dir = Path(task_dir) if task_dir else task_shards_dir(config)
     n_tasks = int(read_manifest(task_dir)["n_tasks"])
@@ -180,16 +182,16 @@ def meta_train(config: Config, task_dir: Path | None = None, max_epochs: int | N
                 stats = _epoch(model, task_dir, epoch, config, n_tasks)
             except DivergedError as exc:
                 return _diverged(config, work, run_id, epoch, records, str(exc))
-            row = {"epoch": epoch, SUPPORT_LOSS: stats.support_loss, QUERY_LOSS: stats.query_loss, TASKS_PER_S: stats.tasks_per_s, EPOCH_SECONDS: stats.seconds}
-            records.append(row)
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            epoch_record = {"epoch": epoch, SUPPORT_LOSS: stats.support_loss, QUERY_LOSS: stats.query_loss, TASKS_PER_S: stats.tasks_per_s, EPOCH_SECONDS: stats.seconds}
+            records.append(epoch_record)
+            mlflow.log_metrics({k: v for k, v in epoch_record.items() if k != "epoch"}, step=epoch)
             save_checkpoint(model, ckpt, {"epoch": epoch, "history": records, "run_id": run_id, "config_hash": config.hash_of(*TRAIN_SECTIONS)})
             _log("epoch %d/%d: support %.4f, query %.4f, %d tasks in %.1fs (%.0f tasks/s)", epoch + 1, config.meta.epochs,
                  stats.support_loss, stats.query_loss, stats.tasks, stats.seconds, stats.tasks_per_s)
         if last < config.meta.epochs:
             mlflow.set_tag("status", "stopped")
             return TrainResult("stopped", last, run_id, records)
-        return _finish(config, model, work, run_id, records, len(history))
+        return _finish(config, model, work, run_id, records, len(history), row)
 
 
 def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list[dict], message: str) -> TrainResult:
@@ -203,12 +205,12 @@ def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list
     return TrainResult("diverged", epoch, run_id, records, message=message)
 
 
-def _finish(config: Config, model: ResponsiveMF, work: Path, run_id: str, records: list[dict], n_history: int) -> TrainResult:
+def _finish(config: Config, model: ResponsiveMF, work: Path, run_id: str, records: list[dict], n_history: int, row: str) -> TrainResult:
     """Θ to the run's artifacts (safetensors), a registered version, the evaluable model, status finished."""
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.log_artifacts(str(save_theta(model, Path(tmp) / "model", config)), artifact_path="model")
     version = _register(config, run_id)
-    out = save_model(model, "responsive", config, model_dir(config, "responsive"), {"run_id": run_id, "history_interactions": n_history})
+    out = save_model(model, row, config, model_dir(config, row), {"run_id": run_id, "history_interactions": n_history})
     mlflow.set_tag("status", "finished")
     write_json({"status": "finished", "epochs": len(records), "run_id": run_id, "model_version": version, "history": records}, work / STATUS_FILE)
     return TrainResult("finished", len(records), run_id, records, version, str(out))
@@ -225,6 +227,6 @@ def _register(config: Config, run_id: str) -> str:
 
 
 @task(name="meta-train")
-def meta_train_task(config: Config, task_dir: Path | None = None) -> TrainResult:
+def meta_train_task(config: Config, task_dir: Path | None = None, row: str = "responsive") -> TrainResult:
     """Prefect wrapper around ``meta_train``; a divergence is a result (status diverged), not a crash."""
-    return meta_train(config, task_dir)
+    return meta_train(config, task_dir, row=row)

@@ -16,16 +16,14 @@ Protocol, on the history only (the stream and the new users are never seen):
 3. Per model: ``baselines.tune_budget`` configurations, the defaults first
    then seeded random draws from ``SEARCH_SPACES[model]``; each is fitted on
    the training part and scored. The meta-learned ``responsive`` model gets
-   the same split, objective, budget and draws; its values are
-   ``section.field`` names of ``MetaConfig``/``TaskConfig`` (``meta.lambda_ml``)
-   and go into those sections, not into ``baselines.per_model``. The objective is the mean of the new-user
+   the same split, objective, budget and draws. Values are keyed by
+   ``section.field`` (``baselines.lr``, ``meta.lambda_ml``), as in ``Config.tuned``. The objective is the mean of the new-user
    NDCG@10 (pooled over n) and the held-out-tail NDCG@10; HR@10 and AUC are
    recorded beside it. Ties keep the earlier configuration.
 
 Output: ``tuning_path(config)`` (JSON, written atomically): the search space,
 the budget, every trial's values and metrics, and per model the chosen values,
-ready for ``baselines.per_model`` (``apply_tuned``; the responsive model's into
-``meta``/``tasks``).
+ready for ``Config.tuned`` (``apply_tuned``).
 """
 
 from __future__ import annotations
@@ -40,7 +38,7 @@ import torch
 from prefect import task
 
 from metarec.models.common import sampled_metrics
-from metarec.config import BaselineConfig, Config, MetaConfig, TaskConfig
+from metarec.config import SECTION_TYPES, Config
 from metarec.interface import Interactions, RecentItems
 from metarec.neighbours import InteractionIndex
 from metarec.models.registry import make_model
@@ -59,32 +57,28 @@ RESPONSIVE_THREADS = 2  # torch threads for the responsive model's trials (meta-
 VAL_BATCHES = 2
 MAX_STREAM_CASES = 2000  # held-out tail cases scored per trial (a seeded sample when there are more)
 
-# Shared SGD values first, then each paper's own; every model gets the same budget over its space.
-_SGD = {"lr": [0.01, 0.02, 0.05, 0.1], "reg": [1e-5, 1e-4, 1e-3, 1e-2], "epochs": [10, 20, 40]}
+# Discrete grids for the seeded random draws, keyed by section.field like Config.tuned.
+_SGD = {"baselines.lr": [0.01, 0.02, 0.05, 0.1], "baselines.reg": [1e-5, 1e-4, 1e-3, 1e-2], "baselines.epochs": [10, 20, 40]}
 SEARCH_SPACES: dict[str, dict[str, list]] = {
-    "rkmf": {**_SGD, "rkmf_kernel": ["linear", "logistic"], "rkmf_update_epochs": [2, 5, 10]},
+    "rkmf": {**_SGD, "baselines.rkmf_kernel": ["linear", "logistic"], "baselines.rkmf_update_epochs": [2, 5, 10]},
     "srec": {
-        "srec_obs_var": [0.1, 0.3, 1.0, 3.0],
-        "srec_prior_var": [0.01, 0.03, 0.1, 0.3],
-        "srec_drift_var": [0.0, 1e-9, 1e-8, 1e-7],
-        "srec_negatives": [1, 2, 4],
-        "srec_passes": [1, 2, 3],
+        "baselines.srec_obs_var": [0.1, 0.3, 1.0, 3.0],
+        "baselines.srec_prior_var": [0.01, 0.03, 0.1, 0.3],
+        "baselines.srec_drift_var": [0.0, 1e-9, 1e-8, 1e-7],
+        "baselines.srec_negatives": [1, 2, 4],
+        "baselines.srec_passes": [1, 2, 3],
     },
     "spmf": {
         **_SGD,
-        "spmf_reservoir": [1000, 5000, 20000],
-        "spmf_samples": [250, 1000, 4000],
-        "spmf_temperature": [0.1, 0.3, 1.0, 3.0],
-        "spmf_update_epochs": [1, 3, 5],
+        "baselines.spmf_reservoir": [1000, 5000, 20000],
+        "baselines.spmf_samples": [250, 1000, 4000],
+        "baselines.spmf_temperature": [0.1, 0.3, 1.0, 3.0],
+        "baselines.spmf_update_epochs": [1, 3, 5],
     },
-    "mf_ft": {**_SGD, "ft_lr": [0.01, 0.05, 0.1, 0.2], "ft_epochs": [1, 3, 5, 10]},
+    "mf_ft": {**_SGD, "baselines.ft_lr": [0.01, 0.05, 0.1, 0.2], "baselines.ft_epochs": [1, 3, 5, 10]},
     "pop": {},
-    # The responsive model: MetaConfig/TaskConfig fields by section. Second-order MAML (the method) throughout;
-    # batch_tasks fixed at 256 (smaller batches = more outer steps per epoch on ml-100k-sized histories).
     RESPONSIVE: {
         "meta.lambda_ml": [0.5, 1.0, 2.0, 5.0],
-        # L^K_t is a mean over K triples, so the task user's row (in k of them) moves by about α·k/K per step:
-        # α = 10 on the mean is α = 0.5 on the paper's sum (METHOD.md §3) with K = 20; the range spans both sides.
         "meta.inner_lr": [1.0, 3.0, 10.0, 20.0, 40.0],
         "meta.inner_steps": [1, 2, 3],
         "meta.pretrain_epochs": [0, 3, 10],
@@ -94,7 +88,7 @@ SEARCH_SPACES: dict[str, dict[str, list]] = {
         "tasks.k": [3, 5, 10],
     },
 }
-SECTIONS = {"meta": MetaConfig, "tasks": TaskConfig}
+
 
 
 # ------------------------------------------------------------------ the validation data
@@ -187,27 +181,19 @@ def draw_configs(name: str, budget: int, seed: int) -> list[dict]:
 
 
 def with_values(config: Config, name: str, values: dict) -> Config:
-    """The config with ``values`` in ``baselines.per_model[name]`` (validated) and those fields reset to their
-    class defaults, so the per-model values take effect (``BaselineConfig.for_model``).
-
-    For ``responsive``, ``values`` are ``section.field`` names set directly in ``meta``/``tasks`` (validated)."""
-    if name == RESPONSIVE:
-        return _with_section_values(config, values)
-    per_model = {**config.baselines.per_model, name: {**config.baselines.per_model.get(name, {}), **values}}
-    reset = {key: BaselineConfig.model_fields[key].default for key in values}
-    baselines = BaselineConfig(**{**config.baselines.model_dump(), **reset, "per_model": per_model})
-    return config.model_copy(update={"baselines": baselines})
-
-
-def _with_section_values(config: Config, values: dict) -> Config:
+    """The config with ``values`` (section.field -> value) in ``tuned[name]`` and those fields reset to their class
+    defaults, so the row's values take effect (``Config.for_row``); validated like any config."""
+    tuned = {**config.tuned, name: {**config.tuned.get(name, {}), **values}}
     update: dict[str, dict] = {}
-    for key, value in values.items():
+    for key in values:
         section, _, field = key.partition(".")
-        if section not in SECTIONS or field not in SECTIONS[section].model_fields:
-            raise ValueError(f"responsive tuning value {key!r}: expected section.field with section in {list(SECTIONS)} and a field of it")
-        update.setdefault(section, {})[field] = value
-    sections = {s: SECTIONS[s](**{**getattr(config, s).model_dump(), **fields}) for s, fields in update.items()}
-    return config.model_copy(update=sections)
+        if section not in SECTION_TYPES or field not in SECTION_TYPES[section].model_fields:
+            raise ValueError(f"tuning value {key!r} for {name}: expected section.field with section in {list(SECTION_TYPES)}")
+        update.setdefault(section, {})[field] = SECTION_TYPES[section].model_fields[field].default
+    data = config.model_dump()
+    for section, fields in update.items():
+        data[section] = {**data[section], **fields}
+    return Config.model_validate({**data, "tuned": tuned})
 
 
 def tune_model(name: str, config: Config, split: dict) -> dict:
@@ -227,10 +213,9 @@ def tune_model(name: str, config: Config, split: dict) -> dict:
 
 
 def _defaults_of(config: Config, name: str) -> dict:
-    if name == RESPONSIVE:
-        return {key: getattr(getattr(config, key.split(".")[0]), key.split(".")[1]) for key in SEARCH_SPACES[name]}
-    baselines = config.baselines.for_model(name)
-    return {key: getattr(baselines, key) for key in SEARCH_SPACES[name]}
+    """The values row ``name`` runs with today, for every key of its space."""
+    row_config = config.for_row(name)
+    return {key: getattr(getattr(row_config, key.split(".")[0]), key.split(".")[1]) for key in SEARCH_SPACES[name]}
 
 
 # ------------------------------------------------------------------ I/O
@@ -267,7 +252,7 @@ def tune_baselines(config: Config, models: tuple[str, ...] = BASELINES, history:
 
 
 def apply_tuned(config: Config, path: Path | None = None) -> Config:
-    """The config with the chosen values of a tuning record in ``baselines.per_model`` (responsive: ``meta``/``tasks``)."""
+    """The config with the chosen values of a tuning record in ``Config.tuned``."""
     record = json.loads(Path(path or tuning_path(config)).read_text())
     for name, result in record["models"].items():
         config = with_values(config, name, result["chosen"])

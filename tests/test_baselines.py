@@ -21,8 +21,9 @@ N_NEG = 50
 
 def small_config(seed: int = 1) -> Config:
     return Config(
-        baselines=BaselineConfig(dim=16, epochs=10, seed=seed, spmf_reservoir=500, spmf_samples=200, per_model={}),
+        baselines=BaselineConfig(dim=16, epochs=10, seed=seed, spmf_reservoir=500, spmf_samples=200),
         meta=MetaConfig(dim=16),
+        tuned={},
     )
 
 

@@ -46,7 +46,7 @@ def test_every_output_file_is_written(quick_run):
         assert (run / name).stat().st_size > 0, name
     assert (run / "stream_auc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (run / "table1.md").read_text()
-    assert "Ours (meta)" in table and "RKMF" in table and "0.599" in table  # the paper's figure beside ours
+    assert "Ours (paper)" in table and "RKMF" in table and "0.599" in table  # the paper's figure beside ours
     assert set(first["results"]) == set(KNOWN_MODELS)
 
 

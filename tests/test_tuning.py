@@ -16,8 +16,9 @@ from tasks.tuning import SEARCH_SPACES, apply_tuned, draw_configs, tune_baseline
 def tiny_config() -> Config:
     return Config(
         data={"n_negatives": 30, "new_user_ns": (1, 3)},
-        baselines=BaselineConfig(dim=8, epochs=3, tune_budget=2, srec_passes=1, spmf_reservoir=200, spmf_samples=50, per_model={}),
+        baselines=BaselineConfig(dim=8, epochs=3, tune_budget=2, srec_passes=1, spmf_reservoir=200, spmf_samples=50),
         meta=MetaConfig(dim=8),
+        tuned={},
     )
 
 
@@ -58,11 +59,11 @@ def test_every_model_gets_the_same_budget_defaults_first() -> None:
 
 
 def test_with_values_validates_and_applies_per_model() -> None:
-    config = with_values(tiny_config(), "rkmf", {"lr": 0.02, "rkmf_kernel": "linear"})
-    assert config.baselines.for_model("rkmf").lr == 0.02
-    assert config.baselines.for_model("spmf").lr == tiny_config().baselines.lr
+    config = with_values(tiny_config(), "rkmf", {"baselines.lr": 0.02, "baselines.rkmf_kernel": "linear"})
+    assert config.for_row("rkmf").baselines.lr == 0.02
+    assert config.for_row("spmf").baselines.lr == tiny_config().baselines.lr
     with pytest.raises(ValueError, match="lr"):
-        with_values(tiny_config(), "rkmf", {"lr": -1.0})
+        with_values(tiny_config(), "rkmf", {"baselines.lr": -1.0})
 
 
 def test_tune_model_picks_the_best_trial(history) -> None:
@@ -82,7 +83,7 @@ def test_tune_baselines_writes_a_record_that_configures_the_models(history, arti
     assert record["budget"] == 2 and set(record["models"]) == {"rkmf", "pop"}
     assert record["search_spaces"]["rkmf"] == SEARCH_SPACES["rkmf"]
     tuned = apply_tuned(config, path)
-    assert tuned.baselines.per_model["rkmf"] == record["models"]["rkmf"]["chosen"]
+    assert tuned.tuned["rkmf"] == record["models"]["rkmf"]["chosen"]
     assert not list(path.parent.glob(".*.tmp"))  # written atomically
     with pytest.raises(ValueError, match="nope"):
         tune_baselines(config, ("nope",), history=history)
@@ -94,7 +95,7 @@ def test_responsive_gets_the_same_budget_and_protocol_its_values_go_to_meta_and_
     assert all(set(d) == set(SEARCH_SPACES["responsive"]) for d in draws[1:])
     assert draws[:3] != draw_configs("rkmf", 8, seed=1)[:3]
     assert draw_configs("rkmf", 8, seed=1) == draw_configs("rkmf", 8, seed=1)  # baselines' draws unchanged by its addition
-    config = with_values(tiny_config(), "responsive", {"meta.lambda_ml": 2.0, "tasks.k": 3})
+    config = with_values(tiny_config(), "responsive", {"meta.lambda_ml": 2.0, "tasks.k": 3}).for_row("responsive")
     assert config.meta.lambda_ml == 2.0 and config.tasks.k == 3 and config.meta.dim == 8
     assert config.baselines == tiny_config().baselines
     with pytest.raises(ValueError, match="lambda_ml"):
@@ -109,7 +110,7 @@ def test_responsive_gets_the_same_budget_and_protocol_its_values_go_to_meta_and_
     objectives = [t["metrics"]["objective"] for t in result["trials"]]
     assert len(objectives) == 2 and all(0.0 < o <= 1.0 for o in objectives)
     assert objectives[result["best_trial"]] == max(objectives)
-    tuned = apply_tuned(config, path)
+    tuned = apply_tuned(config, path).for_row("responsive")
     for key, value in result["chosen"].items():
         section, field = key.split(".")
         assert getattr(getattr(tuned, section), field) == value
@@ -139,11 +140,14 @@ def test_cli_fit_saves_models_through_prefect_and_reuses_them(prefect_harness, a
     assert bad.exit_code != 0 and "nope" in bad.output
 
 
-def test_per_model_values_fill_defaults_but_never_replace_an_explicit_setting() -> None:
-    tuned = BaselineConfig(per_model={"spmf": {"lr": 0.01, "spmf_reservoir": 1000}})
-    assert tuned.for_model("spmf").lr == 0.01 and tuned.for_model("spmf").spmf_reservoir == 1000
-    assert tuned.for_model("rkmf").lr == BaselineConfig.model_fields["lr"].default
-    explicit = BaselineConfig(lr=0.03, per_model={"spmf": {"lr": 0.01}})
-    assert explicit.for_model("spmf").lr == 0.03
+def test_tuned_values_fill_defaults_but_never_replace_an_explicit_setting() -> None:
+    tuned = Config(tuned={"spmf": {"baselines.lr": 0.01, "baselines.spmf_reservoir": 1000}})
+    assert tuned.for_row("spmf").baselines.lr == 0.01 and tuned.for_row("spmf").baselines.spmf_reservoir == 1000
+    assert tuned.for_row("rkmf").baselines.lr == BaselineConfig.model_fields["lr"].default
+    explicit = Config(baselines=BaselineConfig(lr=0.03), tuned={"spmf": {"baselines.lr": 0.01}})
+    assert explicit.for_row("spmf").baselines.lr == 0.03
     # tuning takes effect even where the base config set the field explicitly
-    assert with_values(Config(baselines=explicit), "spmf", {"lr": 0.2}).baselines.for_model("spmf").lr == 0.2
+    assert with_values(explicit, "spmf", {"baselines.lr": 0.2}).for_row("spmf").baselines.lr == 0.2
+    # resolved once: applying it again changes nothing, and a later change sticks
+    row = tuned.for_row("spmf")
+    assert row.for_row("spmf") == row and row.baselines.lr == 0.01

@@ -88,4 +88,4 @@ class MFFineTune(FactorBaseline):
 
 
 def from_config(config: Config) -> MFFineTune:
-    return MFFineTune(config.baselines.for_model("mf_ft"), config.meta)
+    return MFFineTune(config.baselines, config.meta)

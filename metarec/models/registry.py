@@ -1,30 +1,142 @@
-"""Model name -> constructor, so flows and the CLI name models as the config does.
+"""Every Table 1 row in one table: its name, constructor, label, the options that define it, and its search space.
 
-Imports are lazy: a model's module loads only when it is asked for.
+A row is a model class plus fixed options: "Ours (paper)" and a first-order
+variant are the same class with different ``fixed`` values. ``Config.for_row``
+applies, in order: the config's values, the row's tuned values
+(``Config.tuned[row]``, filling fields left at their class default), and the
+row's ``fixed`` options. ``make_model`` builds a row from that config.
+
+Search spaces are data, not code: ``Float``/``Int`` ranges and ``Choice`` lists
+keyed by ``section.field``. The tuner (``tasks/tuning.py``) maps them to its
+sampler, and widens a range whose chosen value lands on an edge, up to the
+range's hard ``limits``. Imports are lazy: a model's module loads only when it
+is asked for, and this module does not import ``metarec.config``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from importlib import import_module
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Union
 
-from metarec.config import Config
-from metarec.interface import StreamingRecommender
+if TYPE_CHECKING:
+    from metarec.config import Config
+    from metarec.interface import StreamingRecommender
 
-# name -> "module:factory"; each factory takes the whole Config and returns an unfitted model.
-MODEL_FACTORIES: dict[str, str] = {
-    "responsive": "metarec.models.responsive:from_config",
-    "mf_ft": "metarec.models.mf_ft:from_config",
-    "rkmf": "metarec.models.rkmf:from_config",
-    "srec": "metarec.models.srec:from_config",
-    "spmf": "metarec.models.spmf:from_config",
-    "pop": "metarec.models.pop:from_config",
+
+@dataclass(frozen=True)
+class Float:
+    """A real range; ``limits`` bounds how far the tuner may widen it (its hard physical range)."""
+
+    low: float
+    high: float
+    log: bool = False
+    limits: tuple[float, float] = (0.0, float("inf"))
+
+
+@dataclass(frozen=True)
+class Int:
+    low: int
+    high: int
+    log: bool = False
+    limits: tuple[int, int] = (1, 10**6)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Unordered options: never widened."""
+
+    options: tuple
+
+
+Range = Union[Float, Int, Choice]
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    factory: str  # "module:function", taking the row's Config
+    label: str  # as Table 1 prints it
+    space: dict[str, Range] = field(default_factory=dict)  # "section.field" -> range
+    fixed: dict[str, object] = field(default_factory=dict)  # "section.field" -> value that defines the row
+    sections: tuple[str, ...] = ("baselines",)  # config sections (besides data) its fitted state depends on
+    family: str = "baseline"  # "ours" for the meta-learned MF and its variants
+
+    @property
+    def is_ours(self) -> bool:
+        return self.family == "ours"
+
+
+# Shared SGD ranges of the factor baselines. Hard limits: rates stay below 1 (SGD on unit-scale rows
+# diverges past it), epochs at most 200 (wall time).
+_SGD: dict[str, Range] = {
+    "baselines.lr": Float(0.005, 0.2, log=True, limits=(1e-4, 1.0)),
+    "baselines.reg": Float(1e-6, 1e-1, log=True, limits=(1e-8, 1.0)),
+    "baselines.epochs": Int(5, 80, log=True, limits=(1, 200)),
 }
 
+# Ours: second-order MAML (the method) throughout. α is on the mean loss over K triples (METHOD.md §11):
+# α = 10 here is α = 0.5 on the paper's sum with K = 20.
+_OURS: dict[str, Range] = {
+    "meta.lambda_ml": Float(0.1, 10.0, log=True, limits=(1e-3, 1e3)),
+    "meta.inner_lr": Float(0.5, 50.0, log=True, limits=(1e-2, 1e3)),
+    "meta.inner_steps": Int(1, 5, limits=(1, 10)),
+    "meta.outer_lr": Float(1e-3, 3e-2, log=True, limits=(1e-5, 0.3)),
+    "meta.pretrain_epochs": Int(0, 10, limits=(0, 100)),
+    "meta.epochs": Int(3, 20, log=True, limits=(1, 200)),
+    "tasks.k": Int(1, 10, limits=(1, 20)),
+}
 
-def make_model(name: str, config: Config) -> StreamingRecommender:
-    if name not in MODEL_FACTORIES:
-        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODEL_FACTORIES)}")
-    module_name, factory_name = MODEL_FACTORIES[name].split(":")
-    factory: Callable[[Config], StreamingRecommender] = getattr(import_module(module_name), factory_name)
-    return factory(config)
+ROWS: dict[str, Row] = {
+    row.name: row
+    for row in (
+        Row("responsive", "metarec.models.responsive:from_config", "Ours (paper)", dict(_OURS), sections=("tasks", "meta"), family="ours"),
+        Row(
+            "mf_ft", "metarec.models.mf_ft:from_config", "MF-FT",
+            {**_SGD, "baselines.ft_lr": Float(0.005, 0.5, log=True, limits=(1e-4, 2.0)), "baselines.ft_epochs": Int(1, 20, log=True, limits=(1, 100))},
+            sections=("baselines", "meta"),
+        ),
+        Row(
+            "rkmf", "metarec.models.rkmf:from_config", "RKMF",
+            {**_SGD, "baselines.rkmf_kernel": Choice(("linear", "logistic")), "baselines.rkmf_update_epochs": Int(1, 20, log=True, limits=(1, 100))},
+        ),
+        Row(
+            "srec", "metarec.models.srec:from_config", "sRec",
+            {
+                "baselines.srec_obs_var": Float(0.03, 10.0, log=True, limits=(1e-4, 1e3)),
+                "baselines.srec_prior_var": Float(0.003, 1.0, log=True, limits=(1e-5, 1e2)),
+                "baselines.srec_drift_var": Float(1e-10, 1e-5, log=True, limits=(1e-14, 1e-1)),
+                "baselines.srec_negatives": Int(1, 8, limits=(0, 64)),
+            },
+        ),
+        Row(
+            "spmf", "metarec.models.spmf:from_config", "SPMF",
+            {
+                **_SGD,
+                "baselines.spmf_reservoir": Int(200, 20000, log=True, limits=(10, 10**6)),
+                "baselines.spmf_samples": Int(50, 4000, log=True, limits=(1, 10**6)),
+                "baselines.spmf_temperature": Float(0.1, 10.0, log=True, limits=(1e-3, 1e3)),
+                "baselines.spmf_update_epochs": Int(1, 10, limits=(1, 100)),
+            },
+        ),
+        Row("pop", "metarec.models.pop:from_config", "Pop", {}, sections=()),
+    )
+}
+KNOWN_MODELS: tuple[str, ...] = tuple(ROWS)
+
+
+def row(name: str) -> Row:
+    if name not in ROWS:
+        raise ValueError(f"unknown model {name!r}; expected one of {list(ROWS)}")
+    return ROWS[name]
+
+
+def label(name: str) -> str:
+    return ROWS[name].label if name in ROWS else name
+
+
+def make_model(name: str, config: "Config") -> "StreamingRecommender":
+    """The unfitted model of row ``name``, built from ``config.for_row(name)``."""
+    module_name, factory_name = row(name).factory.split(":")
+    factory: Callable[["Config"], "StreamingRecommender"] = getattr(import_module(module_name), factory_name)
+    return factory(config.for_row(name))

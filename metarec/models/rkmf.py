@@ -106,4 +106,4 @@ class RKMF(FactorBaseline):
 
 
 def from_config(config: Config) -> RKMF:
-    return RKMF(config.baselines.for_model("rkmf"))
+    return RKMF(config.baselines)

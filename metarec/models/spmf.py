@@ -157,4 +157,4 @@ class SPMF(FactorBaseline):
 
 
 def from_config(config: Config) -> SPMF:
-    return SPMF(config.baselines.for_model("spmf"))
+    return SPMF(config.baselines)

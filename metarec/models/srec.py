@@ -205,4 +205,4 @@ class SRec(FactorBaseline):
 
 
 def from_config(config: Config) -> SRec:
-    return SRec(config.baselines.for_model("srec"))
+    return SRec(config.baselines)
