@@ -165,21 +165,19 @@ def run(
 ) -> None:
     """The whole pipeline: prepare, build tasks, train ours and the baselines, evaluate in parallel, Table 1 and curves."""
     cfg = _run_config(config, set_, dataset, data_dir, quick)
-    from flows.lambda_sweep import lambda_sweep
     from flows.pipeline import pipeline
     from flows.runners import with_runner
 
     try:
-        result = with_runner(pipeline, cfg)(cfg)
+        result = with_runner(pipeline, cfg)(cfg, sweep=sweep)
         typer.echo((Path(result["run_dir"]) / "table1.md").read_text())
         if (result["training"] or {}).get("status") == "finished":
             from flows.nightly import promote_result
 
             typer.echo("champion: " + promote_result(cfg, result)[1]["reason"])
         typer.echo(f"results, plots and summary in {result['run_dir']}")
-        if sweep:
-            swept = with_runner(lambda_sweep, cfg)(cfg)
-            typer.echo(f"λ_ML curve: {swept['plot']}")
+        if result["sweep"]:
+            typer.echo(f"λ_ML curve: {result['sweep']['plot']}")
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
 

@@ -19,7 +19,7 @@ from tasks.atomic import write_json, write_text
 from tasks.evaluation import evaluate_model, new_user_metric
 from tasks.paths import prepared_dir
 from tasks.task_shards import build_task_shards_task
-from tasks.tracking import run_tags, setup_mlflow
+from tasks.tracking import parent_run
 from tasks.training import meta_train
 
 
@@ -28,11 +28,11 @@ def sweep_dir(config: Config) -> Path:
 
 
 @task(name="sweep-point")
-def sweep_point(config: Config, lambda_ml: float, task_dir: Path) -> dict:
+def sweep_point(config: Config, lambda_ml: float, task_dir: Path, parent_run_id: str | None = None) -> dict:
     row = config.for_row("responsive")
     point = row.model_copy(update={"meta": row.meta.model_copy(update={"lambda_ml": lambda_ml})})
     point_eval = point.model_copy(update={"eval": point.eval.model_copy(update={"full_ranking": False})})
-    training = meta_train(point, task_dir)
+    training = meta_train(point, task_dir, parent_run_id=parent_run_id, register=False)  # sweep points are not serving candidates
     if training.status != "finished":
         return {"lambda_ml": lambda_ml, "status": training.status, "message": training.message, "metrics": {}}
     record = evaluate_model("responsive", Path(training.model_path), point_eval, stream=False)
@@ -40,24 +40,25 @@ def sweep_point(config: Config, lambda_ml: float, task_dir: Path) -> dict:
 
 
 @flow(name="lambda-sweep", validate_parameters=False)
-def lambda_sweep(config: Config) -> dict:
+def lambda_sweep(config: Config, parent_run_id: str | None = None) -> dict:
+    """The sweep on fold 0's split; ``parent_run_id`` nests its MLflow runs under a pipeline run."""
     logger = get_run_logger()
     prepare_flow(config)
     task_dir = build_task_shards_task(config.for_row("responsive"))
-    futures = [sweep_point.submit(config, value, task_dir) for value in config.eval.lambda_sweep]
-    points = [future.result() for future in futures]
-    out = sweep_dir(config)
-    write_json(points, out / "lambda_ml.json")
-    plot = lambda_plot(points, out / "lambda_ml.png", config.data.dataset)
-    lines = ["| λ_ML | status | HR@10 (n=5) | NDCG@10 (n=5) |", "|---|---|---|---|"]
-    for p in sorted(points, key=lambda p: p["lambda_ml"]):
-        hr = p["metrics"].get(new_user_metric(5, "hr"), {}).get("mean")
-        ndcg = p["metrics"].get(new_user_metric(5, "ndcg"), {}).get("mean")
-        lines.append(f"| {p['lambda_ml']} | {p['status']} | {'–' if hr is None else f'{hr:.3f}'} | {'–' if ndcg is None else f'{ndcg:.3f}'} |")
-    table = "\n".join(lines) + "\n"
-    write_text(table, out / "lambda_ml.md")
-    setup_mlflow(config)
-    with mlflow.start_run(run_name=f"lambda-sweep-{config.hash_of()}", tags=run_tags(config, kind="lambda_sweep")):
+    with parent_run(config, "lambda sweep", "lambda_sweep", parent_run_id) as sweep_run:
+        futures = [sweep_point.with_options(task_run_name=f"sweep-lambda-{value}").submit(config, value, task_dir, sweep_run)
+                   for value in config.eval.lambda_sweep]
+        points = [future.result() for future in futures]
+        out = sweep_dir(config)
+        write_json(points, out / "lambda_ml.json")
+        plot = lambda_plot(points, out / "lambda_ml.png", config.data.dataset)
+        lines = ["| λ_ML | status | HR@10 (n=5) | NDCG@10 (n=5) |", "|---|---|---|---|"]
+        for p in sorted(points, key=lambda p: p["lambda_ml"]):
+            hr = p["metrics"].get(new_user_metric(5, "hr"), {}).get("mean")
+            ndcg = p["metrics"].get(new_user_metric(5, "ndcg"), {}).get("mean")
+            lines.append(f"| {p['lambda_ml']} | {p['status']} | {'–' if hr is None else f'{hr:.3f}'} | {'–' if ndcg is None else f'{ndcg:.3f}'} |")
+        table = "\n".join(lines) + "\n"
+        write_text(table, out / "lambda_ml.md")
         for p in points:
             if p["status"] == "finished":
                 mlflow.log_metric("sweep_n5_ndcg10", p["metrics"][new_user_metric(5, "ndcg")]["mean"], step=int(round(p["lambda_ml"] * 1000)))

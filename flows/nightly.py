@@ -39,9 +39,9 @@ def promote_task(config: Config, version: str, score: float) -> dict:
 
 
 def promote_result(config: Config, result: dict) -> tuple[float, dict]:
-    """(score, decision) for the version a pipeline run registered."""
+    """(score, decision) for the version a pipeline run registered: fold 0's model, scored on fold 0's new users."""
     training = result["training"]
-    score = result["results"]["responsive"]["metrics"][SCORE]["mean"]
+    score = result["fold0"]["responsive"]["metrics"][SCORE]["mean"]
     return score, promote_task(config, training["model_version"], score)
 
 

@@ -1,90 +1,169 @@
-"""The `pipeline` flow: raw ratings -> Table 1, the stream curve, and MLflow runs to compare.
+"""The `pipeline` flow: raw ratings -> Table 1 pooled over new-user folds, the verdicts, the curves, MLflow runs.
 
-prepare -> build tasks -> meta-train and fit each baseline (in parallel) ->
-evaluate every model (in parallel) -> aggregate. Every step skips work already
-done for the same inputs (its output folder is named by their hash), so a
-re-run is cheap and a failed step can be retried alone.
+For each of the F new-user folds (``data.new_user_folds``): prepare the fold's
+split -> build its tasks -> meta-train our rows and fit every other row -> evaluate
+each model. All folds' fits and evaluations fan out together on the configured
+task runner; then the per-case results are pooled and rendered. Every step
+skips work already done for the same inputs (its output folder is named by
+their hash), so a re-run is cheap and a failed step can be retried alone.
+
+One MLflow parent run spans the whole flow (opened first, closed last, so its
+duration is true); training runs, the model children and the λ_ML sweep nest under it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
 import mlflow
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
+from flows.lambda_sweep import lambda_sweep
 from flows.prepare import prepare_flow
-
 from metarec.config import Config
-from tasks.aggregate import write_report
+from metarec.models.registry import ROWS
+from tasks.aggregate import RunFacts, write_report
 from tasks.atomic import write_json
 from tasks.evaluation import evaluate_model_task, log_child_run
 from tasks.models import fit_model_task
-from tasks.paths import run_dir
+from tasks.paths import dataset_slug, prepared_dir, run_dir
+from tasks.pooling import pool_cases, summarise_cases
 from tasks.prepared import load_prepared
 from tasks.task_shards import build_task_shards_task
-from tasks.tracking import run_tags, setup_mlflow
+from tasks.tracking import parent_run, run_link, run_tags
 from tasks.training import meta_train_task
 
-OURS = "responsive"
+OURS = "responsive"  # the paper's row: its fold-0 model is the serving candidate
 
 
-def _fit_all(config: Config) -> tuple[dict[str, Path], object]:
-    """Meta-train ours and fit each baseline concurrently; a diverged training leaves ours out."""
-    baselines = {name: fit_model_task.submit(name, config) for name in config.eval.models if name != OURS}
-    training = None
-    if OURS in config.eval.models:
-        training = meta_train_task.submit(config, build_task_shards_task(config.for_row(OURS))).result()
-    paths = {name: future.result() for name, future in baselines.items()}
-    if training is not None and training.status == "finished":
-        paths = {OURS: Path(training.model_path), **paths}
-    return paths, training
+def fold_configs(config: Config) -> list[Config]:
+    """One config per new-user fold (``data.fold`` = 0 .. F-1); everything downstream is keyed on it."""
+    return [config.model_copy(update={"data": config.data.with_fold(f)}) for f in range(config.data.new_user_folds)]
 
 
-def _log_parent(config: Config, results: dict[str, dict], files: dict[str, Path], training) -> None:
-    experiment = mlflow.get_experiment_by_name(config.runtime.experiment)
+def pooled_dir(config: Config) -> Path:
+    """artifacts/<dataset>/pooled/<hash>-F<folds>: named by the run's config and every fold's data version."""
+    versions = ",".join(prepared_dir(c).name for c in fold_configs(config))
+    key = hashlib.sha256(f"{config.hash_of()}:{versions}".encode()).hexdigest()[:12]
+    return Path(config.runtime.artifacts_dir) / dataset_slug(config.data.dataset) / "pooled" / f"{key}-F{config.data.new_user_folds}"
+
+
+def _submit_fold(config: Config, parent_id: str) -> tuple[dict[str, object], dict[str, object]]:
+    """Futures of one fold: meta-training of each row of ours, fitting of every other row, and their evaluations."""
+    fold = config.data.fold
+    shards: dict[Path, object] = {}
+    trained, evaluated = {}, {}
+    for name in config.eval.models:
+        if ROWS[name].is_ours:
+            row_config = config.for_row(name)
+            task_dir = build_task_shards_task.with_options(task_run_name=f"tasks-fold{fold}")
+            key = Path(str(row_config.hash_of("data", "tasks")))
+            shards.setdefault(key, task_dir.submit(row_config))
+            trained[name] = meta_train_task.with_options(task_run_name=f"train-{name}-fold{fold}").submit(
+                config, shards[key], row=name, parent_run_id=parent_id, register=(fold == 0 and name == OURS)
+            )
+            model = _model_path.with_options(task_run_name=f"model-{name}-fold{fold}").submit(trained[name])
+        else:
+            model = fit_model_task.with_options(task_run_name=f"fit-{name}-fold{fold}").submit(name, config)
+        evaluated[name] = evaluate_model_task.with_options(task_run_name=f"evaluate-{name}-fold{fold}").submit(name, model, config)
+    return trained, evaluated
+
+
+@task(name="model-path")
+def _model_path(training) -> str | None:
+    """The saved model of a finished meta-training; None when it diverged or stopped (the model is left out)."""
+    return training.model_path if training.status == "finished" else None
+
+
+def _log_children(config: Config, parent_id: str, results: dict[str, dict], files: dict[str, Path], trained: dict) -> None:
     client = mlflow.MlflowClient()
-    parent = mlflow.active_run()
-    flat = {k: str(v) for k, v in config.to_flat_dict().items()}
+    experiment_id = mlflow.get_run(parent_id).info.experiment_id
     for name, record in results.items():
-        extra = {"training_run_id": training.run_id} if name == OURS and training is not None else {}
-        log_child_run(client, experiment.experiment_id, parent.info.run_id, record, run_tags(config, **extra), flat)
+        extra = {"training_run_id": trained[name].run_id} if name in trained and trained[name] is not None else {}
+        params = {k: str(v) for k, v in config.for_row(name).to_flat_dict().items() if k.split(".")[0] in ("data", *ROWS[name].sections)}
+        log_child_run(client, experiment_id, parent_id, record, run_tags(config, kind="model", **extra), params)
     for path in files.values():
         mlflow.log_artifact(str(path))
 
 
+def _headline(results: dict[str, dict]) -> dict[str, float]:
+    """Ours and the best other row, new-user NDCG@10 at each n, for the parent run."""
+    out: dict[str, float] = {}
+    for key in sorted({k for r in results.values() for k in r["metrics"] if k.startswith("new_n") and k.endswith("_ndcg10")}):
+        others = [r["metrics"][key]["mean"] for m, r in results.items() if not ROWS[m].is_ours and key in r["metrics"]]
+        if OURS in results and key in results[OURS]["metrics"]:
+            out[f"ours_{key}"] = results[OURS]["metrics"][key]["mean"]
+        if others:
+            out[f"best_other_{key}"] = max(others)
+    return out
+
+
+def _publish(config: Config, files: dict[str, Path]) -> None:
+    slug = dataset_slug(config.data.dataset)
+    create_markdown_artifact(files["table1.md"].read_text(), key=f"table1-{slug}", description=f"Table 1 on {config.data.dataset}")
+    create_markdown_artifact(files["summary.md"].read_text(), key=f"summary-{slug}", description=f"Run summary and verdicts on {config.data.dataset}")
+    for name in ("stream_auc.png", "forest.png"):
+        if name in files:
+            create_link_artifact(files[name].resolve().as_uri(), link_text=name, key=f"{name.removesuffix('.png').replace('_', '-')}-{slug}")
+
+
 @flow(name="pipeline", validate_parameters=False)  # Config is validated once, by load_config
-def pipeline(config: Config) -> dict:
+def pipeline(config: Config, sweep: bool = False) -> dict:
     logger = get_run_logger()
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    prepared_path = prepare_flow(config)
-    seconds["prepare"] = time.perf_counter() - start
+    folds = fold_configs(config)
+    quick = config.runtime.preset == "quick"
+    with parent_run(config, f"pipeline {config.data.dataset} F={len(folds)}", "pipeline") as parent_id:
+        logger.info("MLflow parent run %s (%s)", parent_id, run_link(parent_id))
+        mlflow.log_params({"dataset": config.data.dataset, "folds": len(folds), "models": ",".join(config.eval.models),
+                           "config_hash": config.hash_of(), "preset": config.runtime.preset})
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        prepared = [prepare_flow(c) for c in folds]
+        seconds["prepare"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    model_paths, training = _fit_all(config)
-    seconds["train and fit"] = time.perf_counter() - start
-    if training is not None and training.status != "finished":
-        logger.warning("meta-training %s: %s; our model is left out of the evaluation", training.status, training.message)
+        start = time.perf_counter()
+        submitted = [_submit_fold(c, parent_id) for c in folds]
+        fold_results = {c.data.fold: {name: r for name, future in evaluated.items() if (r := future.result()) is not None}
+                        for c, (_, evaluated) in zip(folds, submitted)}
+        trained = {c.data.fold: {name: future.result() for name, future in t.items()} for c, (t, _) in zip(folds, submitted)}
+        seconds["train, fit and evaluate"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    futures = {name: evaluate_model_task.submit(name, path, config) for name, path in model_paths.items()}
-    results = {name: future.result() for name, future in futures.items()}
-    seconds["evaluate"] = time.perf_counter() - start
+        notes = [f"fold {f}: meta-training of {name} {t.status} ({t.message}); it is left out of that fold"
+                 for f, rows in trained.items() for name, t in rows.items() if t.status != "finished"]
+        for note in notes:
+            logger.warning(note)
+        start = time.perf_counter()
+        out = pooled_dir(config)
+        cases = pool_cases({c.data.fold: run_dir(c) for c in folds}, config.eval.models)
+        results = {name: {"model": name, "metrics": summarise_cases(table, config.eval.bootstrap, config.eval.seed), "seconds": _seconds(fold_results, name)}
+                   for name, table in cases.items()}
+        facts = RunFacts(config.data.dataset, len(folds), [load_prepared(p).stats for p in prepared], config.to_flat_dict(), seconds, quick, notes)
+        files = write_report(out, facts, results, cases, fold_results)
+        write_json(config.model_dump(mode="json"), out / "config.json")
+        files["config.json"] = out / "config.json"
+        seconds["report"] = time.perf_counter() - start
+        _log_children(config, parent_id, results, files, trained[0])
+        mlflow.log_metrics({**_headline(results), **{f"seconds_{k.replace(', ', '_').replace(' ', '_')}": v for k, v in seconds.items()}})
+        _publish(config, files)
+        logger.info("results in %s", out)
+        swept = lambda_sweep(config, parent_id) if sweep else None
+    return {
+        "run_dir": str(out),
+        "results": results,
+        "fold0": fold_results.get(0, {}),
+        "training": None if trained[0].get(OURS) is None else trained[0][OURS].__dict__,
+        "files": {k: str(v) for k, v in files.items()},
+        "sweep": swept,
+    }
 
-    prepared = load_prepared(prepared_path)
-    out = run_dir(config)
-    files = write_report(out, config.data.dataset, results, config.data.new_user_ns, config.data.stream_batches, prepared.stats, config.to_flat_dict(), seconds)
-    write_json(config.model_dump(mode="json"), out / "config.json")  # the run's folder is named by its hash
-    files["config.json"] = out / "config.json"
-    setup_mlflow(config)
-    with mlflow.start_run(run_name=f"pipeline-{config.hash_of()}", tags=run_tags(config, kind="pipeline"), nested=mlflow.active_run() is not None):
-        _log_parent(config, results, files, training)
-        mlflow.log_metrics({f"seconds_{k.replace(' ', '_')}": v for k, v in seconds.items()})
-    create_markdown_artifact(files["table1.md"].read_text(), key="table1", description=f"Table 1 on {config.data.dataset}")
-    create_markdown_artifact(files["summary.md"].read_text(), key="run-summary")
-    create_link_artifact(files["stream_auc.png"].resolve().as_uri(), link_text="stream AUC per batch (PNG)", key="stream-auc-plot")
-    logger.info("results in %s", out)
-    return {"run_dir": str(out), "results": results, "training": None if training is None else training.__dict__, "files": {k: str(v) for k, v in files.items()}}
+
+def _seconds(fold_results: dict[int, dict[str, dict]], name: str) -> dict[str, float]:
+    """A model's evaluation seconds summed over folds."""
+    total: dict[str, float] = {}
+    for results in fold_results.values():
+        for key, value in results.get(name, {}).get("seconds", {}).items():
+            total[key] = total.get(key, 0.0) + float(value)
+    return total

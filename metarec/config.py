@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -22,8 +23,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from metarec.models.registry import KNOWN_MODELS, ROWS
 
-# Where the data is read from does not change what it is: these stay out of the hashes.
-NOT_HASHED: dict[str, set[str]] = {"data": {"data_dir", "download"}}
+# Where the data is read from does not change what it is, and how many folds a run pools does not change
+# any one fold's split: these stay out of the hashes (a pooled run's folder names its fold count itself).
+NOT_HASHED: dict[str, set[str]] = {"data": {"data_dir", "download", "new_user_folds"}}
 
 
 class Section(BaseModel):
@@ -42,12 +44,31 @@ class DataConfig(Section):
     ts_col: str = Field("timestamp", description="Generic CSV/Parquet: timestamp column (integer seconds).")
     sample_users: int | None = Field(None, ge=1, description="Keep a seeded sample of this many users (large data sets, experiments).")
     rating_threshold: float = Field(3.0, description="A rating >= this is a positive interaction.")
-    new_user_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of users held out as new users.")
+    new_user_fraction: float = Field(0.1, gt=0.0, le=0.5, description="Fraction of users held out as new users: users are dealt into round(1 / fraction) groups by a seeded hash, one group per split.")
+    new_user_folds: int = Field(5, ge=1, description="New-user folds F: the pipeline runs F splits, fold f's new users being group f of the deal (see new_user_fraction), and pools the results. F = round(1 / new_user_fraction) makes every user a new user exactly once.")
+    fold: int = Field(0, ge=0, description="Which group of the deal is this split's new users (set per fold by the pipeline).")
     history_fraction: float = Field(0.9, gt=0.0, lt=1.0, description="Time quantile that cuts history from stream.")
     stream_batches: int = Field(10, ge=1, description="Number of time-ordered stream batches.")
     n_negatives: int = Field(100, ge=1, description="Sampled negatives per evaluation case.")
     new_user_ns: tuple[int, ...] = Field((1, 5, 10), description="n = interactions a new user has shown before the one to predict.")
     seed: int = 42
+
+    @property
+    def deals(self) -> int:
+        """Groups the users are dealt into: each split holds out one group (about new_user_fraction of the users)."""
+        return max(2, round(1.0 / self.new_user_fraction))
+
+    @model_validator(mode="after")
+    def _folds_fit_the_deal(self) -> "DataConfig":
+        if self.new_user_folds > self.deals:
+            raise ValueError(f"data.new_user_folds ({self.new_user_folds}) must be <= round(1 / data.new_user_fraction) = {self.deals}: "
+                             "there are only that many disjoint groups of new users")
+        if self.fold >= self.deals:
+            raise ValueError(f"data.fold ({self.fold}) must be < round(1 / data.new_user_fraction) = {self.deals}")
+        return self
+
+    def with_fold(self, fold: int) -> "DataConfig":
+        return self.model_copy(update={"fold": fold})
 
     @field_validator("new_user_ns")
     @classmethod
@@ -146,7 +167,8 @@ class EvalConfig(Section):
     full_ranking: bool = Field(True, description="Also report full-ranking HR@10/NDCG@10 (beside, never instead of, sampled).")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for 95% CIs (0 = off).")
     lambda_sweep: tuple[float, ...] = Field((0.0, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0), description="lambda_ML values of the sweep.")
-    max_new_users: int | None = Field(None, ge=1, description="Cap on evaluated new users (quick mode).")
+    max_new_users: int | None = Field(None, ge=1, description="Cap on evaluated new users.")
+    training_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Fraction of every row's full training passes over the history (its Row.passes fields, rounded up, at least 1): one rule for all models. The quick preset uses 0.25.")
     seed: int = 3
 
     @field_validator("models")
@@ -178,6 +200,7 @@ class RuntimeConfig(Section):
     max_workers: int = Field(2, ge=1)
     torch_threads: int = Field(2, ge=1)
     progress: bool = True
+    preset: Literal["full", "quick"] = Field("full", description="Which preset made this config (set by --quick); tags runs and labels reports.")
 
 
 RESULT_SECTIONS = ("data", "tasks", "meta", "baselines", "eval")
@@ -242,6 +265,11 @@ class Config(BaseSettings):
         for key, value in fixed.items():
             section, _, field = key.partition(".")
             update.setdefault(section, {})[field] = value
+        if self.eval.training_fraction < 1.0:  # the same shortened budget for every row (the quick preset)
+            for key in row(name).passes:
+                section, _, field = key.partition(".")
+                full = update.get(section, {}).get(field, getattr(getattr(self, section), field))
+                update.setdefault(section, {})[field] = math.ceil(full * self.eval.training_fraction) if full else full
         sections = {s: SECTION_TYPES[s](**{**getattr(self, s).model_dump(), **fields}) for s, fields in update.items()}
         # the row's values are resolved: dropping them makes for_row idempotent, and a later change sticks
         remaining = {other: values for other, values in self.tuned.items() if other != name}

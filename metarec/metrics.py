@@ -83,3 +83,35 @@ def bootstrap_ci(values: np.ndarray, resamples: int = 1000, seed: int = 0, level
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return mean, float(low), float(high)
+
+
+def cluster_bootstrap_ci(
+    values: np.ndarray, clusters: np.ndarray, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap of the mean over cases, resampling whole clusters.
+
+    Cases of one user are correlated (a stream user has many; pooled folds give
+    each user one case per n), so the resampling unit is the user: draw users
+    with replacement and take the mean over all their cases, sum / count. With
+    one case per cluster this is ``bootstrap_ci``'s case bootstrap.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan")
+    _, owner = np.unique(np.asarray(clusters), return_inverse=True, axis=0 if np.ndim(clusters) > 1 else None)
+    owner = owner.reshape(-1)
+    sums = np.bincount(owner, weights=values)
+    counts = np.bincount(owner).astype(np.float64)
+    mean = float(values.mean())
+    n_clusters = len(sums)
+    if resamples <= 0 or n_clusters == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 256):  # bounded memory for many clusters
+        stop = min(start + 256, resamples)
+        picks = rng.integers(0, n_clusters, size=(stop - start, n_clusters))
+        means[start:stop] = sums[picks].sum(1) / counts[picks].sum(1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return mean, float(low), float(high)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -20,10 +21,11 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from metarec.metrics import bootstrap_ci  # noqa: E402
+from metarec.metrics import cluster_bootstrap_ci  # noqa: E402
 from metarec.models.registry import ROWS  # noqa: E402
 from tasks.atomic import atomic_path, write_text  # noqa: E402
 from tasks.evaluation import CASES_FILE, new_user_metric  # noqa: E402
+from tasks.pooling import paired, select  # noqa: E402
 
 OURS = "responsive"
 LABELS = {name: row.label for name, row in ROWS.items()}
@@ -83,10 +85,11 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:+.1f}%"
 
 
-def table1_markdown(rows: list[dict], dataset: str) -> str:
+def table1_markdown(rows: list[dict], dataset: str, folds: int = 1) -> str:
+    pooled = f"pooled over {folds} new-user folds, " if folds > 1 else ""
     head = (
         f"## Table 1 — new users, {dataset} (ours) beside the paper (ML-1M)\n\n"
-        "Means over the same new users for every n, 95% bootstrap CI in brackets. "
+        f"Means over the same new users for every n ({pooled}each user once), 95% bootstrap CI in brackets. "
         "Sampled metrics rank the true next item among 1 + 100 stored negatives; "
         "full-ranking ones among all items the user never interacted with.\n\n"
         "| n | model | HR@10 | NDCG@10 | AUC | full HR@10 | full NDCG@10 | cases | paper HR@10 | paper NDCG@10 |\n"
@@ -170,6 +173,8 @@ def lambda_plot(points: list[dict], path: Path, dataset: str, n: int = 5) -> Pat
 
 
 STREAM_GROUPS = (("stream_auc_mean", "all stream cases", None), ("stream_seen_auc_mean", "users seen before the batch", True), ("stream_cold_auc_mean", "users first seen in the batch", False))
+QUICK_LABEL = "quick preset: a smoke run, not a comparison"
+VERDICT_METRICS = (("hr", "HR@10"), ("ndcg", "NDCG@10"), ("auc", "AUC"))
 
 
 def read_cases(run: Path, models) -> dict[str, pa.Table]:
@@ -188,70 +193,206 @@ def case_values(cases: pa.Table, metric: str, part: str, n: int | None = None, s
     return cases.column(metric).to_numpy(zero_copy_only=False)[mask].astype(np.float64)
 
 
-def paired_verdict(ours: np.ndarray, other: np.ndarray, resamples: int, seed: int) -> str:
+def paired_verdict(ours: np.ndarray, other: np.ndarray, resamples: int, seed: int, users: np.ndarray | None = None) -> str:
     """wins / loses when the 95% paired-bootstrap CI of the per-case difference excludes 0, else a tie.
 
-    ``ours[i]`` and ``other[i]`` must be the same case (the caller checks the
-    user ids line up): the difference is then taken case by case, far tighter
-    than comparing two CIs when cases differ much in difficulty.
+    ``ours[i]`` and ``other[i]`` must be the same case: the difference is then
+    taken case by case, far tighter than comparing two CIs when cases differ
+    much in difficulty. ``users`` (one row per case) makes the bootstrap
+    resample users rather than cases.
     """
     if len(ours) != len(other) or not len(ours):
         return "not comparable (different cases)"
-    diff, low, high = bootstrap_ci(ours - other, resamples, seed)
-    word = "wins" if low > 0 else "loses" if high < 0 else "tie"
-    return f"{word} (difference {diff:+.3f}, 95% CI [{low:+.3f}, {high:+.3f}])"
+    clusters = np.arange(len(ours)) if users is None else users
+    diff, low, high = cluster_bootstrap_ci(ours - other, clusters, resamples, seed)
+    return f"{_verdict_word(low, high)} (difference {diff:+.3f}, 95% CI [{low:+.3f}, {high:+.3f}])"
 
 
-def summary_markdown(
-    dataset: str, stats: dict, config_flat: dict, step_seconds: dict[str, float], rows: list[dict], results: dict[str, dict], cases: dict[str, pa.Table] | None = None
-) -> str:
-    cases = cases or {}
-    resamples, seed = int(config_flat.get("eval.bootstrap", 1000)), int(config_flat.get("eval.seed", 0))
+def _verdict_word(low: float, high: float) -> str:
+    return "wins" if low > 0 else "loses" if high < 0 else "tie"
 
-    def verdict(best: str, ours_value: float, best_value: float, part: str, metric: str, n: int | None = None, seen: bool | None = None) -> str:
-        if OURS not in cases or best not in cases:
-            return "wins" if ours_value > best_value else "does not win"
-        pick = lambda model, column: case_values(cases[model], column, part, n, seen)  # noqa: E731
-        if not np.array_equal(pick(OURS, "user_id"), pick(best, "user_id")):
-            return "not comparable (different cases)"
-        return paired_verdict(pick(OURS, metric), pick(best, metric), resamples, seed)
 
-    parts = stats.get("parts", {})
-    lines = [f"# Run summary — {dataset}", "", "## Data", ""]
-    lines += [f"- {name}: {p.get('rows')} rows, {p.get('users')} users, {p.get('items')} items" for name, p in parts.items()]
-    lines += [f"- new users evaluated (>= {stats.get('new_users_min_positives')} positives): {stats.get('new_users_evaluable')}", ""]
-    lines += ["## Wall time per step (s)", "", *[f"- {k}: {v:.1f}" for k, v in step_seconds.items()], ""]
-    lines += ["## Where our model wins and where it does not", "", "Ours against the best other model on each line; wins and loses need the 95% paired-bootstrap CI of the per-case difference to exclude 0.", ""]
-    for metric in ("hr", "ndcg", "auc", "full_hr", "full_ndcg"):
-        for n in sorted({r["n"] for r in rows}):
-            at_n = {r["model"]: r[metric] for r in rows if r["n"] == n and r[metric] is not None}
-            if OURS not in at_n or len(at_n) < 2:
+@dataclass(frozen=True)
+class Comparison:
+    """Row ``ours`` minus row ``other`` on one line of the report, paired case by case."""
+
+    ours: str
+    other: str
+    part: str  # "new" or "stream"
+    group: str  # "n=5", or a stream group's label
+    metric: str
+    diff: float
+    low: float
+    high: float
+    cases: int
+
+    @property
+    def word(self) -> str:
+        return _verdict_word(self.low, self.high)
+
+    def cell(self) -> str:
+        return f"{self.diff:+.3f} [{self.low:+.3f}, {self.high:+.3f}] {self.word}"
+
+
+def _compare(ours: str, other: str, a: pa.Table, b: pa.Table, part: str, group: str, metric: str, resamples: int, seed: int) -> Comparison | None:
+    mine, theirs, users = paired(a, b, metric)
+    keep = ~(np.isnan(mine) | np.isnan(theirs))
+    if not keep.any():
+        return None
+    diff, low, high = cluster_bootstrap_ci(mine[keep] - theirs[keep], users[keep], resamples, seed)
+    return Comparison(ours, other, part, group, metric, diff, low, high, int(keep.sum()))
+
+
+def comparisons(cases: dict[str, pa.Table], ns, resamples: int, seed: int) -> list[Comparison]:
+    """Every row of our family against every other row: new users per n (HR, NDCG, AUC), the stream groups (AUC)."""
+    ours_rows = [m for m in cases if m in ROWS and ROWS[m].is_ours]
+    out: list[Comparison] = []
+    for ours in ours_rows:
+        for other in cases:
+            if other == ours:
                 continue
-            best_other = max((m for m in at_n if m != OURS), key=lambda m: at_n[m])
-            said = verdict(best_other, at_n[OURS], at_n[best_other], "new", metric, n)
-            lines.append(f"- new users n={n}, {metric}: ours {at_n[OURS]:.3f} vs best other {LABELS.get(best_other, best_other)} {at_n[best_other]:.3f} — {said}")
-    for key, label, seen in STREAM_GROUPS:
-        stream = {m: r["metrics"].get(key, {}).get("mean") for m, r in results.items()}
-        others = {m: v for m, v in stream.items() if m != OURS and v is not None and not math.isnan(v)}
-        if stream.get(OURS) is not None and others:
-            best = max(others, key=others.get)
-            count = results[OURS]["metrics"][key]["cases"]
-            said = verdict(best, stream[OURS], others[best], "stream", "auc", seen=seen)
-            lines.append(f"- stream, {label} ({count} cases), mean AUC: ours {stream[OURS]:.3f} vs best other {LABELS.get(best, best)} {others[best]:.3f} — {said}")
-    lines += ["", "## Configuration", "", "| key | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in sorted(config_flat.items())], ""]
+            for n in ns:
+                a, b = select(cases[ours], "new", n=n), select(cases[other], "new", n=n)
+                out += [c for metric, _ in VERDICT_METRICS if (c := _compare(ours, other, a, b, "new", f"n={n}", metric, resamples, seed))]
+            for _, label, seen in STREAM_GROUPS:
+                a, b = select(cases[ours], "stream", seen=seen), select(cases[other], "stream", seen=seen)
+                if (c := _compare(ours, other, a, b, "stream", label, "auc", resamples, seed)) is not None:
+                    out.append(c)
+    return out
+
+
+def verdict_tables(found: list[Comparison]) -> list[str]:
+    """Markdown: per row of ours and per metric, one line per n (or stream group), one column per other model."""
+    lines: list[str] = []
+    for ours in dict.fromkeys(c.ours for c in found):
+        mine = [c for c in found if c.ours == ours]
+        others = list(dict.fromkeys(c.other for c in mine))
+        for part, metric, title in [("new", m, f"new users, {t}") for m, t in VERDICT_METRICS] + [("stream", "auc", "stream, AUC")]:
+            group = [c for c in mine if c.part == part and c.metric == metric]
+            if not group:
+                continue
+            lines += ["", f"### {LABELS.get(ours, ours)} minus each other model — {title}", ""]
+            lines += ["| line | " + " | ".join(LABELS.get(o, o) for o in others) + " |", "|---|" + "---|" * len(others)]
+            for name in dict.fromkeys(c.group for c in group):
+                cell = {c.other: c.cell() for c in group if c.group == name}
+                lines.append(f"| {name} | " + " | ".join(cell.get(o, "–") for o in others) + " |")
+    return lines
+
+
+def forest_plot(found: list[Comparison], path: Path, dataset: str) -> Path:
+    """One panel per metric: each of our rows minus each other model, with its paired 95% CI; filled = CI excludes 0."""
+    panels = [("new", m, f"new users, {t}") for m, t in VERDICT_METRICS[:2]] + [("stream", "auc", "stream, AUC")]
+    panels = [p for p in panels if any(c.part == p[0] and c.metric == p[1] for c in found)] or panels[:1]
+    ours_rows = list(dict.fromkeys(c.ours for c in found))
+    lines = {p: list(dict.fromkeys((c.group, c.other) for c in found if (c.part, c.metric) == p[:2])) for p in panels}
+    height = max(3.0, 0.28 * max((len(v) for v in lines.values()), default=1) + 1.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), height), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes[0], panels):
+        names = lines[panel]
+        for k, ours in enumerate(ours_rows):
+            offset = (k - (len(ours_rows) - 1) / 2) * 0.18
+            for y, (group, other) in enumerate(names):
+                c = next((c for c in found if (c.part, c.metric, c.ours, c.group, c.other) == (*panel[:2], ours, group, other)), None)
+                if c is None:
+                    continue
+                colour = colours[k % len(colours)]
+                ax.plot([c.low, c.high], [y + offset] * 2, color=colour, linewidth=1.6)
+                ax.plot(c.diff, y + offset, "o", color=colour, markerfacecolor=colour if c.word != "tie" else "white",
+                        label=LABELS.get(ours, ours) if y == 0 else None)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(names)), [f"{g} · {LABELS.get(o, o)}" for g, o in names], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(panel[2])
+        ax.set_xlabel("ours minus other (paired 95% CI)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(loc="best", fontsize=8)
+    fig.suptitle(f"Verdicts — {dataset} (filled: the CI excludes 0)")
+    return _save_figure(fig, path)
+
+
+def comparisons_csv(found: list[Comparison]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["ours", "other", "part", "line", "metric", "difference", "ci_low", "ci_high", "cases", "verdict"])
+    for c in found:
+        writer.writerow([c.ours, c.other, c.part, c.group, c.metric, f"{c.diff:.6f}", f"{c.low:.6f}", f"{c.high:.6f}", c.cases, c.word])
+    return buffer.getvalue()
+
+
+def folds_csv(fold_results: dict[int, dict[str, dict]], ns) -> str:
+    """table1_folds.csv: each fold's new-user means (and stream AUC) per model, to see the spread between folds."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["fold", "n", "model", "cases", *TABLE_METRICS])
+    for fold, results in sorted(fold_results.items()):
+        for n in ns:
+            for model, record in results.items():
+                cells = [_cell(record["metrics"], new_user_metric(n, m)) for m in TABLE_METRICS]
+                cases = next((c["cases"] for c in cells if c), "")
+                writer.writerow([fold, n, model, cases, *["" if c is None else f"{c['mean']:.6f}" for c in cells]])
+        for model, record in results.items():
+            cell = _cell(record["metrics"], "stream_auc_mean")
+            if cell:
+                writer.writerow([fold, "stream", model, cell["cases"], "", "", f"{cell['mean']:.6f}", "", ""])
+    return buffer.getvalue()
+
+
+@dataclass
+class RunFacts:
+    """What the summary says about how the run was made, beside its numbers."""
+
+    dataset: str
+    folds: int
+    stats: list[dict]  # stats.json of each fold
+    config_flat: dict
+    step_seconds: dict[str, float]
+    quick: bool = False
+    notes: list[str] = field(default_factory=list)  # e.g. a diverged training, where tuned values came from
+
+
+def _data_lines(facts: RunFacts) -> list[str]:
+    first = facts.stats[0] if facts.stats else {}
+    lines = [f"- new-user folds: {facts.folds} (each fold holds out one group of the seeded deal of users; results are pooled over folds)"]
+    lines += [f"- {name} (fold 0): {p.get('rows')} rows, {p.get('users')} users, {p.get('items')} items" for name, p in first.get("parts", {}).items()]
+    evaluable = [s.get("new_users_evaluable", 0) for s in facts.stats]
+    lines.append(f"- new users evaluated (>= {first.get('new_users_min_positives')} positives): {sum(evaluable)} in all ({', '.join(map(str, evaluable))} per fold)")
+    return lines
+
+
+def summary_markdown(facts: RunFacts, rows: list[dict], results: dict[str, dict], found: list[Comparison]) -> str:
+    lines = [f"# Run summary — {facts.dataset}", ""]
+    if facts.quick:
+        lines += [f"> **{QUICK_LABEL}.** Every model trained for the same shortened fraction of its passes; no verdicts are drawn.", ""]
+    lines += [f"> {note}" for note in facts.notes] + ([""] if facts.notes else [])
+    lines += ["## Data", "", *_data_lines(facts), ""]
+    lines += ["## Wall time per step (s)", "", *[f"- {k}: {v:.1f}" for k, v in facts.step_seconds.items()], ""]
+    if not facts.quick:
+        lines += ["## Verdicts: each of our rows minus every other model", "",
+                  "Difference of the means on the same cases, with the 95% paired-bootstrap CI (resampling users, pooled over folds). "
+                  "wins / loses only when the CI excludes 0, otherwise tie. Picture: forest.png.", *verdict_tables(found), ""]
+    stream = [f"- {label}: " + ", ".join(f"{LABELS.get(m, m)} {r['metrics'][key]['mean']:.3f}" for m, r in results.items() if key in r["metrics"])
+              for key, label, _ in STREAM_GROUPS]
+    lines += ["## Stream, mean AUC", "", *stream, ""]
+    lines += ["## Configuration", "", "| key | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in sorted(facts.config_flat.items())], ""]
     return "\n".join(lines)
 
 
-def write_report(run: Path, dataset: str, results: dict[str, dict], ns: tuple[int, ...], n_batches: int, stats: dict, config_flat: dict, step_seconds: dict) -> dict[str, Path]:
+def write_report(run: Path, facts: RunFacts, results: dict[str, dict], cases: dict[str, pa.Table], fold_results: dict[int, dict[str, dict]]) -> dict[str, Path]:
+    """Table 1, its per-fold numbers, the verdicts (table, CSV, forest plot), the stream curve and the summary, pooled."""
+    ns = tuple(int(n) for n in facts.config_flat.get("data.new_user_ns", (1, 5, 10)))
+    resamples, seed = int(facts.config_flat.get("eval.bootstrap", 1000)), int(facts.config_flat.get("eval.seed", 0))
     rows = table1_rows(results, ns)
-    files = {
-        "table1.md": run / "table1.md",
-        "table1.csv": run / "table1.csv",
-        "summary.md": run / "summary.md",
-    }
-    write_text(table1_markdown(rows, dataset), files["table1.md"])
+    found = [] if facts.quick else comparisons(cases, ns, resamples, seed)
+    files = {name: run / name for name in ("table1.md", "table1.csv", "table1_folds.csv", "summary.md", "verdicts.csv")}
+    label = f"> **{QUICK_LABEL}.**\n\n" if facts.quick else ""
+    write_text(label + table1_markdown(rows, facts.dataset, facts.folds), files["table1.md"])
     write_text(table1_csv(rows), files["table1.csv"])
-    summary = summary_markdown(dataset, stats, config_flat, step_seconds, rows, results, read_cases(run, results))
-    write_text(summary, files["summary.md"])
-    files["stream_auc.png"] = stream_auc_plot(results, n_batches, run / "stream_auc.png", dataset)
+    write_text(folds_csv(fold_results, ns), files["table1_folds.csv"])
+    write_text(comparisons_csv(found), files["verdicts.csv"])
+    write_text(summary_markdown(facts, rows, results, found), files["summary.md"])
+    n_batches = int(facts.config_flat.get("data.stream_batches", 10))
+    files["stream_auc.png"] = stream_auc_plot(results, n_batches, run / "stream_auc.png", facts.dataset)
+    if found:
+        files["forest.png"] = forest_plot(found, run / "forest.png", facts.dataset)
     return files

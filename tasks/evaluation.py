@@ -25,6 +25,7 @@ from metarec.config import Config
 from metarec.metrics import bootstrap_ci
 from metarec.protocol import Cases, CaseResults, evaluate_new_users, evaluate_stream
 from tasks.atomic import write_json, write_parquet
+from tasks.logs import log_info
 from tasks.models import load_model
 from tasks.paths import prepared_dir, run_dir
 from tasks.prepared import PreparedData, load_prepared
@@ -159,6 +160,14 @@ def log_child_run(client: MlflowClient, experiment_id: str, parent_run_id: str, 
 
 
 @task(name="evaluate-model", retries=1)
-def evaluate_model_task(name: str, model_path: Path, config: Config) -> dict:
-    """Prefect wrapper: one model through the whole protocol."""
-    return evaluate_model(name, model_path, config)
+def evaluate_model_task(name: str, model: Path | str | None, config: Config) -> dict | None:
+    """Prefect wrapper: one saved model through the whole protocol; None (logged) when there is no model,
+    e.g. a meta-training that diverged. Logs the headline score."""
+    if model is None:
+        log_info(logger, "%s fold %d: no model to evaluate", name, config.data.fold)
+        return None
+    record = evaluate_model(name, Path(model), config)
+    headline = record["metrics"].get(new_user_metric(5, "ndcg"), {}).get("mean", float("nan"))
+    log_info(logger, "%s fold %d: new-user NDCG@10 at n=5 %.4f, stream AUC %.4f", name, config.data.fold, headline,
+             record["metrics"].get("stream_auc_mean", {}).get("mean", float("nan")))
+    return record

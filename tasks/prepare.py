@@ -102,7 +102,7 @@ def split(config: Config, out: Path) -> dict:
     interactions = str(out / "interactions.parquet")
     with duckdb_connection(config.runtime.max_workers) as con:
         run_sql(con, "positives", {"interactions": interactions, "threshold": data.rating_threshold})
-        run_sql(con, "split_new_users", {"seed": data.seed, "fraction": data.new_user_fraction})
+        run_sql(con, "split_new_users", {"seed": data.seed, "deals": data.deals, "fold": data.fold})
         run_sql(con, "split_history_stream", {"history_fraction": data.history_fraction, "batches": data.stream_batches})
         counts = dict(zip(("positives", "users", "new_users", "history", "stream"), run_sql(con, "split_counts").fetchall()[0]))
         _check_split(config, counts, run_sql(con, "rating_range", {"interactions": interactions}).fetchall()[0])

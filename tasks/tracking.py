@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 
@@ -65,5 +67,25 @@ def run_tags(config: Config, **extra: str) -> dict[str, str]:
         "config_hash": config.hash_of(),
         "data_hash": prepared_dir(config).name,
         "git_commit": git_commit(),
+        "preset": config.runtime.preset,
         **extra,
     }
+
+
+def run_link(run_id: str) -> str:
+    """Where a run opens in the MLflow UI started as README says (the link is only useful with that UI running)."""
+    experiment_id = mlflow.get_run(run_id).info.experiment_id
+    return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+@contextmanager
+def parent_run(config: Config, name: str, kind: str, parent_run_id: str | None = None, **tags: str) -> Iterator[str]:
+    """An MLflow run opened now and closed when the block ends (FAILED if it raises), so its duration is true.
+
+    Nested under the calling thread's active run (a nightly run holding a pipeline run), else under
+    ``parent_run_id``. Work done in other threads nests under it by passing the yielded id as their parent.
+    """
+    setup_mlflow(config)
+    active = mlflow.active_run() is not None
+    with mlflow.start_run(run_name=name, tags=run_tags(config, kind=kind, **tags), nested=active, parent_run_id=None if active else parent_run_id) as run:
+        yield run.info.run_id

@@ -156,9 +156,17 @@ def _start(config: Config, model: ResponsiveMF, ckpt: Path, history) -> tuple[in
     return 0, [], None
 
 
-def meta_train(config: Config, task_dir: Path | None = None, max_epochs: int | None = None, row: str = "responsive") -> TrainResult:
+def meta_train(
+    config: Config,
+    task_dir: Path | None = None,
+    max_epochs: int | None = None,
+    row: str = "responsive",
+    parent_run_id: str | None = None,
+    register: bool = True,
+) -> TrainResult:
     """Meta-train (or resume) row ``row`` (ours or a variant of it) on the task shards; ``max_epochs`` stops early
-    (as an interruption would)."""
+    (as an interruption would). ``parent_run_id`` nests a new MLflow run under a pipeline's; ``register`` makes the
+    result a version of the registered model (serving candidates only: not folds > 0, not sweep points)."""
     config = config.for_row(row)
     torch.set_num_threads(config.runtime.torch_threads)
     task_dir = Path(task_dir) if task_dir else task_shards_dir(config)
@@ -171,8 +179,10 @@ def meta_train(config: Config, task_dir: Path | None = None, max_epochs: int | N
     setup_mlflow(config)
     first_epoch, records, run_id = _start(config, model, ckpt, history)
     last = config.meta.epochs if max_epochs is None else min(config.meta.epochs, max_epochs)
-    tags = run_tags(config, model="responsive", status="running")
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"responsive-{config.hash_of()}", tags=None if run_id else tags) as run:
+    tags = run_tags(config, kind="training", model=row, status="running", fold=str(config.data.fold))
+    name = None if run_id else f"train {row} fold {config.data.fold}"
+    nested = mlflow.active_run() is not None  # e.g. the train command inside a nightly run in the same thread
+    with mlflow.start_run(run_id=run_id, run_name=name, tags=None if run_id else tags, parent_run_id=None if run_id else parent_run_id, nested=nested) as run:
         run_id = run.info.run_id
         if first_epoch == 0 and not records:
             mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in config.to_flat_dict().items()})
@@ -191,7 +201,7 @@ def meta_train(config: Config, task_dir: Path | None = None, max_epochs: int | N
         if last < config.meta.epochs:
             mlflow.set_tag("status", "stopped")
             return TrainResult("stopped", last, run_id, records)
-        return _finish(config, model, work, run_id, records, len(history), row)
+        return _finish(config, model, work, run_id, records, len(history), row, register)
 
 
 def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list[dict], message: str) -> TrainResult:
@@ -205,11 +215,11 @@ def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list
     return TrainResult("diverged", epoch, run_id, records, message=message)
 
 
-def _finish(config: Config, model: ResponsiveMF, work: Path, run_id: str, records: list[dict], n_history: int, row: str) -> TrainResult:
+def _finish(config: Config, model: ResponsiveMF, work: Path, run_id: str, records: list[dict], n_history: int, row: str, register: bool) -> TrainResult:
     """Θ to the run's artifacts (safetensors), a registered version, the evaluable model, status finished."""
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.log_artifacts(str(save_theta(model, Path(tmp) / "model", config)), artifact_path="model")
-    version = _register(config, run_id)
+    version = _register(config, run_id) if register else None
     out = save_model(model, row, config, model_dir(config, row), {"run_id": run_id, "history_interactions": n_history})
     mlflow.set_tag("status", "finished")
     write_json({"status": "finished", "epochs": len(records), "run_id": run_id, "model_version": version, "history": records}, work / STATUS_FILE)
@@ -227,6 +237,6 @@ def _register(config: Config, run_id: str) -> str:
 
 
 @task(name="meta-train")
-def meta_train_task(config: Config, task_dir: Path | None = None, row: str = "responsive") -> TrainResult:
+def meta_train_task(config: Config, task_dir: Path | None = None, row: str = "responsive", parent_run_id: str | None = None, register: bool = True) -> TrainResult:
     """Prefect wrapper around ``meta_train``; a divergence is a result (status diverged), not a crash."""
-    return meta_train(config, task_dir, row=row)
+    return meta_train(config, task_dir, row=row, parent_run_id=parent_run_id, register=register)

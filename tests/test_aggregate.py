@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from metarec.metrics import bootstrap_ci
-from tasks.aggregate import case_values, paired_verdict, summary_markdown
+from tasks.aggregate import case_values, comparisons, forest_plot, paired_verdict, verdict_tables
+from tasks.pooling import paired
 
 
 def test_paired_verdict_wins_loses_and_ties():
@@ -42,13 +44,45 @@ def test_case_values_select_part_n_and_seen():
     assert case_values(cases, "auc", "stream", seen=False).tolist() == [0.4]
 
 
-def test_summary_refuses_to_pair_different_cases():
-    def cases(users):
-        return pa.table({"part": ["new"] * 3, "n": [1] * 3, "seen": [False] * 3, "user_id": users, "ndcg": [0.9, 0.8, 0.7],
-                         "hr": [1.0] * 3, "auc": [0.9] * 3, "full_hr": [0.0] * 3, "full_ndcg": [0.0] * 3})
+def _cases(users, ndcg, fold=0, part="new", n=1):
+    size = len(users)
+    return pa.table({"part": [part] * size, "n": [n] * size, "batch": [-1] * size, "seen": [False] * size, "user_id": users,
+                     "hr": [1.0] * size, "ndcg": ndcg, "auc": [0.9] * size, "full_hr": [0.0] * size, "full_ndcg": [0.0] * size,
+                     "fold": [fold] * size, "case": list(range(size))})
 
-    rows = [{"n": 1, "model": m, **{k: v for k in ("hr", "ndcg", "auc", "full_hr", "full_ndcg")}} for m, v in (("responsive", 0.8), ("pop", 0.5))]
-    same = summary_markdown("d", {}, {}, {}, rows, {}, {"responsive": cases([1, 2, 3]), "pop": cases([1, 2, 3])})
-    assert "n=1, ndcg: ours 0.800 vs best other Pop 0.500 — tie" in same  # identical cases: difference exactly 0
-    other = summary_markdown("d", {}, {}, {}, rows, {}, {"responsive": cases([1, 2, 3]), "pop": cases([4, 5, 6])})
-    assert "not comparable (different cases)" in other
+
+def test_pairing_refuses_cases_of_different_users():
+    with pytest.raises(ValueError, match="different users"):
+        paired(_cases([1, 2, 3], [0.9, 0.8, 0.7]), _cases([4, 5, 6], [0.9, 0.8, 0.7]), "ndcg")
+
+
+def test_pairing_matches_fold_and_case_and_drops_unmatched():
+    ours = pa.concat_tables([_cases([1, 2], [0.9, 0.8], fold=0), _cases([3, 4], [0.7, 0.6], fold=1)])
+    other = _cases([3, 4], [0.5, 0.5], fold=1)  # evaluated in fold 1 only (e.g. diverged in fold 0)
+    mine, theirs, users = paired(ours, other, "ndcg")
+    assert mine.tolist() == [0.7, 0.6] and theirs.tolist() == [0.5, 0.5] and users.tolist() == [[1, 3], [1, 4]]
+
+
+def test_comparisons_against_every_model_with_verdicts():
+    rng = np.random.default_rng(2)
+    users = list(range(200))
+    base = rng.random(200)
+    cases = {
+        "responsive": _cases(users, (base + 0.1).tolist()),
+        "rkmf": _cases(users, base.tolist()),  # ours is better by 0.1 on every case
+        "pop": _cases(users, (base + 0.1 + rng.normal(0, 0.3, 200)).tolist()),  # same mean, noisy: a tie
+        "spmf": _cases(users, (base + 0.2).tolist()),  # ours is worse by 0.1
+    }
+    found = {c.other: c for c in comparisons(cases, (1,), 500, 0) if c.metric == "ndcg"}
+    assert set(found) == {"rkmf", "pop", "spmf"}  # every other model, not only the best
+    assert found["rkmf"].word == "wins" and abs(found["rkmf"].diff - 0.1) < 1e-9
+    assert found["spmf"].word == "loses" and found["pop"].word == "tie"
+    table = "\n".join(verdict_tables(list(found.values())))
+    assert "RKMF" in table and "SPMF" in table and "Pop" in table and "+0.100" in table
+
+
+def test_forest_plot_is_a_png(tmp_path):
+    rng = np.random.default_rng(3)
+    cases = {"responsive": _cases(list(range(50)), rng.random(50).tolist()), "pop": _cases(list(range(50)), rng.random(50).tolist())}
+    path = forest_plot(comparisons(cases, (1,), 200, 0), tmp_path / "forest.png", "d")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

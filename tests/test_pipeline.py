@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from metarec.config import KNOWN_MODELS
 from tasks.evaluation import METRICS_FILE, eval_dir, new_user_metric
+from tasks.paths import prepared_dir
 from tasks.settings import QUICK_OVERRIDES, load_config
 from tasks.tracking import tracking_uri
 
@@ -53,7 +54,7 @@ def test_every_output_file_is_written(quick_run):
 @pytest.mark.slow
 def test_metrics_are_probabilities_and_case_counts_match_stats(quick_run):
     config, first, _, _ = quick_run
-    stats = json.loads((Path(first["run_dir"]).parents[1] / "stats.json").read_text())
+    stats = json.loads((prepared_dir(config) / "stats.json").read_text())  # quick: one fold, fold 0
     for model, record in first["results"].items():
         for key, value in record["metrics"].items():
             assert 0.0 <= value["mean"] <= 1.0, (model, key, value)
@@ -70,7 +71,7 @@ def test_one_mlflow_child_run_per_model_with_shared_metric_names(quick_run):
     experiment = client.get_experiment_by_name(config.runtime.experiment)
     parents = client.search_runs([experiment.experiment_id], "tags.kind = 'pipeline'")
     assert parents
-    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parents[-1].info.run_id}'")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parents[-1].info.run_id}' and tags.kind = 'model'")
     assert sorted(run.data.tags["model"] for run in children) == sorted(KNOWN_MODELS)
     for run in children:
         assert {"new_n1_hr10", "new_n5_ndcg10", "new_n10_auc", "stream_auc_mean", "full_n5_ndcg10"} <= set(run.data.metrics)

@@ -61,6 +61,7 @@ class Row:
     fixed: dict[str, object] = field(default_factory=dict)  # "section.field" -> value that defines the row
     sections: tuple[str, ...] = ("baselines",)  # config sections (besides data) its fitted state depends on
     family: str = "baseline"  # "ours" for the meta-learned MF and its variants
+    passes: tuple[str, ...] = ()  # "section.field"s counting full training passes over the history (scaled by eval.training_fraction)
 
     @property
     def is_ours(self) -> bool:
@@ -90,15 +91,17 @@ _OURS: dict[str, Range] = {
 ROWS: dict[str, Row] = {
     row.name: row
     for row in (
-        Row("responsive", "metarec.models.responsive:from_config", "Ours (paper)", dict(_OURS), sections=("tasks", "meta"), family="ours"),
+        Row("responsive", "metarec.models.responsive:from_config", "Ours (paper)", dict(_OURS), sections=("tasks", "meta"), family="ours",
+            passes=("meta.epochs", "meta.pretrain_epochs")),
         Row(
             "mf_ft", "metarec.models.mf_ft:from_config", "MF-FT",
             {**_SGD, "baselines.ft_lr": Float(0.005, 0.5, log=True, limits=(1e-4, 2.0)), "baselines.ft_epochs": Int(1, 20, log=True, limits=(1, 100))},
-            sections=("baselines", "meta"),
+            sections=("baselines", "meta"), passes=("baselines.epochs",),
         ),
         Row(
             "rkmf", "metarec.models.rkmf:from_config", "RKMF",
             {**_SGD, "baselines.rkmf_kernel": Choice(("linear", "logistic")), "baselines.rkmf_update_epochs": Int(1, 20, log=True, limits=(1, 100))},
+            passes=("baselines.epochs",),
         ),
         Row(
             "srec", "metarec.models.srec:from_config", "sRec",
@@ -108,6 +111,7 @@ ROWS: dict[str, Row] = {
                 "baselines.srec_drift_var": Float(1e-10, 1e-5, log=True, limits=(1e-14, 1e-1)),
                 "baselines.srec_negatives": Int(1, 8, limits=(0, 64)),
             },
+            passes=("baselines.srec_passes",),
         ),
         Row(
             "spmf", "metarec.models.spmf:from_config", "SPMF",
@@ -118,6 +122,7 @@ ROWS: dict[str, Row] = {
                 "baselines.spmf_temperature": Float(0.1, 10.0, log=True, limits=(1e-3, 1e3)),
                 "baselines.spmf_update_epochs": Int(1, 10, limits=(1, 100)),
             },
+            passes=("baselines.epochs",),
         ),
         Row("pop", "metarec.models.pop:from_config", "Pop", {}, sections=()),
     )
