@@ -12,13 +12,14 @@ from prefect import flow
 from flows.prepare import prepare_flow
 from metarec.config import Config
 from tasks.models import fit_model_task
-from tasks.tuning import BASELINES, apply_tuned, tune_baselines_task
+from tasks.tuning import TUNABLE, apply_tuned, prefect_trials, tune
 
 
-@flow(name="tune-baselines", validate_parameters=False)
-def tune_flow(config: Config, models: tuple[str, ...] = BASELINES) -> Path:
-    prepare_flow(config)
-    return tune_baselines_task(config, models)
+@flow(name="tune", validate_parameters=False)
+def tune_flow(config: Config, models: tuple[str, ...] = TUNABLE) -> Path:
+    """Prepare fold 0, then tune each row on its history; trials fan out on the configured task runner."""
+    prepare_flow(config.model_copy(update={"data": config.data.with_fold(0)}))
+    return tune(config, models, runner=prefect_trials, batch=config.runtime.max_workers)
 
 
 @flow(name="fit-models", validate_parameters=False)

@@ -84,15 +84,16 @@ def tune(
     set_: list[str] = SetOpt,
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    model: list[str] = typer.Option([], "--model", help="Baseline(s) to tune (repeatable; default: all five)."),
+    model: list[str] = typer.Option([], "--model", help="Row(s) to tune (repeatable; default: every row of eval.models with a search space)."),
 ) -> None:
-    """Seeded validation search of the baselines' hyperparameters on the history (same budget each)."""
+    """Seeded Optuna search of each row's hyperparameters on fold 0's history (the same budget for every row)."""
     cfg = _config(config, set_, dataset, data_dir)
     from flows.baselines import tune_flow
-    from tasks.tuning import BASELINES
+    from flows.runners import with_runner
+    from tasks.tuning import TUNABLE
 
     try:
-        out = tune_flow(cfg, tuple(model) or BASELINES)
+        out = with_runner(tune_flow, cfg)(cfg, tuple(model) or tuple(m for m in cfg.eval.models if m in TUNABLE))
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     typer.echo(f"tuning record in {out}")
@@ -162,14 +163,16 @@ def run(
     data_dir: Optional[Path] = DataDirOpt,
     quick: bool = typer.Option(False, "--quick", help="Fewer epochs, tasks and resamples: minutes, for tests and a first look."),
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also run the λ_ML sweep (paper Fig. 4)."),
+    tune_first: bool = typer.Option(False, "--tune", help="Tune every row on this data set first when it has no tuned values yet (metarec tune)."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="New-user folds to pool (data.new_user_folds)."),
 ) -> None:
     """The whole pipeline: prepare, build tasks, train ours and the baselines, evaluate in parallel, Table 1 and curves."""
-    cfg = _run_config(config, set_, dataset, data_dir, quick)
+    cfg = _run_config(config, [*set_, *([f"data.new_user_folds={folds}"] if folds else [])], dataset, data_dir, quick)
     from flows.pipeline import pipeline
     from flows.runners import with_runner
 
     try:
-        result = with_runner(pipeline, cfg)(cfg, sweep=sweep)
+        result = with_runner(pipeline, cfg)(cfg, sweep=sweep, tune_first=tune_first)
         typer.echo((Path(result["run_dir"]) / "table1.md").read_text())
         if (result["training"] or {}).get("status") == "finished":
             from flows.nightly import promote_result
@@ -191,7 +194,7 @@ def evaluate(
     quick: bool = typer.Option(False, "--quick"),
 ) -> None:
     """Evaluate the models of eval.models (fitting what is missing) and render Table 1; same as `run --no-sweep`."""
-    run(config, set_, dataset, data_dir, quick, sweep=False)
+    run(config, set_, dataset, data_dir, quick, sweep=False, tune_first=False, folds=None)
 
 
 @app.command()

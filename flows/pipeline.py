@@ -35,6 +35,7 @@ from tasks.prepared import load_prepared
 from tasks.task_shards import build_task_shards_task
 from tasks.tracking import parent_run, run_link, run_tags
 from tasks.training import meta_train_task
+from tasks.tuning import TUNABLE, load_record, prefect_trials, tune, tuned_source
 
 OURS = "responsive"  # the paper's row: its fold-0 model is the serving candidate
 
@@ -110,13 +111,25 @@ def _publish(config: Config, files: dict[str, Path]) -> None:
             create_link_artifact(files[name].resolve().as_uri(), link_text=name, key=f"{name.removesuffix('.png').replace('_', '-')}-{slug}")
 
 
+def _tuned(config: Config, tune_missing: bool) -> tuple[Config, str]:
+    """This data set's tuned values (tuning the rows that lack them first, when asked), and where they came from."""
+    record = load_record(config)
+    missing = [m for m in config.eval.models if m in TUNABLE and m not in (record or {}).get("models", {})]
+    if tune_missing and missing:
+        prepare_flow(config)
+        tune(config, tuple(missing), runner=prefect_trials, batch=config.runtime.max_workers)
+    return tuned_source(config)
+
+
 @flow(name="pipeline", validate_parameters=False)  # Config is validated once, by load_config
-def pipeline(config: Config, sweep: bool = False) -> dict:
+def pipeline(config: Config, sweep: bool = False, tune_first: bool = False) -> dict:
     logger = get_run_logger()
-    folds = fold_configs(config)
     quick = config.runtime.preset == "quick"
-    with parent_run(config, f"pipeline {config.data.dataset} F={len(folds)}", "pipeline") as parent_id:
+    with parent_run(config, f"pipeline {config.data.dataset} F={config.data.new_user_folds}", "pipeline") as parent_id:
         logger.info("MLflow parent run %s (%s)", parent_id, run_link(parent_id))
+        config, tuned_note = _tuned(config, tune_first)
+        logger.info(tuned_note)
+        folds = fold_configs(config)
         mlflow.log_params({"dataset": config.data.dataset, "folds": len(folds), "models": ",".join(config.eval.models),
                            "config_hash": config.hash_of(), "preset": config.runtime.preset})
         seconds: dict[str, float] = {}
@@ -131,8 +144,8 @@ def pipeline(config: Config, sweep: bool = False) -> dict:
         trained = {c.data.fold: {name: future.result() for name, future in t.items()} for c, (t, _) in zip(folds, submitted)}
         seconds["train, fit and evaluate"] = time.perf_counter() - start
 
-        notes = [f"fold {f}: meta-training of {name} {t.status} ({t.message}); it is left out of that fold"
-                 for f, rows in trained.items() for name, t in rows.items() if t.status != "finished"]
+        notes = [tuned_note] + [f"fold {f}: meta-training of {name} {t.status} ({t.message}); it is left out of that fold"
+                                for f, rows in trained.items() for name, t in rows.items() if t.status != "finished"]
         for note in notes:
             logger.warning(note)
         start = time.perf_counter()

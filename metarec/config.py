@@ -156,7 +156,7 @@ class BaselineConfig(Section):
     ft_lr: float = Field(0.05, gt=0.0)
     seed: int = 1
     # validation search (tasks/tuning.py): the same budget for every model
-    tune_budget: int = Field(8, ge=1, description="Configurations tried per model (the defaults first, then seeded random draws).")
+    tune_budget: int = Field(24, ge=1, description="Optuna trials per row, the same for every row (the row's current values first, then seeded TPE).")
     tune_holdout: float = Field(0.1, gt=0.0, lt=1.0, description="Last fraction of the history (by time) held out for validation.")
 
 

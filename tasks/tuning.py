@@ -1,29 +1,26 @@
-"""The seeded validation search that picks each baseline's hyperparameters (issue: same budget for every model).
+"""Tuning with Optuna: the same seeded TPE search and the same budget for every row, on the history only.
 
-Protocol, on the history only (the stream and the new users are never seen):
+Each row (``metarec.models.registry.ROWS``) declares its search space as data;
+nobody's space is redesigned after looking at its scores. For each row:
 
-1. ``validation_split``: a seeded ``new_user_fraction`` of the history's users
-   become pseudo-new users (their interactions leave the training part); the
-   rest of the history is cut by time at the (1 − ``baselines.tune_holdout``)
-   quantile into a training part and a held-out tail.
-2. Cases, in the stored-candidate style (METHOD.md §9): the true item plus
-   ``data.n_negatives`` items drawn uniformly from those the user never had
-   anywhere in the history (drawn with replacement, seeded).
-   - pseudo-new users with at least max(n) + 1 interactions: shown their first
-     n (n in ``data.new_user_ns``), rank the (n+1)-th (``score_new_users``);
-   - the held-out tail, cut into ``VAL_BATCHES`` time-ordered batches: each
-     batch is scored first, then observed (so the online rules are tuned too).
-3. Per model: ``baselines.tune_budget`` configurations, the defaults first
-   then seeded random draws from ``SEARCH_SPACES[model]``; each is fitted on
-   the training part and scored. The meta-learned ``responsive`` model gets
-   the same split, objective, budget and draws. Values are keyed by
-   ``section.field`` (``baselines.lr``, ``meta.lambda_ml``), as in ``Config.tuned``. The objective is the mean of the new-user
-   NDCG@10 (pooled over n) and the held-out-tail NDCG@10; HR@10 and AUC are
-   recorded beside it. Ties keep the earlier configuration.
+- an Optuna study (TPE sampler seeded by ``baselines.seed`` and the row's
+  position in ROWS) is stored in ``<prepared>/tuning/optuna.db`` (sqlite), so an
+  interrupted tuning resumes where it stopped; its first trial is the row's
+  current values, so a search never reports worse than where it started;
+- ``baselines.tune_budget`` trials in three equal rounds; after each of the
+  first two, every range whose best value so far sits on an edge is widened
+  (``registry.widen``) up to its hard limits, so the search can go past a bound
+  that was set too tight; the report flags any value still on an edge;
+- each trial fits the row on the validation split of ``tasks/validation.py``
+  and scores it (objective: mean of new-user and held-out-tail NDCG@10);
+  trials are Prefect tasks when a runner is given (threads or Dask), fed in
+  batches of ``runtime.max_workers`` through Optuna's ask/tell interface, and
+  every trial is logged to MLflow under one tuning parent run.
 
-Output: ``tuning_path(config)`` (JSON, written atomically): the search space,
-the budget, every trial's values and metrics, and per model the chosen values,
-ready for ``Config.tuned`` (``apply_tuned``).
+Output: ``tuning_path(config)`` (JSON, written atomically) holds, per row, the
+chosen values (ready for ``Config.tuned``), the widened spaces, every trial,
+the flags, the trial count and the wall time. Rows tuned later are merged into
+the same record, so one record holds a data set's tuned values.
 """
 
 from __future__ import annotations
@@ -31,155 +28,40 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
+import optuna
 import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from metarec.models.common import sampled_metrics
 from metarec.config import SECTION_TYPES, Config
-from metarec.interface import Interactions, RecentItems
-from metarec.neighbours import InteractionIndex
-from metarec.models.registry import make_model
+from metarec.interface import Interactions
+from metarec.models.registry import ROWS, Choice, Float, Int, Range, on_edge, widen
 from tasks.atomic import write_json
 from tasks.logs import log_info
-from tasks.models import baseline_threads
 from tasks.paths import prepared_dir
 from tasks.prepared import load_prepared
+from tasks.tracking import parent_run, run_tags, setup_mlflow
+from tasks.validation import evaluate_trial, validation_split
 
 logger = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-BASELINES = ("rkmf", "srec", "spmf", "mf_ft", "pop")
-RESPONSIVE = "responsive"
-TUNABLE = (*BASELINES, RESPONSIVE)  # the position seeds each model's draws: append only
-RESPONSIVE_THREADS = 2  # torch threads for the responsive model's trials (meta-training is the heavy part)
-VAL_BATCHES = 2
-MAX_STREAM_CASES = 2000  # held-out tail cases scored per trial (a seeded sample when there are more)
+ROUNDS = 3  # the budget is spent in this many rounds; ranges are widened between them
+TUNABLE = tuple(name for name, row in ROWS.items() if row.space)
 
-# Discrete grids for the seeded random draws, keyed by section.field like Config.tuned.
-_SGD = {"baselines.lr": [0.01, 0.02, 0.05, 0.1], "baselines.reg": [1e-5, 1e-4, 1e-3, 1e-2], "baselines.epochs": [10, 20, 40]}
-SEARCH_SPACES: dict[str, dict[str, list]] = {
-    "rkmf": {**_SGD, "baselines.rkmf_kernel": ["linear", "logistic"], "baselines.rkmf_update_epochs": [2, 5, 10]},
-    "srec": {
-        "baselines.srec_obs_var": [0.1, 0.3, 1.0, 3.0],
-        "baselines.srec_prior_var": [0.01, 0.03, 0.1, 0.3],
-        "baselines.srec_drift_var": [0.0, 1e-9, 1e-8, 1e-7],
-        "baselines.srec_negatives": [1, 2, 4],
-        "baselines.srec_passes": [1, 2, 3],
-    },
-    "spmf": {
-        **_SGD,
-        "baselines.spmf_reservoir": [1000, 5000, 20000],
-        "baselines.spmf_samples": [250, 1000, 4000],
-        "baselines.spmf_temperature": [0.1, 0.3, 1.0, 3.0],
-        "baselines.spmf_update_epochs": [1, 3, 5],
-    },
-    "mf_ft": {**_SGD, "baselines.ft_lr": [0.01, 0.05, 0.1, 0.2], "baselines.ft_epochs": [1, 3, 5, 10]},
-    "pop": {},
-    RESPONSIVE: {
-        "meta.lambda_ml": [0.5, 1.0, 2.0, 5.0],
-        "meta.inner_lr": [1.0, 3.0, 10.0, 20.0, 40.0],
-        "meta.inner_steps": [1, 2, 3],
-        "meta.pretrain_epochs": [0, 3, 10],
-        "meta.epochs": [5, 10],
-        "meta.outer_lr": [0.002, 0.005, 0.01, 0.02],
-        "meta.batch_tasks": [256],
-        "tasks.k": [3, 5, 10],
-    },
-}
+# (row name, values) -> trial metrics; runs a batch of trials (in parallel when a task runner is behind it)
+RunTrials = Callable[[list[tuple[str, dict]]], list[dict]]
+# (config, validation split) -> RunTrials
+TrialRunner = Callable[[Config, dict], RunTrials]
 
 
-
-# ------------------------------------------------------------------ the validation data
-def validation_split(history: Interactions, config: Config) -> dict:
-    """Training part, held-out tail batches and pseudo-new-user cases, all seeded by ``baselines.seed``."""
-    rng = np.random.default_rng([config.baselines.seed, 99])
-    users = np.unique(history.users)
-    pseudo_new = rng.choice(users, size=max(1, int(round(config.data.new_user_fraction * len(users)))), replace=False)
-    is_new = np.isin(history.users, pseudo_new)
-    rest = history.take(~is_new)
-    cut = np.quantile(rest.ts, 1.0 - config.baselines.tune_holdout)
-    train, tail = rest.take(rest.ts <= cut), rest.take(rest.ts > cut)
-    if not len(train) or not len(tail):
-        raise ValueError(f"baselines.tune_holdout={config.baselines.tune_holdout} leaves an empty training part or tail ({len(train)}, {len(tail)} rows)")
-    index = InteractionIndex.build(history)  # negatives avoid every positive of the history
-    n_items = history.n_items
-    batches = np.array_split(np.arange(len(tail)), VAL_BATCHES)
-    tail_cases = []
-    for b, rows in enumerate(batches):
-        batch = tail.take(rows)
-        keep = rows if len(rows) <= MAX_STREAM_CASES // VAL_BATCHES else np.sort(rng.choice(rows, MAX_STREAM_CASES // VAL_BATCHES, replace=False))
-        users_b, items_b = tail.users[keep], tail.items[keep]
-        tail_cases.append((batch, users_b, _candidates(index, users_b, items_b, config.data.n_negatives, n_items, rng)))
-    new_cases = _new_user_cases(history.take(is_new), index, config, n_items, rng)
-    return {"train": train, "tail": tail_cases, "new": new_cases, "pseudo_new_users": int(len(pseudo_new))}
-
-
-def _candidates(index: InteractionIndex, users: np.ndarray, items: np.ndarray, n_neg: int, n_items: int, rng: np.random.Generator) -> np.ndarray:
-    negs = index.sample_negatives(np.repeat(users, n_neg).reshape(len(users), n_neg), rng, n_items=n_items)
-    return np.concatenate([items[:, None], negs], axis=1)
-
-
-def _new_user_cases(new: Interactions, index: InteractionIndex, config: Config, n_items: int, rng: np.random.Generator) -> dict[int, tuple]:
-    ns = config.data.new_user_ns
-    order = np.lexsort((new.items, new.ts, new.users))
-    users, items, ts = new.users[order], new.items[order], new.ts[order]
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    counts = np.diff(np.r_[starts, len(users)])
-    eligible = starts[counts > max(ns)]
-    cases = {}
-    for n in ns:
-        offsets = eligible[:, None] + np.arange(n)
-        case_users = users[eligible]
-        recent = RecentItems(case_users, items[offsets], ts[offsets])
-        cases[n] = (recent, _candidates(index, case_users, items[eligible + n], config.data.n_negatives, n_items, rng))
-    return cases
-
-
-# ------------------------------------------------------------------ one trial
-def evaluate_trial(name: str, config: Config, split: dict) -> dict[str, float]:
-    """Fit on the training part, score new-user cases, then score-then-observe the tail batches."""
-    started = time.perf_counter()
-    model = make_model(name, config).fit(split["train"])
-    new_scores = [sampled_metrics(model.score_new_users(recent, cands)) for recent, cands in split["new"].values()]
-    tail_scores = []
-    for batch, users, cands in split["tail"]:
-        tail_scores.append(sampled_metrics(model.score(users, cands)))
-        model.observe(batch)
-    new, tail = _pool(new_scores), _pool(tail_scores)
-    return {
-        "objective": 0.5 * (new["ndcg@10"] + tail["ndcg@10"]),
-        **{f"new_{k}": v for k, v in new.items()},
-        **{f"tail_{k}": v for k, v in tail.items()},
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def _pool(parts: list[dict]) -> dict[str, float]:
-    cases = sum(p["cases"] for p in parts)
-    out = {k: sum(p[k] * p["cases"] for p in parts) / max(cases, 1) for k in ("hr@10", "ndcg@10", "auc")}
-    return {**out, "cases": cases}
-
-
-def draw_configs(name: str, budget: int, seed: int) -> list[dict]:
-    """The defaults ({}) first, then distinct seeded random draws from the model's space (fewer if it is exhausted)."""
-    space = SEARCH_SPACES[name]
-    rng = np.random.default_rng([seed, TUNABLE.index(name)])
-    draws: list[dict] = [{}]
-    seen = {json.dumps({}, sort_keys=True)}
-    for _ in range(50 * budget):
-        if len(draws) >= budget or not space:
-            break
-        values = {key: options[int(rng.integers(len(options)))] for key, options in space.items()}
-        values = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in values.items()}
-        key = json.dumps(values, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            draws.append(values)
-    return draws
-
-
+# ------------------------------------------------------------------ values and spaces
 def with_values(config: Config, name: str, values: dict) -> Config:
     """The config with ``values`` (section.field -> value) in ``tuned[name]`` and those fields reset to their class
     defaults, so the row's values take effect (``Config.for_row``); validated like any config."""
@@ -196,72 +78,218 @@ def with_values(config: Config, name: str, values: dict) -> Config:
     return Config.model_validate({**data, "tuned": tuned})
 
 
-def tune_model(name: str, config: Config, split: dict) -> dict:
-    """Every trial of one model, and the chosen values (the best objective; the earlier on ties)."""
-    if name not in SEARCH_SPACES:
-        raise ValueError(f"no search space for model {name!r}; tunable: {list(SEARCH_SPACES)}")
-    trials = []
-    draws = draw_configs(name, config.baselines.tune_budget, config.baselines.seed)
-    budget = len(draws)
-    for values in draws:
-        metrics = evaluate_trial(name, with_values(config, name, values), split)
-        trials.append({"values": values, "metrics": metrics})
-        log_info(logger, "tuning %s trial %d/%d %s: objective %.4f (%.0f s)", name, len(trials), budget, values, metrics["objective"], metrics["seconds"])
-    best = max(range(len(trials)), key=lambda k: (trials[k]["metrics"]["objective"], -k))
-    chosen = {**_defaults_of(config, name), **trials[best]["values"]}
-    return {"chosen": chosen, "best_trial": best, "trials": trials}
-
-
-def _defaults_of(config: Config, name: str) -> dict:
+def current_values(config: Config, name: str) -> dict:
     """The values row ``name`` runs with today, for every key of its space."""
     row_config = config.for_row(name)
-    return {key: getattr(getattr(row_config, key.split(".")[0]), key.split(".")[1]) for key in SEARCH_SPACES[name]}
+    return {key: getattr(getattr(row_config, key.split(".")[0]), key.split(".")[1]) for key in ROWS[name].space}
+
+
+def suggest(trial: optuna.Trial, space: dict[str, Range]) -> dict:
+    values = {}
+    for key, dist in space.items():
+        if isinstance(dist, Float):
+            values[key] = trial.suggest_float(key, dist.low, dist.high, log=dist.log)
+        elif isinstance(dist, Int):
+            values[key] = trial.suggest_int(key, dist.low, dist.high, log=dist.log)
+        else:
+            values[key] = trial.suggest_categorical(key, list(dist.options))
+    return values
+
+
+def _clamp_into(values: dict, space: dict[str, Range]) -> dict:
+    """Today's values as a first trial: a value outside its range is moved to the nearest bound (and reported)."""
+    out = {}
+    for key, value in values.items():
+        dist = space[key]
+        if isinstance(dist, Choice):
+            out[key] = value if value in dist.options else dist.options[0]
+        else:
+            out[key] = type(dist.low)(min(max(value, dist.low), dist.high))
+    return out
+
+
+def space_to_json(space: dict[str, Range]) -> dict:
+    return {key: {"kind": type(dist).__name__, **asdict(dist)} for key, dist in space.items()}
+
+
+def space_from_json(data: dict) -> dict[str, Range]:
+    kinds = {"Float": Float, "Int": Int, "Choice": Choice}
+    out: dict[str, Range] = {}
+    for key, spec in data.items():
+        spec = dict(spec)
+        kind = kinds[spec.pop("kind")]
+        out[key] = kind(tuple(spec["options"])) if kind is Choice else kind(spec["low"], spec["high"], spec["log"], tuple(spec["limits"]))
+    return out
+
+
+def edges(values: dict, space: dict[str, Range]) -> dict[str, str]:
+    """key -> "low"/"high" for each chosen value on an edge of its range."""
+    return {key: side for key, value in values.items() if key in space and (side := on_edge(value, space[key]))}
+
+
+def widened(space: dict[str, Range], values: dict) -> tuple[dict[str, Range], list[str]]:
+    """The space with every range whose value is on an edge stretched past it; and the keys stretched."""
+    out, stretched = dict(space), []
+    for key, side in edges(values, space).items():
+        if (new := widen(space[key], side)) is not None:
+            out[key] = new
+            stretched.append(key)
+    return out, stretched
+
+
+# ------------------------------------------------------------------ the search
+def _study(name: str, config: Config, storage: str) -> optuna.Study:
+    seed = config.baselines.seed * 1000 + list(ROWS).index(name)
+    base = config.model_copy(update={"tuned": {}}).hash_of("data", "tasks", "meta", "baselines")
+    study_name = f"{name}-{base}-b{config.baselines.tune_budget}-s{config.baselines.seed}"
+    # TPE draws at random for its first trials: one round of them, then two rounds it guides
+    startup = max(1, -(-config.baselines.tune_budget // ROUNDS))
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    return optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True)
+
+
+def tune_row(name: str, config: Config, run_trials: RunTrials, storage: str, batch: int = 1) -> dict:
+    """The whole search of one row; resumes a study of the same row, base config, budget and seed."""
+    started = time.perf_counter()
+    study = _study(name, config, storage)
+    budget = config.baselines.tune_budget
+    space = space_from_json(study.user_attrs["space"]) if "space" in study.user_attrs else dict(ROWS[name].space)
+    stretched_all: list[str] = list(study.user_attrs.get("widened", []))
+    if not study.trials:
+        study.enqueue_trial(_clamp_into(current_values(config, name), space))
+    per_round = -(-budget // ROUNDS)
+    while (done := len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])) < budget:
+        if done and done % per_round == 0 and study.user_attrs.get("widened_at") != done:
+            space, stretched = widened(space, study.best_params)
+            stretched_all += stretched
+            study.set_user_attr("widened_at", done)
+            study.set_user_attr("widened", stretched_all)
+        study.set_user_attr("space", space_to_json(space))
+        trials = [study.ask() for _ in range(min(batch, budget - done, per_round - done % per_round))]
+        values = [suggest(trial, space) for trial in trials]
+        for trial, vals, metrics in zip(trials, values, run_trials([(name, v) for v in values])):
+            for key, value in metrics.items():
+                trial.set_user_attr(key, value)
+            study.tell(trial, metrics["objective"])
+            log_info(logger, "tuning %s trial %d/%d: objective %.4f (%.0f s) %s", name, trial.number + 1, budget, metrics["objective"], metrics["seconds"], vals)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = study.best_trial
+    chosen = {**current_values(config, name), **best.params}
+    still = edges(best.params, space)
+    return {
+        "chosen": chosen,
+        "best_trial": best.number,
+        "best_objective": best.value,
+        "trials": [{"number": t.number, "values": t.params, "metrics": t.user_attrs} for t in complete],
+        "n_trials": len(complete),
+        "space": space_to_json(space),
+        "widened": stretched_all,
+        "on_edge": {key: {"side": side, "at_hard_limit": widen(space[key], side) is None} for key, side in still.items()},
+        "seconds": time.perf_counter() - started,
+        "study": study.study_name,
+    }
 
 
 # ------------------------------------------------------------------ I/O
-def tuning_path(config: Config, models: tuple[str, ...] = BASELINES) -> Path:
-    """The record's path; it depends on meta/tasks too when the responsive model is among ``models``."""
-    sections = ("data", "baselines", "tasks", "meta") if RESPONSIVE in models else ("data", "baselines")
-    suffix = "-responsive" if RESPONSIVE in models else ""
-    return prepared_dir(config) / f"tuning-{config.hash_of(*sections)}{suffix}.json"
+def tuning_dir(config: Config) -> Path:
+    """Fold 0's prepared folder holds the tuning: the validation split is cut from its history."""
+    return prepared_dir(config.model_copy(update={"data": config.data.with_fold(0)})) / "tuning"
 
 
-def tune_baselines(config: Config, models: tuple[str, ...] = BASELINES, history: Interactions | None = None) -> Path:
-    """Run the search for each model on the history (default: the prepared one) and write the JSON record atomically."""
-    unknown = [m for m in models if m not in SEARCH_SPACES]
+def tuning_path(config: Config) -> Path:
+    """The data set's record of tuned values, for this base configuration (its searched fields excluded)."""
+    base = config.model_copy(update={"tuned": {}}).hash_of("data", "tasks", "meta", "baselines")
+    return tuning_dir(config) / f"tuned-{base}.json"
+
+
+def load_record(config: Config) -> dict | None:
+    path = tuning_path(config)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def sequential_trials(config: Config, split: dict) -> RunTrials:
+    return lambda batch: [evaluate_trial(name, with_values(config, name, values), split) for name, values in batch]
+
+
+def tune(config: Config, models: tuple[str, ...], history: Interactions | None = None, runner: TrialRunner | None = None, batch: int = 1) -> Path:
+    """Tune each row on fold 0's history (default: the prepared one); merge the results into the data set's record."""
+    unknown = [m for m in models if m not in ROWS]
     if unknown:
-        raise ValueError(f"cannot tune {unknown}: tunable models are {list(SEARCH_SPACES)}")
-    torch.set_num_threads(RESPONSIVE_THREADS if RESPONSIVE in models else baseline_threads(config))
-    history = history if history is not None else load_prepared(prepared_dir(config)).history
+        raise ValueError(f"cannot tune {unknown}: known rows are {list(ROWS)}")
+    torch.set_num_threads(1 if batch > 1 else config.runtime.torch_threads)
+    fold0 = config.model_copy(update={"data": config.data.with_fold(0)})
+    history = history if history is not None else load_prepared(prepared_dir(fold0)).history
     split = validation_split(history, config)
-    record = {
-        "protocol": __doc__.split("Output:")[0].strip(),
-        "budget": config.baselines.tune_budget,
-        "holdout": config.baselines.tune_holdout,
-        "seed": config.baselines.seed,
-        "search_spaces": {name: SEARCH_SPACES[name] for name in models},
-        "train_interactions": len(split["train"]),
-        "pseudo_new_users": split["pseudo_new_users"],
+    out = tuning_path(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{out.parent / 'optuna.db'}"
+    record = load_record(config) or {"protocol": "tasks/tuning.py and tasks/validation.py", "models": {}}
+    record.update({
+        "budget": config.baselines.tune_budget, "holdout": config.baselines.tune_holdout, "seed": config.baselines.seed,
+        "dataset": config.data.dataset, "train_interactions": len(split["train"]), "pseudo_new_users": split["pseudo_new_users"],
         "new_user_cases": {str(n): int(len(c[0].users)) for n, c in split["new"].items()},
         "tail_cases": int(sum(len(u) for _, u, _ in split["tail"])),
-        "models": {name: tune_model(name, config, split) for name in models},
-    }
-    out = tuning_path(config, models)
+    })
+    run_trials = (runner or sequential_trials)(config, split)
+    setup_mlflow(config)
+    with parent_run(config, f"tuning {config.data.dataset}", "tuning") as tuning_run:
+        for name in models:
+            if not ROWS[name].space:
+                record["models"][name] = {"chosen": {}, "n_trials": 0, "trials": [], "seconds": 0.0, "space": {}, "widened": [], "on_edge": {}}
+                continue
+            result = tune_row(name, config, _logged(run_trials, config, tuning_run), storage, batch)
+            record["models"][name] = result
+            write_json(record, out)  # after every row: a later failure keeps the rows already tuned
     write_json(record, out)
     return out
 
 
+def _logged(run_trials: RunTrials, config: Config, parent_id: str) -> RunTrials:
+    """Every trial becomes an MLflow child run of the tuning run (params = its values, metrics = its scores)."""
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_id).info.experiment_id
+
+    def run(batch: list[tuple[str, dict]]) -> list[dict]:
+        results = run_trials(batch)
+        now = int(time.time() * 1000)
+        for (name, values), metrics in zip(batch, results):
+            child = client.create_run(experiment_id, run_name=f"trial {name}", tags={**run_tags(config, kind="trial", model=name), "mlflow.parentRunId": parent_id})
+            client.log_batch(child.info.run_id, metrics=[Metric(k.replace("@", "_at_"), float(v), now, 0) for k, v in metrics.items()],
+                             params=[Param(k, str(v)) for k, v in values.items()])
+            client.set_terminated(child.info.run_id)
+        return results
+
+    return run
+
+
 def apply_tuned(config: Config, path: Path | None = None) -> Config:
-    """The config with the chosen values of a tuning record in ``Config.tuned``."""
+    """The config with a tuning record's chosen values as ``Config.tuned`` (row by row; rows it lacks keep theirs).
+
+    Unlike ``with_values`` nothing is reset: a field set explicitly (``--set baselines.lr=0.03``) still wins."""
     record = json.loads(Path(path or tuning_path(config)).read_text())
-    for name, result in record["models"].items():
-        config = with_values(config, name, result["chosen"])
-    return config
+    tuned = {**config.tuned, **{name: result["chosen"] for name, result in record["models"].items() if result["chosen"]}}
+    return Config.model_validate({**config.model_dump(), "tuned": tuned})
 
 
-@task(name="tune-baselines")
-def tune_baselines_task(config: Config, models: tuple[str, ...] = BASELINES) -> Path:
-    """Prefect wrapper around ``tune_baselines``."""
-    out = tune_baselines(config, models)
-    log_info(logger, "tuning record in %s", out)
-    return out
+def tuned_source(config: Config) -> tuple[Config, str]:
+    """The config with this data set's tuned values when a record exists, and a sentence saying where they came from."""
+    path = tuning_path(config)
+    if path.is_file():
+        return apply_tuned(config, path), f"tuned values: chosen on {config.data.dataset} by `metarec tune` ({path})"
+    return config, (f"no tuned values for {config.data.dataset}: every row uses the values tuned on ml-100k (metarec/config.py "
+                    "TUNED_ML100K); `metarec run --tune` tunes them on this data set first")
+
+
+@task(name="tune-trial", cache_policy=NO_CACHE)
+def tune_trial_task(name: str, config: Config, split: dict, values: dict) -> dict:
+    return evaluate_trial(name, with_values(config, name, values), split)
+
+
+def prefect_trials(config: Config, split: dict) -> RunTrials:
+    """Trials as Prefect tasks on the calling flow's task runner (threads, or Dask when configured)."""
+
+    def run(batch: list[tuple[str, dict]]) -> list[dict]:
+        futures = [tune_trial_task.with_options(task_run_name=f"trial-{name}").submit(name, config, split, values) for name, values in batch]
+        return [future.result() for future in futures]
+
+    return run

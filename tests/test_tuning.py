@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metarec.config import BaselineConfig, Config, MetaConfig
+from metarec.config import SECTION_TYPES, BaselineConfig, Config, MetaConfig
 from metarec.synthetic import planted_interactions
-from tasks.tuning import SEARCH_SPACES, apply_tuned, draw_configs, tune_baselines, tune_model, validation_split, with_values
+from metarec.models.registry import ROWS, Choice, Float, Int, on_edge, widen
+from tasks.tuning import apply_tuned, current_values, space_from_json, tune, tune_row, with_values
+from tasks.validation import validation_split
 
 
 def tiny_config() -> Config:
@@ -47,74 +49,114 @@ def test_validation_split_uses_the_history_only_and_cuts_by_time(history) -> Non
     np.testing.assert_array_equal(again["new"][3][1], cands)
 
 
-def test_every_model_gets_the_same_budget_defaults_first() -> None:
-    for name in ("rkmf", "srec", "spmf", "mf_ft"):
-        draws = draw_configs(name, 6, seed=1)
-        assert len(draws) == 6 and draws[0] == {}
-        assert len({json.dumps(d, sort_keys=True) for d in draws}) == 6
-        assert all(set(d) == set(SEARCH_SPACES[name]) for d in draws[1:])
-        assert draws == draw_configs(name, 6, seed=1)
-        assert draws != draw_configs(name, 6, seed=2)
-    assert draw_configs("pop", 6, seed=1) == [{}]  # nothing to tune
+def lr_objective(config, split):
+    """A known answer: the objective grows with baselines.lr, so the best value is the range's top."""
+    return lambda batch: [{"objective": float(values["baselines.lr"]), "seconds": 0.0} for _, values in batch]
 
 
-def test_with_values_validates_and_applies_per_model() -> None:
+def test_the_first_trial_is_the_rows_current_values_and_the_budget_is_the_same(tmp_path) -> None:
+    config = tiny_config().model_copy(update={"baselines": BaselineConfig(dim=8, tune_budget=5, lr=0.03)})
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    seen = []
+
+    def record(batch):
+        seen.extend(values for _, values in batch)
+        return [{"objective": 0.5, "seconds": 0.0} for _ in batch]
+
+    result = tune_row("rkmf", config, record, storage)
+    assert result["n_trials"] == 5 == len(seen)
+    assert seen[0] == current_values(config, "rkmf") and seen[0]["baselines.lr"] == 0.03
+    assert all(set(v) == set(ROWS["rkmf"].space) for v in seen)
+
+
+def test_tuning_is_reproducible_with_the_seed(tmp_path) -> None:
+    config = tiny_config().model_copy(update={"baselines": BaselineConfig(dim=8, tune_budget=6)})
+    objective = lambda c, s: lambda batch: [{"objective": -abs(np.log(v["baselines.lr"] / 0.03)) - v["baselines.reg"], "seconds": 0.0} for _, v in batch]  # noqa: E731
+    first = tune_row("spmf", config, objective(None, None), f"sqlite:///{tmp_path / 'a.db'}")
+    second = tune_row("spmf", config, objective(None, None), f"sqlite:///{tmp_path / 'b.db'}")
+    assert first["best_trial"] == second["best_trial"] and first["chosen"] == second["chosen"]
+    assert [t["values"] for t in first["trials"]] == [t["values"] for t in second["trials"]]
+    other_seed = config.model_copy(update={"baselines": BaselineConfig(dim=8, tune_budget=6, seed=9)})
+    third = tune_row("spmf", other_seed, objective(None, None), f"sqlite:///{tmp_path / 'c.db'}")
+    assert [t["values"] for t in third["trials"]][1:] != [t["values"] for t in first["trials"]][1:]
+
+
+def test_a_choice_on_an_edge_widens_its_range_up_to_the_hard_limit_and_is_flagged(tmp_path) -> None:
+    config = tiny_config().model_copy(update={"baselines": BaselineConfig(dim=8, tune_budget=9)})
+    result = tune_row("rkmf", config, lr_objective(None, None), f"sqlite:///{tmp_path / 'o.db'}")
+    initial = ROWS["rkmf"].space["baselines.lr"]
+    final = space_from_json(result["space"])["baselines.lr"]
+    assert "baselines.lr" in result["widened"] and final.high > initial.high
+    assert result["chosen"]["baselines.lr"] > initial.high  # the search went past the first bound
+    flag = result["on_edge"].get("baselines.lr")
+    assert flag is not None and flag["side"] == "high"
+    assert flag["at_hard_limit"] == (final.high == initial.limits[1])
+
+
+def test_edges_and_widening_of_ranges() -> None:
+    log_range = Float(0.01, 1.0, log=True, limits=(1e-3, 2.0))
+    assert on_edge(1.0, log_range) == "high" and on_edge(0.0105, log_range) == "low" and on_edge(0.1, log_range) is None
+    wider = widen(log_range, "high")
+    assert wider.high == 2.0 and widen(wider, "high") is None  # clipped to its hard limit, then no further
+    assert widen(Int(1, 5, limits=(1, 10)), "low") is None and widen(Int(1, 5, limits=(1, 10)), "high").high == 7
+    assert on_edge("linear", Choice(("linear", "logistic"))) is None
+
+
+def test_an_interrupted_tuning_resumes_its_study(tmp_path) -> None:
+    config = tiny_config().model_copy(update={"baselines": BaselineConfig(dim=8, tune_budget=4)})
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    calls = []
+
+    def flaky(batch):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(batch)
+        return [{"objective": 0.1 * len(calls), "seconds": 0.0} for _ in batch]
+
+    with pytest.raises(KeyboardInterrupt):
+        tune_row("mf_ft", config, flaky, storage)
+    calls.append(None)  # let the rest through
+    result = tune_row("mf_ft", config, flaky, storage)
+    assert result["n_trials"] == 4 and len(calls) == 5  # 2 before the stop, 1 marker, 2 after: none repeated
+
+
+def test_with_values_validates_and_applies_per_row() -> None:
     config = with_values(tiny_config(), "rkmf", {"baselines.lr": 0.02, "baselines.rkmf_kernel": "linear"})
     assert config.for_row("rkmf").baselines.lr == 0.02
     assert config.for_row("spmf").baselines.lr == tiny_config().baselines.lr
     with pytest.raises(ValueError, match="lr"):
         with_values(tiny_config(), "rkmf", {"baselines.lr": -1.0})
-
-
-def test_tune_model_picks_the_best_trial(history) -> None:
-    config = tiny_config()
-    result = tune_model("spmf", config, validation_split(history, config))
-    objectives = [t["metrics"]["objective"] for t in result["trials"]]
-    assert len(objectives) == config.baselines.tune_budget
-    assert objectives[result["best_trial"]] == max(objectives)
-    assert result["chosen"].items() >= result["trials"][result["best_trial"]]["values"].items()
-    assert set(result["chosen"]) == set(SEARCH_SPACES["spmf"])
-
-
-def test_tune_baselines_writes_a_record_that_configures_the_models(history, artifacts) -> None:
-    config = tiny_config()
-    path = tune_baselines(config, ("rkmf", "pop"), history=history)
-    record = json.loads(path.read_text())
-    assert record["budget"] == 2 and set(record["models"]) == {"rkmf", "pop"}
-    assert record["search_spaces"]["rkmf"] == SEARCH_SPACES["rkmf"]
-    tuned = apply_tuned(config, path)
-    assert tuned.tuned["rkmf"] == record["models"]["rkmf"]["chosen"]
-    assert not list(path.parent.glob(".*.tmp"))  # written atomically
-    with pytest.raises(ValueError, match="nope"):
-        tune_baselines(config, ("nope",), history=history)
-
-
-def test_responsive_gets_the_same_budget_and_protocol_its_values_go_to_meta_and_tasks(history, artifacts) -> None:
-    draws = draw_configs("responsive", 8, seed=1)
-    assert len(draws) == 8 and draws[0] == {}
-    assert all(set(d) == set(SEARCH_SPACES["responsive"]) for d in draws[1:])
-    assert draws[:3] != draw_configs("rkmf", 8, seed=1)[:3]
-    assert draw_configs("rkmf", 8, seed=1) == draw_configs("rkmf", 8, seed=1)  # baselines' draws unchanged by its addition
-    config = with_values(tiny_config(), "responsive", {"meta.lambda_ml": 2.0, "tasks.k": 3}).for_row("responsive")
-    assert config.meta.lambda_ml == 2.0 and config.tasks.k == 3 and config.meta.dim == 8
-    assert config.baselines == tiny_config().baselines
-    with pytest.raises(ValueError, match="lambda_ml"):
-        with_values(tiny_config(), "responsive", {"meta.lambda_ml": -1.0})
     with pytest.raises(ValueError, match="meta.nope"):
         with_values(tiny_config(), "responsive", {"meta.nope": 1})
-    # a real (small) search: every trial scored on the same split, the record configures meta/tasks
-    config = tiny_config().model_copy(update={"meta": MetaConfig(dim=8, epochs=1, batch_tasks=256)})
-    path = tune_baselines(config, ("responsive",), history=history)
+
+
+def test_tune_writes_a_record_that_configures_the_rows(history, artifacts) -> None:
+    """Real trials (a tiny SPMF and our model), the record merged row by row, its values usable by for_row."""
+    config = tiny_config().model_copy(update={"baselines": BaselineConfig(dim=8, epochs=2, tune_budget=2, spmf_reservoir=200, spmf_samples=50),
+                                              "meta": MetaConfig(dim=8, epochs=1, batch_tasks=256)})
+    path = tune(config, ("spmf", "pop"), history=history)
     record = json.loads(path.read_text())
-    result = record["models"]["responsive"]
-    objectives = [t["metrics"]["objective"] for t in result["trials"]]
+    assert record["budget"] == 2 and set(record["models"]) == {"spmf", "pop"}
+    spmf = record["models"]["spmf"]
+    objectives = [t["metrics"]["objective"] for t in spmf["trials"]]
     assert len(objectives) == 2 and all(0.0 < o <= 1.0 for o in objectives)
-    assert objectives[result["best_trial"]] == max(objectives)
-    tuned = apply_tuned(config, path).for_row("responsive")
-    for key, value in result["chosen"].items():
-        section, field = key.split(".")
-        assert getattr(getattr(tuned, section), field) == value
-    assert path != tune_baselines(config, ("pop",), history=history)  # its own record, keyed on meta/tasks too
+    assert spmf["best_objective"] == max(objectives) and spmf["seconds"] > 0
+    assert tune(config, ("responsive",), history=history) == path  # merged into the same record
+    record = json.loads(path.read_text())
+    assert set(record["models"]) == {"spmf", "pop", "responsive"}
+    tuned = apply_tuned(config, path)
+    for name in ("spmf", "responsive"):
+        row = tuned.for_row(name)
+        for key, value in record["models"][name]["chosen"].items():
+            section, field = key.split(".")
+            base = getattr(getattr(config, section), field)
+            explicit = base != SECTION_TYPES[section].model_fields[field].default  # set by this test: it wins
+            assert getattr(getattr(row, section), field) == (base if explicit else value), key
+    explicit = apply_tuned(config.model_copy(update={"baselines": config.baselines.model_copy(update={"lr": 0.0123})}), path)
+    assert explicit.for_row("spmf").baselines.lr == 0.0123  # an explicit setting is never replaced
+    assert not list(path.parent.glob(".*.tmp"))  # written atomically
+    with pytest.raises(ValueError, match="nope"):
+        tune(config, ("nope",), history=history)
 
 
 def test_cli_fit_saves_models_through_prefect_and_reuses_them(prefect_harness, artifacts, ml100k_dir) -> None:

@@ -15,6 +15,7 @@ is asked for, and this module does not import ``metarec.config``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from importlib import import_module
 from typing import TYPE_CHECKING, Callable, Union
@@ -50,6 +51,51 @@ class Choice:
 
 
 Range = Union[Float, Int, Choice]
+
+EDGE_SHARE = 0.05  # a real value within 5% of its range's span (log span for log ranges) from a bound is on that edge
+
+
+def _position(value: float, low: float, high: float, log: bool) -> float:
+    """Where ``value`` sits in [low, high], 0 .. 1 (log scale for log ranges)."""
+    if high == low:
+        return 0.5
+    if log:
+        return (math.log(value) - math.log(low)) / (math.log(high) - math.log(low))
+    return (value - low) / (high - low)
+
+
+def on_edge(value: object, space: Range) -> str | None:
+    """"low" / "high" when a chosen value sits on that edge of its range, else None (choices have no edges)."""
+    if isinstance(space, Choice):
+        return None
+    if isinstance(space, Int):
+        return "low" if value <= space.low else "high" if value >= space.high else None
+    where = _position(float(value), space.low, space.high, space.log)
+    return "low" if where <= EDGE_SHARE else "high" if where >= 1.0 - EDGE_SHARE else None
+
+
+def widen(space: Range, side: str) -> Range | None:
+    """The range stretched past ``side`` (x/÷ sqrt of its ratio on log ranges, half its span on linear ones),
+    clipped to its hard limits; None when it is already at the limit on that side."""
+    if isinstance(space, Choice):
+        return None
+    lo_limit, hi_limit = space.limits
+    if isinstance(space, Float) and space.log:
+        factor = max(math.sqrt(space.high / space.low), 2.0)
+        low, high = (space.low / factor, space.high) if side == "low" else (space.low, space.high * factor)
+    else:
+        step = (space.high - space.low) / 2 or 1
+        if isinstance(space, Int):
+            step = max(1, int(math.ceil(step)))
+            if space.log:
+                step = max(step, space.high if side == "high" else space.low // 2)
+        low, high = (space.low - step, space.high) if side == "low" else (space.low, space.high + step)
+    low, high = max(low, lo_limit), min(high, hi_limit)
+    if isinstance(space, Int):
+        low, high = int(low), int(high)
+    if (low, high) == (space.low, space.high):
+        return None
+    return type(space)(low, high, space.log, space.limits)
 
 
 @dataclass(frozen=True)
