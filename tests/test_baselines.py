@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from metarec.models.common import rounds, sampled_metrics
-from metarec.models.spmf import reservoir_insert
+from metarec.models import rkmf as rkmf_module
+from metarec.models import spmf as spmf_module
+from metarec.models.common import PURPOSE_OBSERVE, gaussian, kernel_bpr_grads, negatives, rng_for, rounds, sampled_metrics, sgd_epoch, sgd_item_rounds
+from metarec.models.spmf import descending_ranks, reservoir_insert, weighted_sample_without_replacement
 from metarec.models.srec import SRec, kalman_round
 from metarec.config import BaselineConfig, Config, MetaConfig
 from metarec.interface import Interactions, RecentItems
@@ -19,12 +21,10 @@ FACTOR_MODELS = ("rkmf", "srec", "spmf", "mf_ft")
 N_NEG = 50
 
 
-def small_config(seed: int = 1) -> Config:
-    return Config(
-        baselines=BaselineConfig(dim=16, epochs=10, seed=seed, spmf_reservoir=500, spmf_samples=200),
-        meta=MetaConfig(dim=16),
-        tuned={},
-    )
+def small_config(seed: int = 1, **baselines) -> Config:
+    # sRec's single streaming pass needs a noise variance small against the prior's on so little data
+    fields = dict(dim=16, epochs=10, seed=seed, spmf_reservoir=500, spmf_samples=200, srec_obs_var=0.3, srec_prior_var=0.3)
+    return Config(baselines=BaselineConfig(**{**fields, **baselines}), meta=MetaConfig(dim=16), tuned={})
 
 
 class Split:
@@ -255,7 +255,7 @@ def test_reservoir_is_a_uniform_sample() -> None:
     assert abs(hits[:100].mean() - 30) < 3 and abs(hits[100:].mean() - 30) < 3
 
 
-def test_spmf_samples_favour_poorly_ranked_interactions(split: Split) -> None:
+def test_spmf_variant_samples_favour_poorly_ranked_interactions(split: Split) -> None:
     model = fresh("spmf", split)
     ranks = model.reservoir_ranks()
     model.config = model.config.model_copy(update={"spmf_samples": 4000, "spmf_temperature": 0.1})
@@ -399,3 +399,178 @@ def test_new_users_learn_from_their_first_interactions(split: Split, fitted: dic
     for name in FACTOR_MODELS:
         scores = fitted[name].score_new_users(recent, cands)[0]
         assert scores[:20].mean() > scores[20:].mean(), name
+
+
+# ------------------------------------------------------------------ faithful defaults (issue 9) and the variants they replace
+def test_spmf_exact_draws_are_without_replacement_and_follow_the_weights() -> None:
+    """Known answer: sequential weighted draws without replacement, P(a then b) = w_a / W · w_b / (W − w_a)."""
+    scores = np.array([0.9, -0.3, 0.5, 0.1])
+    ranks = descending_ranks(scores)
+    assert ranks.tolist() == [0, 3, 1, 2]  # rank 0 = best scored, as the source sorts
+    log_w = ranks / len(scores)  # weight exp(rank / |R ∪ W|)
+    w = np.exp(log_w)
+    runs = 20_000
+    counts = np.zeros((4, 4))
+    for seed in range(runs):
+        first, second = weighted_sample_without_replacement(log_w, 2, np.random.default_rng(seed))
+        counts[first, second] += 1
+    expected = runs * (w[:, None] / w.sum()) * (w[None, :] / (w.sum() - w[:, None]))
+    np.fill_diagonal(expected, 0.0)
+    assert np.trace(counts) == 0  # never the same position twice
+    se = np.sqrt(expected * (1 - expected / runs))
+    assert (np.abs(counts - expected) <= 5 * se).all(), (counts, expected.round())
+    # the uniform answer (runs / 12 per ordered pair) is far outside those bounds for the worst-scored pair
+    assert counts[1, 3] > runs / 12 + 10 * se[1, 3]
+    everything = weighted_sample_without_replacement(log_w, 9, np.random.default_rng(0))
+    assert sorted(everything.tolist()) == [0, 1, 2, 3]
+
+
+def test_spmf_exact_trains_on_batch_size_draws_from_reservoir_and_batch(split: Split) -> None:
+    model = fresh("spmf", split)
+    assert model.config.spmf_strategy == "exact"
+    batch = split.stream.take((split.stream.users < model.n_users_) & (split.stream.items < model.n_items_)).take(slice(0, 60))
+    pool_u, pool_i = np.r_[model.res_users_, batch.users], np.r_[model.res_items_, batch.items]
+    pool_rank = descending_ranks((model.W_[pool_u] * model.H_[pool_i]).sum(1).numpy()) / len(pool_u)
+    rank_of = {}
+    for key, rank in zip((pool_u * 10_000 + pool_i).tolist(), pool_rank.tolist()):
+        rank_of.setdefault(key, []).append(rank)
+    drawn_ranks = []
+    for seed in range(40):
+        users, items = model.exact_sample(batch, np.random.default_rng(seed))
+        assert len(users) == len(batch)
+        keys = (users * 10_000 + items).tolist()
+        for key in set(keys):  # a sub-multiset of R ∪ W: no position drawn twice
+            assert keys.count(key) <= len(rank_of[key])
+        drawn_ranks += [np.mean(rank_of[k]) for k in keys]
+    # weights exp(r) on normalised ranks r ~ U[0, 1]: a draw's mean rank is about 1 / (e − 1) = 0.582, uniform gives 0.5
+    assert abs(np.mean(drawn_ranks) - 1 / (np.e - 1)) < 0.02
+
+
+def test_spmf_batch_plus_reservoir_reproduces_the_earlier_update(split: Split) -> None:
+    """The variant is the earlier default: all of W plus reservoir draws with replacement, same random stream."""
+    variant = make_model("spmf", small_config(spmf_strategy="batch_plus_reservoir")).fit(split.history)
+    reference = make_model("spmf", small_config(spmf_strategy="batch_plus_reservoir")).fit(split.history)
+    batch = split.stream.take(slice(0, 80))
+    variant.observe(batch)
+    # the earlier observe, step by step
+    cfg, ref = reference.config, reference
+    rng = rng_for(ref.seed, PURPOSE_OBSERVE, ref.batches_)
+    fill = lambda k: gaussian(rng, k, ref.dim, cfg.init_std)  # noqa: E731
+    ref._grow(max(len(ref.W_), batch.n_users), max(len(ref.H_), batch.n_items), fill, fill)
+    old_u, old_i = ref.sample_reservoir(rng)
+    ref._remember(batch)
+    users, items = np.concatenate([batch.users, old_u]), np.concatenate([batch.items, old_i])
+    for _ in range(cfg.spmf_update_epochs):
+        neg = negatives(ref.index_, users, rng, len(ref.H_))
+        sgd_epoch(ref.W_, ref.H_, users, items, neg, ref.grad_fn, cfg.lr, cfg.batch_size, rng)
+    ref.res_users_, ref.res_items_, ref.res_seen_ = reservoir_insert(ref.res_users_, ref.res_items_, ref.res_seen_, batch.users, batch.items, cfg.spmf_reservoir, rng)
+    for key, value in ref.state_arrays().items():
+        if key != "batches_":
+            np.testing.assert_array_equal(variant.state_arrays()[key], value, err_msg=key)
+
+
+def test_rkmf_item_step_moves_an_item_down_for_a_user_without_it() -> None:
+    rng = np.random.default_rng(0)
+    W, H = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    grad_fn, before = kernel_bpr_grads("logistic", 4.0, 0.0), H.clone()
+    # user 0 lacks item 2: the triple (0, k=1, j=2) retrains item 2 as the sampled negative
+    sgd_item_rounds(W, H, np.array([0]), np.array([1]), np.array([2]), np.array([2]), grad_fn, 0.5, rng)
+    assert (W[0] @ H[2]).item() < (W[0] @ before[2]).item()
+    # user 1 has item 3: the triple (1, 3, j=4) retrains item 3 as the positive
+    sgd_item_rounds(W, H, np.array([1]), np.array([3]), np.array([4]), np.array([3]), grad_fn, 0.5, rng)
+    assert (W[1] @ H[3]).item() > (W[1] @ before[3]).item()
+    assert torch.equal(H[[0, 1, 4]], before[[0, 1, 4]])  # only the retrained rows move
+
+
+def test_rkmf_two_sided_item_update_puts_the_item_on_the_side_the_user_is(split: Split, monkeypatch) -> None:
+    """MyMediaLite's RetrainItem: a drawn user who has i sees it as the positive, any other user as the negative."""
+    model = fresh("rkmf", split)
+    items = np.unique(split.stream.items[:40])
+    items = items[items < model.n_items_]
+    triples = []
+    monkeypatch.setattr(rkmf_module, "sgd_item_rounds", lambda W, H, u, i, j, item, *rest: triples.append((u, i, j, item)))
+    model.item_update(items, np.random.default_rng(0))
+    u, i, j, item = (np.concatenate(parts) for parts in zip(*triples))
+    has = model.index_.has_pair(u, item)
+    assert (i[has] == item[has]).all() and not model.index_.has_pair(u[has], j[has]).any()
+    assert (j[~has] == item[~has]).all() and model.index_.has_pair(u[~has], i[~has]).all()
+    assert has.any() and (~has).any()
+    # T = ⌊positives / items⌋ draws per item and epoch
+    per_epoch = len(model.index_.pair_key_) // model.n_items_
+    assert len(item) == len(items) * per_epoch * model.config.rkmf_update_epochs
+
+
+def test_rkmf_positives_only_reproduces_the_earlier_item_update(split: Split) -> None:
+    variant = make_model("rkmf", small_config(rkmf_item_update="positives_only")).fit(split.history)
+    reference = make_model("rkmf", small_config(rkmf_item_update="positives_only")).fit(split.history)
+    items, rng_a, rng_b = np.unique(split.stream.items[:40]), np.random.default_rng(3), np.random.default_rng(3)
+    variant.item_update(items, rng_a)
+    # the earlier ItemUpdate: fresh h_i, then h_i as the positive of each of its users, a uniform negative each
+    cfg = reference.config
+    reference.H_[torch.from_numpy(items)] = gaussian(rng_b, len(items), reference.dim, cfg.init_std)
+    item, users = rkmf_module.item_positives(reference.index_, items)
+    for _ in range(cfg.rkmf_update_epochs):
+        neg = negatives(reference.index_, users, rng_b, len(reference.H_))
+        rkmf_module.sgd_rounds(reference.W_, reference.H_, users, item, neg, reference.grad_fn, cfg.lr, rng_b, side="pos")
+    assert torch.equal(variant.H_, reference.H_) and torch.equal(variant.W_, reference.W_)
+
+
+def test_srec_update_uses_the_other_sides_variance() -> None:
+    """Against the full-matrix mean-field step: Σ⁻¹ = P⁻¹ + (m_h m_hᵀ + Σ_h)/σ², m = Σ (P⁻¹ m_u + m_h y / σ²)."""
+    P, m, x = np.array([0.5, 0.2, 0.8]), np.array([0.1, -0.2, 0.3]), np.array([0.7, 0.4, -0.5])
+    x_var, y, noise = np.array([0.3, 0.6, 0.2]), 1.0, 0.4
+    precision = np.diag(1 / P) + (np.outer(x, x) + np.diag(x_var)) / noise
+    cov = np.linalg.inv(precision)
+    expected_mean = cov @ (m / P + x * y / noise)
+
+    def step(variance):
+        mean, var, tau = torch.from_numpy(m[None].copy()), torch.from_numpy(P[None].copy()), torch.tensor([-1])
+        kalman_round(mean, var, tau, torch.tensor([0]), torch.from_numpy(x[None]), torch.tensor([y], dtype=torch.float64), torch.tensor([5]), noise, 0.0, variance)
+        return mean[0].numpy(), var[0].numpy()
+
+    mean, var = step(torch.from_numpy(x_var[None]))
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-10)
+    np.testing.assert_allclose(var, np.diag(cov), rtol=1e-10)
+    means_only, _ = step(None)  # ignoring Σ_h misses the answer by far more than rounding
+    assert np.abs(means_only - expected_mean).max() > 0.05
+    zero_var, _ = step(torch.zeros(1, 3, dtype=torch.float64))  # with Σ_h = 0 the two updates agree
+    np.testing.assert_allclose(zero_var, means_only, rtol=1e-10)
+
+
+@pytest.mark.parametrize("option", ("mean_field", "means_only"))
+def test_srec_item_variance_reaches_the_user_update_only_in_mean_field(option: str, split: Split) -> None:
+    a, b = (make_model("srec", small_config(srec_update=option)).fit(split.history) for _ in range(2))
+    b.var_H_ = b.var_H_ * 10
+    batch = split.stream.take(slice(0, 60))
+    a.observe(batch)
+    b.observe(batch)
+    users = torch.from_numpy(np.unique(batch.users))
+    same = torch.equal(a.W_[users], b.W_[users])
+    assert same == (option == "means_only")
+
+
+def test_srec_passes_and_update_options(split: Split, monkeypatch) -> None:
+    """One pass by default; srec_passes repeats it; means_only never hands the update a variance."""
+    seen: list = []
+    original = SRec.filter
+    monkeypatch.setattr(SRec, "filter", lambda self, *args: (seen.append(len(args[0])), original(self, *args))[1])
+    calls = []
+    monkeypatch.setattr("metarec.models.srec.kalman_round", lambda *args: calls.append(args[-1] is None) or kalman_round(*args))
+    make_model("srec", small_config()).fit(split.history)
+    one_pass, seen[:] = len(seen), []
+    assert sum(calls) == 0 and calls  # mean_field: every step gets the other side's variance
+    calls[:] = []
+    make_model("srec", small_config(srec_passes=3, srec_update="means_only")).fit(split.history)
+    assert len(seen) == 3 * one_pass and all(calls)
+
+
+def test_variants_are_named_for_table_1() -> None:
+    from metarec.models.registry import row_variant
+
+    default = small_config()
+    assert all(row_variant(name, default) is None for name in MODELS)
+    earlier = small_config(spmf_strategy="batch_plus_reservoir", rkmf_item_update="positives_only", srec_update="means_only", srec_passes=3)
+    assert row_variant("spmf", earlier) == "batch + reservoir draws"
+    assert row_variant("rkmf", earlier) == "positives-only item update"
+    assert row_variant("srec", earlier) == "means-only update, 3 passes"
+    assert row_variant("srec", small_config(srec_passes=2)) == "2 passes"

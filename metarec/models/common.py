@@ -155,10 +155,42 @@ def sgd_rounds(
         _apply(W, H, ub, ib, jb, gw, ghi, ghj, lr, (side,))
 
 
+def sgd_item_rounds(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    u: np.ndarray,
+    i: np.ndarray,
+    j: np.ndarray,
+    retrained: np.ndarray,
+    grad_fn: GradFn,
+    lr: float,
+    rng: np.random.Generator,
+) -> None:
+    """One pass retraining only the item rows ``retrained`` (one per triple), each on whichever side of BPR it sits.
+
+    Triple t holds its retrained item as the positive (i[t] == retrained[t]) or as the negative
+    (j[t] == retrained[t]); that row takes the matching gradient, one SGD step per triple, every other row fixed.
+    """
+    ut, it, jt, rt = (torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in (u, i, j, retrained))
+    for part in rounds(np.asarray(retrained, dtype=np.int64), rng):
+        b = torch.from_numpy(part)
+        ub, ib, jb, rb = ut[b], it[b], jt[b], rt[b]
+        _, ghi, ghj = grad_fn(W[ub], H[ib], H[jb])
+        H.index_add_(0, rb, torch.where((ib == rb)[:, None], ghi, ghj), alpha=-lr)
+
+
 # ---------------------------------------------------------------- data helpers
 def negatives(index: InteractionIndex, users: np.ndarray, rng: np.random.Generator, n_items: int, exclude: np.ndarray | None = None) -> np.ndarray:
     """One uniform non-positive item in [0, n_items) per user entry."""
     return index.sample_negatives(np.asarray(users, dtype=np.int64), rng, n_items=n_items, exclude=exclude)
+
+
+def uniform_positives(index: InteractionIndex, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One of each user's distinct positive items, uniformly (every user must have one)."""
+    users = np.asarray(users, dtype=np.int64)
+    lo, hi = index.pair_ptr_[users], index.pair_ptr_[users + 1]
+    pick = lo + np.minimum(np.floor(rng.random(len(users)) * (hi - lo)).astype(np.int64), hi - lo - 1)
+    return index.pair_key_[pick] & np.int64(0xFFFFFFFF)
 
 
 def csr_rows(ptr: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

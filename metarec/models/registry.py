@@ -159,14 +159,15 @@ ROWS: dict[str, Row] = {
             },
             passes=("baselines.srec_passes",),
         ),
+        # spmf_samples sizes the batch_plus_reservoir variant's draws only; the exact strategy (the row) draws |W|
         Row(
             "spmf", "metarec.models.spmf:from_config", "SPMF",
             {
                 **_SGD,
                 "baselines.spmf_reservoir": Int(200, 20000, log=True, limits=(10, 10**6)),
-                "baselines.spmf_samples": Int(50, 4000, log=True, limits=(1, 10**6)),
                 "baselines.spmf_temperature": Float(0.1, 10.0, log=True, limits=(1e-3, 1e3)),
                 "baselines.spmf_update_epochs": Int(1, 10, limits=(1, 100)),
+                "baselines.spmf_negatives": Int(1, 8, limits=(1, 64)),
             },
             passes=("baselines.epochs",),
         ),
@@ -184,6 +185,16 @@ def row(name: str) -> Row:
 
 def label(name: str) -> str:
     return ROWS[name].label if name in ROWS else name
+
+
+def row_variant(name: str, config: "Config") -> str | None:
+    """The variant row ``name`` runs under ``config`` (e.g. "batch + reservoir draws"), None for its faithful default.
+
+    A model module may define ``variant_of(config) -> str | None``; Table 1 appends "variant: <name>" to the label.
+    """
+    module_name, _ = row(name).factory.split(":")
+    variant_of: Callable[["Config"], str | None] | None = getattr(import_module(module_name), "variant_of", None)
+    return variant_of(config.for_row(name)) if variant_of is not None else None
 
 
 def make_model(name: str, config: "Config") -> "StreamingRecommender":

@@ -16,13 +16,34 @@ Followed from the paper:
   UserUpdate for each of its users, then ItemUpdate for each of its items
   (the alternation the reproduced paper describes); nothing else changes.
 
+Followed from MyMediaLite (zenogantner/MyMediaLite, Rendle among its
+authors), the maintained implementation of these rules, for the implicit case:
+- ``ItemRecommendation/BPRMF.cs`` RetrainItem, the faithful ItemUpdate under
+  BPR (``baselines.rkmf_item_update = "two_sided"``, the default): h_i is
+  redrawn from N(0, σ²), then each epoch draws T = ⌊P / I⌋ users uniformly
+  among those with at least one (and not every) positive (P = distinct
+  positives seen, I = items in the table: an average item's number of users);
+  a drawn user who has i trains h_i as the positive of (u, i, j), j uniform
+  over u's non-positives; one who does not trains h_i as the negative of
+  (u, k, i), k uniform over u's positives. So h_i is pulled up for its users
+  and pushed down for everyone else, as in full BPR training;
+- RetrainUser there and UserUpdate here alike: w_u redrawn, then SGD over u's
+  positives with a uniform negative each, H fixed.
+
 Adaptations to our implicit, pairwise setting (BASELINES.md):
 - the squared loss on ratings becomes BPR: −log σ(r̂_ui − r̂_uj) over u's
   positives i and uniform negatives j, offline and in both updates; the
   constant a (and r_min) cancels in the difference, and we fix b = 0 (with a
-  pairwise loss b only moves where σ saturates);
-- in ItemUpdate(i) the triples are (u, i, j) for every user u of i, with a
-  uniform negative j for u; only h_i moves;
+  pairwise loss b only moves where σ saturates); MyMediaLite's BPRMF item
+  biases are not used (no model here has one);
+- kernels offered: linear and logistic (``baselines.rkmf_kernel``); the
+  paper's polynomial and RBF kernels are not implemented;
+- the updates run ``baselines.rkmf_update_epochs`` epochs (MyMediaLite runs
+  one pass; the paper retrains for several); T ≥ 1 even on tiny data;
+- ``baselines.rkmf_item_update = "positives_only"`` is a variant (this
+  module's earlier default, labelled in Table 1): the triples are (u, i, j)
+  for every user u of i with a uniform negative j for u, so h_i is only ever
+  pulled up, which inflates item norms;
 - a new user's first n interactions trigger UserUpdate on a transient row
   (``score_new_users`` leaves the model unchanged); ids first seen in a batch
   get N(0, σ²) rows and are then retrained by the update rules; an id never
@@ -49,7 +70,9 @@ from .common import (
     negatives,
     require_fitted,
     rng_for,
+    sgd_item_rounds,
     sgd_rounds,
+    uniform_positives,
     user_positives,
 )
 
@@ -77,8 +100,33 @@ class RKMF(FactorBaseline):
             sgd_rounds(self.W_, self.H_, owner, items, neg, self.grad_fn, self.config.lr, rng, side="user")
 
     def item_update(self, items: np.ndarray, rng: np.random.Generator) -> None:
-        """ItemUpdate for each of ``items``: fresh h_i, retrained over all of i's users, W fixed."""
+        """ItemUpdate for each of ``items``: fresh h_i, retrained with W fixed (two-sided, or the positives-only variant)."""
         self.H_[torch.from_numpy(items)] = gaussian(rng, len(items), self.dim, self.config.init_std)
+        if self.config.rkmf_item_update == "positives_only":
+            self._positives_only_item_update(items, rng)
+        else:
+            self._two_sided_item_update(items, rng)
+
+    def _two_sided_item_update(self, items: np.ndarray, rng: np.random.Generator) -> None:
+        """MyMediaLite's RetrainItem: T uniform users per epoch; h_i is the positive for those who have i, else the negative."""
+        n_items = len(self.H_)
+        users = np.arange(len(self.W_))
+        counts = self.index_.positive_counts(users)  # 0 for ids the index has never seen
+        eligible = users[(counts > 0) & (counts < n_items)]
+        if not len(eligible):
+            return
+        draws = max(1, len(self.index_.pair_key_) // n_items)
+        retrained = np.repeat(items, draws)
+        for _ in range(self.config.rkmf_update_epochs):
+            drawn = eligible[rng.integers(len(eligible), size=len(retrained))]
+            has = self.index_.has_pair(drawn, retrained)
+            pos, neg = retrained.copy(), retrained.copy()
+            neg[has] = negatives(self.index_, drawn[has], rng, n_items)
+            pos[~has] = uniform_positives(self.index_, drawn[~has], rng)
+            sgd_item_rounds(self.W_, self.H_, drawn, pos, neg, retrained, self.grad_fn, self.config.lr, rng)
+
+    def _positives_only_item_update(self, items: np.ndarray, rng: np.random.Generator) -> None:
+        """The variant: h_i trained as the positive of every user of i (a uniform negative each), never as a negative."""
         item, users = item_positives(self.index_, items)
         for _ in range(self.config.rkmf_update_epochs):
             neg = negatives(self.index_, users, rng, len(self.H_))
@@ -107,3 +155,8 @@ class RKMF(FactorBaseline):
 
 def from_config(config: Config) -> RKMF:
     return RKMF(config.baselines)
+
+
+def variant_of(config: Config) -> str | None:
+    """The variant this config runs, as Table 1 labels it; None for the faithful default."""
+    return "positives-only item update" if config.baselines.rkmf_item_update == "positives_only" else None

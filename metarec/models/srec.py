@@ -2,40 +2,52 @@
 
 Chang, Zhang, Tang, Yin, Chang & Huang, "Streaming Recommender Systems", WWW 2017.
 
-Followed from the paper:
+Followed from the paper (as restated in BASELINES.md, "Checked against
+public sources"; its full text was not reachable while writing this):
 - each user and item vector is a Gaussian random process that drifts between
   observations (a random walk: the variance of every coordinate grows by
   s²·Δt with the time Δt since that vector was last updated, s² =
   ``baselines.srec_drift_var`` per second);
 - an observation is the inner product of the two vectors plus Gaussian noise
   of variance σ² (``baselines.srec_obs_var``);
-- inference is recursive: the posterior after an observation is the prior of
-  the next, so an update touches only the two vectors involved and never
-  revisits old data (a Kalman / assumed-density step, BASELINES.md):
-    predict  Σ_u ← Σ_u + s²(t − τ_u),  τ_u ← t;
-    update   S = σ² + m_iᵀΣ_u m_i,  m_u ← m_u + Σ_u m_i (y − m_uᵀm_i) / S,
-             Σ_u ← Σ_u − Σ_u m_i m_iᵀ Σ_u / S,
-  then the same for the item with m_u fixed;
+- inference is recursive mean-field: the posterior after an observation is
+  the prior of the next, an update touches only the two vectors involved and
+  never revisits old data, and in the update of one side the other side
+  enters through its first two moments, E[h] = m_h and
+  E[h hᵀ] = m_h m_hᵀ + Σ_h (``baselines.srec_update = "mean_field"``, the
+  default). For user u observing y on item i at time t:
+    predict  P = Σ_u + s²(t − τ_u),  τ_u ← t  (Σ_h likewise drifted to t);
+    update   Σ_u⁻¹ ← P⁻¹ + (m_h m_hᵀ + Σ_h) / σ²,
+             m_u   ← Σ_u (P⁻¹ m_u + m_h y / σ²),
+  then the same for the item with the user's new moments. The other side's
+  variance adds Σ_h/σ² to the precision: it shrinks m_u toward 0 and keeps
+  Σ_u larger when the item is itself uncertain;
+- one streaming pass over the history at fit time (``baselines.srec_passes``
+  = 1), then over the stream as it comes;
 - new users and items enter with a prior built from the existing population:
   mean = the mean of the current posterior means, variance = their spread
   (per-coordinate variance across the population).
 
 Adaptations and choices:
-- implicit feedback: an observed positive is y = 1, and each positive comes
-  with ``baselines.srec_negatives`` uniform non-positive items observed as
-  y = 0 at the same time (the Gaussian likelihood kept, not a probit one);
+- implicit feedback with a Gaussian likelihood: an observed positive is
+  y = 1, and each positive comes with ``baselines.srec_negatives`` uniform
+  non-positive items observed as y = 0 at the same time. BASELINES.md names
+  a probit/logistic likelihood (the paper's ordinal thresholds reduced to
+  binary data) as the faithful reduction; this module keeps the Gaussian one;
 - diagonal (mean-field) covariance per vector: O(d) per update, so it scales
-  to Netflix; the update above keeps the diagonal of the exact rank-1 update;
-- the item side uses its posterior means only (the user's uncertainty about
-  the item is not propagated), as in the update written above;
-- vectorised order: within a batch, all user updates run first (item means
+  to Netflix. The update above is exact for a diagonal prior (P⁻¹ + Σ_h/σ²
+  is diagonal, m_h m_hᵀ/σ² a rank-one term: Sherman–Morrison), and the stored
+  Σ_u keeps the diagonal of its result;
+- vectorised order: within a batch, all user updates run first (item moments
   fixed at their values before the batch), one observation per user per
-  round in time order, then all item updates with the new user means;
+  round in time order, then all item updates with the new user moments;
 - fit: the history is filtered in time order in chunks of ``SREC_CHUNK``
   positives, from N(0, init_std²) means and variance ``srec_prior_var``;
-  ``srec_passes`` > 1 repeats the pass from the previous means with the
-  variances reset to the prior (a multi-pass warm start; one pass is the
-  paper's pure streaming form);
+- variants (labelled in Table 1; this module's earlier defaults):
+  ``srec_update = "means_only"`` lets the other side enter by its mean alone
+  (Σ_h ignored: the Kalman step with m_h as a known regressor);
+  ``srec_passes`` > 1 repeats the fit's pass from the previous means with the
+  variances reset to the prior (a multi-pass warm start);
 - scoring uses the posterior means, m_uᵀm_i; an id never observed is scored
   with the population prior mean; a new user's n interactions are filtered
   into a transient vector from the population prior (``score_new_users``
@@ -70,20 +82,50 @@ MIN_VAR = 1e-6
 NEVER = -1  # tau of a vector not yet observed: no drift before its first observation
 
 
-def kalman_round(mean: torch.Tensor, var: torch.Tensor, tau: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, obs_var: float, drift_var: float) -> None:
-    """One diagonal Kalman step for distinct ``rows`` of (mean, var, tau), observing y ≈ mean[row]·x at time t.
-
-    Shapes: rows (R,), x (R, d), y (R,), t (R,); in place.
-    """
+def drifted_var(var: torch.Tensor, tau: torch.Tensor, rows: torch.Tensor, t: torch.Tensor, drift_var: float) -> torch.Tensor:
+    """(R, d) variance of ``rows`` at times t: the stored one plus the random walk's growth since each was last updated."""
     last = tau[rows]
     elapsed = torch.where(last == NEVER, torch.zeros_like(t), (t - last).clamp(min=0)).to(var.dtype)
-    P = var[rows] + drift_var * elapsed[:, None]
+    return var[rows] + drift_var * elapsed[:, None]
+
+
+def kalman_round(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    tau: torch.Tensor,
+    rows: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    t: torch.Tensor,
+    obs_var: float,
+    drift_var: float,
+    x_var: torch.Tensor | None = None,
+) -> None:
+    """One diagonal filtering step for distinct ``rows`` of (mean, var, tau), observing y ≈ v[row]·h at time t.
+
+    h is the other side with mean x and diagonal variance ``x_var`` (mean-field: E[h hᵀ] = x xᵀ + diag(x_var));
+    ``x_var`` None is the means-only variant (h = x known). Shapes: rows (R,), x and x_var (R, d), y (R,), t (R,); in place.
+    """
+    P = drifted_var(var, tau, rows, t, drift_var)
     m = mean[rows]
-    S = obs_var + (P * x * x).sum(1, keepdim=True)
-    gain = P * x / S
-    mean[rows] = m + gain * (y[:, None] - (m * x).sum(1, keepdim=True))
-    var[rows] = (P - gain * x * P).clamp(min=MIN_VAR)
+    if x_var is None:
+        S = obs_var + (P * x * x).sum(1, keepdim=True)
+        gain = P * x / S
+        mean[rows] = m + gain * (y[:, None] - (m * x).sum(1, keepdim=True))
+        var[rows] = (P - gain * x * P).clamp(min=MIN_VAR)
+    else:
+        # precision P⁻¹ + diag(x_var)/σ² (diagonal) plus the rank-one x xᵀ/σ², inverted by Sherman–Morrison
+        shrink = 1.0 / (1.0 + P * x_var / obs_var)
+        D = P * shrink  # (P⁻¹ + x_var/σ²)⁻¹
+        S = obs_var + (D * x * x).sum(1, keepdim=True)
+        a = shrink * m + D * x * (y[:, None] / obs_var)  # D (P⁻¹ m + x y / σ²)
+        mean[rows] = a - D * x * (x * a).sum(1, keepdim=True) / S
+        var[rows] = (D - D * D * x * x / S).clamp(min=MIN_VAR)
     tau[rows] = t
+
+
+def _at(values: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if values is None else values[rows]
 
 
 class SRec(FactorBaseline):
@@ -110,19 +152,27 @@ class SRec(FactorBaseline):
             items[slots] = negatives(self.index_, users[slots], rng, len(self.H_))
         return users, items, y, np.repeat(batch.ts, 1 + k)
 
+    @property
+    def mean_field(self) -> bool:
+        return self.config.srec_update == "mean_field"
+
+    def moments(self, mean: torch.Tensor, var: torch.Tensor, tau: torch.Tensor, rows: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean and (mean-field only) variance at times t of the other side's ``rows``, as the update uses them."""
+        return mean[rows], drifted_var(var, tau, rows, t, self.config.srec_drift_var) if self.mean_field else None
+
     def filter(self, users: np.ndarray, items: np.ndarray, y: np.ndarray, ts: np.ndarray) -> None:
-        """User updates (item means fixed), then item updates (new user means fixed), in time order."""
+        """User updates (item moments fixed), then item updates (the users' new moments fixed), in time order."""
         cfg = self.config
         u, i = torch.from_numpy(users), torch.from_numpy(items)
         yt, tt = torch.from_numpy(y), torch.from_numpy(np.asarray(ts, dtype=np.int64))
-        item_means = self.H_[i]
+        item_means, item_vars = self.moments(self.H_, self.var_H_, self.tau_H_, i, tt)
         for part in rounds(users, None):
             b = torch.from_numpy(part)
-            kalman_round(self.W_, self.var_W_, self.tau_W_, u[b], item_means[b], yt[b], tt[b], cfg.srec_obs_var, cfg.srec_drift_var)
-        user_means = self.W_[u]
+            kalman_round(self.W_, self.var_W_, self.tau_W_, u[b], item_means[b], yt[b], tt[b], cfg.srec_obs_var, cfg.srec_drift_var, _at(item_vars, b))
+        user_means, user_vars = self.moments(self.W_, self.var_W_, self.tau_W_, u, tt)
         for part in rounds(items, None):
             b = torch.from_numpy(part)
-            kalman_round(self.H_, self.var_H_, self.tau_H_, i[b], user_means[b], yt[b], tt[b], cfg.srec_obs_var, cfg.srec_drift_var)
+            kalman_round(self.H_, self.var_H_, self.tau_H_, i[b], user_means[b], yt[b], tt[b], cfg.srec_obs_var, cfg.srec_drift_var, _at(user_vars, b))
 
     # ---- population prior
     @staticmethod
@@ -197,12 +247,20 @@ class SRec(FactorBaseline):
         m, v = self.prior(self.trained_user_rows())
         mean, var = m.expand(len(users), -1).clone(), v.expand(len(users), -1).clone()
         tau = torch.full((len(users),), NEVER, dtype=torch.int64)
-        x_all, y_all, r_all = self.H_[torch.from_numpy(obs_items)], torch.from_numpy(y), torch.from_numpy(rows)
+        x_all, x_var = self.moments(self.H_, self.var_H_, self.tau_H_, torch.from_numpy(obs_items), obs_ts)
+        y_all, r_all = torch.from_numpy(y), torch.from_numpy(rows)
         for part in rounds(rows, None):
             b = torch.from_numpy(part)
-            kalman_round(mean, var, tau, r_all[b], x_all[b], y_all[b], obs_ts[b], cfg.srec_obs_var, cfg.srec_drift_var)
+            kalman_round(mean, var, tau, r_all[b], x_all[b], y_all[b], obs_ts[b], cfg.srec_obs_var, cfg.srec_drift_var, _at(x_var, b))
         return self.score_rows(mean, np.asarray(candidates))
 
 
 def from_config(config: Config) -> SRec:
     return SRec(config.baselines)
+
+
+def variant_of(config: Config) -> str | None:
+    """The variant this config runs, as Table 1 labels it; None for the faithful default."""
+    cfg = config.baselines
+    parts = (["means-only update"] if cfg.srec_update == "means_only" else []) + ([f"{cfg.srec_passes} passes"] if cfg.srec_passes > 1 else [])
+    return ", ".join(parts) or None
