@@ -53,7 +53,7 @@ def table1_rows(results: dict[str, dict], ns: tuple[int, ...]) -> list[dict]:
     rows = []
     for n in ns:
         for model, record in results.items():
-            row = {"n": n, "model": model}
+            row = {"n": n, "model": model, "variant": record.get("variant")}
             for metric in TABLE_METRICS:
                 cell = _cell(record["metrics"], new_user_metric(n, metric))
                 row[metric] = cell["mean"] if cell else None
@@ -85,6 +85,12 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:+.1f}%"
 
 
+def _row_label(r: dict) -> str:
+    """The row's Table 1 label, naming the variant it runs if it is not the faithful default."""
+    label = LABELS.get(r["model"], r["model"])
+    return f"{label} (variant: {r['variant']})" if r.get("variant") else label
+
+
 def table1_markdown(rows: list[dict], dataset: str, folds: int = 1) -> str:
     pooled = f"pooled over {folds} new-user folds, " if folds > 1 else ""
     head = (
@@ -96,7 +102,7 @@ def table1_markdown(rows: list[dict], dataset: str, folds: int = 1) -> str:
         "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
-        f"| {r['n']} | {LABELS.get(r['model'], r['model'])} | {_fmt(r['hr'], r['hr_ci'])} | {_fmt(r['ndcg'], r['ndcg_ci'])} "
+        f"| {r['n']} | {_row_label(r)} | {_fmt(r['hr'], r['hr_ci'])} | {_fmt(r['ndcg'], r['ndcg_ci'])} "
         f"| {_fmt(r['auc'], r['auc_ci'])} | {_fmt(r['full_hr'], r['full_hr_ci'])} | {_fmt(r['full_ndcg'], r['full_ndcg_ci'])} "
         f"| {r['cases'] or '–'} | {_fmt(r['paper_ml1m_hr'])} | {_fmt(r['paper_ml1m_ndcg'])} |"
         for r in rows
@@ -382,7 +388,8 @@ def write_report(run: Path, facts: RunFacts, results: dict[str, dict], cases: di
     """Table 1, its per-fold numbers, the verdicts (table, CSV, forest plot), the stream curve and the summary, pooled."""
     ns = tuple(int(n) for n in facts.config_flat.get("data.new_user_ns", (1, 5, 10)))
     resamples, seed = int(facts.config_flat.get("eval.bootstrap", 1000)), int(facts.config_flat.get("eval.seed", 0))
-    rows = table1_rows(results, ns)
+    variants = {name: record.get("variant") for by_model in fold_results.values() for name, record in by_model.items()}
+    rows = table1_rows({name: {**record, "variant": variants.get(name)} for name, record in results.items()}, ns)
     found = [] if facts.quick else comparisons(cases, ns, resamples, seed)
     files = {name: run / name for name in ("table1.md", "table1.csv", "table1_folds.csv", "summary.md", "verdicts.csv")}
     label = f"> **{QUICK_LABEL}.**\n\n" if facts.quick else ""

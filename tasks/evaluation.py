@@ -23,6 +23,7 @@ from prefect import task
 
 from metarec.config import Config
 from metarec.metrics import bootstrap_ci
+from metarec.models.registry import row_variant
 from metarec.protocol import Cases, CaseResults, evaluate_new_users, evaluate_stream
 from tasks.atomic import write_json, write_parquet
 from tasks.logs import log_info
@@ -135,6 +136,7 @@ def evaluate_model(name: str, model_path: Path, config: Config, prepared: Prepar
         "model": name,
         "model_path": str(model_path),
         "config_hash": config.hash_of(),
+        "variant": row_variant(name, config),  # None when the row runs its faithful default
         "metrics": summarise(new, stream_results, config),
         "seconds": {
             "new_users": round(new_seconds, 3),

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from metarec.metrics import bootstrap_ci
-from tasks.aggregate import case_values, comparisons, forest_plot, paired_verdict, verdict_tables
+from tasks.aggregate import RunFacts, case_values, comparisons, forest_plot, paired_verdict, table1_markdown, verdict_tables, write_report
 from tasks.pooling import paired
 
 
@@ -86,3 +86,24 @@ def test_forest_plot_is_a_png(tmp_path):
     cases = {"responsive": _cases(list(range(50)), rng.random(50).tolist()), "pop": _cases(list(range(50)), rng.random(50).tolist())}
     path = forest_plot(comparisons(cases, (1,), 200, 0), tmp_path / "forest.png", "d")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table1_names_the_variant_a_row_runs():
+    cells = {k: None for m in ("hr", "ndcg", "auc", "full_hr", "full_ndcg") for k in (m, f"{m}_ci")}
+    rows = [{"n": 1, "model": m, "variant": v, "cases": 3, "paper_ml1m_hr": None, "paper_ml1m_ndcg": None, **cells}
+            for m, v in (("spmf", "batch + reservoir draws"), ("rkmf", None))]
+    table = table1_markdown(rows, "d")
+    assert "| 1 | SPMF (variant: batch + reservoir draws) |" in table
+    assert "| 1 | RKMF |" in table
+
+
+def test_the_pooled_table_takes_the_variant_from_the_fold_records(tmp_path):
+    cell = {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "cases": 3}
+    metrics = {"new_n1_ndcg10": cell, "stream_b0_auc": cell, "stream_b0_seen_auc": cell}
+    pooled = {"spmf": {"model": "spmf", "metrics": metrics, "seconds": {}}, "pop": {"model": "pop", "metrics": metrics, "seconds": {}}}
+    fold_results = {0: {"spmf": {"model": "spmf", "variant": "batch + reservoir draws", "metrics": metrics, "seconds": {}},
+                        "pop": {"model": "pop", "variant": None, "metrics": metrics, "seconds": {}}}}
+    facts = RunFacts("d", 1, [], {"data.new_user_ns": [1], "data.stream_batches": 1}, {}, quick=True)
+    files = write_report(tmp_path, facts, pooled, {}, fold_results)
+    table = files["table1.md"].read_text()
+    assert "| 1 | SPMF (variant: batch + reservoir draws) |" in table and "| 1 | Pop |" in table
