@@ -143,11 +143,13 @@ class BaselineConfig(Section):
     rkmf_kernel: Literal["linear", "logistic"] = Field("logistic", description="RKMF kernel on <w, h> (the paper's polynomial and RBF kernels are not offered).")
     rkmf_scale: float = Field(4.0, gt=0.0, description="Logistic kernel c = r_max - r_min (the 1-5 rating range).")
     rkmf_update_epochs: int = Field(5, ge=1, description="Epochs of each UserUpdate/ItemUpdate.")
-    rkmf_item_update: Literal["two_sided", "positives_only"] = Field(
+    rkmf_item_update: Literal["two_sided", "mymedialite", "positives_only"] = Field(
         "two_sided",
-        description="ItemUpdate: 'two_sided' retrains h_i as the positive for sampled users who have i and as the sampled "
-        "negative for those who do not (MyMediaLite BPRMF.RetrainItem, the faithful default); 'positives_only' (a variant) "
-        "trains h_i only as the positive of each of its users, which only ever pulls it up.",
+        description="ItemUpdate: 'two_sided' (faithful default) retrains h_i on its terms of one offline BPR epoch, as the "
+        "positive of each of its users and as the sampled negative of other users' positives as often as a fit epoch "
+        "makes it one; 'mymedialite' (a variant) uses MyMediaLite BPRMF.RetrainItem's sampling (floor(P/I) uniform users "
+        "per epoch, far more negative than positive steps); 'positives_only' (a variant) trains h_i only as the positive "
+        "of each of its users, which only ever pulls it up.",
     )
     # sRec
     srec_obs_var: float = Field(1.0, gt=0.0, description="Observation noise variance sigma^2.")

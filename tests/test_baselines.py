@@ -482,22 +482,42 @@ def test_rkmf_item_step_moves_an_item_down_for_a_user_without_it() -> None:
     assert torch.equal(H[[0, 1, 4]], before[[0, 1, 4]])  # only the retrained rows move
 
 
-def test_rkmf_two_sided_item_update_puts_the_item_on_the_side_the_user_is(split: Split, monkeypatch) -> None:
-    """MyMediaLite's RetrainItem: a drawn user who has i sees it as the positive, any other user as the negative."""
-    model = fresh("rkmf", split)
+@pytest.mark.parametrize("option", ("two_sided", "mymedialite"))
+def test_rkmf_item_update_puts_the_item_on_the_side_the_user_is(option: str, split: Split, monkeypatch) -> None:
+    """Two-sided ItemUpdate: a user who has i trains it as the positive, any other user as the sampled negative."""
+    model = make_model("rkmf", small_config(rkmf_item_update=option)).fit(split.history)
     items = np.unique(split.stream.items[:40])
     items = items[items < model.n_items_]
     triples = []
     monkeypatch.setattr(rkmf_module, "sgd_item_rounds", lambda W, H, u, i, j, item, *rest: triples.append((u, i, j, item)))
     model.item_update(items, np.random.default_rng(0))
+    assert len(triples) == model.config.rkmf_update_epochs
     u, i, j, item = (np.concatenate(parts) for parts in zip(*triples))
     has = model.index_.has_pair(u, item)
     assert (i[has] == item[has]).all() and not model.index_.has_pair(u[has], j[has]).any()
     assert (j[~has] == item[~has]).all() and model.index_.has_pair(u[~has], i[~has]).all()
     assert has.any() and (~has).any()
-    # T = ⌊positives / items⌋ draws per item and epoch
-    per_epoch = len(model.index_.pair_key_) // model.n_items_
-    assert len(item) == len(items) * per_epoch * model.config.rkmf_update_epochs
+    if option == "mymedialite":  # ⌊positives / items⌋ uniform users per item and epoch
+        assert len(item) == len(items) * (len(model.index_.pair_key_) // model.n_items_) * model.config.rkmf_update_epochs
+        return
+    # each epoch: every user of i once as the positive, and i the negative as often as a fit epoch makes it one
+    owner_item, owner_user = rkmf_module.item_positives(model.index_, items)
+    for eu, ei, ej, eitem in triples:
+        positive = ei == eitem
+        assert sorted(zip(eu[positive].tolist(), ei[positive].tolist())) == sorted(zip(owner_user.tolist(), owner_item.tolist()))
+    counts = model.index_.positive_counts(np.arange(model.n_users_))
+    weight = counts / (model.n_items_ - counts)
+    expected = sum(weight.sum() - weight[owner_user[owner_item == x]].sum() for x in items) * model.config.rkmf_update_epochs
+    assert abs((~has).sum() - expected) < 5 * np.sqrt(expected)  # a Poisson count
+
+
+def test_rkmf_negative_users_are_drawn_by_weight_among_those_without_the_item() -> None:
+    from metarec.neighbours import InteractionIndex
+
+    index = InteractionIndex.build(Interactions.from_arrays([0, 1, 2, 2], [0, 1, 2, 5], [1, 2, 3, 4]))
+    drawn = rkmf_module.draw_users_without(index, np.array([1.0, 2.0, 3.0]), np.full(30_000, 5), np.random.default_rng(0))
+    share = np.bincount(drawn, minlength=3) / len(drawn)  # user 2 has item 5: the others in proportion 1 : 2
+    np.testing.assert_allclose(share, [1 / 3, 2 / 3, 0.0], atol=0.015)
 
 
 def test_rkmf_positives_only_reproduces_the_earlier_item_update(split: Split) -> None:

@@ -16,19 +16,32 @@ Followed from the paper:
   UserUpdate for each of its users, then ItemUpdate for each of its items
   (the alternation the reproduced paper describes); nothing else changes.
 
-Followed from MyMediaLite (zenogantner/MyMediaLite, Rendle among its
-authors), the maintained implementation of these rules, for the implicit case:
-- ``ItemRecommendation/BPRMF.cs`` RetrainItem, the faithful ItemUpdate under
-  BPR (``baselines.rkmf_item_update = "two_sided"``, the default): h_i is
-  redrawn from N(0, σ²), then each epoch draws T = ⌊P / I⌋ users uniformly
-  among those with at least one (and not every) positive (P = distinct
-  positives seen, I = items in the table: an average item's number of users);
-  a drawn user who has i trains h_i as the positive of (u, i, j), j uniform
-  over u's non-positives; one who does not trains h_i as the negative of
-  (u, k, i), k uniform over u's positives. So h_i is pulled up for its users
-  and pushed down for everyone else, as in full BPR training;
-- RetrainUser there and UserUpdate here alike: w_u redrawn, then SGD over u's
-  positives with a uniform negative each, H fixed.
+ItemUpdate under BPR is two-sided, as MyMediaLite (zenogantner/MyMediaLite,
+Rendle among its authors) retrains an item for implicit feedback
+(``ItemRecommendation/BPRMF.cs`` RetrainItem): h_i is redrawn from N(0, σ²)
+and trained, W fixed, both as the positive for users who have i and as the
+sampled negative for users who do not, so it is pulled up for its users and
+pushed down for everyone else. UserUpdate follows its RetrainUser (w_u
+redrawn, SGD over u's positives with a uniform negative each, H fixed).
+
+How often each side is trained (``baselines.rkmf_item_update``):
+- "two_sided" (default): h_i's own terms of one offline BPR epoch, the
+  paper's principle (retrain a row on its part of the training objective):
+  the positive of (u, i, j) once for each user u of i, j uniform over u's
+  non-positives; the negative of (u, k, i) a Poisson number of times with the
+  mean a fit epoch has, Σ_{u ∌ i} |I_u| / (I − |I_u|), u drawn ∝
+  |I_u| / (I − |I_u|) among users without i, k uniform over u's positives;
+- "mymedialite" (a variant): RetrainItem's own sampling, ⌊P / I⌋ users drawn
+  uniformly per epoch (P positives, I items), each training h_i on the side
+  it is on for them. Relative to its positive steps, i is then the negative
+  U·I/P times as often as in a fit epoch (U users; the inverse density, 23 on
+  ml-100k; its source remarks that the item "may be updated more or less
+  frequently than in the normal from-scratch training"): on ml-100k it
+  pushes the stream's items below the rest and the stream AUC falls from
+  0.85 to 0.56;
+- "positives_only" (a variant, this module's earlier default): h_i only as
+  the positive of each of its users, so it is only ever pulled up, which
+  inflates item norms.
 
 Adaptations to our implicit, pairwise setting (BASELINES.md):
 - the squared loss on ratings becomes BPR: −log σ(r̂_ui − r̂_uj) over u's
@@ -39,11 +52,7 @@ Adaptations to our implicit, pairwise setting (BASELINES.md):
 - kernels offered: linear and logistic (``baselines.rkmf_kernel``); the
   paper's polynomial and RBF kernels are not implemented;
 - the updates run ``baselines.rkmf_update_epochs`` epochs (MyMediaLite runs
-  one pass; the paper retrains for several); T ≥ 1 even on tiny data;
-- ``baselines.rkmf_item_update = "positives_only"`` is a variant (this
-  module's earlier default, labelled in Table 1): the triples are (u, i, j)
-  for every user u of i with a uniform negative j for u, so h_i is only ever
-  pulled up, which inflates item norms;
+  one pass; the paper retrains for several); variants are labelled in Table 1;
 - a new user's first n interactions trigger UserUpdate on a transient row
   (``score_new_users`` leaves the model unchanged); ids first seen in a batch
   get N(0, σ²) rows and are then retrained by the update rules; an id never
@@ -59,6 +68,7 @@ import torch
 
 from metarec.config import BaselineConfig, Config
 from metarec.interface import Interactions, RecentItems
+from metarec.neighbours import InteractionIndex
 
 from .common import (
     PURPOSE_NEW_USERS,
@@ -75,6 +85,26 @@ from .common import (
     uniform_positives,
     user_positives,
 )
+
+
+MAX_DRAW_ROUNDS = 32  # redraws of a user who has the item; ones still drawing an owner after that are dropped
+
+
+def draw_users_without(index: InteractionIndex, weight: np.ndarray, items: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per entry of ``items``, a user drawn ∝ ``weight`` among those without that item (-1 if none was found)."""
+    cdf = np.cumsum(weight)
+    out = np.full(len(items), -1, dtype=np.int64)
+    if not len(items) or cdf[-1] <= 0:
+        return out
+    pending = np.arange(len(items))
+    for _ in range(MAX_DRAW_ROUNDS):
+        drawn = np.minimum(np.searchsorted(cdf, rng.random(len(pending)) * cdf[-1], side="right"), len(cdf) - 1)
+        ok = ~index.has_pair(drawn, items[pending])
+        out[pending[ok]] = drawn[ok]
+        pending = pending[~ok]
+        if not len(pending):
+            break
+    return out
 
 
 class RKMF(FactorBaseline):
@@ -100,15 +130,42 @@ class RKMF(FactorBaseline):
             sgd_rounds(self.W_, self.H_, owner, items, neg, self.grad_fn, self.config.lr, rng, side="user")
 
     def item_update(self, items: np.ndarray, rng: np.random.Generator) -> None:
-        """ItemUpdate for each of ``items``: fresh h_i, retrained with W fixed (two-sided, or the positives-only variant)."""
+        """ItemUpdate for each of ``items`` (sorted, distinct): fresh h_i, retrained with W fixed."""
         self.H_[torch.from_numpy(items)] = gaussian(rng, len(items), self.dim, self.config.init_std)
         if self.config.rkmf_item_update == "positives_only":
             self._positives_only_item_update(items, rng)
+        elif self.config.rkmf_item_update == "mymedialite":
+            self._mymedialite_item_update(items, rng)
         else:
             self._two_sided_item_update(items, rng)
 
     def _two_sided_item_update(self, items: np.ndarray, rng: np.random.Generator) -> None:
-        """MyMediaLite's RetrainItem: T uniform users per epoch; h_i is the positive for those who have i, else the negative."""
+        """h_i on its own terms of an offline BPR epoch: the positive of each of its users, the negative as often as a fit epoch draws it.
+
+        A fit epoch pairs every positive (u, k) with a uniform non-positive j, so i is the negative of (u, k), u
+        without i, with probability 1 / (I − |I_u|): in all, a Poisson count with mean Σ_{u ∌ i} |I_u| / (I − |I_u|),
+        a user drawn ∝ |I_u| / (I − |I_u|) among those without i, k uniform among u's positives.
+        """
+        n_items = len(self.H_)
+        pos_item, pos_user = item_positives(self.index_, items)
+        counts = self.index_.positive_counts(np.arange(len(self.W_)))
+        weight = np.where(counts < n_items, counts / np.maximum(n_items - counts, 1), 0.0)
+        owners_weight = np.bincount(np.searchsorted(items, pos_item), weights=weight[pos_user], minlength=len(items))
+        expected = np.maximum(weight.sum() - owners_weight, 0.0)
+        for _ in range(self.config.rkmf_update_epochs):
+            j = negatives(self.index_, pos_user, rng, n_items)
+            as_negative = np.repeat(items, rng.poisson(expected))
+            users = draw_users_without(self.index_, weight, as_negative, rng)
+            kept = users >= 0
+            users, as_negative = users[kept], as_negative[kept]
+            k = uniform_positives(self.index_, users, rng)
+            sgd_item_rounds(
+                self.W_, self.H_, np.r_[pos_user, users], np.r_[pos_item, k], np.r_[j, as_negative], np.r_[pos_item, as_negative],
+                self.grad_fn, self.config.lr, rng,
+            )
+
+    def _mymedialite_item_update(self, items: np.ndarray, rng: np.random.Generator) -> None:
+        """MyMediaLite's RetrainItem sampling: ⌊P/I⌋ uniform users per epoch; h_i is the positive for those who have i, else the negative."""
         n_items = len(self.H_)
         users = np.arange(len(self.W_))
         counts = self.index_.positive_counts(users)  # 0 for ids the index has never seen
@@ -159,4 +216,4 @@ def from_config(config: Config) -> RKMF:
 
 def variant_of(config: Config) -> str | None:
     """The variant this config runs, as Table 1 labels it; None for the faithful default."""
-    return "positives-only item update" if config.baselines.rkmf_item_update == "positives_only" else None
+    return {"positives_only": "positives-only item update", "mymedialite": "MyMediaLite item sampling"}.get(config.baselines.rkmf_item_update)
