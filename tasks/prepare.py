@@ -120,7 +120,8 @@ def _check_split(config: Config, counts: dict, rating_range: tuple) -> None:
     remaining = counts["users"] - counts["new_users"]
     if counts["new_users"] < 1 or remaining < 1:
         raise DataError(f"too few users for the split in {data.dataset}: {counts['users']} user(s) with positives and "
-                        f"data.new_user_fraction={data.new_user_fraction} give {counts['new_users']} new and {remaining} "
+                        f"data.new_user_fraction={data.new_user_fraction} (users dealt into {data.deals} groups) and data.fold={data.fold} "
+                        f"give {counts['new_users']} new and {remaining} "
                         "remaining users; expected at least one of each")
     if counts["history"] < 1 or counts["stream"] < data.stream_batches:
         raise DataError(f"too few interactions for the split in {data.dataset}: the remaining users' positives give "

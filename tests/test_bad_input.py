@@ -122,8 +122,8 @@ def test_no_positives_after_filtering(tmp_path: Path):
 
 
 def test_too_few_users_for_the_split(tmp_path: Path):
-    (tmp_path / "r.csv").write_text(many_users(4))  # 10% of 4 users rounds to no new user
-    fails(tmp_path, tmp_path / "r.csv", re.escape("too few users for the split") + ".*" + re.escape("0 new and 4 remaining"))
+    (tmp_path / "r.csv").write_text(many_users(4))  # 4 users dealt into 10 groups: group 7 is empty
+    fails(tmp_path, tmp_path / "r.csv", re.escape("too few users for the split") + ".*" + re.escape("0 new and 4 remaining"), fold=7)
 
 
 def test_too_few_interactions_for_the_stream(tmp_path: Path):
