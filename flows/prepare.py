@@ -1,4 +1,4 @@
-"""The `prepare` flow: ingest -> split -> candidates -> stats, each a Prefect task.
+"""The `prepare` flow: ingest -> features -> split -> candidates -> stats, each a Prefect task.
 
 The prepared folder is built in a temporary sibling and renamed into place only
 when every task succeeded (``build_once`` over ``atomic_dir``); an existing
@@ -13,13 +13,14 @@ from prefect import flow
 
 from metarec.config import Config
 from tasks.paths import prepared_dir
-from tasks.prepare import build_once, candidates_task, ingest_task, split_task, stats_task
+from tasks.prepare import build_once, candidates_task, features_task, ingest_task, split_task, stats_task
 
 
 @flow(name="prepare", validate_parameters=False)
 def prepare_flow(config: Config) -> Path:
     def steps(work: Path) -> None:
         ingested = ingest_task(config, work)
+        ingested["features"] = features_task(config, work)
         split_task(config, work)
         candidates_task(config, work)
         stats_task(config, work, ingested)

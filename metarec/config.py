@@ -42,6 +42,15 @@ class DataConfig(Section):
     item_col: str = Field("item_id", description="Generic CSV/Parquet: item column.")
     rating_col: str = Field("rating", description="Generic CSV/Parquet: rating column.")
     ts_col: str = Field("timestamp", description="Generic CSV/Parquet: timestamp column (integer seconds).")
+    user_features: Path | None = Field(
+        None, description="A CSV (header) or Parquet file of user side features: one row per user, the data.user_col column "
+        "holding the raw user id of the ratings, every other column one categorical field; a cell may hold several values "
+        "separated by '|'; empty = missing. Replaces the data set's own (ml-100k u.user, ML-1M users.dat). None = those.",
+    )
+    item_features: Path | None = Field(
+        None, description="Item side features, as data.user_features with the data.item_col column (replaces u.item, "
+        "movies.dat, movies.csv). None = the data set's own, if any.",
+    )
     sample_users: int | None = Field(None, ge=1, description="Keep a seeded sample of this many users (large data sets, experiments).")
     rating_threshold: float = Field(3.0, description="A rating >= this is a positive interaction.")
     new_user_fraction: float = Field(0.1, gt=0.0, le=0.5, description="Fraction of users held out as new users: users are dealt into round(1 / fraction) groups by a seeded hash, one group per split.")

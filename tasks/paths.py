@@ -27,15 +27,17 @@ def dataset_slug(dataset: str) -> str:
 
 
 def source_fingerprint(config: Config) -> str:
-    """Names, sizes and mtimes of the input files (resolving, and if allowed downloading, the data set)."""
+    """Names, sizes and mtimes of the input files, side-feature files included (resolving, and if allowed downloading, the data set)."""
     from tasks.datasets import resolve_source
 
     data = config.data
     columns = {"user_col": data.user_col, "item_col": data.item_col, "rating_col": data.rating_col, "ts_col": data.ts_col}
     source = resolve_source(data.dataset, data.data_dir, data.download, columns)
-    files = [*source.ratings, *([source.titles] if source.titles else [])]
+    from tasks.features import feature_files
+
+    files = [*source.ratings, *([source.titles] if source.titles else []), *(f.path for f in feature_files(source, data))]
     digest = hashlib.sha256()
-    for path in sorted(files):
+    for path in sorted(set(files)):
         stat = Path(path).stat()
         digest.update(f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     return digest.hexdigest()

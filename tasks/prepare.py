@@ -1,4 +1,4 @@
-"""The data stage: ingest -> split -> candidates -> stats, into ``prepared_dir(config)``.
+"""The data stage: ingest -> side features -> split -> candidates -> stats, into ``prepared_dir(config)``.
 
 Each step is a plain function writing into a work folder (callable without
 Prefect); ``prepare_data`` runs them all inside ``atomic_dir`` so the prepared
@@ -30,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 from metarec.config import Config
 from tasks.atomic import atomic_dir, write_json
 from tasks.datasets import EXPECTED, DataError, load_raw, resolve_source
+from tasks.features import KINDS, describe_output, feature_files, load_feature_file
 from tasks.paths import prepared_dir
 from tasks.prepared import SPLIT_FILES
 from tasks.sqlfiles import run_sql, sql
@@ -94,6 +95,24 @@ def ingest(config: Config, out: Path) -> dict:
         items = export(con, "out_items", {}, out / "items.parquet")
         rows = export(con, "out_interactions", {}, out / "interactions.parquet")
     return {"source": source.describe(), "ratings_read": ratings_read, "interactions": rows, "users": users, "items": items}
+
+
+def features(config: Config, out: Path) -> dict:
+    """Side features (``tasks/features.py``) -> user_features.parquet, item_features.parquet keyed by dense id.
+
+    Reads users.parquet and items.parquet from ``ingest``; a file in the wrong format raises DataError."""
+    data = config.data
+    columns = {"user_col": data.user_col, "item_col": data.item_col, "rating_col": data.rating_col, "ts_col": data.ts_col}
+    files = feature_files(resolve_source(data.dataset, data.data_dir, data.download, columns), data)
+    with duckdb_connection(config.runtime.max_workers) as con:
+        run_sql(con, "feature_table")
+        for file in files:
+            load_feature_file(con, file, data)
+        params = {"users": str(out / "users.parquet"), "items": str(out / "items.parquet")}
+        for kind in KINDS:
+            export(con, "out_features", {**params, "kind": kind}, out / f"{kind}_features.parquet")
+    by_kind = {file.kind: file for file in files}
+    return {f"{kind}s": describe_output(out / f"{kind}_features.parquet", by_kind.get(kind)) for kind in KINDS}
 
 
 def split(config: Config, out: Path) -> dict:
@@ -239,6 +258,7 @@ def write_stats(config: Config, out: Path, ingested: dict) -> dict:
         "new_users_min_positives": min_positives,
         "new_users_evaluable": evaluable,
         "candidates": cases,
+        "features": ingested.get("features", {"users": None, "items": None}),
     }
     write_json(stats, out / "stats.json")
     return stats
@@ -249,6 +269,7 @@ def write_stats(config: Config, out: Path, ingested: dict) -> dict:
 
 def run_steps(config: Config, out: Path) -> dict:
     ingested = ingest(config, out)
+    ingested["features"] = features(config, out)
     split(config, out)
     candidates(config, out)
     return write_stats(config, out, ingested)
@@ -306,6 +327,7 @@ def _user_errors_without_frames(fn: Callable) -> Callable:
 
 
 ingest_task = task(name="ingest", cache_policy=NO_CACHE)(_user_errors_without_frames(ingest))
+features_task = task(name="features", cache_policy=NO_CACHE)(_user_errors_without_frames(features))
 split_task = task(name="split", cache_policy=NO_CACHE)(_user_errors_without_frames(split))
 candidates_task = task(name="candidates", cache_policy=NO_CACHE)(_user_errors_without_frames(candidates))
 stats_task = task(name="stats", cache_policy=NO_CACHE)(_user_errors_without_frames(write_stats))

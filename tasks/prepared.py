@@ -14,7 +14,11 @@ Files in ``prepared_dir(config)`` (written by ``tasks/prepare.py``):
   its batch; new: -1), user_id, item_id (the true next item), pos (its pos in
   its file), negatives (list<int64>, n_negatives items the user never had as
   a positive anywhere in the data set).
-- ``stats.json``: rows, users, items and time ranges per part.
+- ``user_features.parquet``, ``item_features.parquet``: side features, one row per
+  (entity, value): entity_id (the dense user_id / item_id), field_id, field, value,
+  code (dense over the (field, value) pairs); empty when the data set has none
+  (``tasks/features.py``).
+- ``stats.json``: rows, users, items and time ranges per part; the feature fields.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from metarec.features import Features, FeatureTable
 from metarec.interface import Interactions
 
-SPLIT_FILES = ("interactions", "users", "items", "history", "stream", "new_users", "candidates")
+SPLIT_FILES = ("interactions", "users", "items", "history", "stream", "new_users", "candidates", "user_features", "item_features")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class PreparedData:
     n_users: int
     n_items: int
     stats: dict
+    features: Features = Features()
 
     def candidates(self, kind: str):
         """The stored candidates of one kind as a pyarrow Table."""
@@ -54,6 +60,19 @@ def _interactions(path: Path) -> tuple[Interactions, pq.ParquetFile]:
     table = pq.read_table(path)
     cols = {name: table.column(name).to_numpy().astype(np.int64) for name in ("user_id", "item_id", "ts")}
     return Interactions(cols["user_id"], cols["item_id"], cols["ts"]), table
+
+
+def load_feature_table(path: Path, n_entities: int) -> FeatureTable | None:
+    """One features Parquet as a FeatureTable over dense ids 0..n_entities-1 (None when it has no row)."""
+    table = pq.read_table(path)
+    if table.num_rows == 0:
+        return None
+    col = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
+    code, field_id = col("code").astype(np.int64), col("field_id").astype(np.int64)
+    field_of_code = np.zeros(int(code.max()) + 1, dtype=np.int64)
+    field_of_code[code] = field_id
+    names = dict(zip(field_id.tolist(), col("field").tolist()))
+    return FeatureTable.from_long(col("entity_id").astype(np.int64), code, field_of_code, tuple(names[i] for i in range(len(names))), n_entities)
 
 
 def load_prepared(root: Path) -> PreparedData:
@@ -76,4 +95,5 @@ def load_prepared(root: Path) -> PreparedData:
         n_users=n_users,
         n_items=n_items,
         stats=json.loads((root / "stats.json").read_text()),
+        features=Features(load_feature_table(root / "user_features.parquet", n_users), load_feature_table(root / "item_features.parquet", n_items)),
     )

@@ -56,7 +56,7 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     archive = www / "ml-tiny.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("ml-tiny/u.data", U_DATA)
-        zf.writestr("ml-tiny/u.item", "1|One (1995)|x\n")
+        zf.writestr("ml-tiny/u.item", "1|One (1995)|01-Jan-1995||http://x|" + "|".join(["0"] * 18 + ["1"]) + "\n")  # a real u.item line: 24 fields
     (www / "not-a-zip.zip").write_text("hello")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     server = Server(www)
