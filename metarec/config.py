@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from metarec.models.registry import KNOWN_MODELS, ROWS
+from metarec.models.registry import DEFAULT_MODELS, KNOWN_MODELS, ROWS
 
 # Where the data is read from does not change what it is, and how many folds a run pools does not change
 # any one fold's split: these stay out of the hashes (a pooled run's folder names its fold count itself).
@@ -192,10 +192,48 @@ class BaselineConfig(Section):
     tune_holdout: float = Field(0.1, gt=0.0, lt=1.0, description="Last fraction of the history (by time) held out for validation.")
 
 
+class NeuralConfig(Section):
+    """The neural meta-learning rows (MeLU, MAMO, the prototype recommender): their hyperparameters, field by field.
+
+    All three learn episodically on the same tasks as ours (``[tasks]``: k, K, seed, cap), with the task
+    user's own k support interactions (the neighbour columns are our method's device, see each model's
+    docstring), the same sampled negatives, and Adam on the query loss.
+    """
+
+    dim: int = Field(32, ge=1, description="Embedding size of each feature field and id embedding (MeLU: 32).")
+    hidden: int = Field(64, ge=1, description="Width of MeLU's two decision layers (MeLU: 64 and 64).")
+    loss: Literal["bpr", "bce"] = Field(
+        "bpr", description="Implicit-feedback loss over the sampled negatives: bpr = -log σ(s⁺ - s⁻) per (positive, negative) pair; "
+        "bce = -log σ(s⁺) - log(1 - σ(s⁻)). The papers regress explicit ratings (MSE, MeLU; cross-entropy over rating classes, MAMO).",
+    )
+    local_lr: float = Field(0.5, gt=0.0, description="Local (inner) learning rate on the mean support loss (MeLU's α, MAMO's ρ).")
+    local_steps: int = Field(1, ge=0, description="Local update steps on the support set (MeLU: 1; MAMO's code: 3). 0 = no adaptation.")
+    first_order: bool = Field(False, description="Drop the second-order terms of the local update from the meta-gradient (MAMO's row fixes True, as its paper's global update).")
+    outer_lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the global update (and of online updates).")
+    epochs: int = Field(3, ge=0, description="Passes over all tasks.")
+    batch_tasks: int = Field(256, ge=1, description="Tasks (users' episodes) per global update.")
+    grad_clip: float | None = Field(10.0, gt=0.0, description="Gradient-norm clipping of the global update (None = off).")
+    init_std: float = Field(0.1, gt=0.0, description="Std of the initial embedding entries.")
+    item_ids: bool = Field(
+        True, description="Add a learned item-id embedding beside the item's feature fields (a deviation: MeLU and MAMO embed "
+        "content only; with ml-100k's 19 genres and a year, many items would be indistinguishable). Items always get an id "
+        "embedding when the data set has no item features.",
+    )
+    use_features: bool = Field(True, description="Use the data set's side features; False = id embeddings only (the fallback, on purpose).")
+    pooling: Literal["mean", "attention"] = Field("mean", description="Prototype recommender: how the shown items' embeddings pool into the user's vector.")
+    memory_slots: int = Field(3, ge=1, description="MAMO: K, the number of memory slots (its code: n_k = 3).")
+    memory_tau: float = Field(0.01, ge=0.0, description="MAMO: τ, the weight of the personalised bias term b_u in θ_u = φ_u - τ b_u.")
+    memory_alpha: float = Field(0.5, ge=0.0, le=1.0, description="MAMO: α, the write rate of the profile memory M_P.")
+    memory_beta: float = Field(0.05, ge=0.0, le=1.0, description="MAMO: β, the write rate of the user-embedding memory M_U.")
+    memory_gamma: float = Field(0.1, ge=0.0, le=1.0, description="MAMO: γ, the write rate of the preference memory M_UI.")
+    seed: int = 0
+
+
 class EvalConfig(Section):
     """The protocol (METHOD.md §9) and what the pipeline runs."""
 
-    models: tuple[str, ...] = Field(KNOWN_MODELS, description="Models to fit and evaluate.")
+    models: tuple[str, ...] = Field(DEFAULT_MODELS, description="Models (Table 1 rows) to fit and evaluate; every row of "
+                                    "metarec.models.registry.ROWS may be named, the opt-in ones only when listed here.")
     full_ranking: bool = Field(True, description="Also report full-ranking HR@10/NDCG@10 (beside, never instead of, sampled).")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for 95% CIs (0 = off).")
     lambda_sweep: tuple[float, ...] = Field((0.0, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0), description="lambda_ML values of the sweep.")
@@ -235,9 +273,9 @@ class RuntimeConfig(Section):
     preset: Literal["full", "quick"] = Field("full", description="Which preset made this config (set by --quick); tags runs and labels reports.")
 
 
-RESULT_SECTIONS = ("data", "tasks", "meta", "baselines", "eval")
+RESULT_SECTIONS = ("data", "tasks", "meta", "baselines", "neural", "eval")
 SECTION_TYPES: dict[str, type[Section]] = {
-    "data": DataConfig, "tasks": TaskConfig, "meta": MetaConfig, "baselines": BaselineConfig, "eval": EvalConfig,
+    "data": DataConfig, "tasks": TaskConfig, "meta": MetaConfig, "baselines": BaselineConfig, "neural": NeuralConfig, "eval": EvalConfig,
 }
 
 
@@ -248,6 +286,7 @@ class Config(BaseSettings):
     tasks: TaskConfig = TaskConfig()
     meta: MetaConfig = MetaConfig()
     baselines: BaselineConfig = BaselineConfig()
+    neural: NeuralConfig = NeuralConfig()
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tuned: dict[str, dict[str, float | int | str | bool]] = Field(

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from metarec.features import Features
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,17 @@ class StreamingRecommender(ABC):
     @abstractmethod
     def observe(self, batch: Interactions) -> None:
         """Update the model on a stream batch (after it has been scored)."""
+
+    def set_features(self, features: "Features") -> None:
+        """Side features of users and items keyed by dense id, given by the caller before ``fit`` (models read no files).
+
+        Most models use none and ignore them; a model that does keeps them in its saved state.
+        """
+
+    def feature_report(self) -> dict | None:
+        """What side features the fitted model uses, for run records: None for a model that never uses any, else
+        ``{"uses_features": bool, "fallback": bool, "user_fields": [...], "item_fields": [...], "note": str}``."""
+        return None
 
     def recommend(self, user: int, n: int = 10, exclude: np.ndarray | None = None, n_items: int | None = None) -> np.ndarray:
         """Top-n item ids for an existing user, best first, skipping ``exclude``."""

@@ -137,6 +137,7 @@ def evaluate_model(name: str, model_path: Path, config: Config, prepared: Prepar
         "model_path": str(model_path),
         "config_hash": config.hash_of(),
         "variant": row_variant(name, config),  # None when the row runs its faithful default
+        "features": model.feature_report(),  # which side features it used, or its fallback to ids (summary.md says so)
         "metrics": summarise(new, stream_results, config),
         "seconds": {
             "new_users": round(new_seconds, 3),

@@ -5,7 +5,8 @@ On disk, one folder per fitted model (``model_dir``):
 - ``state.npz``: the model's ``state_arrays()`` (numeric arrays only, loaded with
   ``allow_pickle=False``);
 - ``model.json``: the model name, the config sections it was built from, the
-  fit time and the sizes, so ``load_model`` rebuilds the same model.
+  fit time and the sizes, so ``load_model`` rebuilds the same model; ``features``:
+  the model's ``feature_report()`` (None for a model that uses no side features).
 
 Every model behind ``StreamingRecommender`` that offers ``state_arrays`` /
 ``load_state_arrays`` can be saved (all baselines do).
@@ -56,10 +57,16 @@ def model_dir(config: Config, name: str) -> Path:
     return prepared_dir(config) / "models" / f"{name}-{model_hash(config, name)}"
 
 
+def build_model(name: str, config: Config, prepared: PreparedData) -> StreamingRecommender:
+    """The unfitted model of row ``name``, given the prepared data's side features (models read no files)."""
+    model = make_model(name, config)
+    model.set_features(prepared.features)
+    return model
+
+
 def fit_model(name: str, config: Config, prepared: PreparedData) -> StreamingRecommender:
     """An unfitted model from the config, fitted on the prepared history."""
-    model = make_model(name, config)
-    return model.fit(prepared.history)
+    return build_model(name, config, prepared).fit(prepared.history)
 
 
 def save_model(model: StreamingRecommender, name: str, config: Config, out: Path, extra: dict | None = None) -> Path:
@@ -74,9 +81,10 @@ def save_model(model: StreamingRecommender, name: str, config: Config, out: Path
     meta = {
         "name": name,
         "class": type(model).__name__,
-        "config": {section: getattr(row_config, section).model_dump(mode="json") for section in ("data", "tasks", "meta", "baselines")},
+        "config": {section: getattr(row_config, section).model_dump(mode="json") for section in ("data", "tasks", "meta", "baselines", "neural")},
         "config_hash": model_hash(config, name),
         "arrays": {key: list(np.shape(value)) for key, value in arrays.items()},
+        "features": model.feature_report(),  # None, or which side features it uses and whether it fell back to ids
         **(extra or {}),
     }
     with atomic_dir(Path(out)) as tmp:

@@ -11,12 +11,13 @@ from metarec.models import spmf as spmf_module
 from metarec.models.common import PURPOSE_OBSERVE, gaussian, kernel_bpr_grads, negatives, rng_for, rounds, sampled_metrics, sgd_epoch, sgd_item_rounds
 from metarec.models.spmf import descending_ranks, reservoir_insert, weighted_sample_without_replacement
 from metarec.models.srec import SRec, kalman_round
-from metarec.config import BaselineConfig, Config, MetaConfig
+from metarec.config import BaselineConfig, Config, MetaConfig, NeuralConfig, TaskConfig
 from metarec.interface import Interactions, RecentItems
 from metarec.models.registry import make_model
 from metarec.synthetic import planted_interactions
 
-MODELS = ("rkmf", "srec", "spmf", "mf_ft", "pop")
+NEURAL_MODELS = ("melu", "mamo", "prototype")  # the meta-learning rows of issue 11 (more in test_zoo.py)
+MODELS = ("rkmf", "srec", "spmf", "mf_ft", "pop", *NEURAL_MODELS)
 FACTOR_MODELS = ("rkmf", "srec", "spmf", "mf_ft")
 N_NEG = 50
 
@@ -24,7 +25,14 @@ N_NEG = 50
 def small_config(seed: int = 1, **baselines) -> Config:
     # sRec's single streaming pass needs a noise variance small against the prior's on so little data
     fields = dict(dim=16, epochs=10, seed=seed, spmf_reservoir=500, spmf_samples=200, srec_obs_var=0.3, srec_prior_var=0.3)
-    return Config(baselines=BaselineConfig(**{**fields, **baselines}), meta=MetaConfig(dim=16), tuned={})
+    return Config(
+        baselines=BaselineConfig(**{**fields, **baselines}),
+        meta=MetaConfig(dim=16),
+        # small and quick: the conformance tests check the protocol, not the neural models' quality
+        neural=NeuralConfig(dim=8, hidden=16, epochs=1, batch_tasks=128, seed=seed),
+        tasks=TaskConfig(k=3, K=6, max_tasks_per_user=6),
+        tuned={},
+    )
 
 
 class Split:
@@ -141,7 +149,7 @@ def test_same_seed_same_scores_through_the_stream(name: str, split: Split) -> No
     np.testing.assert_array_equal(a.score_new_users(recent, new_cands), b.score_new_users(recent, new_cands))
 
 
-@pytest.mark.parametrize("name", FACTOR_MODELS)
+@pytest.mark.parametrize("name", (*FACTOR_MODELS, *NEURAL_MODELS))
 def test_other_seed_other_scores(name: str, split: Split, fitted: dict) -> None:
     users = split.stream.users[:20]
     cands = split.candidates(users, split.stream.items[:20])
@@ -163,7 +171,7 @@ def test_unseen_ids_are_scored_and_grown_never_an_error(name: str, split: Split)
     assert np.isfinite(model.score_new_users(recent, cands[:1])).all()
 
 
-@pytest.mark.parametrize("name", FACTOR_MODELS)
+@pytest.mark.parametrize("name", (*FACTOR_MODELS, *NEURAL_MODELS))
 def test_state_round_trip_gives_the_same_model(name: str, split: Split) -> None:
     model = fresh(name, split)
     clone = make_model(name, small_config())

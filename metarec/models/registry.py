@@ -108,6 +108,7 @@ class Row:
     sections: tuple[str, ...] = ("baselines",)  # config sections (besides data) its fitted state depends on
     family: str = "baseline"  # "ours" for the meta-learned MF and its variants
     passes: tuple[str, ...] = ()  # "section.field"s counting full training passes over the history (scaled by eval.training_fraction)
+    in_default: bool = True  # in the default eval.models (False: opt-in, e.g. --set eval.models=[...])
 
     @property
     def is_ours(self) -> bool:
@@ -131,6 +132,17 @@ _OURS: dict[str, Range] = {
     "meta.outer_lr": Float(1e-3, 3e-2, log=True, limits=(1e-5, 0.3)),
     "meta.pretrain_epochs": Int(0, 10, limits=(0, 100)),
     "meta.epochs": Int(3, 20, log=True, limits=(1, 200)),
+    "tasks.k": Int(1, 10, limits=(1, 20)),
+}
+
+# MeLU, MAMO and the prototype recommender (the [neural] section). Hard limits: Adam rates below 0.3, local rates
+# below 100 on the mean support loss, epochs at most 100 (wall time).
+_NEURAL: dict[str, Range] = {
+    "neural.local_lr": Float(0.05, 5.0, log=True, limits=(1e-4, 100.0)),
+    "neural.local_steps": Int(1, 3, limits=(1, 10)),
+    "neural.outer_lr": Float(3e-4, 1e-2, log=True, limits=(1e-5, 0.3)),
+    "neural.epochs": Int(1, 10, log=True, limits=(1, 100)),
+    "neural.dim": Choice((16, 32, 64)),
     "tasks.k": Int(1, 10, limits=(1, 20)),
 }
 
@@ -172,9 +184,28 @@ ROWS: dict[str, Row] = {
             passes=("baselines.epochs",),
         ),
         Row("pop", "metarec.models.pop:from_config", "Pop", {}, sections=()),
+        Row(
+            "responsive_fo", "metarec.models.responsive:from_config", "Ours (FOMAML)", dict(_OURS),
+            fixed={"meta.first_order": True}, sections=("tasks", "meta"), family="ours", passes=("meta.epochs", "meta.pretrain_epochs"),
+            in_default=False,
+        ),
+        Row("melu", "metarec.models.melu:from_config", "MeLU", dict(_NEURAL), sections=("tasks", "neural"), passes=("neural.epochs",), in_default=False),
+        Row(
+            "mamo", "metarec.models.mamo:from_config", "MAMO",
+            {**_NEURAL, "neural.memory_tau": Float(1e-3, 1.0, log=True, limits=(1e-5, 10.0)), "neural.memory_slots": Int(2, 8, limits=(1, 64))},
+            # MAMO's global update sums the query gradients at the adapted parameters (first order)
+            fixed={"neural.first_order": True}, sections=("tasks", "neural"), passes=("neural.epochs",), in_default=False,
+        ),
+        Row(
+            "prototype", "metarec.models.prototype:from_config", "Prototype",
+            {key: value for key, value in _NEURAL.items() if key not in ("neural.local_lr", "neural.local_steps")}
+            | {"neural.pooling": Choice(("mean", "attention"))},
+            sections=("tasks", "neural"), passes=("neural.epochs",), in_default=False,
+        ),
     )
 }
 KNOWN_MODELS: tuple[str, ...] = tuple(ROWS)
+DEFAULT_MODELS: tuple[str, ...] = tuple(name for name, r in ROWS.items() if r.in_default)
 
 
 def row(name: str) -> Row:
