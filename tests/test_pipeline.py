@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from metarec.config import KNOWN_MODELS
+from metarec.models.registry import DEFAULT_MODELS
 from tasks.evaluation import METRICS_FILE, eval_dir, new_user_metric
 from tasks.paths import prepared_dir
 from tasks.settings import QUICK_OVERRIDES, load_config
@@ -48,7 +48,7 @@ def test_every_output_file_is_written(quick_run):
     assert (run / "stream_auc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (run / "table1.md").read_text()
     assert "Ours (paper)" in table and "RKMF" in table and "0.599" in table  # the paper's figure beside ours
-    assert set(first["results"]) == set(KNOWN_MODELS)
+    assert set(first["results"]) == set(config.eval.models) == set(DEFAULT_MODELS)  # the opt-in rows only when asked
 
 
 @pytest.mark.slow
@@ -72,7 +72,7 @@ def test_one_mlflow_child_run_per_model_with_shared_metric_names(quick_run):
     parents = client.search_runs([experiment.experiment_id], "tags.kind = 'pipeline'")
     assert parents
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parents[-1].info.run_id}' and tags.kind = 'model'")
-    assert sorted(run.data.tags["model"] for run in children) == sorted(KNOWN_MODELS)
+    assert sorted(run.data.tags["model"] for run in children) == sorted(config.eval.models)
     for run in children:
         assert {"new_n1_hr10", "new_n5_ndcg10", "new_n10_auc", "stream_auc_mean", "full_n5_ndcg10"} <= set(run.data.metrics)
         assert run.data.tags["config_hash"] == config.hash_of()

@@ -73,6 +73,25 @@ def test_training_logs_params_metrics_and_a_registered_safetensors_model(planted
     assert model.score(np.array([0]), np.array([[1, 2, 3]])).shape == (1, 3)
 
 
+def test_fomaml_row_trains_through_the_same_path_in_its_own_folder(planted_csv, tmp_path):
+    """Row responsive_fo (issue 11): meta_train with checkpoints and an MLflow run of its own, the first-order option
+    fixed, saved where the evaluation looks for it (the pipeline registers only ours, as here)."""
+    config = _prepared(_config(planted_csv, tmp_path / "fo"))
+    result = meta_train(config, row="responsive_fo", register=False)
+    assert result.status == "finished" and result.epochs_done == 3 and result.model_version is None
+    fo = config.for_row("responsive_fo")
+    assert fo.meta.first_order and training_dir(fo) != training_dir(config.for_row("responsive"))
+    assert (training_dir(fo) / "checkpoint").is_dir()
+    model = load_model(model_dir(config, "responsive_fo"))
+    assert model.meta.first_order and result.model_path == str(model_dir(config, "responsive_fo"))
+    setup_mlflow(config)
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.data.tags["model"] == "responsive_fo" and run.data.params["meta.first_order"] == "True"
+    assert [m.step for m in client.get_metric_history(result.run_id, "epoch_seconds")] == [0, 1, 2]
+    assert not client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+
+
 def test_resume_after_a_crash_equals_an_uninterrupted_run(planted_csv, tmp_path, monkeypatch):
     whole = _prepared(_config(planted_csv, tmp_path / "whole"))
     assert meta_train(whole).status == "finished"
