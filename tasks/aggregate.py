@@ -366,13 +366,26 @@ def _data_lines(facts: RunFacts) -> list[str]:
     return lines
 
 
-def summary_markdown(facts: RunFacts, rows: list[dict], results: dict[str, dict], found: list[Comparison]) -> str:
+def feature_notes(fold_results: dict[int, dict[str, dict]]) -> list[str]:
+    """One line per model that reads side features (its evaluation record's ``features``): which ones, and whether it
+    fell back to id embeddings because the data set has none (the first fold that says so)."""
+    reports: dict[str, dict] = {}
+    for results in fold_results.values():
+        for model, record in results.items():
+            if record.get("features") and (model not in reports or record["features"].get("fallback")):
+                reports[model] = record["features"]
+    return [f"- {LABELS.get(m, m)}: {r.get('note', '')}" + (" **(fallback to id embeddings)**" if r.get("fallback") else "") for m, r in reports.items()]
+
+
+def summary_markdown(facts: RunFacts, rows: list[dict], results: dict[str, dict], found: list[Comparison], features: list[str] | None = None) -> str:
     lines = [f"# Run summary — {facts.dataset}", ""]
     if facts.quick:
         lines += [f"> **{QUICK_LABEL}.** Every model trained for the same shortened fraction of its passes; no verdicts are drawn.", ""]
     lines += [f"> {note}" for note in facts.notes] + ([""] if facts.notes else [])
     lines += ["## Data", "", *_data_lines(facts), ""]
     lines += ["## Wall time per step (s)", "", *[f"- {k}: {v:.1f}" for k, v in facts.step_seconds.items()], ""]
+    if features:
+        lines += ["## Side features", "", *features, ""]
     if not facts.quick:
         lines += ["## Verdicts: each of our rows minus every other model", "",
                   "Difference of the means on the same cases, with the 95% paired-bootstrap CI (resampling users, pooled over folds). "
@@ -397,7 +410,7 @@ def write_report(run: Path, facts: RunFacts, results: dict[str, dict], cases: di
     write_text(table1_csv(rows), files["table1.csv"])
     write_text(folds_csv(fold_results, ns), files["table1_folds.csv"])
     write_text(comparisons_csv(found), files["verdicts.csv"])
-    write_text(summary_markdown(facts, rows, results, found), files["summary.md"])
+    write_text(summary_markdown(facts, rows, results, found, feature_notes(fold_results)), files["summary.md"])
     n_batches = int(facts.config_flat.get("data.stream_batches", 10))
     files["stream_auc.png"] = stream_auc_plot(results, n_batches, run / "stream_auc.png", facts.dataset)
     if found:
