@@ -218,8 +218,9 @@ def tune(config: Config, models: tuple[str, ...], history: Interactions | None =
         raise ValueError(f"cannot tune {unknown}: known rows are {list(ROWS)}")
     torch.set_num_threads(1 if batch > 1 else config.runtime.torch_threads)
     fold0 = config.model_copy(update={"data": config.data.with_fold(0)})
-    history = history if history is not None else load_prepared(prepared_dir(fold0)).history
-    split = validation_split(history, config)
+    prepared = load_prepared(prepared_dir(fold0)) if history is None else None
+    history = history if history is not None else prepared.history
+    split = validation_split(history, config, prepared.features if prepared is not None else None)
     out = tuning_path(config)
     out.parent.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{out.parent / 'optuna.db'}"

@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from metarec.config import Config
+from metarec.features import NO_FEATURES, Features
 from metarec.interface import Interactions, RecentItems
 from metarec.models.common import sampled_metrics
 from metarec.models.registry import make_model
@@ -35,8 +36,9 @@ MAX_STREAM_CASES = 2000  # held-out tail cases scored per trial (a seeded sample
 
 
 
-def validation_split(history: Interactions, config: Config) -> dict:
-    """Training part, held-out tail batches and pseudo-new-user cases, all seeded by ``baselines.seed``."""
+def validation_split(history: Interactions, config: Config, features: Features | None = None) -> dict:
+    """Training part, held-out tail batches and pseudo-new-user cases, all seeded by ``baselines.seed``; the data set's
+    side features ride along for the rows that use them (MeLU, MAMO, the prototype recommender)."""
     rng = np.random.default_rng([config.baselines.seed, 99])
     users = np.unique(history.users)
     pseudo_new = rng.choice(users, size=max(1, int(round(config.data.new_user_fraction * len(users)))), replace=False)
@@ -56,7 +58,7 @@ def validation_split(history: Interactions, config: Config) -> dict:
         users_b, items_b = tail.users[keep], tail.items[keep]
         tail_cases.append((batch, users_b, _candidates(index, users_b, items_b, config.data.n_negatives, n_items, rng)))
     new_cases = _new_user_cases(history.take(is_new), index, config, n_items, rng)
-    return {"train": train, "tail": tail_cases, "new": new_cases, "pseudo_new_users": int(len(pseudo_new))}
+    return {"train": train, "tail": tail_cases, "new": new_cases, "pseudo_new_users": int(len(pseudo_new)), "features": features or NO_FEATURES}
 
 
 def _candidates(index: InteractionIndex, users: np.ndarray, items: np.ndarray, n_neg: int, n_items: int, rng: np.random.Generator) -> np.ndarray:
@@ -84,7 +86,9 @@ def _new_user_cases(new: Interactions, index: InteractionIndex, config: Config, 
 def evaluate_trial(name: str, config: Config, split: dict) -> dict[str, float]:
     """Fit on the training part, score new-user cases, then score-then-observe the tail batches."""
     started = time.perf_counter()
-    model = make_model(name, config).fit(split["train"])
+    model = make_model(name, config)
+    model.set_features(split.get("features", NO_FEATURES))
+    model.fit(split["train"])
     new_scores = [sampled_metrics(model.score_new_users(recent, cands)) for recent, cands in split["new"].values()]
     tail_scores = []
     for batch, users, cands in split["tail"]:
