@@ -1,0 +1,56 @@
+"""Seconds per meta-training epoch: FOMAML (row responsive_fo) against second-order MAML (ours), on a real history.
+
+Both rows train on the same tasks (the data set's history, the default [tasks] and [meta] sections, the
+row's fixed options) in the same process; rounds alternate, so whatever else the machine runs slows both
+alike. Prints each row's seconds per epoch (median over rounds), the ratio, and the query loss after the
+epochs, since the texts claim first order is faster and slightly worse.
+
+    .venv/bin/python benchmarks/first_order.py [--dataset ml-100k] [--rounds 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from metarec.meta_tasks import build_tasks
+from metarec.models.registry import make_model
+from tasks.prepare import prepare_data
+from tasks.prepared import load_prepared
+from tasks.settings import load_config
+
+ROWS = ("responsive", "responsive_fo")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = load_config(overrides=[f"data.dataset={args.dataset}"])
+    history = load_prepared(prepare_data(config)).history
+    t = config.for_row("responsive").tasks
+    tasks = build_tasks(history, t.k, t.K, t.seed, t.max_tasks_per_user)
+    print(f"{args.dataset}: {len(history)} history interactions, {len(tasks)} tasks per epoch, {args.threads} torch thread(s)")
+    seconds: dict[str, list[float]] = {row: [] for row in ROWS}
+    losses: dict[str, float] = {}
+    for _ in range(args.rounds):
+        for row in ROWS:
+            model = make_model(row, config)
+            model.set_index(history)
+            model.init_params(history.n_users, history.n_items)
+            stats = model.meta_train_epoch([tasks], 0)
+            seconds[row].append(stats.seconds)
+            losses[row] = stats.query_loss
+    for row in ROWS:
+        print(f"{row:14s} {statistics.median(seconds[row]):7.1f} s/epoch  (rounds: {', '.join(f'{s:.1f}' for s in seconds[row])}), mean query loss over the epoch {losses[row]:.4f}")
+    ratio = statistics.median(seconds["responsive"]) / statistics.median(seconds["responsive_fo"])
+    print(f"second order / first order: {ratio:.2f}x time per epoch")
+
+
+if __name__ == "__main__":
+    main()
