@@ -105,12 +105,12 @@ class MAMONet(nn.Module):
 
 class MAMO(EpisodicRecommender):
     name = "mamo"
+    _written: tuple | None = None  # what the last episode_loss leaves for after_step's memory writes
 
     def build_net(self, n_users: int, n_items: int) -> MAMONet:
         n, users, items = self.neural, self.side_table("users"), self.side_table("items")
         user_enc = FieldEncoder(users, n_users, n.dim, with_ids=users is None, std=n.init_std, generator=self.generator_)
         item_enc = FieldEncoder(items, n_items, n.dim, with_ids=items is None or n.item_ids, std=n.init_std, generator=self.generator_)
-        self._written = None
         return MAMONet(user_enc, item_enc, n.dim, n.memory_slots, self.generator_)
 
     # ---- the memories (reads)
