@@ -52,7 +52,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from metarec.config import Config
-from metarec.models.neural import EpisodicRecommender, Episodes, FieldEncoder, expand_params, masked_mean, pair_loss, reset_linears, sgd_steps
+from metarec.models.neural import departures, EpisodicRecommender, Episodes, FieldEncoder, expand_params, masked_mean, pair_loss, reset_linears, sgd_steps
 
 
 class MeLUNet(nn.Module):
@@ -120,3 +120,8 @@ class MeLU(EpisodicRecommender):
 
 def from_config(config: Config) -> MeLU:
     return MeLU(config.neural, config.tasks)
+
+
+def variant_of(config: Config) -> str | None:
+    """The variant this config runs, as Table 1 labels it; None for the row as its docstring describes it."""
+    return departures(config.neural)

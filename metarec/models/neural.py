@@ -54,6 +54,20 @@ logger = logging.getLogger(__name__)
 SCORE_BUDGET = 1 << 16  # (user, candidate) pairs scored at once: bounds the (B, C, D) input of an MLP scorer
 
 
+def departures(neural: NeuralConfig, faithful_first_order: bool = False, pooling: bool = False) -> str | None:
+    """Table 1's variant label for a neural row run away from its paper's setting (None: the row as documented)."""
+    parts = []
+    if neural.first_order != faithful_first_order:
+        parts.append("first order" if neural.first_order else "second order")
+    if neural.local_steps == 0 and not pooling:
+        parts.append("no local update")
+    if not neural.use_features:
+        parts.append("ids only")
+    if pooling and neural.pooling != "mean":
+        parts.append(f"{neural.pooling} pooling")
+    return ", ".join(parts) or None
+
+
 # ---------------------------------------------------------------- inputs
 class FieldEncoder(nn.Module):
     """Entities -> (..., out_dim): F feature-field vectors (mean of each field's value embeddings), then an id vector.

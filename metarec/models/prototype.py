@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from metarec.config import Config
-from metarec.models.neural import EpisodicRecommender, Episodes, FieldEncoder, pair_loss, reset_linears
+from metarec.models.neural import departures, EpisodicRecommender, Episodes, FieldEncoder, pair_loss, reset_linears
 
 
 class PrototypeNet(nn.Module):
@@ -88,3 +88,8 @@ class PrototypeRecommender(EpisodicRecommender):
 
 def from_config(config: Config) -> PrototypeRecommender:
     return PrototypeRecommender(config.neural, config.tasks)
+
+
+def variant_of(config: Config) -> str | None:
+    """The variant this config runs, as Table 1 labels it; None for the row as its docstring describes it."""
+    return departures(config.neural, faithful_first_order=config.neural.first_order, pooling=True)
