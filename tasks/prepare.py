@@ -32,7 +32,7 @@ from tasks.atomic import atomic_dir, write_json
 from tasks.datasets import EXPECTED, DataError, load_raw, resolve_source
 from tasks.features import KINDS, describe_output, feature_files, load_feature_file
 from tasks.paths import prepared_dir
-from tasks.prepared import SPLIT_FILES
+from tasks.prepared import FEATURE_FILES, SPLIT_FILES
 from tasks.sqlfiles import run_sql, sql
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def export(con: duckdb.DuckDBPyConnection, query: str, params: dict, path: Path)
 
 
 def is_prepared(root: Path) -> bool:
-    return all((root / f"{name}.parquet").is_file() for name in SPLIT_FILES) and (root / "stats.json").is_file()
+    return all((root / f"{name}.parquet").is_file() for name in (*SPLIT_FILES, *FEATURE_FILES)) and (root / "stats.json").is_file()
 
 
 # ---------------------------------------------------------------------------- steps

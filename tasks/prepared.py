@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 from metarec.features import Features, FeatureTable
 from metarec.interface import Interactions
 
-SPLIT_FILES = ("interactions", "users", "items", "history", "stream", "new_users", "candidates", "user_features", "item_features")
+SPLIT_FILES = ("interactions", "users", "items", "history", "stream", "new_users", "candidates")
+FEATURE_FILES = ("user_features", "item_features")  # always written by prepare; a folder without them reads as having none
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,9 @@ def _interactions(path: Path) -> tuple[Interactions, pq.ParquetFile]:
 
 
 def load_feature_table(path: Path, n_entities: int) -> FeatureTable | None:
-    """One features Parquet as a FeatureTable over dense ids 0..n_entities-1 (None when it has no row)."""
+    """One features Parquet as a FeatureTable over dense ids 0..n_entities-1 (None when it has no row or is absent)."""
+    if not path.is_file():
+        return None
     table = pq.read_table(path)
     if table.num_rows == 0:
         return None
