@@ -1,8 +1,8 @@
 """The `prepare` flow: ingest -> features -> split -> candidates -> stats, each a Prefect task.
 
-The prepared folder is built in a temporary sibling and renamed into place only
-when every task succeeded (``build_once`` over ``atomic_dir``); an existing
-complete folder for the same data hash is reused.
+The prepared files are built in a temporary sibling and moved into place, with
+their manifest last, only when every task succeeded (``build_once``); an existing
+complete and intact folder for the same data hash is reused.
 """
 
 from __future__ import annotations

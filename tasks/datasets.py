@@ -16,6 +16,17 @@ tables on the connection it is given:
 - ``raw_text(src, line_no, text, nfields, u, i, r, t)``: one row per rating line,
   fields still text, so that ``check_raw_text`` can name the first bad file/line;
 - ``titles(raw_item, title)``: item titles where the data set has them (may be empty).
+
+Paths reach DuckDB through ``literal_path``, so exactly the named files are read, never
+whatever a ``[``, ``*`` or ``?`` in their names would match as a glob. Error messages
+name the file, the line and what was expected, never the line's content: a data set
+path can come from a deployment's parameters, and the content of an arbitrary file
+must not end up in logs or MLflow tags.
+
+After the lines are checked, ``inspect_input`` rejects ratings outside the format's
+scale (MovieLens and Netflix: 1-5 stars; MovieLens latest: 0.5-5 in half stars) and
+reports what is legal but odd (fractional, negative or future timestamps, a last line
+with no line end, i.e. a possibly truncated file) in the log and ``stats.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +45,8 @@ from typing import Callable
 
 import duckdb
 
-from tasks.sqlfiles import run_sql
+from tasks.logs import log_warning
+from tasks.sqlfiles import UnreadablePathError, literal_path, run_sql
 
 logger = logging.getLogger(__name__)
 
@@ -283,15 +295,31 @@ EXPECTED = {
 }
 
 
+# The scale each known format allows: (lowest, highest, step).
+RATING_SCALES = {
+    "ml-100k": (1.0, 5.0, 1.0),
+    "ml-1m": (1.0, 5.0, 1.0),
+    "netflix": (1.0, 5.0, 1.0),
+    "ml-csv": (0.5, 5.0, 0.5),
+}
+
+
 def _paths(source: Source) -> list[str]:
     return [str(p) for p in source.ratings]
+
+
+def _literal(path: Path | str) -> str:
+    try:
+        return literal_path(Path(path).resolve())
+    except UnreadablePathError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _read_lines(con: duckdb.DuckDBPyConnection, source: Source) -> None:
     missing = [str(p) for p in source.ratings if not p.is_file()]
     if missing:
         raise DataError(f"ratings file(s) not found: {', '.join(missing)}")
-    run_sql(con, "read_lines", {"paths": _paths(source)})
+    run_sql(con, "read_lines", {"paths": [_literal(p) for p in source.ratings]})
 
 
 def load_ml100k(con: duckdb.DuckDBPyConnection, source: Source) -> None:
@@ -315,7 +343,7 @@ def load_ml_csv(con: duckdb.DuckDBPyConnection, source: Source) -> None:
         with path.open(encoding="utf-8", errors="replace") as fh:
             header = fh.readline().strip().lstrip("\ufeff")
         if header and header.replace(" ", "").lower() != "userid,movieid,rating,timestamp":
-            raise DataError(f"{path}, line 1: header {header!r}, expected 'userId,movieId,rating,timestamp' "
+            raise DataError(f"{path}, line 1: not the header 'userId,movieId,rating,timestamp' this format starts with "
                             "(for other columns pass the file itself with data.user_col, ... set)")
     run_sql(con, "parse_delimited", {"delim": ",", "header_lines": 1})
     _load_titles(con, source, "titles_csv", {})
@@ -347,12 +375,13 @@ def _load_generic(con: duckdb.DuckDBPyConnection, source: Source, peek: str, sta
         raise DataError(f"{path} is empty; expected {EXPECTED[source.layout][0]}")
     cols = {key: source.options.get(key, default) for key, default in
             (("user_col", "user_id"), ("item_col", "item_id"), ("rating_col", "rating"), ("ts_col", "timestamp"))}
-    found = [d[0] for d in run_sql(con, peek, {"path": str(path)}).description]
+    found = [d[0] for d in run_sql(con, peek, {"path": _literal(path)}).description]
     missing = [f"{key}={name!r}" for key, name in cols.items() if name not in found]
     if missing:
-        raise DataError(f"{path}: column(s) {', '.join(missing)} not found; the file has columns {found} "
-                        "(set data.user_col, data.item_col, data.rating_col, data.ts_col)")
-    run_sql(con, stage, {"path": str(path), **cols})
+        # the header is the file's own text: say how many columns it has, not what they are called
+        raise DataError(f"{path}: column(s) {', '.join(missing)} not found among the file's {len(found)} columns "
+                        "(set data.user_col, data.item_col, data.rating_col, data.ts_col to its column names)")
+    run_sql(con, stage, {"path": _literal(path), "src": str(path), **cols})
     run_sql(con, "number_staged", {"first_line": first_line})
     run_sql(con, "titles_table")
 
@@ -363,9 +392,9 @@ def _load_titles(con: duckdb.DuckDBPyConnection, source: Source, query: str, par
     if source.titles is None:
         return
     try:
-        run_sql(con, query, {"path": str(source.titles), **params})
+        run_sql(con, query, {"path": _literal(source.titles), **params})
     except duckdb.Error as exc:
-        logger.warning("titles in %s not read (%s); items.title stays null", source.titles, str(exc).splitlines()[0])
+        logger.warning("titles in %s not read (%s); items.title stays null", source.titles, _duckdb_problem(exc))
         run_sql(con, "titles_clear")
 
 
@@ -379,27 +408,33 @@ LOADERS: dict[str, Callable[[duckdb.DuckDBPyConnection, Source], None]] = {
 }
 
 
+def _duckdb_problem(exc: duckdb.Error) -> str:
+    """DuckDB's description of a read error, without the 'Original Line' it quotes from the file."""
+    lines = [line.strip() for line in str(exc).strip().split("\n\n")[0].splitlines()]
+    return " ".join(line for line in lines if line and not line.lower().startswith("original line"))[:300]
+
+
 def load_raw(con: duckdb.DuckDBPyConnection, source: Source) -> None:
     """Run the source's loader, then check every line; DuckDB read errors become DataError."""
     problem = None
     try:
         LOADERS[source.layout](con, source)
     except duckdb.Error as exc:
-        lines = str(exc).strip().splitlines()
-        problem = " ".join(line.strip() for line in lines[:3])
+        problem = _duckdb_problem(exc)
     if problem is not None:  # raised outside the handler: DuckDB's exception (and its C++ state) is not kept alive
         raise DataError(f"{', '.join(_paths(source)[:3])}: could not be read as {source.layout} "
                         f"({problem}); expected {EXPECTED[source.layout][0]}")
     check_raw_text(con, source)
 
 
+# What is wrong with a line, without quoting it (see the module docstring).
 PROBLEMS = {
     "fields": "{nfields} field(s), expected {expected}",
     "movie": "a rating line before any 'MovieID:' line",
-    "user": "user id {u!r} is not an integer",
-    "item": "item id {i!r} is not an integer",
-    "rating": "rating {r!r} is not a finite number",
-    "timestamp": "timestamp {t!r} is not {ts_kind}",
+    "user": "the user id is not an integer",
+    "item": "the item id is not an integer",
+    "rating": "the rating is missing or not a finite number",
+    "timestamp": "the timestamp is not {ts_kind}",
 }
 
 
@@ -412,8 +447,77 @@ def check_raw_text(con: duckdb.DuckDBPyConnection, source: Source) -> None:
     rows = run_sql(con, "first_bad_line", {"nfields": nfields, "ts_format": ts_format}).fetchall()
     if not rows:
         return
-    src, line_no, text, got_fields, u, i, r, t, problem = rows[0]
-    ts_kind = "a date YYYY-MM-DD" if ts_format == "date" else "an integer number of seconds"
-    what = PROBLEMS[problem].format(nfields=got_fields, expected=expected, u=u, i=i, r=r, t=t, ts_kind=ts_kind)
-    where = "row" if source.layout == "parquet" else "line"
-    raise DataError(f"{src}, {where} {line_no}: {what} (text: {text!r})")
+    src, line_no, _text, got_fields, _u, _i, _r, _t, problem = rows[0]
+    ts_kind = "a date YYYY-MM-DD" if ts_format == "date" else "a number of seconds"
+    what = PROBLEMS[problem].format(nfields=got_fields, expected=expected, ts_kind=ts_kind)
+    raise DataError(f"{src}, {_where(source)} {line_no}: {what}")
+
+
+def _where(source: Source) -> str:
+    return "row" if source.layout == "parquet" else "line"
+
+
+# ---------------------------------------------------------------------------- legal but odd input
+
+
+def inspect_input(con: duckdb.DuckDBPyConnection, source: Source, rating_threshold: float, now: int) -> dict:
+    """Reject ratings off the format's scale; count what is legal but odd, warn about it, return it for stats.json.
+
+    Runs on ``raw_text`` after ``check_raw_text`` (every field parses).
+    """
+    expected, _, ts_format = EXPECTED[source.layout]
+    scale = RATING_SCALES.get(source.layout)
+    if scale is not None:
+        low, high, step = scale
+        bad = run_sql(con, "first_off_scale_rating", {"low": low, "high": high, "step": step}).fetchall()
+        if bad:
+            src, line_no = bad[0]
+            raise DataError(f"{src}, {_where(source)} {line_no}: the rating is off the {source.layout} scale; "
+                            f"expected {_describe_scale(scale)}")
+    checks: dict = {"rating_scale": _describe_scale(scale) if scale else None}
+    n, low, high, positives = run_sql(con, "rating_summary", {"threshold": rating_threshold}).fetchall()[0]
+    checks.update(rating_min=low, rating_max=high)
+    if scale is None and n and positives == n:
+        log_warning(logger, "every one of the %d ratings in %s (range %s..%s) is >= data.rating_threshold=%s, so every "
+                    "interaction counts as a positive; check the file's rating scale", n, source.name, low, high, rating_threshold)
+    checks["all_ratings_positive"] = bool(n and positives == n)
+    for kind, count, src, line_no in run_sql(con, "timestamp_oddities", {"ts_format": ts_format, "now": now}).fetchall():
+        checks[kind] = {"count": count, "first": f"{src}, {_where(source)} {line_no}" if count else None}
+        if count:
+            log_warning(logger, "%d rating(s) with %s timestamps in %s, the first at %s, %s", count, kind.split("_")[0], source.name,
+                        checks[kind]["first"], TIMESTAMP_ODDITIES[kind])
+    checks["unterminated_last_line"] = _unterminated_last_lines(con, source)
+    for where in checks["unterminated_last_line"]:
+        log_warning(logger, "%s is the last line and has no line end: the file may be truncated (a cut-off line still "
+                    "parses, e.g. a timestamp cut to a few digits); kept as it is", where)
+    return checks
+
+
+TIMESTAMP_ODDITIES = {
+    "fractional_timestamps": "rounded to whole seconds",
+    "negative_timestamps": "before 1970; kept as they are",
+    "future_timestamps": "after the time of this ingestion; kept as they are",
+}
+
+
+def _describe_scale(scale: tuple[float, float, float]) -> str:
+    low, high, step = scale
+    return f"{low:g} to {high:g} in steps of {step:g}"
+
+
+def _unterminated_last_lines(con: duckdb.DuckDBPyConnection, source: Source) -> list[str]:
+    """'file, line N' for each text rating file whose last byte is not a line end."""
+    if source.layout == "parquet":
+        return []
+    out = []
+    last_lines = dict(run_sql(con, "last_lines").fetchall())
+    for path in source.ratings:
+        with open(path, "rb") as handle:
+            handle.seek(0, 2)
+            if handle.tell() == 0:
+                continue
+            handle.seek(-1, 2)
+            if handle.read(1) not in (b"\n", b"\r"):
+                line = last_lines.get(str(path.resolve()), last_lines.get(str(path)))
+                out.append(f"{path}, line {line}")
+    return out

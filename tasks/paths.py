@@ -1,8 +1,8 @@
 """Where each stage writes, named by the hash of what it depends on.
 
 The prepared data depends on the data config, the input files and the code: its
-folder name hashes all three (each rating file's name, size and modification
-time; every source file), so a nightly run on updated ratings, or any run after
+folder name hashes all three (each rating file's name and content hash; every
+source file), so a nightly run on updated ratings, or any run after
 a code change, computes afresh instead of reusing stale outputs. Every later
 stage writes inside that folder.
 """
@@ -27,19 +27,25 @@ def dataset_slug(dataset: str) -> str:
 
 
 def source_fingerprint(config: Config) -> str:
-    """Names, sizes and mtimes of the input files, side-feature files included (resolving, and if allowed downloading, the data set)."""
+    """Names and content hashes of the input files, side-feature files included (resolving, and if allowed downloading,
+    the data set).
+
+    Keyed on the bytes, not on size and mtime, which a rewrite can keep; each file's hash
+    is cached by (path, size, mtime, ctime, inode) under the artifacts folder (``tasks.input_hashes``).
+    """
     from tasks.datasets import resolve_source
+    from tasks.input_hashes import content_hashes
 
     data = config.data
     columns = {"user_col": data.user_col, "item_col": data.item_col, "rating_col": data.rating_col, "ts_col": data.ts_col}
     source = resolve_source(data.dataset, data.data_dir, data.download, columns)
     from tasks.features import feature_files
 
-    files = [*source.ratings, *([source.titles] if source.titles else []), *(f.path for f in feature_files(source, data))]
+    files = sorted(set([*source.ratings, *([source.titles] if source.titles else []), *(f.path for f in feature_files(source, data))]))
+    hashes = content_hashes(files, config.runtime.artifacts_dir)
     digest = hashlib.sha256()
-    for path in sorted(set(files)):
-        stat = Path(path).stat()
-        digest.update(f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    for path in files:
+        digest.update(f"{Path(path).name}:{hashes[path]};".encode())
     return digest.hexdigest()
 
 

@@ -1,8 +1,13 @@
 """The data stage: ingest -> side features -> split -> candidates -> stats, into ``prepared_dir(config)``.
 
 Each step is a plain function writing into a work folder (callable without
-Prefect); ``prepare_data`` runs them all inside ``atomic_dir`` so the prepared
-folder appears whole or not at all, and skips the work when it already exists.
+Prefect); ``prepare_data`` runs them all in a temporary folder (``build_once``),
+then moves the prepared files into place and writes their manifest last, so the
+prepared folder counts as complete only once every file is whole. It skips the
+work when the folder is complete and intact, and when it is not, rebuilds only the
+prepared files: what later stages wrote beside them (``models/``, ``training/``,
+``tasks-*/``, ``runs/``) was computed from the same bytes and is kept. A file lock
+makes a second process wait for the first one's build instead of racing it.
 The ``*_task`` objects are thin Prefect wrappers used by ``flows/prepare.py``.
 
 All the relational work is in ``sql/*.sql`` (DuckDB, bound parameters); only the
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -28,17 +35,22 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from metarec.config import Config
-from tasks.atomic import atomic_dir, write_json
-from tasks.datasets import EXPECTED, DataError, load_raw, resolve_source
+from tasks.atomic import sweep_stale_temporaries, temp_sibling_dir, write_json
+from tasks.datasets import EXPECTED, DataError, inspect_input, load_raw, resolve_source
 from tasks.features import KINDS, describe_output, feature_files, load_feature_file
+from tasks.integrity import MANIFEST
+from tasks.locks import first_time_lock
 from tasks.paths import prepared_dir
-from tasks.prepared import FEATURE_FILES, SPLIT_FILES
-from tasks.sqlfiles import run_sql, sql
+from tasks.prepared import PREPARED_FILES, prepared_problems, seal_prepared
+from tasks.sqlfiles import literal_path, run_sql, sql
 
 logger = logging.getLogger(__name__)
 
 BATCH_ROWS = 1 << 20  # rows per Arrow batch / Parquet row group when streaming query results
 CASE_CHUNK = 1 << 16  # evaluation cases per negative-sampling chunk (each chunk has its own seeded stream)
+
+
+DUCKDB_TEMP = re.compile(r"^metarec-duckdb-pid(?P<pid>\d+)-")
 
 
 @contextmanager
@@ -47,8 +59,11 @@ def duckdb_connection(threads: int = 2) -> Iterator[duckdb.DuckDBPyConnection]:
 
     File-backed rather than in-memory: stored tables are compressed and paged, so the
     100M lines of Netflix need not fit in RAM (an in-memory table of 2M lines took 1.4 GB).
+    The folder is named with this process's pid; ones whose process is gone (killed
+    with ``kill -9``) are removed first.
     """
-    with tempfile.TemporaryDirectory(prefix="metarec-duckdb-") as work:
+    sweep_stale_temporaries(Path(tempfile.gettempdir()), DUCKDB_TEMP)
+    with tempfile.TemporaryDirectory(prefix=f"metarec-duckdb-pid{os.getpid()}-") as work:
         settings = {"threads": threads, "preserve_insertion_order": True, "temp_directory": work}
         con = duckdb.connect(str(Path(work) / "work.duckdb"), config=settings)
         con.execute("PRAGMA disable_progress_bar")  # a per-connection setting; the bar garbles logs
@@ -70,7 +85,14 @@ def export(con: duckdb.DuckDBPyConnection, query: str, params: dict, path: Path)
 
 
 def is_prepared(root: Path) -> bool:
-    return all((root / f"{name}.parquet").is_file() for name in (*SPLIT_FILES, *FEATURE_FILES)) and (root / "stats.json").is_file()
+    """A complete prepared folder, feature files included, whose files match their manifest (sizes, and hashes unless
+    the folder is huge)."""
+    return not prepared_problems(root, hashes=None, features=True)
+
+
+def _parquet(path: Path) -> str:
+    """A prepared file's path as DuckDB must see it: literally (the artifacts folder may hold glob characters)."""
+    return literal_path(Path(path).resolve())
 
 
 # ---------------------------------------------------------------------------- steps
@@ -84,6 +106,7 @@ def ingest(config: Config, out: Path) -> dict:
     logger.info("ingesting %s (%s) from %s", source.name, source.layout, source.ratings[0].parent)
     with duckdb_connection(config.runtime.max_workers) as con:
         load_raw(con, source)
+        checks = inspect_input(con, source, data.rating_threshold, int(time.time()))
         run_sql(con, "ratings", {"ts_format": EXPECTED[source.layout][2]})
         run_sql(con, "drop_raw_text")
         ratings_read = run_sql(con, "count_rows", {"table": "ratings"}).fetchall()[0][0]
@@ -94,7 +117,8 @@ def ingest(config: Config, out: Path) -> dict:
         users = export(con, "out_users", {}, out / "users.parquet")
         items = export(con, "out_items", {}, out / "items.parquet")
         rows = export(con, "out_interactions", {}, out / "interactions.parquet")
-    return {"source": source.describe(), "ratings_read": ratings_read, "interactions": rows, "users": users, "items": items}
+    return {"source": source.describe(), "ratings_read": ratings_read, "interactions": rows, "users": users, "items": items,
+            "input_checks": checks}
 
 
 def features(config: Config, out: Path) -> dict:
@@ -108,7 +132,7 @@ def features(config: Config, out: Path) -> dict:
         run_sql(con, "feature_table")
         for file in files:
             load_feature_file(con, file, data)
-        params = {"users": str(out / "users.parquet"), "items": str(out / "items.parquet")}
+        params = {"users": _parquet(out / "users.parquet"), "items": _parquet(out / "items.parquet")}
         for kind in KINDS:
             export(con, "out_features", {**params, "kind": kind}, out / f"{kind}_features.parquet")
     by_kind = {file.kind: file for file in files}
@@ -118,7 +142,7 @@ def features(config: Config, out: Path) -> dict:
 def split(config: Config, out: Path) -> dict:
     """interactions.parquet -> positives -> new_users / history / stream Parquet files (METHOD.md §2)."""
     data = config.data
-    interactions = str(out / "interactions.parquet")
+    interactions = _parquet(out / "interactions.parquet")
     with duckdb_connection(config.runtime.max_workers) as con:
         run_sql(con, "positives", {"interactions": interactions, "threshold": data.rating_threshold})
         run_sql(con, "split_new_users", {"seed": data.seed, "deals": data.deals, "fold": data.fold})
@@ -152,13 +176,14 @@ def candidates(config: Config, out: Path) -> dict:
     """Evaluation cases + n_negatives stored negatives each -> candidates.parquet (METHOD.md §9)."""
     data = config.data
     n_items = pq.read_metadata(out / "items.parquet").num_rows
-    parts = [str(out / f"{name}.parquet") for name in ("history", "stream", "new_users")]
+    parts = [_parquet(out / f"{name}.parquet") for name in ("history", "stream", "new_users")]
     params = {"new_users": parts[2], "stream": parts[1], "ns": list(data.new_user_ns), "min_positives": max(data.new_user_ns) + 1}
     with duckdb_connection(config.runtime.max_workers) as con:
         cases = con.sql(sql("candidate_cases"), params=params).to_arrow_table()
         keys = run_sql(con, "positive_keys", {"paths": parts, "n_items": n_items}).fetchnumpy()["key"]
     keys = np.asarray(keys, dtype=np.int64)
     users = cases.column("user_id").to_numpy().astype(np.int64)
+    _check_evaluable_new_users(config, cases, parts[2])
     _check_enough_negatives(users, keys, n_items, data.n_negatives)
     with pq.ParquetWriter(out / "candidates.parquet", _candidate_schema(cases.schema)) as writer:
         for chunk, start in enumerate(range(0, max(len(users), 1), CASE_CHUNK)):
@@ -169,6 +194,19 @@ def candidates(config: Config, out: Path) -> dict:
             offsets = pa.array(np.arange(0, negatives.size + 1, data.n_negatives, dtype=np.int32))
             writer.write_table(part.append_column("negatives", pa.ListArray.from_arrays(offsets, flat)))
     return {"cases": len(users)}
+
+
+def _check_evaluable_new_users(config: Config, cases: pa.Table, new_users: str) -> None:
+    """Evaluation needs at least one new user with max(new_user_ns) + 1 positives (METHOD.md §9): fail here, not there."""
+    kinds = cases.column("kind").to_numpy(zero_copy_only=False)
+    if (kinds == "new").any():
+        return
+    data = config.data
+    with duckdb_connection(1) as con:
+        n_new, most = con.sql(sql("new_user_counts"), params={"new_users": new_users}).fetchall()[0]
+    raise DataError(f"no new user in {data.dataset} can be evaluated: each needs >= {max(data.new_user_ns) + 1} positives "
+                    f"(max(data.new_user_ns)={max(data.new_user_ns)} shown first, then the next one to predict), but the "
+                    f"{n_new} new users have at most {most or 0}; lower data.new_user_ns or use a larger data set")
 
 
 def _candidate_schema(schema: pa.Schema) -> pa.Schema:
@@ -238,11 +276,11 @@ def write_stats(config: Config, out: Path, ingested: dict) -> dict:
     with duckdb_connection(config.runtime.max_workers) as con:
         parts = {}
         for name in ("interactions", "history", "stream", "new_users"):
-            row = run_sql(con, "part_stats", {"path": str(out / f"{name}.parquet")}).fetchall()[0]
+            row = run_sql(con, "part_stats", {"path": _parquet(out / f"{name}.parquet")}).fetchall()[0]
             parts[name] = dict(zip(("rows", "users", "items", "ts_min", "ts_max"), row))
-        batches = [dict(zip(("batch", "rows", "ts_min", "ts_max"), r)) for r in run_sql(con, "batch_sizes", {"stream": str(out / "stream.parquet")}).fetchall()]
-        cases = [dict(zip(("kind", "n", "cases", "users"), r)) for r in run_sql(con, "candidate_counts", {"candidates": str(out / "candidates.parquet")}).fetchall()]
-        evaluable = run_sql(con, "new_user_sizes", {"new_users": str(out / "new_users.parquet"), "min_positives": min_positives}).fetchall()[0][0]
+        batches = [dict(zip(("batch", "rows", "ts_min", "ts_max"), r)) for r in run_sql(con, "batch_sizes", {"stream": _parquet(out / "stream.parquet")}).fetchall()]
+        cases = [dict(zip(("kind", "n", "cases", "users"), r)) for r in run_sql(con, "candidate_counts", {"candidates": _parquet(out / "candidates.parquet")}).fetchall()]
+        evaluable = run_sql(con, "new_user_sizes", {"new_users": _parquet(out / "new_users.parquet"), "min_positives": min_positives}).fetchall()[0][0]
     positives = sum(parts[name]["rows"] for name in ("history", "stream", "new_users"))
     stats = {
         "dataset": data.dataset,
@@ -259,6 +297,7 @@ def write_stats(config: Config, out: Path, ingested: dict) -> dict:
         "new_users_evaluable": evaluable,
         "candidates": cases,
         "features": ingested.get("features", {"users": None, "items": None}),
+        "input_checks": ingested.get("input_checks", {}),
     }
     write_json(stats, out / "stats.json")
     return stats
@@ -275,31 +314,43 @@ def run_steps(config: Config, out: Path) -> dict:
     return write_stats(config, out, ingested)
 
 
-class _PreparedMeanwhile(Exception):
-    """Another process published the same prepared folder while this one was building it."""
-
-
 def build_once(final: Path, build: Callable[[Path], object]) -> Path:
-    """Run ``build(work)`` in a temporary sibling of ``final`` and publish it atomically.
+    """Run ``build(work)`` in a temporary sibling of ``final``, then publish the prepared files into ``final``.
 
-    Skipped when ``final`` is already complete. If another process completes it while
-    this one builds, theirs is kept: ``atomic_dir`` would replace the whole folder, and
-    later stages write inside it (tasks-*/, runs/).
+    Skipped when ``final`` is complete and intact. Holds ``final``'s lock throughout, so a
+    second process waits, then finds the folder complete. Publishing replaces only the
+    prepared files: later stages' outputs inside ``final`` (tasks-*/, runs/, ...) stay.
     """
-    if is_prepared(final):
-        logger.info("prepared data already in %s", final)
-        return final
-    started = time.perf_counter()
-    try:
-        with atomic_dir(final) as work:
+    with first_time_lock(final, f"preparing {final}"):
+        problems = prepared_problems(final, hashes=None, features=True) if final.exists() else []
+        if final.exists() and not problems:
+            logger.info("prepared data already in %s", final)
+            return final
+        if problems:
+            logger.warning("prepared data in %s is incomplete or damaged (%s); rebuilding the prepared files, keeping "
+                           "everything else in the folder", final, "; ".join(problems))
+        started = time.perf_counter()
+        with temp_sibling_dir(final) as work:
             build(work)
-            if is_prepared(final):
-                raise _PreparedMeanwhile
-    except _PreparedMeanwhile:
-        logger.info("%s was prepared by another process meanwhile; keeping that one", final)
-        return final
+            publish_prepared(work, final)
     logger.info("prepared %s in %.1f s", final, time.perf_counter() - started)
     return final
+
+
+def publish_prepared(work: Path, final: Path) -> None:
+    """Move the prepared files from ``work`` into ``final`` (each rename atomic), then write the manifest.
+
+    The old manifest goes first, so a crash half-way leaves a folder without one: incomplete,
+    and rebuilt by the next run.
+    """
+    missing = [name for name in PREPARED_FILES if not (work / name).is_file()]
+    if missing:
+        raise RuntimeError(f"preparing {final}: the build wrote no {missing}")
+    final.mkdir(parents=True, exist_ok=True)
+    (final / MANIFEST).unlink(missing_ok=True)
+    for name in PREPARED_FILES:
+        os.replace(work / name, final / name)
+    seal_prepared(final)
 
 
 def prepare_data(config: Config) -> Path:

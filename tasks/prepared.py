@@ -18,7 +18,12 @@ Files in ``prepared_dir(config)`` (written by ``tasks/prepare.py``):
   (entity, value): entity_id (the dense user_id / item_id), field_id, field, value,
   code (dense over the (field, value) pairs); empty when the data set has none
   (``tasks/features.py``).
-- ``stats.json``: rows, users, items and time ranges per part; the feature fields.
+- ``stats.json``: rows, users, items and time ranges per part; the feature fields; what
+  the input checks found (``input_checks``).
+- ``manifest.json``: size and SHA-256 of each file above, written last: a folder
+  without it was never completed. ``load_prepared`` checks the sizes (a ``stat``
+  each, so every stage can afford it); ``tasks.prepare.is_prepared`` also checks the
+  hashes before a folder is reused (see ``tasks.integrity``).
 """
 
 from __future__ import annotations
@@ -32,9 +37,34 @@ import pyarrow.parquet as pq
 
 from metarec.features import Features, FeatureTable
 from metarec.interface import Interactions
+from tasks.atomic import write_json
+from tasks.integrity import MANIFEST, CorruptFileError, manifest_problems, read_manifest, write_manifest
 
 SPLIT_FILES = ("interactions", "users", "items", "history", "stream", "new_users", "candidates")
 FEATURE_FILES = ("user_features", "item_features")  # always written by prepare; a folder without them reads as having none
+REQUIRED_FILES = (*(f"{name}.parquet" for name in SPLIT_FILES), "stats.json")
+PREPARED_FILES = (*REQUIRED_FILES, *(f"{name}.parquet" for name in FEATURE_FILES))
+
+
+def seal_prepared(root: Path) -> None:
+    """Write the manifest of a folder holding the prepared files: from now on it counts as complete."""
+    root = Path(root)
+    names = [name for name in PREPARED_FILES if name in REQUIRED_FILES or (root / name).is_file()]
+    write_json(write_manifest(root, names), root / MANIFEST)
+
+
+def prepared_problems(root: Path, hashes: bool | None = False, features: bool = False) -> list[str]:
+    """Why ``root`` is not a complete, intact prepared folder (empty if it is); see ``integrity.manifest_problems``.
+
+    ``features``: the feature files must be there too (prepare always writes them; a reader does without).
+    """
+    manifest = read_manifest(root)
+    if manifest is None:
+        return [f"{Path(root) / MANIFEST} is missing or unreadable (the folder was never completed)"]
+    unlisted = [name for name in (PREPARED_FILES if features else REQUIRED_FILES) if name not in manifest["files"]]
+    if unlisted:
+        return [f"{Path(root) / MANIFEST} does not list {unlisted}"]
+    return manifest_problems(root, manifest, hashes)
 
 
 @dataclass(frozen=True)
@@ -80,9 +110,12 @@ def load_feature_table(path: Path, n_entities: int) -> FeatureTable | None:
 
 def load_prepared(root: Path) -> PreparedData:
     root = Path(root)
-    missing = [name for name in SPLIT_FILES if not (root / f"{name}.parquet").is_file()]
-    if missing or not (root / "stats.json").is_file():
-        raise FileNotFoundError(f"prepared data in {root} is incomplete (missing {missing or ['stats.json']}); run `metarec prepare` first")
+    if not root.is_dir():
+        raise FileNotFoundError(f"no prepared data in {root}; run `metarec prepare` first")
+    problems = prepared_problems(root)
+    if problems:
+        raise CorruptFileError(root, f"prepared data is incomplete or damaged: {'; '.join(problems)}",
+                               "run `metarec prepare` (or any command) to rebuild the prepared files")
     history, _ = _interactions(root / "history.parquet")
     stream, stream_table = _interactions(root / "stream.parquet")
     new_users, new_table = _interactions(root / "new_users.parquet")

@@ -88,7 +88,7 @@ def test_absent_dataset_is_downloaded_verified_and_unpacked_once(served, tmp_pat
 def test_downloaded_dataset_prepares_end_to_end(served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     server, md5, size = served
     register(monkeypatch, server.url("ml-tiny.zip"), md5=md5, size=size)
-    config = Config(data=DataConfig(dataset="ml-tiny", data_dir=tmp_path / "data", n_negatives=5, stream_batches=2),
+    config = Config(data=DataConfig(dataset="ml-tiny", data_dir=tmp_path / "data", n_negatives=5, stream_batches=2, new_user_ns=(1, 5)),
                     runtime=RuntimeConfig(artifacts_dir=tmp_path / "artifacts"))
     data = load_prepared(prepare_data(config))
     assert data.n_users == 40 and data.n_items == 15

@@ -16,6 +16,7 @@ from metarec.meta_tasks import TaskArrays, build_tasks, count_tasks, fill_own, i
 from metarec.neighbours import InteractionIndex
 from metarec.synthetic import planted_interactions
 from tasks.paths import prepared_dir, task_shards_dir
+from tasks.prepared import seal_prepared
 from tasks.task_shards import (
     MANIFEST,
     build_task_shards,
@@ -195,6 +196,7 @@ def fake_prepared(root: Path, history: Interactions) -> None:
     pq.write_table(pa.table({"item_id": np.arange(history.n_items)}), root / "items.parquet")
     pq.write_table(pa.table({"case_id": np.zeros(0, np.int64)}), root / "candidates.parquet")
     (root / "stats.json").write_text("{}")
+    seal_prepared(root)
 
 
 def test_shards_round_trip(tasks, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from metarec.config import Config, DataConfig, RuntimeConfig
 from tasks.prepare import run_steps, sample_negatives
-from tasks.prepared import load_prepared
+from tasks.prepared import load_prepared, seal_prepared
 
 N_USERS, N_ITEMS = 150, 80
 
@@ -42,6 +42,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory):
     out.mkdir()
     config = config_for(root / "ratings.csv", root, n_negatives=20)
     stats = run_steps(config, out)
+    seal_prepared(out)  # what build_once does after the steps
     return rows, out, stats, config
 
 
