@@ -18,10 +18,11 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from metarec.models.registry import DEFAULT_MODELS, KNOWN_MODELS, ROWS
+from metarec.redaction import redact, redact_value
 
 # Where the data is read from does not change what it is, and how many folds a run pools does not change
 # any one fold's split: these stay out of the hashes (a pooled run's folder names its fold count itself).
@@ -60,7 +61,7 @@ class DataConfig(Section):
     stream_batches: int = Field(10, ge=1, description="Number of time-ordered stream batches.")
     n_negatives: int = Field(100, ge=1, description="Sampled negatives per evaluation case.")
     new_user_ns: tuple[int, ...] = Field((1, 5, 10), description="n = interactions a new user has shown before the one to predict.")
-    seed: int = 42
+    seed: int = Field(42, ge=0, description="Seed of the new-user sample, user sampling and negatives.")
 
     @property
     def deals(self) -> int:
@@ -95,7 +96,7 @@ class TaskConfig(Section):
     shard_size: int = Field(65536, ge=1, description="Tasks per Parquet shard.")
     max_tasks_per_user: int | None = Field(None, ge=1, description="Cap on tasks per user (None = every position i > k); a seeded uniform sample of positions.")
     shuffle: bool = Field(True, description="Store tasks in a seeded random order, so each shard is a uniform sample (False = user, position order).")
-    seed: int = 7
+    seed: int = Field(7, ge=0, description="Seed of the task order and of the per-user position sample.")
 
     @model_validator(mode="after")
     def _k_le_K(self) -> "TaskConfig":
@@ -123,7 +124,7 @@ class MetaConfig(Section):
     init_std: float = Field(0.1, gt=0.0, description="Std of the initial P and Q entries.")
     new_row_std: float = Field(0.01, ge=0.0, description="sigma of the noise added to the mean for new users/items (§7).")
     online_lr: float | None = Field(None, gt=0.0, description="Adam rate for online meta-updates (None = outer_lr).")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="Seed of the initialisation and of the negatives drawn in training.")
 
 
 # Chosen by `metarec tune` on ml-100k (budget 8 per model, seed 1, last 10% of the history held out, objective =
@@ -186,7 +187,7 @@ class BaselineConfig(Section):
     # MF-FT
     ft_epochs: int = Field(5, ge=1)
     ft_lr: float = Field(0.05, gt=0.0)
-    seed: int = 1
+    seed: int = Field(1, ge=0, description="Seed of the baselines' initialisation, sampling and search.")
     # validation search (tasks/tuning.py): the same budget for every model
     tune_budget: int = Field(24, ge=1, description="Optuna trials per row, the same for every row (the row's current values first, then seeded TPE).")
     tune_holdout: float = Field(0.1, gt=0.0, lt=1.0, description="Last fraction of the history (by time) held out for validation.")
@@ -226,7 +227,7 @@ class NeuralConfig(Section):
     memory_alpha: float = Field(0.5, ge=0.0, le=1.0, description="MAMO: α, the write rate of the profile memory M_P.")
     memory_beta: float = Field(0.05, ge=0.0, le=1.0, description="MAMO: β, the write rate of the user-embedding memory M_U.")
     memory_gamma: float = Field(0.1, ge=0.0, le=1.0, description="MAMO: γ, the write rate of the preference memory M_UI.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="Seed of the neural rows' initialisation and sampling.")
 
 
 class EvalConfig(Section):
@@ -239,7 +240,7 @@ class EvalConfig(Section):
     lambda_sweep: tuple[float, ...] = Field((0.0, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0), description="lambda_ML values of the sweep.")
     max_new_users: int | None = Field(None, ge=1, description="Cap on evaluated new users.")
     training_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Fraction of every row's full training passes over the history (its Row.passes fields, rounded up, at least 1): one rule for all models. The quick preset uses 0.25.")
-    seed: int = 3
+    seed: int = Field(3, ge=0, description="Seed of the bootstrap and of the quick-mode new-user subset.")
 
     @field_validator("models")
     @classmethod
@@ -271,6 +272,11 @@ class RuntimeConfig(Section):
     torch_threads: int = Field(2, ge=1)
     progress: bool = True
     preset: Literal["full", "quick"] = Field("full", description="Which preset made this config (set by --quick); tags runs and labels reports.")
+
+    @field_serializer("mlflow_tracking_uri", "dask_address", when_used="json")
+    def _without_credentials(self, value: str | None) -> str | None:
+        """In every JSON dump (records, Prefect's stored flow parameters), addresses lose their credentials."""
+        return None if value is None else redact(value)
 
 
 RESULT_SECTIONS = ("data", "tasks", "meta", "baselines", "neural", "eval")
@@ -358,9 +364,13 @@ class Config(BaseSettings):
         return value if name == "tuned" else value.model_dump(mode="json", exclude=NOT_HASHED.get(name))
 
     def to_flat_dict(self) -> dict[str, object]:
-        """`section.field` -> value, for MLflow params and run records."""
+        """`section.field` -> value, for MLflow params and run records; credentials in URLs are masked."""
         flat: dict[str, object] = {}
         for name, section in self.model_dump(mode="json").items():
             for key, value in section.items():
-                flat[f"{name}.{key}"] = value
+                flat[f"{name}.{key}"] = redact_value(value)
         return flat
+
+    def to_record(self) -> dict:
+        """The whole config as JSON-ready data for records (config.json), credentials in URLs masked."""
+        return redact_value(self.model_dump(mode="json"))

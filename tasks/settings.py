@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
 import tomllib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from pydantic import ValidationError
 
 from metarec.config import Config
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "METAREC_"
+# METAREC_* variables read elsewhere than the Config (the raw data folder; the deployment's allow-list)
+OTHER_ENV_VARS = ("METAREC_DATA_DIR", "METAREC_DEPLOYMENT_ALLOWED")
 
 
 class ConfigError(ValueError):
@@ -29,8 +38,35 @@ def _merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def known_env_vars() -> list[str]:
+    """Every METAREC_* name something reads: METAREC_<SECTION>, METAREC_<SECTION>__<FIELD>, and OTHER_ENV_VARS."""
+    names = [*OTHER_ENV_VARS]
+    for section, field in Config.model_fields.items():
+        names.append(f"{ENV_PREFIX}{section.upper()}")
+        annotation = field.annotation
+        if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+            names += [f"{ENV_PREFIX}{section.upper()}__{name.upper()}" for name in annotation.model_fields]
+    return names
+
+
+def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each METAREC_* variable nothing reads (a typo is otherwise silently ignored), naming the close match."""
+    known = known_env_vars()
+    warnings = []
+    for name in sorted(environ if environ is not None else os.environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper.startswith(f"{ENV_PREFIX}TUNED__"):
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else f" (config fields are {ENV_PREFIX}<SECTION>__<FIELD>, with two underscores)"
+        warnings.append(f"environment variable {name} is not a metarec setting and is ignored{hint}")
+    return warnings
+
+
 def load_config(path: Path | None = None, overrides: Iterable[str] = (), **sections: dict) -> Config:
-    """Validate everything before any work starts; errors name the file and the field."""
+    """Validate everything before any work starts; errors name the file and the field. Warns about unknown METAREC_* variables."""
+    for warning in unknown_env_vars():
+        logger.warning(warning)
     layered: dict = {}
     if path is not None:
         path = Path(path)

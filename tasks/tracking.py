@@ -2,19 +2,29 @@
 
 Default store: a sqlite database inside ``artifacts/`` (embedded, nothing to
 start); ``MLFLOW_TRACKING_URI`` or ``runtime.mlflow_tracking_uri`` override it.
+
+The first set-up of a store (MLflow creates its sqlite schema on first use, which two
+processes must not do at once) and of the experiment runs under a file lock beside the
+artifacts, once per process. A damaged ``mlflow.db`` is named in a clear error; it is
+not a cache (it holds every run and the registry), so it is never moved aside for you.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import mlflow
+from sqlalchemy.exc import DatabaseError
 
 from metarec.config import Config
+from metarec.redaction import redact
+from tasks.locks import first_time_lock
 from tasks.paths import prepared_dir
 
 REGISTERED_MODEL = "responsive-mf"
@@ -24,6 +34,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI; a value we exported ourselves
 # must not outrank the config of a later run in the same process.
 _SET_BY_US: set[str] = set()
+# (uri, experiment) pairs this process has set up already: later calls skip the lock
+_READY: set[tuple[str, str]] = set()
+_READY_GUARD = threading.Lock()
+
+
+class TrackingStoreError(ValueError):
+    """The MLflow store cannot be opened; names the store (never its credentials)."""
 
 
 def tracking_uri(config: Config) -> str:
@@ -44,13 +61,37 @@ def setup_mlflow(config: Config) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = config.runtime.experiment
+    try:
+        with _READY_GUARD:
+            ready = (uri, name) in _READY
+        if not ready:
+            with first_time_lock(Path(config.runtime.artifacts_dir) / "mlflow-setup", f"setting up the MLflow store {redact(uri)}"):
+                _create_experiment(uri, name)
+            with _READY_GUARD:
+                _READY.add((uri, name))
+        mlflow.set_experiment(name)
+    except (DatabaseError, sqlite3.DatabaseError) as exc:
+        raise _store_error(uri, exc) from None
+    return uri
+
+
+def _create_experiment(uri: str, name: str) -> None:
+    """Open the store (MLflow creates or migrates its schema here) and create the experiment if it is missing."""
     if mlflow.get_experiment_by_name(name) is None:
         location = None
         if uri.startswith("sqlite:///"):
             location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
         mlflow.create_experiment(name, artifact_location=location)
-    mlflow.set_experiment(name)
-    return uri
+
+
+def _store_error(uri: str, exc: Exception) -> TrackingStoreError:
+    where = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else redact(uri)
+    problem = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    return TrackingStoreError(
+        f"{where}: the MLflow store cannot be read ({problem}). It holds every run and the model registry, so it is "
+        "not replaced automatically: move it aside to start a new store (or restore a backup), or point "
+        "runtime.mlflow_tracking_uri / MLFLOW_TRACKING_URI elsewhere"
+    )
 
 
 def git_commit() -> str:
@@ -63,7 +104,7 @@ def git_commit() -> str:
 
 def run_tags(config: Config, **extra: str) -> dict[str, str]:
     return {
-        "dataset": config.data.dataset,
+        "dataset": redact(config.data.dataset),
         "config_hash": config.hash_of(),
         "data_hash": prepared_dir(config).name,
         "git_commit": git_commit(),
