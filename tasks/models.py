@@ -10,6 +10,10 @@ On disk, one folder per fitted model (``model_dir``):
 
 Every model behind ``StreamingRecommender`` that offers ``state_arrays`` /
 ``load_state_arrays`` can be saved (all baselines do).
+
+A saved model is a cache: one that cannot be read back (a truncated ``state.npz``,
+an overwritten ``model.json``) is moved aside as ``<folder>.corrupt-<time>`` with a
+warning and fitted again; ``load_model`` names the damaged file.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +31,8 @@ from metarec.config import Config
 from metarec.interface import StreamingRecommender
 from metarec.models.registry import ROWS, make_model
 from tasks.atomic import atomic_dir
-from tasks.logs import log_info
+from tasks.integrity import CorruptFileError, quarantine
+from tasks.logs import log_info, log_warning
 from tasks.paths import prepared_dir
 from tasks.prepared import PreparedData, load_prepared
 
@@ -100,26 +106,50 @@ def load_model(path: Path) -> StreamingRecommender:
     meta_path, state_path = path / META_FILE, path / STATE_FILE
     if not meta_path.is_file() or not state_path.is_file():
         raise FileNotFoundError(f"no saved model in {path} (expected {META_FILE} and {STATE_FILE})")
-    meta = json.loads(meta_path.read_text())
+    meta = _read_meta(meta_path)
     config = Config(**meta["config"], tuned={})  # the recorded sections are the row's own values already
     model = make_model(meta["name"], config)
-    with np.load(state_path, allow_pickle=False) as npz:
-        model.load_state_arrays({key: npz[key] for key in npz.files})
+    model.load_state_arrays(_read_arrays(state_path))
     return model
 
 
-def saved_model_ok(path: Path, config_hash: str) -> bool:
+def _read_meta(path: Path) -> dict:
     try:
-        meta = json.loads((Path(path) / META_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise CorruptFileError(path, f"saved model description is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or any(key not in meta for key in ("name", "config", "config_hash")):
+        raise CorruptFileError(path, "saved model description lacks name, config or config_hash")
+    return meta
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a state.npz, read in full (so the zip's CRCs are checked)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+        raise CorruptFileError(path, f"saved model state cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def saved_model_ok(path: Path, config_hash: str) -> bool:
+    """True when ``path`` holds a readable model of this config; False when absent or of another config.
+
+    Raises CorruptFileError when it is there but cannot be read (both files are read in full).
+    """
+    meta_path, state_path = Path(path) / META_FILE, Path(path) / STATE_FILE
+    if not meta_path.is_file() or not state_path.is_file():
         return False
-    return meta.get("config_hash") == config_hash and (Path(path) / STATE_FILE).is_file()
+    if _read_meta(meta_path).get("config_hash") != config_hash:
+        return False
+    _read_arrays(state_path)
+    return True
 
 
 def fit_and_save(name: str, config: Config, prepared: PreparedData | None = None, force: bool = False) -> Path:
     """Fit ``name`` on the prepared history and save it in ``model_dir``; reuse a complete save unless ``force``."""
     out = model_dir(config, name)
-    if not force and saved_model_ok(out, model_hash(config, name)):
+    if not force and _reusable(out, model_hash(config, name)):
         logger.info("model %s already fitted in %s", name, out)
         return out
     prepared = prepared or load_prepared(prepared_dir(config))
@@ -130,6 +160,16 @@ def fit_and_save(name: str, config: Config, prepared: PreparedData | None = None
     save_model(model, name, config, out, {"fit_seconds": round(seconds, 3), "history_interactions": len(prepared.history)})
     logger.info("fitted %s in %.1fs into %s", name, seconds, out)
     return out
+
+
+def _reusable(out: Path, config_hash: str) -> bool:
+    """A saved model to reuse; a damaged one is moved aside (with a warning) to be fitted again."""
+    try:
+        return saved_model_ok(out, config_hash)
+    except CorruptFileError as exc:
+        aside = quarantine(out)
+        log_warning(logger, "%s; the saved model was moved aside to %s and is fitted again", exc, aside)
+        return False
 
 
 @task(name="fit-model")

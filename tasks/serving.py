@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from metarec.config import Config, MetaConfig, TaskConfig
 from metarec.interface import Interactions, RecentItems
@@ -24,6 +25,7 @@ from metarec.protocol import Cases, evaluate_new_users
 from metarec.models.responsive import ResponsiveMF
 from tasks.champion import CHAMPION, current_champion
 from tasks.evaluation import load_cases
+from tasks.integrity import CorruptFileError
 from tasks.paths import dataset_slug, prepared_dir
 from tasks.prepared import PreparedData, load_prepared
 from tasks.tracking import REGISTERED_MODEL, setup_mlflow
@@ -46,17 +48,38 @@ class Served:
 
 def version_to_serve(client: MlflowClient, version: str | None = None):
     if version is not None:
-        return client.get_model_version(REGISTERED_MODEL, version)
+        return _registered_version(client, str(version).strip())
     champion = current_champion(client)
     if champion is None:
         raise ServingError(f"no '{CHAMPION}' version of model '{REGISTERED_MODEL}' in the registry yet: run `metarec run` or the nightly deployment first")
     return champion
 
 
+def _registered_version(client: MlflowClient, version: str):
+    if not version.isdigit() or int(version) < 1:
+        raise ServingError(f"--version {version!r}: expected a version number of '{REGISTERED_MODEL}' (1, 2, ...)")
+    try:
+        return client.get_model_version(REGISTERED_MODEL, version)
+    except MlflowException:
+        try:
+            known = sorted(int(v.version) for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'"))
+        except MlflowException:
+            known = []
+        listed = ", ".join(map(str, known)) if known else "none yet"
+        raise ServingError(f"'{REGISTERED_MODEL}' has no version {version}; registered versions: {listed}") from None
+
+
 def load_theta_model(version) -> ResponsiveMF:
-    """ResponsiveMF with the version's Θ (safetensors) and the meta/task settings it was trained with."""
+    """ResponsiveMF with the version's Θ (safetensors) and the meta/task settings it was trained with.
+
+    A damaged artifact raises CorruptFileError naming the version and the file.
+    """
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source))
-    P, Q, described = load_theta(local)
+    try:
+        P, Q, described = load_theta(local)
+    except CorruptFileError as exc:
+        raise CorruptFileError(exc.path, f"registered version {version.version} of '{REGISTERED_MODEL}' ({version.source}): "
+                               f"{str(exc).removeprefix(f'{exc.path}: ')}", "serve another version with --version N") from None
     model = ResponsiveMF(MetaConfig(**described["meta"]), TaskConfig(**described["tasks"]))
     model.load_training_state({"P": P, "Q": Q})
     return model

@@ -12,9 +12,11 @@
    state as safetensors + a JSON record, atomically). An epoch's result depends
    only on the state at its start and the seed, so a resumed run ends with the
    same Θ as an uninterrupted one;
+   A checkpoint that cannot be read (truncated, overwritten) is moved aside
+   (``checkpoint.corrupt-<time>``) with a warning, and training starts afresh;
 3. NaN/Inf in the objective, gradient or Θ stops the run with status
-   ``diverged`` (MLflow tag and ``status.json``), and no weights are written
-   (the checkpoint is removed);
+   ``diverged`` (MLflow tag, run ended FAILED, and ``status.json``), and no
+   weights are written (the checkpoint is removed);
 4. at the end Θ is saved as safetensors in the run's ``model/`` artifacts with
    a JSON description (``load_theta`` reads it back without unpickling),
    registered as ``responsive-mf``, and the whole model (Θ + what it has seen)
@@ -39,13 +41,15 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metarec.config import Config
 from metarec.maml import DivergedError
 from metarec.models.responsive import EpochStats, ResponsiveMF, from_config
 from tasks.atomic import atomic_dir, write_json
-from tasks.logs import log_info
+from tasks.integrity import CorruptFileError, quarantine
+from tasks.logs import log_info, log_warning
 from tasks.models import model_dir, save_model
 from tasks.paths import prepared_dir, task_shards_dir
 from tasks.prepared import load_prepared
@@ -89,16 +93,39 @@ def save_checkpoint(model: ResponsiveMF, out: Path, record: dict) -> None:
         (tmp / STATE_META).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
+CHECKPOINT_FIELDS = ("epoch", "history", "run_id", "config_hash")
+
+
 def load_checkpoint(path: Path, config_hash: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """(state, record) of a complete checkpoint for this configuration, else None."""
+    """(state, record) of a complete checkpoint for this configuration, else None.
+
+    Raises CorruptFileError, naming the file, when either file cannot be read.
+    """
     meta, state = Path(path) / STATE_META, Path(path) / STATE_FILE
     if not meta.is_file() or not state.is_file():
         return None
-    record = json.loads(meta.read_text())
+    record = _read_record(meta)
     if record.get("config_hash") != config_hash:
         logger.warning("ignoring checkpoint %s of another configuration (%s)", path, record.get("config_hash"))
         return None
-    return load_file(str(state)), record
+    try:
+        tensors = load_file(str(state))
+    except (SafetensorError, OSError) as exc:
+        raise CorruptFileError(state, f"checkpoint weights cannot be read ({exc})") from None
+    missing = [key for key in ("P", "Q") if key not in tensors]
+    if missing:
+        raise CorruptFileError(state, f"checkpoint weights lack {missing}")
+    return tensors, record
+
+
+def _read_record(meta: Path) -> dict:
+    try:
+        record = json.loads(meta.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise CorruptFileError(meta, f"checkpoint record is not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or any(key not in record for key in CHECKPOINT_FIELDS):
+        raise CorruptFileError(meta, f"checkpoint record lacks some of {list(CHECKPOINT_FIELDS)}")
+    return record
 
 
 # ------------------------------------------------------------------- Θ on disk
@@ -115,12 +142,27 @@ def save_theta(model: ResponsiveMF, out: Path, config: Config) -> Path:
 
 
 def load_theta(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(P, Q, description) from a folder written by ``save_theta`` (safetensors: no pickle)."""
+    """(P, Q, description) from a folder written by ``save_theta`` (safetensors: no pickle).
+
+    Raises CorruptFileError, naming the file, when either file cannot be read.
+    """
     path = Path(path)
     if not (path / THETA_FILE).is_file():
         raise FileNotFoundError(f"no {THETA_FILE} in {path}")
-    tensors = load_file(str(path / THETA_FILE))
-    return tensors["P"], tensors["Q"], json.loads((path / THETA_META).read_text())
+    try:
+        tensors = load_file(str(path / THETA_FILE))
+    except (SafetensorError, OSError) as exc:
+        raise CorruptFileError(path / THETA_FILE, f"Θ cannot be read ({exc})") from None
+    try:
+        described = json.loads((path / THETA_META).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {THETA_META} in {path}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(path / THETA_META, f"Θ's description is not valid JSON ({exc})") from None
+    missing = [key for key in ("P", "Q") if key not in tensors] + [key for key in ("meta", "tasks") if key not in described]
+    if missing:
+        raise CorruptFileError(path, f"Θ lacks {missing}")
+    return tensors["P"], tensors["Q"], described
 
 
 # --------------------------------------------------------------------- training
@@ -143,7 +185,7 @@ def _epoch(model: ResponsiveMF, task_dir: Path, epoch: int, config: Config, n_ta
 
 def _start(config: Config, model: ResponsiveMF, ckpt: Path, history) -> tuple[int, list[dict], str | None]:
     """Resume (next epoch, metric history, run id) from a checkpoint, or initialise and pre-train."""
-    found = load_checkpoint(ckpt, config.hash_of(*TRAIN_SECTIONS))
+    found = _readable_checkpoint(ckpt, config.hash_of(*TRAIN_SECTIONS))
     if found is not None:
         state, record = found
         model.load_training_state(state)
@@ -154,6 +196,26 @@ def _start(config: Config, model: ResponsiveMF, ckpt: Path, history) -> tuple[in
         loss = model.pretrain_epoch(history, epoch)
         _log("BPR pre-training epoch %d: loss %.4f", epoch, loss)
     return 0, [], None
+
+
+def _readable_checkpoint(ckpt: Path, config_hash: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The checkpoint, or None; an unreadable one is moved aside (its MLflow run marked FAILED) so training starts afresh."""
+    try:
+        return load_checkpoint(ckpt, config_hash)
+    except CorruptFileError as exc:
+        aside = quarantine(ckpt)
+        log_warning(logger, "%s; the checkpoint was moved aside to %s and meta-training starts afresh", exc, aside)
+        _fail_abandoned_run(aside / STATE_META)
+        return None
+
+
+def _fail_abandoned_run(meta: Path) -> None:
+    """Best effort: the run a quarantined checkpoint belonged to will never resume; end it FAILED, not RUNNING."""
+    try:
+        run_id = json.loads(meta.read_text())["run_id"]
+        MlflowClient().set_terminated(run_id, "FAILED")
+    except Exception:  # noqa: BLE001 - the record itself may be what is corrupt
+        pass
 
 
 def meta_train(
@@ -205,10 +267,11 @@ def meta_train(
 
 
 def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list[dict], message: str) -> TrainResult:
-    """Record the divergence; remove the checkpoint so no weights of this run remain."""
+    """Record the divergence and end the MLflow run FAILED; remove the checkpoint so no weights of this run remain."""
     mlflow.set_tag("status", "diverged")
     mlflow.set_tag("diverged_epoch", str(epoch))
     mlflow.log_text(message, "diverged.txt")
+    mlflow.end_run(status="FAILED")  # the `with start_run` around us then leaves it as it is
     shutil.rmtree(work / "checkpoint", ignore_errors=True)
     write_json({"status": "diverged", "epoch": epoch, "run_id": run_id, "message": message, "history": records}, work / STATUS_FILE)
     _log("meta-training diverged in epoch %d (lambda_ml=%s): %s", epoch, config.meta.lambda_ml, message)

@@ -55,6 +55,8 @@ def _prepared(config: Config) -> Config:
 
 def test_training_logs_params_metrics_and_a_registered_safetensors_model(planted_csv, tmp_path):
     config = _prepared(_config(planted_csv, tmp_path / "a"))
+    # a credential in a config value must not reach MLflow (issue 14, item 14)
+    config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"dask_address": "tcp://alice:s3cr3t@scheduler:8786"})})
     result = meta_train(config)
     assert result.status == "finished" and result.epochs_done == 3
     setup_mlflow(config)
@@ -62,6 +64,8 @@ def test_training_logs_params_metrics_and_a_registered_safetensors_model(planted
     run = client.get_run(result.run_id)
     assert set(config.to_flat_dict()) <= set(run.data.params)
     assert run.data.params["meta.lambda_ml"] == str(config.meta.lambda_ml)
+    assert run.data.params["runtime.dask_address"] == "tcp://alice:***@scheduler:8786"
+    assert not [key for key, value in run.data.params.items() if "s3cr3t" in value]
     for name in ("support_loss", "query_loss", "tasks_per_s"):
         assert [m.step for m in client.get_metric_history(result.run_id, name)] == [0, 1, 2]
     assert run.data.tags["status"] == "finished" and run.data.tags["config_hash"] == config.hash_of()
@@ -126,7 +130,8 @@ def test_divergence_is_recorded_and_writes_no_weights(planted_csv, tmp_path, met
     assert result.status == "diverged" and result.model_version is None and ("not finite" in result.message or "inf" in result.message)
     setup_mlflow(config)
     client = MlflowClient()
-    assert client.get_run(result.run_id).data.tags["status"] == "diverged"
+    run = client.get_run(result.run_id)
+    assert run.data.tags["status"] == "diverged" and run.info.status == "FAILED"  # not FINISHED with a tag (issue 14, item 7)
     assert not [a.path for a in client.list_artifacts(result.run_id) if a.path == "model"]
     assert not (training_dir(config) / "checkpoint").exists() and not model_dir(config, "responsive").exists()
     assert (training_dir(config) / "status.json").read_text().count("diverged") >= 1
@@ -141,3 +146,41 @@ def test_train_command_runs_the_flow(planted_csv, tmp_path, artifacts, prefect_h
     assert result.exit_code == 0, result.output
     assert "epoch 1:" in result.output and "status finished" in result.output
     assert list(artifacts.glob("*/*/training/responsive-*/status.json"))
+
+
+@pytest.mark.parametrize("damaged", [training.STATE_FILE, training.STATE_META])
+def test_unreadable_checkpoint_is_moved_aside_and_training_starts_afresh(planted_csv, tmp_path, damaged, caplog):
+    """Issue 14, item 6: a truncated checkpoint crashed every later run with a traceback."""
+    config = _prepared(_config(planted_csv, tmp_path / "a", epochs=2))
+    stopped = meta_train(config, max_epochs=1)
+    assert stopped.status == "stopped"
+    ckpt = training_dir(config) / "checkpoint"
+    broken = ckpt / damaged
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        result = meta_train(config)
+    assert result.status == "finished" and len(result.history) == 2 and result.run_id != stopped.run_id  # afresh: both epochs
+    (aside,) = ckpt.parent.glob("checkpoint.corrupt-*")
+    assert (aside / damaged).is_file()
+    assert str(broken) in caplog.text and str(aside) in caplog.text
+    setup_mlflow(config)
+    if damaged == training.STATE_FILE:  # its record still names the run: ended FAILED rather than left RUNNING
+        assert MlflowClient().get_run(stopped.run_id).info.status == "FAILED"
+
+
+def test_recommend_rejects_bad_versions_and_names_a_damaged_theta(planted_csv, tmp_path, monkeypatch):
+    """Issue 14, item 6: `recommend --version abc|999` and a damaged champion Θ ended in tracebacks."""
+    from flows.cli import app
+
+    root = tmp_path / "a"
+    config = _prepared(_config(planted_csv, root, epochs=1))
+    assert str(meta_train(config).model_version) == "1"
+    monkeypatch.setenv("METAREC_RUNTIME__ARTIFACTS_DIR", str(root))
+    runner = CliRunner()
+    for version, words in (("abc", "--version 'abc': expected a version number"), ("999", "has no version 999; registered versions: 1")):
+        result = runner.invoke(app, ["recommend", "--user", "1", "--version", version])
+        assert result.exit_code == 1 and words in result.output, result.output
+    (theta,) = (root / "mlruns").rglob(training.THETA_FILE)
+    theta.write_bytes(theta.read_bytes()[:64])
+    result = runner.invoke(app, ["recommend", "--user", "1", "--version", "1"])
+    assert result.exit_code == 1 and "registered version 1" in result.output and training.THETA_FILE in result.output, result.output
