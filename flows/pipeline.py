@@ -9,6 +9,8 @@ their hash), so a re-run is cheap and a failed step can be retried alone.
 
 One MLflow parent run spans the whole flow (opened first, closed last, so its
 duration is true); training runs, the model children and the λ_ML sweep nest under it.
+A meta-training that did not finish is stated at the top of table1.md and summary.md,
+and the parent run ends FAILED with it as a tag.
 """
 
 from __future__ import annotations
@@ -90,6 +92,13 @@ def _log_children(config: Config, parent_id: str, results: dict[str, dict], file
         mlflow.log_artifact(str(path))
 
 
+def training_warnings(trained: dict[int, dict]) -> list[str]:
+    """Each meta-training that did not finish (diverged), for the top of table1.md and summary.md."""
+    return [f"fold {fold}: meta-training of {name} {t.status} ({t.message or 'no message'}), so its results for that fold are "
+            f"missing from this table and every comparison; see MLflow run {t.run_id}."
+            for fold, rows in trained.items() for name, t in rows.items() if t.status != "finished"]
+
+
 def _headline(results: dict[str, dict]) -> dict[str, float]:
     """Ours and the best other row, new-user NDCG@10 at each n, for the parent run."""
     out: dict[str, float] = {}
@@ -144,9 +153,9 @@ def pipeline(config: Config, sweep: bool = False, tune_first: bool = False) -> d
         trained = {c.data.fold: {name: future.result() for name, future in t.items()} for c, (t, _) in zip(folds, submitted)}
         seconds["train, fit and evaluate"] = time.perf_counter() - start
 
-        notes = [tuned_note] + [f"fold {f}: meta-training of {name} {t.status} ({t.message}); it is left out of that fold"
-                                for f, rows in trained.items() for name, t in rows.items() if t.status != "finished"]
-        for note in notes:
+        notes = [tuned_note]
+        warnings = training_warnings(trained)
+        for note in [*notes, *warnings]:
             logger.warning(note)
         start = time.perf_counter()
         out = pooled_dir(config)
@@ -154,8 +163,8 @@ def pipeline(config: Config, sweep: bool = False, tune_first: bool = False) -> d
         results = {name: {"model": name, "metrics": summarise_cases(table, config.eval.bootstrap, config.eval.seed), "seconds": _seconds(fold_results, name)}
                    for name, table in cases.items()}
         facts = RunFacts(config.data.dataset, len(folds), [load_prepared(p).stats for p in prepared], config.to_flat_dict(), seconds, quick, notes)
-        files = write_report(out, facts, results, cases, fold_results)
-        write_json(config.model_dump(mode="json"), out / "config.json")
+        files = write_report(out, facts, results, cases, fold_results, warnings)
+        write_json(config.to_record(), out / "config.json")
         files["config.json"] = out / "config.json"
         seconds["report"] = time.perf_counter() - start
         _log_children(config, parent_id, results, files, trained[0])
@@ -163,7 +172,12 @@ def pipeline(config: Config, sweep: bool = False, tune_first: bool = False) -> d
         _publish(config, files)
         logger.info("results in %s", out)
         swept = lambda_sweep(config, parent_id) if sweep else None
+        if warnings:
+            mlflow.set_tags({"status": "diverged", "warning": " ".join(warnings)[:5000]})
+    if warnings:  # the parent run ends FAILED, not FINISHED with a tag
+        mlflow.MlflowClient().set_terminated(parent_id, "FAILED")
     return {
+        "warnings": warnings,
         "run_dir": str(out),
         "results": results,
         "fold0": fold_results.get(0, {}),

@@ -397,20 +397,30 @@ def summary_markdown(facts: RunFacts, rows: list[dict], results: dict[str, dict]
     return "\n".join(lines)
 
 
-def write_report(run: Path, facts: RunFacts, results: dict[str, dict], cases: dict[str, pa.Table], fold_results: dict[int, dict[str, dict]]) -> dict[str, Path]:
-    """Table 1, its per-fold numbers, the verdicts (table, CSV, forest plot), the stream curve and the summary, pooled."""
+def warnings_markdown(warnings: list[str]) -> str:
+    """What went wrong in the run, stated before anything else in a report (e.g. our model's training diverged)."""
+    return "".join(f"> **Warning:** {warning}\n>\n" for warning in warnings).removesuffix(">\n") + "\n" if warnings else ""
+
+
+def write_report(run: Path, facts: RunFacts, results: dict[str, dict], cases: dict[str, pa.Table], fold_results: dict[int, dict[str, dict]],
+                 warnings: list[str] | None = None) -> dict[str, Path]:
+    """Table 1, its per-fold numbers, the verdicts (table, CSV, forest plot), the stream curve and the summary, pooled.
+
+    ``warnings`` (e.g. a diverged training) head both table1.md and summary.md.
+    """
     ns = tuple(int(n) for n in facts.config_flat.get("data.new_user_ns", (1, 5, 10)))
     resamples, seed = int(facts.config_flat.get("eval.bootstrap", 1000)), int(facts.config_flat.get("eval.seed", 0))
     variants = {name: record.get("variant") for by_model in fold_results.values() for name, record in by_model.items()}
     rows = table1_rows({name: {**record, "variant": variants.get(name)} for name, record in results.items()}, ns)
     found = [] if facts.quick else comparisons(cases, ns, resamples, seed)
     files = {name: run / name for name in ("table1.md", "table1.csv", "table1_folds.csv", "summary.md", "verdicts.csv")}
+    head = warnings_markdown(warnings or [])
     label = f"> **{QUICK_LABEL}.**\n\n" if facts.quick else ""
-    write_text(label + table1_markdown(rows, facts.dataset, facts.folds), files["table1.md"])
+    write_text(head + label + table1_markdown(rows, facts.dataset, facts.folds), files["table1.md"])
     write_text(table1_csv(rows), files["table1.csv"])
     write_text(folds_csv(fold_results, ns), files["table1_folds.csv"])
     write_text(comparisons_csv(found), files["verdicts.csv"])
-    write_text(summary_markdown(facts, rows, results, found, feature_notes(fold_results)), files["summary.md"])
+    write_text(head + summary_markdown(facts, rows, results, found, feature_notes(fold_results)), files["summary.md"])
     n_batches = int(facts.config_flat.get("data.stream_batches", 10))
     files["stream_auc.png"] = stream_auc_plot(results, n_batches, run / "stream_auc.png", facts.dataset)
     if found:
