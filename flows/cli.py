@@ -2,13 +2,17 @@
 
 Config layers: defaults < METAREC_* environment < --config FILE (TOML) < --set section.field=value
 < the explicit flags of each command.
+
+Exit codes: 0 done; 1 a run failed (bad data, a damaged file, ...); 2 a bad option or config
+value; 3 meta-training diverged (`metarec run` without --allow-divergence, `metarec train`).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -40,6 +44,15 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1) from exc
 
 
+@contextmanager
+def _prefect_api() -> Iterator[None]:
+    """Flows need a Prefect API: the configured one, else a temporary local server that dies with this process."""
+    from flows.deploy import temporary_server
+
+    with temporary_server():
+        yield
+
+
 @app.command()
 def prepare(
     config: Optional[Path] = ConfigOpt,
@@ -59,7 +72,8 @@ def prepare(
     from flows.prepare import prepare_flow
 
     try:
-        out = prepare_flow(cfg)
+        with _prefect_api():
+            out = prepare_flow(cfg)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     typer.echo(f"prepared data in {out}")
@@ -93,7 +107,8 @@ def tune(
     from tasks.tuning import TUNABLE
 
     try:
-        out = with_runner(tune_flow, cfg)(cfg, tuple(model) or tuple(m for m in cfg.eval.models if m in TUNABLE))
+        with _prefect_api():
+            out = with_runner(tune_flow, cfg)(cfg, tuple(model) or tuple(m for m in cfg.eval.models if m in TUNABLE))
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     typer.echo(f"tuning record in {out}")
@@ -115,7 +130,8 @@ def fit(
     from tasks.models import BASELINE_NAMES
 
     try:
-        out = fit_flow(cfg, tuple(model) or tuple(m for m in cfg.eval.models if m in BASELINE_NAMES), tuned, force)
+        with _prefect_api():
+            out = fit_flow(cfg, tuple(model) or tuple(m for m in cfg.eval.models if m in BASELINE_NAMES), tuned, force)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         _fail(exc)
     for name, path in out.items():
@@ -137,7 +153,8 @@ def train(
     from flows.train import train_flow
 
     try:
-        result = train_flow(cfg)
+        with _prefect_api():
+            result = train_flow(cfg)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     for row in result.history:
@@ -165,24 +182,32 @@ def run(
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also run the λ_ML sweep (paper Fig. 4)."),
     tune_first: bool = typer.Option(False, "--tune", help="Tune every row on this data set first when it has no tuned values yet (metarec tune)."),
     folds: Optional[int] = typer.Option(None, "--folds", help="New-user folds to pool (data.new_user_folds)."),
+    allow_divergence: bool = typer.Option(False, "--allow-divergence", help="Exit 0 even if our model's meta-training diverges (the report says so either way)."),
 ) -> None:
     """The whole pipeline: prepare, build tasks, train ours and the baselines, evaluate in parallel, Table 1 and curves."""
     cfg = _run_config(config, [*set_, *([f"data.new_user_folds={folds}"] if folds else [])], dataset, data_dir, quick)
     from flows.pipeline import pipeline
     from flows.runners import with_runner
 
+    diverged = None
     try:
-        result = with_runner(pipeline, cfg)(cfg, sweep=sweep, tune_first=tune_first)
-        typer.echo((Path(result["run_dir"]) / "table1.md").read_text())
-        if (result["training"] or {}).get("status") == "finished":
-            from flows.nightly import promote_result
+        with _prefect_api():
+            result = with_runner(pipeline, cfg)(cfg, sweep=sweep, tune_first=tune_first)
+            typer.echo((Path(result["run_dir"]) / "table1.md").read_text())
+            if (result["training"] or {}).get("status") == "finished":
+                from flows.nightly import promote_result
 
-            typer.echo("champion: " + promote_result(cfg, result)[1]["reason"])
-        typer.echo(f"results, plots and summary in {result['run_dir']}")
-        if result["sweep"]:
-            typer.echo(f"λ_ML curve: {result['sweep']['plot']}")
+                typer.echo("champion: " + promote_result(cfg, result)[1]["reason"])
+            typer.echo(f"results, plots and summary in {result['run_dir']}")
+            if result["sweep"]:
+                typer.echo(f"λ_ML curve: {result['sweep']['plot']}")
+        diverged = result.get("warnings") or None
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
+    for warning in diverged or []:
+        typer.secho(f"{'warning' if allow_divergence else 'error'}: {warning}", fg=typer.colors.YELLOW if allow_divergence else typer.colors.RED, err=True)
+    if diverged and not allow_divergence:
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -192,9 +217,10 @@ def evaluate(
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
     quick: bool = typer.Option(False, "--quick"),
+    allow_divergence: bool = typer.Option(False, "--allow-divergence", help="Exit 0 even if our model's meta-training diverges."),
 ) -> None:
     """Evaluate the models of eval.models (fitting what is missing) and render Table 1; same as `run --no-sweep`."""
-    run(config, set_, dataset, data_dir, quick, sweep=False, tune_first=False, folds=None)
+    run(config, set_, dataset, data_dir, quick, sweep=False, tune_first=False, folds=None, allow_divergence=allow_divergence)
 
 
 @app.command()
@@ -217,7 +243,7 @@ def recommend(
     try:
         served = load_served(cfg, version)
         rows = recommend_items(served, user, items, n)
-    except (ServingError, FileNotFoundError) as exc:
+    except (ServingError, FileNotFoundError, ValueError) as exc:  # ValueError: a damaged file or store, named
         _fail(exc)
     typer.echo(f"responsive-mf v{served.version}, user {user}" + (f", adapted to {len(items)} recent item(s)" if items else ", adapted to its stored recent items"))
     for row in rows:
@@ -237,9 +263,13 @@ def deploy(
     """Start a local Prefect server and serve the nightly retraining deployment (Ctrl-C stops both)."""
     import os
 
-    from flows.deploy import DEPLOYMENT_NAME, api_url, local_server, serve_nightly
+    from flows.deploy import DEPLOYMENT_NAME, api_url, local_server, port_in_use, serve_nightly
 
     _config(None, set_, dataset)  # validate the overrides before anything starts
+    if server and port_in_use(port):
+        typer.secho(f"error: port {port} on 127.0.0.1 is already in use by another process; choose another with --port",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
     parameters = {"dataset": dataset, "quick": quick, "overrides": list(set_)}
     typer.echo(f"trigger a run with: PREFECT_API_URL={api_url(port)} prefect deployment run 'nightly-retrain/{DEPLOYMENT_NAME}'")
     if not server:

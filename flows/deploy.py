@@ -6,13 +6,28 @@ the deployment `nightly` with its cron schedule in this process. Trigger a run
 by hand with:
 
     PREFECT_API_URL=http://127.0.0.1:4200/api prefect deployment run 'nightly-retrain/nightly'
+
+A server we start dies with the process that started it, even one killed with
+``kill -9``: it runs in its own process group (stopped as a whole on a normal exit)
+and, on Linux, asks the kernel for SIGTERM when its parent dies (PR_SET_PDEATHSIG).
+The CLI's other commands run their flows against such a throw-away server too
+(``temporary_server``) rather than Prefect's own ephemeral one, which a killed
+parent leaves running on its port.
+
+The deployment's parameters come from whoever can reach the server's API (it has no
+authentication), so the flow accepts only the data set and overrides `metarec
+deploy` itself was started with (``DEPLOYMENT_ALLOWED_ENV``, see flows/nightly.py).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +41,59 @@ logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "nightly"
 DEFAULT_CRON = "0 2 * * *"
+# What a deployment run may ask for, set by `metarec deploy` in its own environment (not reachable through the API)
+DEPLOYMENT_ALLOWED_ENV = "METAREC_DEPLOYMENT_ALLOWED"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class PortInUseError(RuntimeError):
+    """The port asked for is taken by another process."""
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when ``host:port`` cannot be bound (another server holds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _libc_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()  # looked up here: the child between fork and exec should only make the call
+
+
+def die_with_parent_preexec():
+    """A ``preexec_fn`` making the child receive SIGTERM when the process starting it dies (Linux), or None elsewhere.
+
+    The kernel signals on the death of the *thread* that forked: start servers from the main thread.
+    """
+    if _PRCTL is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the request was in place
+            os._exit(1)
+
+    return preexec
 
 
 def api_url(port: int) -> str:
@@ -61,16 +129,25 @@ def server_env(port: int, prefect_home: Path | None = None) -> dict[str, str]:
 
 
 @contextmanager
-def local_server(port: int, prefect_home: Path | None = None, log_path: Path | None = None, ui: bool = True) -> Iterator[subprocess.Popen]:
-    """A `prefect server start` child on 127.0.0.1:port (with its web UI unless ``ui`` is False),
-    stopped (by its own process group) on exit."""
+def local_server(port: int, prefect_home: Path | None = None, log_path: Path | None = None, ui: bool = True,
+                 services: bool = True) -> Iterator[subprocess.Popen]:
+    """A `prefect server start` child on 127.0.0.1:port (with its web UI unless ``ui`` is False, its background
+    services unless ``services`` is False), stopped (by its own process group) on exit, and dying with us if we are killed.
+
+    Raises PortInUseError before starting anything when the port is taken: the server would fail, or, worse, the
+    health check would find whatever else answers there.
+    """
+    if port_in_use(port):
+        raise PortInUseError(f"port {port} on 127.0.0.1 is already in use by another process; choose another with --port")
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), *([] if ui else ["--no-ui"])],
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+         *([] if ui else ["--no-ui"]), *([] if services else ["--no-services"])],
         env=server_env(port, prefect_home),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=die_with_parent_preexec(),
     )
     try:
         wait_until_healthy(api_url(port), process=process)
@@ -95,10 +172,45 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
         pass
 
 
+@contextmanager
+def temporary_server() -> Iterator[str]:
+    """A Prefect API for the CLI's flows: the configured one if any, else a throw-away local server (no UI, no
+    services) that stops when the block ends and dies with this process if it is killed."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        yield configured
+        return
+    home = Path(PREFECT_HOME.value())
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    with local_server(port, log_path=home / "metarec-temporary-server.log", ui=False, services=False):
+        url = api_url(port)
+        before = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            with temporary_settings({PREFECT_API_URL: url}):
+                yield url
+        finally:
+            if before is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = before
+
+
+def allow_parameters(parameters: dict) -> None:
+    """Record, in this process's environment, what the served deployment's runs may ask for (flows/nightly.py checks)."""
+    allowed = {"datasets": [parameters["dataset"]], "quick": bool(parameters.get("quick")), "overrides": list(parameters.get("overrides") or [])}
+    os.environ[DEPLOYMENT_ALLOWED_ENV] = json.dumps(allowed)
+
+
 def serve_nightly(cron: str = DEFAULT_CRON, parameters: dict | None = None) -> None:
-    """Serve the nightly retraining deployment in this process (blocks until interrupted)."""
+    """Serve the nightly retraining deployment in this process (blocks until interrupted); its runs accept only
+    ``parameters`` (or a subset of their overrides)."""
     from flows.nightly import nightly_retrain
 
+    allow_parameters(parameters or {"dataset": "ml-100k"})
     nightly_retrain.serve(
         name=DEPLOYMENT_NAME,
         cron=cron,

@@ -6,9 +6,18 @@ the `champion` alias only if the new version's new-user NDCG@10 at n = 5 is at
 least the champion's on the same evaluation data. A run that fails anywhere
 raises before the promotion step, so the champion is untouched, and the MLflow
 runs it opened are marked FAILED with the error.
+
+Run by the served deployment, the flow takes its parameters from whoever can reach
+the Prefect API, which has no authentication. So it first checks them against what
+`metarec deploy` was started with (``check_deployment_parameters``): the same data
+set, quick preset and no config file, and only overrides given at serve time.
+Anything else is rejected before any file is read or any MLflow run opened.
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import mlflow
 from mlflow import MlflowClient
@@ -29,6 +38,38 @@ SCORE = "new_n5_ndcg10"
 
 class RetrainingFailed(RuntimeError):
     """Meta-training did not produce a model to register (diverged or stopped)."""
+
+
+class DeploymentParameterError(ValueError):
+    """A deployment run asked for a parameter value the deployment was not started with."""
+
+
+def check_deployment_parameters(dataset: str, quick: bool, overrides: list[str], config_file: str | None) -> None:
+    """Inside a deployment run, accept only what `metarec deploy` allowed; outside one (a direct call), anything."""
+    from prefect.runtime import deployment
+
+    from flows.deploy import DEPLOYMENT_ALLOWED_ENV
+
+    if deployment.id is None:
+        return
+    raw = os.environ.get(DEPLOYMENT_ALLOWED_ENV)
+    if raw is None:
+        raise DeploymentParameterError(f"this deployment was not started by `metarec deploy` ({DEPLOYMENT_ALLOWED_ENV} is unset), "
+                                       "so no parameters are accepted; serve it with `metarec deploy`")
+    allowed = json.loads(raw)
+    problems = []
+    if dataset not in allowed["datasets"]:
+        problems.append(f"dataset {dataset!r} is not one this deployment serves ({allowed['datasets']})")
+    if bool(quick) != allowed["quick"]:
+        problems.append(f"quick={quick} differs from the deployment's quick={allowed['quick']}")
+    if config_file is not None:
+        problems.append("config_file is not accepted (give the deployment its configuration with `metarec deploy --set`)")
+    extra = [item for item in overrides if item not in allowed["overrides"]]
+    if extra:
+        problems.append(f"override(s) {extra} are not among the deployment's own ({allowed['overrides']})")
+    if problems:
+        raise DeploymentParameterError("rejected deployment parameters: " + "; ".join(problems) +
+                                       ". A deployment run accepts only the data set and overrides `metarec deploy` was started with")
 
 
 @task(name="promote-champion")
@@ -53,6 +94,7 @@ def nightly_config(dataset: str, quick: bool, overrides: list[str], config_file:
 @flow(name="nightly-retrain")
 def nightly_retrain(dataset: str = "ml-100k", quick: bool = False, overrides: list[str] | None = None, config_file: str | None = None) -> dict:
     logger = get_run_logger()
+    check_deployment_parameters(dataset, quick, overrides or [], config_file)
     config = nightly_config(dataset, quick, overrides or [], config_file)
     setup_mlflow(config)
     with mlflow.start_run(run_name=f"nightly-{config.hash_of()}", tags=run_tags(config, kind="nightly")) as run:
