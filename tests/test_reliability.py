@@ -189,8 +189,8 @@ def test_input_hashes_are_cached_until_the_file_changes(tmp_path: Path, monkeypa
 # ---------------------------------------------------------------------------- 5. first-time set-up under a lock
 
 
-def test_mlflow_first_setup_waits_for_the_set_up_lock(tmp_path: Path):
-    """Item 5: the store's first set-up runs under a file lock (here held by the test)."""
+def test_mlflow_first_setup_waits_for_the_set_up_lock(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Item 5: the store's first set-up runs under a file lock (here held by the test, so it must wait)."""
     from tasks.locks import first_time_lock
 
     root = tmp_path / "artifacts"
@@ -202,10 +202,13 @@ def test_mlflow_first_setup_waits_for_the_set_up_lock(tmp_path: Path):
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    with first_time_lock(root / "mlflow-setup", "a test holding the lock"):
+    with caplog.at_level(logging.INFO, logger="tasks.locks"), first_time_lock(root / "mlflow-setup", "a test holding the lock"):
         worker = threading.Thread(target=set_up)
         worker.start()
-        worker.join(1.5)
+        deadline = time.monotonic() + 120
+        while worker.is_alive() and "waiting for another process" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "waiting for another process to finish setting up the MLflow store" in caplog.text  # blocked, not done
         assert worker.is_alive() and not (root / "mlflow.db").exists()
     worker.join(120)
     assert not worker.is_alive() and not errors and (root / "mlflow.db").is_file()
@@ -456,12 +459,11 @@ def test_odd_timestamps_and_an_unterminated_last_line_are_reported(tmp_path: Pat
 def test_deployment_runs_accept_only_what_deploy_was_started_with(prefect_harness, artifacts: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    parameters: dict, words: str):
     """Item 13: anyone reaching the API could pass dataset=/etc/anything, or point artifacts_dir anywhere."""
-    from flows.deploy import DEPLOYMENT_ALLOWED_ENV, allow_parameters
     from flows.nightly import nightly_retrain
 
     monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "00000000-0000-0000-0000-000000000014")  # as in a deployment run
-    monkeypatch.setenv(DEPLOYMENT_ALLOWED_ENV, "")
-    allow_parameters({"dataset": "ml-100k", "quick": True, "overrides": ["eval.bootstrap=50"]})
+    # what `metarec deploy --dataset ml-100k --quick --set eval.bootstrap=50` records (flows.deploy.allow_parameters)
+    monkeypatch.setenv("METAREC_DEPLOYMENT_ALLOWED", json.dumps({"datasets": ["ml-100k"], "quick": True, "overrides": ["eval.bootstrap=50"]}))
     asked = {"dataset": "ml-100k", "quick": True, "overrides": ["eval.bootstrap=50"], **parameters}
     with pytest.raises(ValueError, match=re.escape(words)):
         nightly_retrain(**asked)
@@ -480,13 +482,10 @@ def test_credentials_in_urls_are_masked_wherever_config_is_echoed():
 
     config = Config(runtime=RuntimeConfig(dask_address=SECRET_ADDRESS, mlflow_tracking_uri=SECRET_STORE))
     flat = config.to_flat_dict()
-    echoed = {
-        "params": json.dumps(flat),
-        "config.json": json.dumps(config.to_record()),
-        "json dump": config.model_dump_json(),
-        "summary.md": summary_markdown("x", {}, flat, {}, [], {}),
-    }
-    for where, text in echoed.items():
+    echoed = {"params": lambda: json.dumps(flat), "summary.md": lambda: summary_markdown("x", {}, flat, {}, [], {}),
+              "json dump": config.model_dump_json, "config.json": lambda: json.dumps(config.to_record())}
+    for where, echo in echoed.items():
+        text = echo()
         for secret in ("s3cr3t", "t0k3n", "pa55", "pa55w0rd"):
             assert secret not in text, (where, secret)
         assert "alice:***@scheduler:8786" in text and "db.example:5432/mlflow" in text and "sslmode=require" in text, where
