@@ -43,6 +43,7 @@ from metarec.config import SECTION_TYPES, Config
 from metarec.interface import Interactions
 from metarec.models.registry import ROWS, Choice, Float, Int, Range, on_edge, widen
 from tasks.atomic import write_json
+from tasks.locks import first_time_lock
 from tasks.logs import log_info
 from tasks.paths import prepared_dir
 from tasks.prepared import load_prepared
@@ -145,7 +146,9 @@ def _study(name: str, config: Config, storage: str) -> optuna.Study:
     # TPE draws at random for its first trials: one round of them, then two rounds it guides
     startup = max(1, -(-config.baselines.tune_budget // ROUNDS))
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
-    return optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True)
+    # the first create_study on a new file makes its schema: one process at a time (tasks/locks.py)
+    with first_time_lock(Path(storage.removeprefix("sqlite:///")), "setting up the Optuna study store"):
+        return optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True)
 
 
 def tune_row(name: str, config: Config, run_trials: RunTrials, storage: str, batch: int = 1) -> dict:

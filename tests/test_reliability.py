@@ -288,7 +288,7 @@ def test_damaged_mlflow_store_is_named(tmp_path: Path, monkeypatch: pytest.Monke
 # ---------------------------------------------------------------------------- 7. divergence in `metarec run`
 
 DIVERGING = ["meta.lambda_ml=1e38"]
-SMALL_RUN = ["eval.models=['responsive','pop']", "meta.epochs=1", "eval.bootstrap=20", "data.new_user_ns=[1,5]", "data.n_negatives=20",
+SMALL_RUN = ["data.new_user_folds=1", "eval.models=['responsive','pop']", "meta.epochs=1", "eval.bootstrap=20", "data.new_user_ns=[1,5]", "data.n_negatives=20",
              "tasks.k=3", "tasks.K=6", "meta.dim=8", "meta.batch_tasks=64"]
 
 
@@ -303,11 +303,11 @@ def test_divergence_in_run_is_stated_marked_failed_and_exits_non_zero(prefect_ha
     sets = [arg for item in [*SMALL_RUN, *DIVERGING] for arg in ("--set", item)]
     result = CliRunner().invoke(app, ["run", "--dataset", str(csv), "--no-sweep", *sets])
     assert result.exit_code == 3, result.output
-    assert "meta-training diverged" in result.output
-    (run,) = artifacts.glob("*/*/runs/*")
+    assert "error: fold 0: meta-training of responsive diverged" in result.output
+    (run,) = artifacts.glob("*/pooled/*")
     for name in ("table1.md", "summary.md"):
         head = (run / name).read_text().splitlines()[0]
-        assert head.startswith("> **Warning:**") and "diverged" in head and "Ours is missing" in head, name
+        assert head.startswith("> **Warning:** fold 0: meta-training of responsive diverged") and "missing from this table" in head, name
     uri = f"sqlite:///{artifacts / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("metarec").experiment_id
@@ -317,7 +317,7 @@ def test_divergence_in_run_is_stated_marked_failed_and_exits_non_zero(prefect_ha
 
     allowed = CliRunner().invoke(app, ["run", "--dataset", str(csv), "--no-sweep", "--allow-divergence", *sets])
     assert allowed.exit_code == 0, allowed.output
-    assert "warning: meta-training diverged" in allowed.output
+    assert "warning: fold 0: meta-training of responsive diverged" in allowed.output
 
 
 # ---------------------------------------------------------------------------- 8. nothing outlives a killed process
@@ -478,11 +478,11 @@ SECRET_STORE = "postgresql://bob:pa55@db.example:5432/mlflow?sslmode=require&pas
 
 def test_credentials_in_urls_are_masked_wherever_config_is_echoed():
     """Item 14: runtime.dask_address=tcp://user:pass@... was logged as an MLflow param."""
-    from tasks.aggregate import summary_markdown
+    from tasks.aggregate import RunFacts, summary_markdown
 
     config = Config(runtime=RuntimeConfig(dask_address=SECRET_ADDRESS, mlflow_tracking_uri=SECRET_STORE))
     flat = config.to_flat_dict()
-    echoed = {"params": lambda: json.dumps(flat), "summary.md": lambda: summary_markdown("x", {}, flat, {}, [], {}),
+    echoed = {"params": lambda: json.dumps(flat), "summary.md": lambda: summary_markdown(RunFacts("x", 1, [], flat, {}), [], {}, []),
               "json dump": config.model_dump_json, "config.json": lambda: json.dumps(config.to_record())}
     for where, echo in echoed.items():
         text = echo()
