@@ -232,14 +232,15 @@ with mlflow.start_run():
 
 @pytest.mark.slow
 def test_runs_started_together_on_a_fresh_store_all_succeed(tmp_path: Path):
-    """Item 5: two runs at once on a fresh artifacts folder raced to create MLflow's schema."""
+    """Item 5: two runs at once on a fresh artifacts folder raced to create MLflow's schema (before the lock, two
+    processes released together failed 3 times in 3: 'duplicate column name', 'table ... already exists')."""
     root, go = tmp_path / "artifacts", tmp_path / "go"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     procs = [subprocess.Popen([sys.executable, "-c", RACE, str(root), str(tmp_path / f"ready{i}"), str(go)], cwd=PROJECT_ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(3)]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
         deadline = time.monotonic() + 180
-        while not all((tmp_path / f"ready{i}").exists() for i in range(3)) and time.monotonic() < deadline:
+        while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
             assert all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs if p.poll() is not None]
             time.sleep(0.05)
         go.touch()
@@ -247,10 +248,10 @@ def test_runs_started_together_on_a_fresh_store_all_succeed(tmp_path: Path):
     finally:
         for p in procs:
             p.kill() if p.poll() is None else None
-    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-1500:] for o in outputs)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-1500:] for o in outputs)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
-    assert len(client.search_runs([client.get_experiment_by_name("metarec").experiment_id])) == 3
+    assert len(client.search_runs([client.get_experiment_by_name("metarec").experiment_id])) == 2
 
 
 # ---------------------------------------------------------------------------- 6. damaged files
@@ -325,7 +326,7 @@ def test_divergence_in_run_is_stated_marked_failed_and_exits_non_zero(prefect_ha
 SERVER_CHILD = """
 import sys, time
 from flows.deploy import local_server
-with local_server(int(sys.argv[1]), ui=False) as server:
+with local_server(int(sys.argv[1]), ui=False, services=False) as server:
     print(server.pid, flush=True)
     time.sleep(600)
 """
