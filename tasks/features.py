@@ -12,7 +12,8 @@ Where they come from (detected beside the ratings, or named by ``data.user_featu
   values in a cell separated by '|', an empty cell missing.
 
 A file in the wrong format fails the prepare stage with a ``DataError`` naming the file, the line and
-what was expected. The stage writes ``user_features.parquet`` and ``item_features.parquet`` (see
+what was expected, never the line's content (see ``tasks/datasets.py``); paths reach DuckDB literally
+(``literal_path``), never as glob patterns. The stage writes ``user_features.parquet`` and ``item_features.parquet`` (see
 ``sql/out_features.sql``; empty when the data set has none) and reports the fields in ``stats.json``.
 """
 
@@ -25,8 +26,8 @@ import duckdb
 import pyarrow.parquet as pq
 
 from metarec.config import DataConfig
-from tasks.datasets import DataError, Source
-from tasks.sqlfiles import run_sql
+from tasks.datasets import DataError, Source, _duckdb_problem
+from tasks.sqlfiles import UnreadablePathError, literal_path, run_sql
 
 ZIP_DIGITS = 2  # a zip code's first two characters: a region (ml-100k has 795 distinct codes for 943 users)
 KINDS = ("user", "item")
@@ -88,14 +89,14 @@ def load_feature_file(con: duckdb.DuckDBPyConnection, file: FeatureFile, data: D
     """Check one file (DataError on the first bad line) and add its rows to ``raw_features``."""
     if file.format in DELIMITED:
         spec = DELIMITED[file.format]
-        _read(con, file, "feature_lines", {"path": str(file.path), "encoding": spec.encoding})
+        _read(con, file, "feature_lines", {"path": _literal(file.path), "encoding": spec.encoding})
         bad = run_sql(con, "feature_bad_line", {"delim": spec.delim, "nfields": spec.nfields, "int_fields": list(spec.int_fields),
                                                 "flag_from": spec.flag_from}).fetchall()
         if bad:
-            line_no, text, nfields, problem, field_no = bad[0]
+            line_no, _text, nfields, problem, field_no = bad[0]
             what = {"fields": f"{nfields} field(s)", "integer": f"field {field_no} is not an integer",
                     "flag": f"field {field_no} is not a 0/1 genre flag"}[problem]
-            raise DataError(f"{file.path}, line {line_no}: {what} (text: {text!r}); expected {spec.expected}")
+            raise DataError(f"{file.path}, line {line_no}: {what}; expected {spec.expected}")
         run_sql(con, spec.query, {"zip_digits": ZIP_DIGITS} if file.kind == "user" else {})
         return
     id_col = "movieId" if file.format == "ml-csv-items" else (data.user_col if file.kind == "user" else data.item_col)
@@ -106,12 +107,19 @@ def load_feature_file(con: duckdb.DuckDBPyConnection, file: FeatureFile, data: D
         run_sql(con, "features_generic", {"kind": file.kind})
 
 
+def _literal(path: Path) -> str:
+    try:
+        return literal_path(Path(path).resolve())
+    except UnreadablePathError as exc:
+        raise DataError(str(exc)) from None
+
+
 def _read(con: duckdb.DuckDBPyConnection, file: FeatureFile, query: str, params: dict) -> None:
     problem = None
     try:
         run_sql(con, query, params)
     except duckdb.Error as exc:
-        problem = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
+        problem = _duckdb_problem(exc)
     if problem is not None:  # raised outside the handler: DuckDB's exception is not kept alive
         raise DataError(f"{file.path}: could not be read as {file.kind} features ({problem})")
 
@@ -122,26 +130,26 @@ def _stage_rows(con: duckdb.DuckDBPyConnection, file: FeatureFile, id_col: str) 
     columns: list[str] = []
     problem = None
     try:
-        columns = [d[0] for d in run_sql(con, peek, {"path": str(file.path)}).description]
+        columns = [d[0] for d in run_sql(con, peek, {"path": _literal(file.path)}).description]
     except duckdb.Error as exc:
-        problem = str(exc).strip().splitlines()[0]
+        problem = _duckdb_problem(exc)
     if problem is not None:
         raise DataError(f"{file.path}: could not be read as {file.kind} features ({problem})")
     needed = ("movieId", "title", "genres") if file.format == "ml-csv-items" else (id_col,)
     missing = [c for c in needed if c not in columns]
     if missing:
-        raise DataError(f"{file.path}, line 1: column(s) {missing} not found in the header {columns}; expected "
+        raise DataError(f"{file.path}, line 1: column(s) {missing} not found among the header's {len(columns)} columns; expected "
                         + ("'movieId,title,genres'" if file.format == "ml-csv-items" else
                            f"the {file.kind} id column {id_col!r} (data.{file.kind}_col) and at least one feature column"))
     if len(columns) < 2:
         raise DataError(f"{file.path}, line 1: only the id column {id_col!r}; expected at least one feature column beside it")
-    _read(con, file, "feature_rows_parquet" if file.format == "parquet" else "feature_rows_csv", {"path": str(file.path), "id_col": id_col})
+    _read(con, file, "feature_rows_parquet" if file.format == "parquet" else "feature_rows_csv", {"path": _literal(file.path), "id_col": id_col})
     first_line = 1 if file.format == "parquet" else 2
     bad = run_sql(con, "feature_rows_bad", {"first_line": first_line}).fetchall()
     if bad:
-        line_no, raw_id, problem, first = bad[0]
+        line_no, _raw_id, problem, first = bad[0]
         where = "row" if file.format == "parquet" else "line"
-        what = f"id {raw_id!r} is not an integer" if problem == "integer" else f"id {raw_id!r} repeats {where} {first}"
+        what = "the id is not an integer" if problem == "integer" else f"the id repeats {where} {first}"
         raise DataError(f"{file.path}, {where} {line_no}: {what}; expected one row per {file.kind}, "
                         f"the {id_col!r} column holding the integer ids of the ratings")
 

@@ -110,6 +110,15 @@ def test_dataset_file_with_glob_characters_is_read_alone(tmp_path: Path, name: s
     assert ingested["ratings_read"] == 4
 
 
+def test_feature_file_with_brackets_is_read_alone(tmp_path: Path):
+    """Item 1: side-feature files reach DuckDB literally too."""
+    for name, country in (("users[1].csv", "fr"), ("users1.csv", "de")):
+        (tmp_path / name).write_text("user_id,country\n" + "".join(f"{u},{country}\n" for u in range(30)))
+    config = small_config(write_csv(tmp_path / "planted.csv"), tmp_path / "artifacts", user_features=tmp_path / "users[1].csv")
+    out = prepare_data(config)
+    assert set(pq.read_table(out / "user_features.parquet").column("value").to_pylist()) == {"fr"}
+
+
 def test_artifacts_folder_with_brackets_prepares(tmp_path: Path):
     """Item 1: the prepared Parquet files are read back literally too (they live under the artifacts folder)."""
     csv = write_csv(tmp_path / "planted.csv")
