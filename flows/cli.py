@@ -252,6 +252,16 @@ def recommend(
         typer.echo(f"{row['rank']:>3}  {row['item']:>8}  {row['title']}")
 
 
+SERVER_LOG = "server.log"
+
+
+def _prefect_home(cfg) -> Path:
+    """$PREFECT_HOME if set, else artifacts/prefect: this checkout's runs never mix with other projects' in ~/.prefect."""
+    home = Path(os.environ.get("PREFECT_HOME") or Path(cfg.runtime.artifacts_dir) / "prefect").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
 @app.command()
 def deploy(
     port: int = typer.Option(4200, "--port", metavar="PORT", help="Port of the local Prefect server (127.0.0.1)."),
@@ -264,14 +274,19 @@ def deploy(
 ) -> None:
     """Serve the nightly retraining on a local Prefect server.
 
-    Starts the server and serves the deployment; Ctrl-C stops both.
+    Starts the server and serves the deployment; Ctrl-C stops both. Prefect's state (its database, settings and
+    the server's log, server.log) lives in artifacts/prefect/, or in $PREFECT_HOME when that is set.
     """
     import os
 
     from flows.deploy import DEPLOYMENT_NAME, api_url, local_server, serve_nightly
 
-    _config(None, set_, dataset)  # validate the overrides before anything starts
+    cfg = _config(None, set_, dataset)  # validate the overrides before anything starts
+    home = _prefect_home(cfg)
+    # before Prefect is imported: this process (the served deployment, its flow runs) and the server share this home
+    os.environ["PREFECT_HOME"] = str(home)
     parameters = {"dataset": dataset, "quick": quick, "overrides": list(set_)}
+    typer.echo(f"Prefect home: {home}" + (f"; server log: {home / SERVER_LOG}" if server else ""))
     typer.echo(f"trigger a run with: PREFECT_API_URL={api_url(port)} prefect deployment run 'nightly-retrain/{DEPLOYMENT_NAME}'")
     if not server:
         serve_nightly(cron, parameters)
@@ -281,7 +296,7 @@ def deploy(
 
     # SIGTERM unwinds like Ctrl-C, so the server started below is stopped with us
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with local_server(port, ui=ui):
+    with local_server(port, prefect_home=home, log_path=home / SERVER_LOG, ui=ui):
         os.environ["PREFECT_API_URL"] = api_url(port)
         typer.echo(f"Prefect server on {api_url(port).removesuffix('/api')}; serving 'nightly-retrain/{DEPLOYMENT_NAME}' on '{cron}'")
         serve_nightly(cron, parameters)

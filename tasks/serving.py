@@ -27,7 +27,7 @@ from tasks.evaluation import load_cases
 from tasks.paths import dataset_slug, prepared_dir
 from tasks.prepared import PreparedData, load_prepared
 from tasks.tracking import REGISTERED_MODEL, setup_mlflow
-from tasks.training import load_theta
+from tasks.model_registry import load_theta
 
 
 class ServingError(LookupError):
