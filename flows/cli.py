@@ -16,6 +16,8 @@ from tasks.settings import ConfigError, load_config
 
 # A batch tool runs offline too: Prefect's server telemetry would only log a failed lookup on every run.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# MLflow draws a progress bar for every small artifact it copies (logging a model copies several): noise in a batch log.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 # Plain help (no rich markup): rich reads "[data]" as a style tag and drops it, and shows flags as "<bool>".
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)

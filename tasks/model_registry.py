@@ -129,13 +129,15 @@ def run_model_uri(run_id: str) -> str:
     return found[0].model_uri
 
 
-def description(config: Config, kind: str, score: float | None) -> str:
-    scored = f"new-user NDCG@10 at n = 5: {score:.4f}" if score is not None else "not evaluated"
+def description(config: Config, kind: str, score: float | None, version: str) -> str:
+    """What a version is and how to use it (markdown, as the registry page renders it)."""
+    scored = f"new-user NDCG@10 at n = 5: **{score:.4f}**" if score is not None else "not evaluated"
     return (
-        f"Θ of the responsive MF meta-trained on {config.data.dataset} ({config.runtime.preset} preset) by a {kind} run; "
-        f"{scored}. Load with mlflow.pyfunc.load_model('models:/{REGISTERED_MODEL}@champion') (or /<version>) and predict "
-        "a DataFrame with string columns user, item (raw ids, one row per candidate) and optional recent "
-        "(comma-separated raw item ids): it returns a score per row."
+        f"Θ of the responsive MF meta-trained on `{config.data.dataset}` ({config.runtime.preset} preset) by a {kind} run; "
+        f"{scored}.\n\nLoad it with `mlflow.pyfunc.load_model('models:/{REGISTERED_MODEL}/{version}')` (or "
+        f"`'models:/{REGISTERED_MODEL}@champion'` for the one served) and predict a DataFrame with string columns `user`, "
+        "`item` (raw ids, one row per candidate) and optional `recent` (the user's latest raw item ids, comma-separated, "
+        "oldest first): it returns a `score` per row, higher is better."
     )
 
 
@@ -166,6 +168,6 @@ def register_candidate(config: Config, run_id: str, kind: str, score: float | No
         tags[SCORE_TAG] = repr(float(score))  # exact: the champion comparison reads it back
         tags[DATA_TAG] = data_hash or tags["data_hash"]
     created = mlflow.register_model(run_model_uri(run_id), REGISTERED_MODEL, tags=tags)
-    client.update_model_version(REGISTERED_MODEL, created.version, description=description(config, kind, score))
+    client.update_model_version(REGISTERED_MODEL, created.version, description=description(config, kind, score, str(created.version)))
     logger.info("registered run %s as %s v%s", run_id, REGISTERED_MODEL, created.version)
     return str(created.version)
