@@ -44,10 +44,12 @@ def png_data_uri(path: Path, max_width: int = MAX_IMAGE_WIDTH) -> str:
     from PIL import Image  # matplotlib's own dependency
 
     with Image.open(path) as image:
+        image = image.convert("RGB")
         if image.width > max_width:
             image = image.resize((max_width, round(image.height * max_width / image.width)), Image.LANCZOS)
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG", optimize=True)
+        # a plot has few colours: a 256-colour palette looks the same at a third of the bytes
+        image.quantize(256).save(buffer, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -15,10 +15,15 @@
 3. NaN/Inf in the objective, gradient or Θ stops the run with status
    ``diverged`` (MLflow tag and ``status.json``), and no weights are written
    (the checkpoint is removed);
-4. at the end Θ is saved as safetensors in the run's ``model/`` artifacts with
-   a JSON description (``load_theta`` reads it back without unpickling),
-   registered as ``responsive-mf``, and the whole model (Θ + what it has seen)
-   is saved with ``tasks.models.save_model`` where the evaluation looks for it.
+4. at the end Θ is logged on the run as an MLflow pyfunc model
+   (``tasks.model_registry``: safetensors + JSON, ``load_theta`` reads it back
+   without unpickling), and the whole model (Θ + what it has seen) is saved with
+   ``tasks.models.save_model`` where the evaluation looks for it. Nothing is
+   registered here: a serving candidate is registered after its evaluation;
+5. a finished training of the same configuration is returned as it is, its
+   MLflow run left closed.
+
+The MLflow run nests under the open parent run (``tasks.tracking.child_run``).
 
 Progress: a tqdm bar over tasks when stderr is a terminal (and
 ``runtime.progress``), else one log line per epoch (Prefect's logger in a flow).
