@@ -1,5 +1,5 @@
-"""MLflow conventions: the run tree across threads, the params a model's run shows, the store's layout, headline
-metrics; and the Prefect side: artifact keys, inline pictures, artifacts on the top flow run."""
+"""MLflow conventions: the run tree across threads, the params a model's run shows, the store's layout; and the
+Prefect side: artifact keys, inline pictures, artifacts on the top flow run."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from metarec.config import Config  # noqa: E402
 from tasks.evaluation import log_child_run  # noqa: E402
 from tasks.publish import artifact_key, png_data_uri, with_images  # noqa: E402
 from tasks.tracking import (  # noqa: E402
-    child_run, headline, main_params, model_params, parent_run, setup_mlflow,
+    child_run, main_params, model_params, parent_run, setup_mlflow,
 )
 
 
@@ -49,31 +49,39 @@ def test_each_row_shows_the_values_it_runs_with_and_only_its_own_sections(config
 def test_runs_opened_in_worker_threads_nest_under_the_open_parent_and_a_failure_marks_it_failed(config):
     setup_mlflow(config)
 
-    def work(name: str) -> str:
-        with child_run(name, {"model": name}) as run:
+    def work(name: str) -> tuple[str, str]:
+        with child_run(name, {"model": name}) as outer:
             mlflow.log_metric("x", 1.0)
             with child_run(f"{name} inner") as inner:  # nests under this thread's active run
-                return run.info.run_id, inner.info.run_id
+                return outer, inner
 
-    with parent_run(config, "pipeline") as parent:
+    def opened_under(parent_id: str) -> str:
+        with child_run("explicit", parent_run_id=parent_id) as run_id:
+            return run_id
+
+    with parent_run(config, "pipeline ml-100k", "pipeline") as parent:
+        mlflow.log_params(main_params(config))
         with ThreadPoolExecutor(2) as pool:  # as Prefect's thread runner does: each task in a copy of the context
             ids = [future.result() for future in [pool.submit(contextvars.copy_context().run, work, name) for name in ("rkmf", "pop")]]
+        with ThreadPoolExecutor(1) as pool:  # an explicit parent wins over the context's
+            explicit = pool.submit(contextvars.copy_context().run, opened_under, ids[0][0]).result()
     client = MlflowClient()
     for outer, inner in ids:
-        assert client.get_run(outer).data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert client.get_run(outer).data.tags["mlflow.parentRunId"] == parent
         assert client.get_run(inner).data.tags["mlflow.parentRunId"] == outer
-    assert client.get_run(parent.info.run_id).data.params["data.dataset"] == "ml-100k"
+    assert client.get_run(explicit).data.tags["mlflow.parentRunId"] == ids[0][0]
+    assert client.get_run(parent).data.params["data.dataset"] == "ml-100k"
     assert mlflow.active_run() is None
 
-    with pytest.raises(RuntimeError), parent_run(config, "nightly") as failing:
+    with pytest.raises(RuntimeError), parent_run(config, "nightly ml-100k", "nightly") as failing:
         with child_run("step"):
             pass
         raise RuntimeError("boom")
-    failed = client.get_run(failing.info.run_id)
+    failed = client.get_run(failing)
     assert failed.info.status == "FAILED" and "boom" in failed.data.tags["error"]
     with child_run("after") as after:  # the failed parent is closed: later runs are top level again
         pass
-    assert "mlflow.parentRunId" not in client.get_run(after.info.run_id).data.tags
+    assert "mlflow.parentRunId" not in client.get_run(after).data.tags
 
 
 def test_store_keeps_every_artifact_inside_artifacts(config, artifacts):
@@ -91,23 +99,12 @@ def test_child_runs_span_their_work_and_differ_in_params(config):
     experiment = client.get_experiment_by_name(config.runtime.experiment).experiment_id
     parent = client.create_run(experiment)
     record = lambda name: {"model": name, "metrics": {"new_n5_ndcg10": {"mean": 0.5}}, "seconds": {"new_users": 1.0}}  # noqa: E731
-    a = log_child_run(client, experiment, parent.info.run_id, record("rkmf"), {}, config, started_ms=1_000_000, ended_ms=1_090_000)
-    b = log_child_run(client, experiment, parent.info.run_id, record("srec"), {}, config)
+    a = log_child_run(client, experiment, parent.info.run_id, record("rkmf"), {}, model_params(config, "rkmf"), started_ms=1_000_000, ended_ms=1_090_000)
+    b = log_child_run(client, experiment, parent.info.run_id, record("srec"), {}, model_params(config, "srec"))
     run_a, run_b = client.get_run(a), client.get_run(b)
     assert (run_a.info.start_time, run_a.info.end_time) == (1_000_000, 1_090_000)
     differing = {k for k in run_a.data.params.keys() | run_b.data.params.keys() if run_a.data.params.get(k) != run_b.data.params.get(k)}
     assert {"model", "baselines.lr", "baselines.srec_negatives"} <= differing
-
-
-def test_headline_is_ours_and_the_best_other_model_at_each_n():
-    results = {
-        "responsive": {"metrics": {"new_n1_ndcg10": {"mean": 0.6}, "new_n5_ndcg10": {"mean": 0.5}}},
-        "rkmf": {"metrics": {"new_n1_ndcg10": {"mean": 0.7}, "new_n5_ndcg10": {"mean": 0.4}}},
-        "pop": {"metrics": {"new_n1_ndcg10": {"mean": 0.3}, "new_n5_ndcg10": {"mean": 0.45}}},
-    }
-    metrics, tags = headline(results, ns=(1, 5))
-    assert metrics == {"ours_new_n1_ndcg10": 0.6, "best_other_new_n1_ndcg10": 0.7, "ours_new_n5_ndcg10": 0.5, "best_other_new_n5_ndcg10": 0.45}
-    assert tags == {"best_other_n1": "rkmf", "best_other_n5": "pop"}
 
 
 def test_artifact_keys_name_the_data_set_in_prefects_alphabet():
@@ -138,8 +135,8 @@ def test_artifacts_go_on_the_top_flow_run_and_each_flow_logs_its_mlflow_run(pref
 
     @flow
     def inner() -> str:
-        with parent_run(config, "pipeline") as run:
-            log_mlflow_run(config, run)
+        with parent_run(config, "pipeline ml-100k", "pipeline") as run_id:
+            log_mlflow_run(config, run_id)
         return publish_markdown("table1", "ml-100k", "| model |\n|---|\n| ours |", "Table 1")
 
     @flow

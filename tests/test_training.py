@@ -74,7 +74,7 @@ def test_training_logs_the_rows_params_metrics_and_theta_as_a_pyfunc_model(train
     for name in ("support_loss", "query_loss", "tasks_per_s"):
         assert [m.step for m in client.get_metric_history(result.run_id, name)] == [0, 1, 2]
     assert run.data.tags["status"] == "finished" and run.data.tags["config_hash"] == config.hash_of()
-    assert run.info.run_name == f"train responsive λ={config.meta.lambda_ml:g}"
+    assert run.info.run_name == f"train responsive fold 0 λ={config.meta.lambda_ml:g}"
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, dst_path=str(tmp_path / "dl")))
     P, Q, meta = load_theta(local)
     model = load_model(model_dir(config, "responsive"))

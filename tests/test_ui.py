@@ -104,11 +104,15 @@ def _params(run: dict) -> dict[str, str]:
     return {p["key"]: p["value"] for p in run["data"].get("params", [])}
 
 
-def _pipeline_children(url: str, quick_run) -> list[dict]:
-    experiment = _experiment(url, quick_run)
-    parents = _runs(url, experiment, "tags.kind = 'pipeline'")
+def _first_pipeline(url: str, quick_run) -> dict:
+    parents = _runs(url, _experiment(url, quick_run), "tags.kind = 'pipeline'")
     assert len(parents) == 2  # the quick run and its re-run
-    return _runs(url, experiment, f"tags.mlflow.parentRunId = '{parents[-1]['info']['run_id']}'")
+    return parents[-1]  # newest first
+
+
+def _pipeline_children(url: str, quick_run, kind: str = "model") -> list[dict]:
+    parent = _first_pipeline(url, quick_run)["info"]["run_id"]
+    return _runs(url, _experiment(url, quick_run), f"tags.mlflow.parentRunId = '{parent}' and tags.kind = '{kind}'")
 
 
 @pytest.mark.slow
@@ -123,12 +127,18 @@ def test_the_pipeline_parent_has_one_child_per_model_and_their_params_differ(mlf
     config = quick_run.config
     assert params["rkmf"]["baselines.lr"] == str(config.for_row("rkmf").baselines.lr) != params["spmf"]["baselines.lr"]
     assert "meta.lambda_ml" in params["responsive"] and "baselines.lr" not in params["responsive"]
+    # the training and the sweep ran inside the parent's span, nested under it
+    parent = _first_pipeline(mlflow_ui, quick_run)["info"]
+    for kind in ("training", "lambda_sweep"):
+        [child] = _pipeline_children(mlflow_ui, quick_run, kind)
+        span = [int(parent["start_time"]), int(child["info"]["start_time"]), int(child["info"]["end_time"]), int(parent["end_time"])]
+        assert span == sorted(span), (kind, span)
 
 
 @pytest.mark.slow
 def test_sweep_points_are_runs_named_by_lambda_with_lambda_as_a_param(mlflow_ui, quick_run):
     experiment = _experiment(mlflow_ui, quick_run)
-    sweep = _runs(mlflow_ui, experiment, "tags.kind = 'lambda_sweep'")
+    sweep = _pipeline_children(mlflow_ui, quick_run, "lambda_sweep")
     assert len(sweep) == 1
     points = _runs(mlflow_ui, experiment, f"tags.mlflow.parentRunId = '{sweep[0]['info']['run_id']}'")
     assert sorted(run["info"]["run_name"] for run in points) == ["sweep λ=0", "sweep λ=1"]
