@@ -135,7 +135,7 @@ def test_fomaml_row_trains_through_the_same_path_in_its_own_folder(planted_csv, 
     """Row responsive_fo (issue 11): meta_train with checkpoints and an MLflow run of its own, the first-order option
     fixed, saved where the evaluation looks for it (the pipeline registers only ours, as here)."""
     config = _prepared(_config(planted_csv, tmp_path / "fo"))
-    result = meta_train(config, row="responsive_fo", register=False)
+    result = meta_train(config, row="responsive_fo")
     assert result.status == "finished" and result.epochs_done == 3 and result.model_version is None
     fo = config.for_row("responsive_fo")
     assert fo.meta.first_order and training_dir(fo) != training_dir(config.for_row("responsive"))

@@ -23,7 +23,6 @@ import pandas as pd
 import pytest
 
 from flows.deploy import stop_process_group
-from metarec.config import KNOWN_MODELS
 from tasks.champion import CHAMPION
 from tasks.tracking import MODEL_TRAINING_VIEW, REGISTERED_MODEL, tracking_uri
 
@@ -118,7 +117,7 @@ def _pipeline_children(url: str, quick_run, kind: str = "model") -> list[dict]:
 @pytest.mark.slow
 def test_the_pipeline_parent_has_one_child_per_model_and_their_params_differ(mlflow_ui, quick_run):
     children = _pipeline_children(mlflow_ui, quick_run)
-    assert sorted(run["info"]["run_name"] for run in children) == sorted(KNOWN_MODELS)
+    assert sorted(run["info"]["run_name"] for run in children) == sorted(quick_run.config.eval.models)
     params = {run["info"]["run_name"]: _params(run) for run in children}
     for a in params:
         for b in params:
