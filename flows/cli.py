@@ -1,7 +1,7 @@
-"""The `metarec` command line: every command builds one validated Config, then calls a flow.
+"""metarec: a responsive, meta-learned recommender as a batch workflow.
 
-Config layers: defaults < METAREC_* environment < --config FILE (TOML) < --set section.field=value
-< the explicit flags of each command.
+Every command builds one validated configuration, then runs a Prefect flow. Configuration layers, later wins:
+defaults < METAREC_* environment < --config FILE (TOML) < --set section.field=value < each command's own flags.
 
 Exit codes: 0 done; 1 a run failed (bad data, a damaged file, ...); 2 a bad option or config
 value; 3 meta-training diverged (`metarec run` without --allow-divergence, `metarec train`).
@@ -20,13 +20,16 @@ from tasks.settings import ConfigError, load_config
 
 # A batch tool runs offline too: Prefect's server telemetry would only log a failed lookup on every run.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# MLflow draws a progress bar for every small artifact it copies (logging a model copies several): noise in a batch log.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+# Plain help (no rich markup): rich reads "[data]" as a style tag and drops it, and shows flags as "<bool>".
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
 
-ConfigOpt = typer.Option(None, "--config", help="TOML file with [data], [tasks], [meta], [baselines], [eval], [runtime] sections.")
-SetOpt = typer.Option([], "--set", help="Override one value: section.field=value (repeatable).")
-DatasetOpt = typer.Option(None, "--dataset", help="ml-100k, ml-1m, ml-latest, ml-latest-small, netflix, or a CSV/Parquet path.")
-DataDirOpt = typer.Option(None, "--data-dir", help="Folder holding raw datasets (else METAREC_DATA_DIR, ./data, ../shared/datasets).")
+ConfigOpt = typer.Option(None, "--config", metavar="FILE", help="TOML file with [data], [tasks], [meta], [baselines], [eval], [runtime] sections.")
+SetOpt = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override one value: section.field=value (repeatable).")
+DatasetOpt = typer.Option(None, "--dataset", metavar="NAME|PATH", help="ml-100k, ml-1m, ml-latest, ml-latest-small, netflix, or a CSV/Parquet path.")
+DataDirOpt = typer.Option(None, "--data-dir", metavar="DIR", help="Folder holding raw datasets (else METAREC_DATA_DIR, ./data, ../shared/datasets).")
 
 
 def _config(config: Optional[Path], sets: list[str], dataset: Optional[str] = None, data_dir: Optional[Path] = None, **sections):
@@ -59,9 +62,12 @@ def prepare(
     set_: list[str] = SetOpt,
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    sample_users: Optional[int] = typer.Option(None, "--sample-users", help="Keep a seeded sample of N users."),
+    sample_users: Optional[int] = typer.Option(None, "--sample-users", metavar="N", help="Keep a seeded sample of N users."),
 ) -> None:
-    """Ingest ratings, split them in DuckDB, sample the evaluation candidates."""
+    """Prepare a data set for the pipeline.
+
+    Ingests the ratings, splits them in DuckDB (new users, history, stream) and samples the evaluation candidates.
+    """
     cfg = _config(config, set_, dataset, data_dir, data={"sample_users": sample_users} if sample_users else {})
     from tasks.paths import prepared_dir
     from tasks.prepare import is_prepared
@@ -81,7 +87,10 @@ def prepare(
 
 @app.command()
 def datasets(data_dir: Optional[Path] = DataDirOpt) -> None:
-    """List the known data sets, the folders searched, and where each one was found."""
+    """List the known data sets and where each was found.
+
+    Prints the folders searched, in order, then one line per known data set.
+    """
     from tasks.datasets import KNOWN, detect_folder, search_dirs
 
     dirs = search_dirs(data_dir)
@@ -98,9 +107,12 @@ def tune(
     set_: list[str] = SetOpt,
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    model: list[str] = typer.Option([], "--model", help="Row(s) to tune (repeatable; default: every row of eval.models with a search space)."),
+    model: list[str] = typer.Option([], "--model", metavar="NAME", help="Row(s) to tune (repeatable; default: every row of eval.models with a search space)."),
 ) -> None:
-    """Seeded Optuna search of each row's hyperparameters on fold 0's history (the same budget for every row)."""
+    """Tune each row's hyperparameters.
+
+    A seeded Optuna search on fold 0's history, with the same budget for every row.
+    """
     cfg = _config(config, set_, dataset, data_dir)
     from flows.baselines import tune_flow
     from flows.runners import with_runner
@@ -120,11 +132,14 @@ def fit(
     set_: list[str] = SetOpt,
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    model: list[str] = typer.Option([], "--model", help="Model(s) to fit (repeatable; default: the baselines among eval.models)."),
-    tuned: Optional[Path] = typer.Option(None, "--tuned", help="A tuning record (metarec tune) whose chosen values to use."),
+    model: list[str] = typer.Option([], "--model", metavar="NAME", help="Model(s) to fit (repeatable; default: the baselines among eval.models)."),
+    tuned: Optional[Path] = typer.Option(None, "--tuned", metavar="FILE", help="A tuning record (metarec tune) whose chosen values to use."),
     force: bool = typer.Option(False, "--force", help="Refit even if a saved model with the same config exists."),
 ) -> None:
-    """Fit models on the prepared history and save them (state.npz + model.json, no pickle)."""
+    """Fit models and save them.
+
+    Fits on the prepared history and saves each model as state.npz + model.json (no pickle).
+    """
     cfg = _config(config, set_, dataset, data_dir)
     from flows.baselines import fit_flow
     from tasks.models import BASELINE_NAMES
@@ -144,10 +159,14 @@ def train(
     set_: list[str] = SetOpt,
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Meta-training epochs (meta.epochs)."),
-    lambda_ml: Optional[float] = typer.Option(None, "--lambda-ml", help="Weight of the meta-learning loss (meta.lambda_ml)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", metavar="N", help="Meta-training epochs (meta.epochs)."),
+    lambda_ml: Optional[float] = typer.Option(None, "--lambda-ml", metavar="X", help="Weight of the meta-learning loss (meta.lambda_ml)."),
 ) -> None:
-    """Prepare, build the task shards and meta-train the responsive MF (resumes from its last checkpoint); logs to MLflow."""
+    """Meta-train our model.
+
+    Prepares the data, builds the task shards and meta-trains the responsive MF (resuming from its last
+    checkpoint); logs to MLflow and logs Θ as an MLflow model.
+    """
     meta = {k: v for k, v in {"epochs": epochs, "lambda_ml": lambda_ml}.items() if v is not None}
     cfg = _config(config, set_, dataset, data_dir, meta=meta)
     from flows.train import train_flow
@@ -181,10 +200,14 @@ def run(
     quick: bool = typer.Option(False, "--quick", help="Fewer epochs, tasks and resamples: minutes, for tests and a first look."),
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also run the λ_ML sweep (paper Fig. 4)."),
     tune_first: bool = typer.Option(False, "--tune", help="Tune every row on this data set first when it has no tuned values yet (metarec tune)."),
-    folds: Optional[int] = typer.Option(None, "--folds", help="New-user folds to pool (data.new_user_folds)."),
+    folds: Optional[int] = typer.Option(None, "--folds", metavar="F", help="New-user folds to pool (data.new_user_folds)."),
     allow_divergence: bool = typer.Option(False, "--allow-divergence", help="Exit 0 even if our model's meta-training diverges (the report says so either way)."),
 ) -> None:
-    """The whole pipeline: prepare, build tasks, train ours and the baselines, evaluate in parallel, Table 1 and curves."""
+    """Run the whole pipeline, with the λ_ML sweep.
+
+    Prepares, builds tasks, trains ours and fits the baselines, evaluates all in parallel over the new-user folds,
+    writes Table 1 and the curves, registers our model and moves the champion alias if it is at least as good.
+    """
     cfg = _run_config(config, [*set_, *([f"data.new_user_folds={folds}"] if folds else [])], dataset, data_dir, quick)
     from flows.pipeline import pipeline
     from flows.runners import with_runner
@@ -216,23 +239,30 @@ def evaluate(
     set_: list[str] = SetOpt,
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    quick: bool = typer.Option(False, "--quick"),
+    quick: bool = typer.Option(False, "--quick", help="Fewer epochs, tasks and resamples: minutes, for tests and a first look."),
     allow_divergence: bool = typer.Option(False, "--allow-divergence", help="Exit 0 even if our model's meta-training diverges."),
 ) -> None:
-    """Evaluate the models of eval.models (fitting what is missing) and render Table 1; same as `run --no-sweep`."""
+    """Run the pipeline without the λ_ML sweep.
+
+    Evaluates the models of eval.models (fitting what is missing) and renders Table 1: the same as
+    `run --no-sweep`.
+    """
     run(config, set_, dataset, data_dir, quick, sweep=False, tune_first=False, folds=None, allow_divergence=allow_divergence)
 
 
 @app.command()
 def recommend(
-    user: str = typer.Option(..., "--user", help="The user's id as in the raw data (e.g. 196 for ml-100k)."),
-    recent: Optional[str] = typer.Option(None, "--recent", help="Comma-separated raw item ids, oldest first; default: the user's stored ones."),
-    n: int = typer.Option(10, "-n", help="How many items."),
-    version: Optional[str] = typer.Option(None, "--version", help="A registered version of responsive-mf (default: the champion)."),
+    user: str = typer.Option(..., "--user", metavar="ID", help="The user's id as in the raw data (e.g. 196 for ml-100k)."),
+    recent: Optional[str] = typer.Option(None, "--recent", metavar="ITEM,ITEM,...", help="Comma-separated raw item ids, oldest first; default: the user's stored ones."),
+    n: int = typer.Option(10, "-n", metavar="N", help="How many items."),
+    version: Optional[str] = typer.Option(None, "--version", metavar="VERSION", help="A registered version of responsive-mf (default: the champion)."),
     config: Optional[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
-    """Top-n items from the champion, adapted to the user's most recent interactions (METHOD.md §6)."""
+    """Recommend items from the champion.
+
+    Top-n items, adapted to the user's most recent interactions (METHOD.md §6).
+    """
     cfg = _config(config, set_)
     from tasks.serving import ServingError, load_served
     from tasks.serving import recommend as recommend_items
@@ -250,27 +280,45 @@ def recommend(
         typer.echo(f"{row['rank']:>3}  {row['item']:>8}  {row['title']}")
 
 
+SERVER_LOG = "server.log"
+
+
+def _prefect_home(cfg) -> Path:
+    """$PREFECT_HOME if set, else artifacts/prefect: this checkout's runs never mix with other projects' in ~/.prefect."""
+    home = Path(os.environ.get("PREFECT_HOME") or Path(cfg.runtime.artifacts_dir) / "prefect").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
 @app.command()
 def deploy(
-    port: int = typer.Option(4200, "--port", help="Port of the local Prefect server (127.0.0.1)."),
-    cron: str = typer.Option("0 2 * * *", "--cron", help="Schedule of the nightly retraining."),
-    dataset: str = typer.Option("ml-100k", "--dataset"),
+    port: int = typer.Option(4200, "--port", metavar="PORT", help="Port of the local Prefect server (127.0.0.1)."),
+    cron: str = typer.Option("0 2 * * *", "--cron", metavar="CRON", help="Schedule of the nightly retraining."),
+    dataset: str = typer.Option("ml-100k", "--dataset", metavar="NAME|PATH", help="The data set each nightly run retrains on."),
     quick: bool = typer.Option(False, "--quick", help="Retrain with the --quick preset."),
     set_: list[str] = SetOpt,
     server: bool = typer.Option(True, "--server/--no-server", help="Start a Prefect server here (else use PREFECT_API_URL)."),
     ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the Prefect web UI from the started server."),
 ) -> None:
-    """Start a local Prefect server and serve the nightly retraining deployment (Ctrl-C stops both)."""
+    """Serve the nightly retraining on a local Prefect server.
+
+    Starts the server and serves the deployment; Ctrl-C stops both. Prefect's state (its database, settings and
+    the server's log, server.log) lives in artifacts/prefect/, or in $PREFECT_HOME when that is set.
+    """
     import os
 
     from flows.deploy import DEPLOYMENT_NAME, api_url, local_server, port_in_use, serve_nightly
 
-    _config(None, set_, dataset)  # validate the overrides before anything starts
+    cfg = _config(None, set_, dataset)  # validate the overrides before anything starts
     if server and port_in_use(port):
         typer.secho(f"error: port {port} on 127.0.0.1 is already in use by another process; choose another with --port",
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
+    home = _prefect_home(cfg)
+    # before Prefect is imported: this process (the served deployment, its flow runs) and the server share this home
+    os.environ["PREFECT_HOME"] = str(home)
     parameters = {"dataset": dataset, "quick": quick, "overrides": list(set_)}
+    typer.echo(f"Prefect home: {home}" + (f"; server log: {home / SERVER_LOG}" if server else ""))
     typer.echo(f"trigger a run with: PREFECT_API_URL={api_url(port)} prefect deployment run 'nightly-retrain/{DEPLOYMENT_NAME}'")
     if not server:
         serve_nightly(cron, parameters)
@@ -280,7 +328,7 @@ def deploy(
 
     # SIGTERM unwinds like Ctrl-C, so the server started below is stopped with us
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with local_server(port, ui=ui):
+    with local_server(port, prefect_home=home, log_path=home / SERVER_LOG, ui=ui):
         os.environ["PREFECT_API_URL"] = api_url(port)
         typer.echo(f"Prefect server on {api_url(port).removesuffix('/api')}; serving 'nightly-retrain/{DEPLOYMENT_NAME}' on '{cron}'")
         serve_nightly(cron, parameters)

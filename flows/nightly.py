@@ -22,16 +22,17 @@ import os
 import mlflow
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import pipeline
 from flows.runners import with_runner
 from metarec.config import Config
 from tasks.champion import promote_if_better
+from tasks.model_registry import register_candidate
 from tasks.paths import prepared_dir
+from tasks.publish import log_mlflow_run, publish_markdown
 from tasks.serving import rescore_version
 from tasks.settings import QUICK_OVERRIDES, load_config
-from tasks.tracking import run_tags, setup_mlflow
+from tasks.tracking import main_params, parent_run, setup_mlflow
 
 SCORE = "new_n5_ndcg10"
 
@@ -79,11 +80,22 @@ def promote_task(config: Config, version: str, score: float) -> dict:
     return decision.__dict__
 
 
-def promote_result(config: Config, result: dict) -> tuple[float, dict]:
-    """(score, decision) for the version a pipeline run registered: fold 0's model, scored on fold 0's new users."""
+@task(name="register-candidate")
+def register_task(config: Config, run_id: str, kind: str, score: float) -> str:
+    """Register the training run's Θ as a serving candidate (once per run: a re-run gets the same version)."""
+    setup_mlflow(config)
+    return register_candidate(config, run_id, kind, score, prepared_dir(config).name)
+
+
+def promote_result(config: Config, result: dict, kind: str = "pipeline") -> tuple[float, dict]:
+    """(score, decision) for a pipeline run's model, fold 0's, scored on fold 0's new users: registered as a
+    serving candidate, then promoted if at least as good. ``kind``: the run that asks, recorded on the version
+    (pipeline for `metarec run`, or nightly)."""
     training = result["training"]
     score = result["fold0"]["responsive"]["metrics"][SCORE]["mean"]
-    return score, promote_task(config, training["model_version"], score)
+    version = register_task(config, training["run_id"], kind, score)
+    training["model_version"] = version
+    return score, promote_task(config, version, score)
 
 
 def nightly_config(dataset: str, quick: bool, overrides: list[str], config_file: str | None) -> Config:
@@ -96,21 +108,18 @@ def nightly_retrain(dataset: str = "ml-100k", quick: bool = False, overrides: li
     logger = get_run_logger()
     check_deployment_parameters(dataset, quick, overrides or [], config_file)
     config = nightly_config(dataset, quick, overrides or [], config_file)
-    setup_mlflow(config)
-    with mlflow.start_run(run_name=f"nightly-{config.hash_of()}", tags=run_tags(config, kind="nightly")) as run:
-        try:
-            result = with_runner(pipeline, config)(config)
-            training = result["training"]
-            if training is None or training["status"] != "finished":
-                status = "missing" if training is None else training["status"]
-                raise RetrainingFailed(f"meta-training {status}: {training and training.get('message')}; champion left as it was")
-            score, decision = promote_result(config, result)
-        except Exception as exc:
-            # the run ends FAILED (mlflow's context manager) with the error; nothing was promoted
-            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-            raise
+    # the run fails (FAILED, with the error as a tag) if anything below raises; nothing is promoted then
+    with parent_run(config, f"nightly {config.data.dataset} {config.hash_of()}", "nightly") as run_id:
+        mlflow.log_params(main_params(config))  # quick or full, the data set, the main settings
+        log_mlflow_run(config, run_id)
+        result = with_runner(pipeline, config)(config)
+        training = result["training"]
+        if training is None or training["status"] != "finished":
+            status = "missing" if training is None else training["status"]
+            raise RetrainingFailed(f"meta-training {status}: {training and training.get('message')}; champion left as it was")
+        score, decision = promote_result(config, result, kind="nightly")
         mlflow.set_tags({"promotion": decision["reason"], "model_version": training["model_version"]})
         mlflow.log_metric(SCORE, score)
-    create_markdown_artifact(f"**responsive-mf v{training['model_version']}**: {decision['reason']}", key="champion", description="champion decision")
+    publish_markdown("champion", config.data.dataset, f"**responsive-mf v{training['model_version']}**: {decision['reason']}", "champion decision")
     logger.info("v%s: %s", training["model_version"], decision["reason"])
-    return {"run_id": run.info.run_id, "version": training["model_version"], "score": score, "promotion": decision}
+    return {"run_id": run_id, "version": training["model_version"], "score": score, "promotion": decision}

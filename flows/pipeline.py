@@ -21,11 +21,11 @@ from pathlib import Path
 
 import mlflow
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.lambda_sweep import lambda_sweep
 from flows.prepare import prepare_flow
 from metarec.config import Config
+from metarec.redaction import redact
 from metarec.models.registry import ROWS
 from tasks.aggregate import RunFacts, write_report
 from tasks.atomic import write_json
@@ -35,7 +35,8 @@ from tasks.paths import dataset_slug, prepared_dir, run_dir
 from tasks.pooling import pool_cases, summarise_cases
 from tasks.prepared import load_prepared
 from tasks.task_shards import build_task_shards_task
-from tasks.tracking import parent_run, run_link, run_tags
+from tasks.publish import log_mlflow_run, publish_run_report
+from tasks.tracking import model_params, parent_run, run_tags
 from tasks.training import meta_train_task
 from tasks.tuning import TUNABLE, load_record, prefect_trials, tune, tuned_source
 
@@ -66,7 +67,7 @@ def _submit_fold(config: Config, parent_id: str) -> tuple[dict[str, object], dic
             key = Path(str(row_config.hash_of("data", "tasks")))
             shards.setdefault(key, task_dir.submit(row_config))
             trained[name] = meta_train_task.with_options(task_run_name=f"train-{name}-fold{fold}").submit(
-                config, shards[key], row=name, parent_run_id=parent_id, register=(fold == 0 and name == OURS)
+                config, shards[key], row=name, parent_run_id=parent_id  # registered after evaluation if fold 0's ours
             )
             model = _model_path.with_options(task_run_name=f"model-{name}-fold{fold}").submit(trained[name])
         else:
@@ -86,8 +87,7 @@ def _log_children(config: Config, parent_id: str, results: dict[str, dict], file
     experiment_id = mlflow.get_run(parent_id).info.experiment_id
     for name, record in results.items():
         extra = {"training_run_id": trained[name].run_id} if name in trained and trained[name] is not None else {}
-        params = {k: str(v) for k, v in config.for_row(name).to_flat_dict().items() if k.split(".")[0] in ("data", *ROWS[name].sections)}
-        log_child_run(client, experiment_id, parent_id, record, run_tags(config, kind="model", **extra), params)
+        log_child_run(client, experiment_id, parent_id, record, run_tags(config, kind="model", **extra), model_params(config, name))
     for path in files.values():
         mlflow.log_artifact(str(path))
 
@@ -111,15 +111,6 @@ def _headline(results: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def _publish(config: Config, files: dict[str, Path]) -> None:
-    slug = dataset_slug(config.data.dataset)
-    create_markdown_artifact(files["table1.md"].read_text(), key=f"table1-{slug}", description=f"Table 1 on {config.data.dataset}")
-    create_markdown_artifact(files["summary.md"].read_text(), key=f"summary-{slug}", description=f"Run summary and verdicts on {config.data.dataset}")
-    for name in ("stream_auc.png", "forest.png"):
-        if name in files:
-            create_link_artifact(files[name].resolve().as_uri(), link_text=name, key=f"{name.removesuffix('.png').replace('_', '-')}-{slug}")
-
-
 def _tuned(config: Config, tune_missing: bool) -> tuple[Config, str]:
     """This data set's tuned values (tuning the rows that lack them first, when asked), and where they came from."""
     record = load_record(config)
@@ -134,12 +125,12 @@ def _tuned(config: Config, tune_missing: bool) -> tuple[Config, str]:
 def pipeline(config: Config, sweep: bool = False, tune_first: bool = False) -> dict:
     logger = get_run_logger()
     quick = config.runtime.preset == "quick"
-    with parent_run(config, f"pipeline {config.data.dataset} F={config.data.new_user_folds}", "pipeline") as parent_id:
-        logger.info("MLflow parent run %s (%s)", parent_id, run_link(parent_id))
+    with parent_run(config, f"pipeline {redact(config.data.dataset)} F={config.data.new_user_folds}", "pipeline") as parent_id:
+        log_mlflow_run(config, parent_id)
         config, tuned_note = _tuned(config, tune_first)
         logger.info(tuned_note)
         folds = fold_configs(config)
-        mlflow.log_params({"dataset": config.data.dataset, "folds": len(folds), "models": ",".join(config.eval.models),
+        mlflow.log_params({"dataset": redact(config.data.dataset), "folds": len(folds), "models": ",".join(config.eval.models),
                            "config_hash": config.hash_of(), "preset": config.runtime.preset})
         seconds: dict[str, float] = {}
         start = time.perf_counter()
@@ -169,7 +160,7 @@ def pipeline(config: Config, sweep: bool = False, tune_first: bool = False) -> d
         seconds["report"] = time.perf_counter() - start
         _log_children(config, parent_id, results, files, trained[0])
         mlflow.log_metrics({**_headline(results), **{f"seconds_{k.replace(', ', '_').replace(' ', '_')}": v for k, v in seconds.items()}})
-        _publish(config, files)
+        publish_run_report(files, config.data.dataset)  # on the top flow run (the nightly run around this one)
         logger.info("results in %s", out)
         swept = lambda_sweep(config, parent_id) if sweep else None
         if warnings:

@@ -266,6 +266,9 @@ class RuntimeConfig(Section):
     artifacts_dir: Path = Field(Path("artifacts"), description="Root of all outputs.")
     mlflow_tracking_uri: str | None = Field(None, description="None = MLFLOW_TRACKING_URI, else sqlite store in artifacts_dir.")
     experiment: str = "metarec"
+    mlflow_ui_url: str | None = Field(
+        None, description="Base URL of the MLflow UI for run links in logs; None = the tracking server if the store is one, "
+        "else http://127.0.0.1:5000 (README's `mlflow ui` command).")
     task_runner: Literal["threads", "dask"] = "threads"
     dask_address: str | None = Field(None, description="An existing Dask scheduler; None = a local cluster.")
     max_workers: int = Field(2, ge=1)

@@ -150,15 +150,20 @@ def evaluate_model(name: str, model_path: Path, config: Config, prepared: Prepar
     return record
 
 
-def log_child_run(client: MlflowClient, experiment_id: str, parent_run_id: str, record: dict, tags: dict[str, str], params: dict) -> str:
-    """One MLflow child run per model, with the shared metric names (thread-safe: explicit client)."""
-    run = client.create_run(experiment_id, run_name=record["model"], tags={"mlflow.parentRunId": parent_run_id, "model": record["model"], **tags})
+def log_child_run(client: MlflowClient, experiment_id: str, parent_run_id: str, record: dict, tags: dict[str, str], params: dict,
+                  started_ms: int | None = None, ended_ms: int | None = None) -> str:
+    """One MLflow child run per model (thread-safe: explicit client) with the shared metric names. ``params``: the
+    hyperparameters the model actually ran with (``tasks.tracking.model_params``), so diff-only comparison shows what
+    differs between models. ``started_ms``/``ended_ms`` (epoch ms) give the run the span of the work it stands for."""
+    name = record["model"]
+    run = client.create_run(experiment_id, start_time=started_ms, run_name=name,
+                            tags={"mlflow.parentRunId": parent_run_id, "model": name, **tags})
     now = int(time.time() * 1000)
     metrics = [Metric(key, float(value["mean"]), now, 0) for key, value in record["metrics"].items() if np.isfinite(value["mean"])]
     metrics += [Metric(f"seconds_{key}", float(value), now, 0) for key, value in record["seconds"].items()]
     client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)[:6000]) for k, v in params.items()], tags=[RunTag("status", "evaluated")])
     client.log_dict(run.info.run_id, record, "metrics.json")
-    client.set_terminated(run.info.run_id)
+    client.set_terminated(run.info.run_id, end_time=ended_ms)
     return run.info.run_id
 
 

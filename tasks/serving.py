@@ -1,7 +1,8 @@
 """Serve a registered Θ: load a version (the champion by default), adapt to a user, recommend.
 
-A registered version's artifacts are Θ as safetensors plus a JSON description
-(``tasks.training.save_theta``), so loading never unpickles anything. The
+A registered version is an MLflow pyfunc model whose artifacts hold Θ as
+safetensors plus a JSON description (``tasks.model_registry``), so loading
+never unpickles anything. The
 version's tags name the data set and data hash it was trained on; the model's
 memory of who interacted with what (recent items, neighbours) is rebuilt from
 that prepared data (history and stream).
@@ -29,7 +30,7 @@ from tasks.integrity import CorruptFileError
 from tasks.paths import dataset_slug, prepared_dir
 from tasks.prepared import PreparedData, load_prepared
 from tasks.tracking import REGISTERED_MODEL, setup_mlflow
-from tasks.training import load_theta
+from tasks.model_registry import load_theta
 
 
 class ServingError(LookupError):

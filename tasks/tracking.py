@@ -1,21 +1,30 @@
-"""MLflow conventions in one place: the store, the tags, the metric names.
+"""MLflow conventions in one place: the store, the run tree, the tags, the params a run shows.
 
 Default store: a sqlite database inside ``artifacts/`` (embedded, nothing to
-start); ``MLFLOW_TRACKING_URI`` or ``runtime.mlflow_tracking_uri`` override it.
+start), artifacts beside it in ``artifacts/mlruns/``; ``MLFLOW_TRACKING_URI``
+or ``runtime.mlflow_tracking_uri`` override it.
 
 The first set-up of a store (MLflow creates its sqlite schema on first use, which two
 processes must not do at once) and of the experiment runs under a file lock beside the
 artifacts, once per process. A damaged ``mlflow.db`` is named in a clear error; it is
 not a cache (it holds every run and the registry), so it is never moved aside for you.
+
+The run tree: a flow opens one parent run when its work starts and closes it
+when the work ends (``parent_run``), so its duration is the run's; every run
+opened while it is open, in any thread, nests under it (``child_run``). The
+parent's id travels in a context variable, which Prefect copies into the
+threads of its task runner; MLflow's own active-run stack is per thread.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
 import threading
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Iterator
 
@@ -23,12 +32,22 @@ import mlflow
 from sqlalchemy.exc import DatabaseError
 
 from metarec.config import Config
-from metarec.redaction import redact
+from metarec.models.registry import ROWS
+from metarec.redaction import redact, redact_value
 from tasks.locks import first_time_lock
 from tasks.paths import prepared_dir
 
 REGISTERED_MODEL = "responsive-mf"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # README's `mlflow ui` command
+# MLflow 3's UI opens an experiment on its GenAI overview unless the link asks for the "Model training" view.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+# The main config values a parent run shows: what a reader needs to tell two runs apart at a glance.
+MAIN_PARAMS = (
+    "data.dataset", "data.new_user_folds", "data.fold", "data.seed", "eval.models", "eval.max_new_users", "eval.bootstrap",
+    "tasks.k", "tasks.K", "tasks.max_tasks_per_user", "meta.dim", "meta.lambda_ml", "meta.inner_lr", "meta.inner_steps",
+    "meta.epochs", "runtime.preset",
+)
 
 
 # mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI; a value we exported ourselves
@@ -54,12 +73,25 @@ def tracking_uri(config: Config) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def _artifact_root(uri: str) -> str | None:
+    """artifacts/mlruns beside a sqlite store; None for other stores (they have their own)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
+
+
+def _create_store(uri: str, root: str) -> None:
+    """Create a new sqlite store with ``root`` as its default artifact root, so that even MLflow's own
+    Default experiment keeps its artifacts inside artifacts/ (a client left to itself would use ./mlruns)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(uri, root)._dispose_engine()
+
+
 def setup_mlflow(config: Config) -> str:
     """Point MLflow at the store and experiment; artifacts go beside the sqlite file."""
     uri = tracking_uri(config)
     _SET_BY_US.add(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     name = config.runtime.experiment
     try:
         with _READY_GUARD:
@@ -69,6 +101,8 @@ def setup_mlflow(config: Config) -> str:
                 _create_experiment(uri, name)
             with _READY_GUARD:
                 _READY.add((uri, name))
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
         mlflow.set_experiment(name)
     except (DatabaseError, sqlite3.DatabaseError) as exc:
         raise _store_error(uri, exc) from None
@@ -76,12 +110,14 @@ def setup_mlflow(config: Config) -> str:
 
 
 def _create_experiment(uri: str, name: str) -> None:
-    """Open the store (MLflow creates or migrates its schema here) and create the experiment if it is missing."""
+    """Create the store if it is new (MLflow creates or migrates its schema here) and the experiment if it is missing."""
+    root = _artifact_root(uri)
+    if root is not None and not Path(uri.removeprefix("sqlite:///")).exists():
+        _create_store(uri, root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     if mlflow.get_experiment_by_name(name) is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
-        mlflow.create_experiment(name, artifact_location=location)
+        mlflow.create_experiment(name, artifact_location=root)
 
 
 def _store_error(uri: str, exc: Exception) -> TrackingStoreError:
@@ -113,20 +149,86 @@ def run_tags(config: Config, **extra: str) -> dict[str, str]:
     }
 
 
-def run_link(run_id: str) -> str:
-    """Where a run opens in the MLflow UI started as README says (the link is only useful with that UI running)."""
-    experiment_id = mlflow.get_run(run_id).info.experiment_id
-    return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
+# ------------------------------------------------------------------------ the run tree
+_PARENT: ContextVar[str | None] = ContextVar("metarec_mlflow_parent", default=None)
+
+
+def current_parent_id(parent_run_id: str | None = None) -> str | None:
+    """The run a new run nests under: this thread's active run, else ``parent_run_id``, else the ``parent_run`` open
+    in the calling context (None: top level)."""
+    active = mlflow.active_run()
+    return active.info.run_id if active is not None else (parent_run_id or _PARENT.get())
 
 
 @contextmanager
 def parent_run(config: Config, name: str, kind: str, parent_run_id: str | None = None, **tags: str) -> Iterator[str]:
-    """An MLflow run opened now and closed when the block ends (FAILED if it raises), so its duration is true.
+    """An MLflow run opened now and closed when the block ends (FAILED, with an ``error`` tag, if it raises), so its
+    duration is true; yields its id.
 
     Nested under the calling thread's active run (a nightly run holding a pipeline run), else under
-    ``parent_run_id``. Work done in other threads nests under it by passing the yielded id as their parent.
+    ``parent_run_id``, else under the parent open in the calling context. While open it is that context's parent:
+    runs opened in Prefect task threads (``child_run``, ``meta_train``) nest under it without being passed its id.
     """
     setup_mlflow(config)
-    active = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=name, tags=run_tags(config, kind=kind, **tags), nested=active, parent_run_id=None if active else parent_run_id) as run:
+    parent = current_parent_id(parent_run_id)
+    with mlflow.start_run(run_name=name, tags=run_tags(config, kind=kind, **tags), nested=True, parent_run_id=parent) as run:
+        token = _PARENT.set(run.info.run_id)
+        try:
+            yield run.info.run_id
+        except BaseException as exc:
+            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+            raise
+        finally:
+            _PARENT.reset(token)
+
+
+@contextmanager
+def child_run(run_name: str, tags: dict[str, str] | None = None, run_id: str | None = None, parent_run_id: str | None = None) -> Iterator[str]:
+    """A run nested under ``current_parent_id(parent_run_id)``, in any thread; ``run_id``: resume that run where it is.
+    Yields its id; it is this thread's active run for the block."""
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id, nested=True) as run:
+            yield run.info.run_id
+        return
+    with mlflow.start_run(run_name=run_name, nested=True, parent_run_id=current_parent_id(parent_run_id), tags=tags) as run:
         yield run.info.run_id
+
+
+def ui_url(config: Config | None = None) -> str:
+    """Base URL of the MLflow UI for links: the configured one, a tracking server, or README's `mlflow ui`."""
+    if config is not None and config.runtime.mlflow_ui_url:
+        return config.runtime.mlflow_ui_url.rstrip("/")
+    uri = tracking_uri(config) if config is not None else mlflow.get_tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
+
+
+def run_link(run_id: str, config: Config | None = None) -> str:
+    """Where a run opens in the MLflow UI (its "Model training" view); README says how to start the UI."""
+    experiment_id = mlflow.get_run(run_id).info.experiment_id
+    return f"{ui_url(config)}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
+
+
+# ------------------------------------------------------------------------ what runs show
+def _param_value(value: object) -> str:
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text[:6000]  # MLflow's limit on a param value
+
+
+def model_params(config: Config, name: str) -> dict[str, str]:
+    """The hyperparameters row ``name`` actually runs with, flat (``section.field``).
+
+    Resolved with ``Config.for_row`` (tuned values, then the row's fixed options) and limited to the sections the
+    row depends on, so comparing two models' runs shows exactly the values that differ between them.
+    """
+    from tasks.models import model_sections
+
+    resolved = config.for_row(name)
+    flat = {f"{section}.{key}": redact_value(value) for section in model_sections(name)
+            for key, value in getattr(resolved, section).model_dump(mode="json").items()}
+    return {"model": name, "model.label": ROWS[name].label, **{key: _param_value(value) for key, value in flat.items()}}
+
+
+def main_params(config: Config) -> dict[str, str]:
+    """The main config values, for a flow's parent run (those of ``MAIN_PARAMS`` the config has)."""
+    flat = config.to_flat_dict()
+    return {key: _param_value(flat[key]) for key in MAIN_PARAMS if key in flat}

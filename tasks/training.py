@@ -17,10 +17,15 @@
 3. NaN/Inf in the objective, gradient or Θ stops the run with status
    ``diverged`` (MLflow tag, run ended FAILED, and ``status.json``), and no
    weights are written (the checkpoint is removed);
-4. at the end Θ is saved as safetensors in the run's ``model/`` artifacts with
-   a JSON description (``load_theta`` reads it back without unpickling),
-   registered as ``responsive-mf``, and the whole model (Θ + what it has seen)
-   is saved with ``tasks.models.save_model`` where the evaluation looks for it.
+4. at the end Θ is logged on the run as an MLflow pyfunc model
+   (``tasks.model_registry``: safetensors + JSON, ``load_theta`` reads it back
+   without unpickling), and the whole model (Θ + what it has seen) is saved with
+   ``tasks.models.save_model`` where the evaluation looks for it. Nothing is
+   registered here: a serving candidate is registered after its evaluation;
+5. a finished training of the same configuration is returned as it is, its
+   MLflow run left closed.
+
+The MLflow run nests under the open parent run (``tasks.tracking.child_run``).
 
 Progress: a tqdm bar over tasks when stderr is a terminal (and
 ``runtime.progress``), else one log line per epoch (Prefect's logger in a flow).
@@ -32,14 +37,12 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 import torch
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from prefect import task
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -50,17 +53,17 @@ from metarec.models.responsive import EpochStats, ResponsiveMF, from_config
 from tasks.atomic import atomic_dir, write_json
 from tasks.integrity import CorruptFileError, quarantine
 from tasks.logs import log_info, log_warning
-from tasks.models import model_dir, save_model
+from tasks.models import model_dir, model_hash, save_model, saved_model_ok
 from tasks.paths import prepared_dir, task_shards_dir
-from tasks.prepared import load_prepared
+from tasks.prepared import PreparedData, load_prepared
 from tasks.task_shards import iter_task_shards, read_manifest
-from tasks.tracking import REGISTERED_MODEL, run_tags, setup_mlflow
+from tasks.model_registry import THETA_FILE, THETA_META, load_theta, log_theta_model, save_theta  # noqa: F401 (Θ on disk)
+from tasks.tracking import child_run, model_params, run_tags, setup_mlflow
 
 logger = logging.getLogger(__name__)
 
 # metric names are an interface: the same in every training run
 SUPPORT_LOSS, QUERY_LOSS, TASKS_PER_S, EPOCH_SECONDS = "support_loss", "query_loss", "tasks_per_s", "epoch_seconds"
-THETA_FILE, THETA_META = "theta.safetensors", "theta.json"
 STATE_FILE, STATE_META, STATUS_FILE = "state.safetensors", "state.json", "status.json"
 TRAIN_SECTIONS = ("data", "tasks", "meta")
 
@@ -71,9 +74,10 @@ class TrainResult:
     epochs_done: int
     run_id: str
     history: list[dict] = field(default_factory=list)
-    model_version: str | None = None
+    model_version: str | None = None  # set by whoever registers the model (tasks.model_registry), never by training
     model_path: str | None = None
     message: str = ""
+    model_uri: str | None = None  # Θ as an MLflow pyfunc model (models:/m-...), logged on the training run
 
 
 def training_dir(config: Config) -> Path:
@@ -126,43 +130,6 @@ def _read_record(meta: Path) -> dict:
     if not isinstance(record, dict) or any(key not in record for key in CHECKPOINT_FIELDS):
         raise CorruptFileError(meta, f"checkpoint record lacks some of {list(CHECKPOINT_FIELDS)}")
     return record
-
-
-# ------------------------------------------------------------------- Θ on disk
-def save_theta(model: ResponsiveMF, out: Path, config: Config) -> Path:
-    """out/theta.safetensors (P, Q) and out/theta.json (shapes, meta config, hash)."""
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({"P": model.P_.detach().contiguous(), "Q": model.Q_.detach().contiguous()}, str(out / THETA_FILE))
-    write_json(
-        {"n_users": model.n_users_, "n_items": model.n_items_, "dim": model.meta.dim, "meta": config.meta.model_dump(mode="json"),
-         "tasks": config.tasks.model_dump(mode="json"), "config_hash": config.hash_of()},
-        out / THETA_META,
-    )
-    return out
-
-
-def load_theta(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(P, Q, description) from a folder written by ``save_theta`` (safetensors: no pickle).
-
-    Raises CorruptFileError, naming the file, when either file cannot be read.
-    """
-    path = Path(path)
-    if not (path / THETA_FILE).is_file():
-        raise FileNotFoundError(f"no {THETA_FILE} in {path}")
-    try:
-        tensors = load_file(str(path / THETA_FILE))
-    except (SafetensorError, OSError) as exc:
-        raise CorruptFileError(path / THETA_FILE, f"Θ cannot be read ({exc})") from None
-    try:
-        described = json.loads((path / THETA_META).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {THETA_META} in {path}") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(path / THETA_META, f"Θ's description is not valid JSON ({exc})") from None
-    missing = [key for key in ("P", "Q") if key not in tensors] + [key for key in ("meta", "tasks") if key not in described]
-    if missing:
-        raise CorruptFileError(path, f"Θ lacks {missing}")
-    return tensors["P"], tensors["Q"], described
 
 
 # --------------------------------------------------------------------- training
@@ -218,22 +185,41 @@ def _fail_abandoned_run(meta: Path) -> None:
         pass
 
 
+def finished_result(config: Config, row: str = "responsive") -> TrainResult | None:
+    """The result of a finished meta-training of this configuration whose model is saved, else None."""
+    try:
+        record = json.loads((training_dir(config) / STATUS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    out = model_dir(config, row)
+    if record.get("status") != "finished" or not saved_model_ok(out, model_hash(config, row)):
+        return None
+    return TrainResult("finished", record["epochs"], record["run_id"], record["history"], model_path=str(out), model_uri=record.get("model_uri"))
+
+
 def meta_train(
     config: Config,
     task_dir: Path | None = None,
     max_epochs: int | None = None,
     row: str = "responsive",
     parent_run_id: str | None = None,
-    register: bool = True,
+    run_name: str | None = None,
 ) -> TrainResult:
     """Meta-train (or resume) row ``row`` (ours or a variant of it) on the task shards; ``max_epochs`` stops early
-    (as an interruption would). ``parent_run_id`` nests a new MLflow run under a pipeline's; ``register`` makes the
-    result a version of the registered model (serving candidates only: not folds > 0, not sweep points)."""
+    (as an interruption would). A finished training of the same configuration is returned as it is: its MLflow run
+    is not reopened and nothing is logged again. A new MLflow run nests under this thread's active run, else
+    ``parent_run_id``, else the open parent run (``tasks.tracking.child_run``). Nothing is registered: a serving
+    candidate is registered after its evaluation (``tasks.model_registry.register_candidate``)."""
     config = config.for_row(row)
+    done = finished_result(config, row)
+    if done is not None:
+        _log("meta-training of this configuration already finished (MLflow run %s)", done.run_id)
+        return done
     torch.set_num_threads(config.runtime.torch_threads)
     task_dir = Path(task_dir) if task_dir else task_shards_dir(config)
     n_tasks = int(read_manifest(task_dir)["n_tasks"])
-    history = load_prepared(prepared_dir(config)).history
+    prepared = load_prepared(prepared_dir(config))
+    history = prepared.history
     model = from_config(config)
     model.set_index(history)
     work = training_dir(config)
@@ -242,13 +228,10 @@ def meta_train(
     first_epoch, records, run_id = _start(config, model, ckpt, history)
     last = config.meta.epochs if max_epochs is None else min(config.meta.epochs, max_epochs)
     tags = run_tags(config, kind="training", model=row, status="running", fold=str(config.data.fold))
-    name = None if run_id else f"train {row} fold {config.data.fold}"
-    nested = mlflow.active_run() is not None  # e.g. the train command inside a nightly run in the same thread
-    with mlflow.start_run(run_id=run_id, run_name=name, tags=None if run_id else tags, parent_run_id=None if run_id else parent_run_id, nested=nested) as run:
-        run_id = run.info.run_id
+    name = run_name or f"train {row} fold {config.data.fold} λ={config.meta.lambda_ml:g}"
+    with child_run(name, tags, run_id=run_id, parent_run_id=parent_run_id) as run_id:
         if first_epoch == 0 and not records:
-            mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in config.to_flat_dict().items()})
-            mlflow.log_params({"tasks.n_tasks": n_tasks, "history.interactions": len(history)})
+            mlflow.log_params({**model_params(config, row), "tasks.n_tasks": n_tasks, "history.interactions": len(history)})
         for epoch in range(first_epoch, last):
             try:
                 stats = _epoch(model, task_dir, epoch, config, n_tasks)
@@ -263,7 +246,7 @@ def meta_train(
         if last < config.meta.epochs:
             mlflow.set_tag("status", "stopped")
             return TrainResult("stopped", last, run_id, records)
-        return _finish(config, model, work, run_id, records, len(history), row, register)
+        return _finish(config, model, work, run_id, records, prepared, row)
 
 
 def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list[dict], message: str) -> TrainResult:
@@ -278,28 +261,18 @@ def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list
     return TrainResult("diverged", epoch, run_id, records, message=message)
 
 
-def _finish(config: Config, model: ResponsiveMF, work: Path, run_id: str, records: list[dict], n_history: int, row: str, register: bool) -> TrainResult:
-    """Θ to the run's artifacts (safetensors), a registered version, the evaluable model, status finished."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_artifacts(str(save_theta(model, Path(tmp) / "model", config)), artifact_path="model")
-    version = _register(config, run_id) if register else None
-    out = save_model(model, row, config, model_dir(config, row), {"run_id": run_id, "history_interactions": n_history})
+def _finish(config: Config, model: ResponsiveMF, work: Path, run_id: str, records: list[dict], prepared: PreparedData, row: str) -> TrainResult:
+    """Θ as an MLflow model on the run (safetensors + JSON, no pickle), the evaluable model, status finished.
+
+    Nothing is registered here: only serving candidates are, after their evaluation (``tasks.model_registry``)."""
+    model_uri = log_theta_model(model, config, prepared)
+    out = save_model(model, row, config, model_dir(config, row), {"run_id": run_id, "history_interactions": len(prepared.history)})
     mlflow.set_tag("status", "finished")
-    write_json({"status": "finished", "epochs": len(records), "run_id": run_id, "model_version": version, "history": records}, work / STATUS_FILE)
-    return TrainResult("finished", len(records), run_id, records, version, str(out))
-
-
-def _register(config: Config, run_id: str) -> str:
-    client = MlflowClient()
-    try:
-        client.create_registered_model(REGISTERED_MODEL)
-    except MlflowException:
-        pass  # exists already
-    source = f"{mlflow.get_run(run_id).info.artifact_uri}/model"
-    return client.create_model_version(REGISTERED_MODEL, source, run_id, tags=run_tags(config)).version
+    write_json({"status": "finished", "epochs": len(records), "run_id": run_id, "model_uri": model_uri, "history": records}, work / STATUS_FILE)
+    return TrainResult("finished", len(records), run_id, records, model_path=str(out), model_uri=model_uri)
 
 
 @task(name="meta-train")
-def meta_train_task(config: Config, task_dir: Path | None = None, row: str = "responsive", parent_run_id: str | None = None, register: bool = True) -> TrainResult:
+def meta_train_task(config: Config, task_dir: Path | None = None, row: str = "responsive", parent_run_id: str | None = None) -> TrainResult:
     """Prefect wrapper around ``meta_train``; a divergence is a result (status diverged), not a crash."""
-    return meta_train(config, task_dir, row=row, parent_run_id=parent_run_id, register=register)
+    return meta_train(config, task_dir, row=row, parent_run_id=parent_run_id)

@@ -39,3 +39,27 @@ def ml100k_dir() -> Path:
     if not (ML100K_DIR / "ml-100k" / "u.data").is_file():
         pytest.fail(f"ml-100k not found under {ML100K_DIR}; tests read the shared copy")
     return ML100K_DIR
+
+
+@pytest.fixture(scope="session")
+def quick_run(prefect_harness, tmp_path_factory, ml100k_dir):
+    """One quick run on ml-100k as `metarec run --quick` does it (the pipeline with its λ_ML sweep, registration and
+    promotion of our model), then the pipeline and the promotion once more; shared by the pipeline and UI tests."""
+    from types import SimpleNamespace
+
+    from flows.nightly import promote_result
+    from flows.pipeline import pipeline
+    from tasks.evaluation import METRICS_FILE, eval_dir
+    from tasks.settings import QUICK_OVERRIDES, load_config
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    root = tmp_path_factory.mktemp("quick-run")
+    config = load_config(overrides=[*QUICK_OVERRIDES, "eval.lambda_sweep=[0.0, 1.0]"], data={"data_dir": str(ml100k_dir)},
+                         runtime={"artifacts_dir": str(root / "artifacts")})
+    first = pipeline(config, sweep=True)
+    stamps = {m: (eval_dir(config, m) / METRICS_FILE).stat().st_mtime_ns for m in first["results"]}
+    score, promotion = promote_result(config, first)
+    second = pipeline(config)
+    _, promotion_again = promote_result(config, second)
+    return SimpleNamespace(config=config, first=first, second=second, stamps=stamps, score=score, promotion=promotion,
+                           promotion_again=promotion_again, swept=first["sweep"])

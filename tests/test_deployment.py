@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from mlflow import MlflowClient
 
@@ -43,6 +44,28 @@ def _wait_for_deployment(env: dict, serve: subprocess.Popen, timeout: float = 18
     raise AssertionError(f"deployment {DEPLOYMENT} did not appear within {timeout} s")
 
 
+def _prefect(api: str, path: str, body: dict) -> list[dict]:
+    response = httpx.post(f"{api}/{path}", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _check_the_top_flow_run_page(api: str) -> None:
+    """What the UI's flow run page shows, through its REST API: Table 1 with its plot inline, the summary and the
+    champion decision on the nightly run itself (keys naming the data set), and a log line linking its MLflow run."""
+    runs = _prefect(api, "flow_runs/filter", {"flows": {"name": {"any_": ["nightly-retrain"]}}, "limit": 10})
+    assert len(runs) == 1 and runs[0]["parent_task_run_id"] is None
+    top = runs[0]["id"]
+    keys = ["table1-ml-100k", "summary-ml-100k", "champion-ml-100k", "mlflow-run-ml-100k"]
+    artifacts = {a["key"]: a for a in _prefect(api, "artifacts/filter", {"artifacts": {"key": {"any_": keys}}, "limit": 20})
+                 if a["flow_run_id"] == top}
+    assert set(artifacts) == set(keys)
+    table1 = artifacts["table1-ml-100k"]["data"]
+    assert "| Ours (paper)" in table1 and "](data:image/png;base64," in table1
+    logs = _prefect(api, "logs/filter", {"logs": {"flow_run_id": {"any_": [top]}}, "limit": 200})
+    assert any("MLflow run" in log["message"] and "/#/experiments/" in log["message"] for log in logs)
+
+
 @pytest.mark.deployment
 @pytest.mark.slow
 def test_deployment_run_retrains_registers_promotes_and_serves(tmp_path: Path, ml100k_dir: Path):
@@ -60,14 +83,15 @@ def test_deployment_run_retrains_registers_promotes_and_serves(tmp_path: Path, m
     logs = tmp_path / "logs"
     logs.mkdir()
     try:
-        server = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-                                  env=env, stdout=open(logs / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        started.append(server)
-        wait_until_healthy(api_url(port), timeout=180, process=server)
-        serve = subprocess.Popen([BIN / "metarec", "deploy", "--no-server", "--quick", *SMALL],
-                                 env=env, stdout=open(logs / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        # `metarec deploy` as a user starts it: its own server, its Prefect home and server log under artifacts/
+        deploy_env = {**{k: v for k, v in env.items() if k != "PREFECT_HOME"}, "PREFECT_LOGGING_LEVEL": "INFO"}  # what the UI shows
+        serve = subprocess.Popen([BIN / "metarec", "deploy", "--port", str(port), "--no-ui", "--quick", *SMALL],
+                                 env=deploy_env, stdout=open(logs / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         started.append(serve)
+        wait_until_healthy(api_url(port), timeout=240, process=serve)
         _wait_for_deployment(env, serve)
+        home = tmp_path / "artifacts" / "prefect"
+        assert (home / "prefect.db").is_file() and f"127.0.0.1:{port}" in (home / "server.log").read_text()
 
         run = subprocess.run([BIN / "prefect", "deployment", "run", DEPLOYMENT, "--watch", "--watch-timeout", "900"],
                              env=env, capture_output=True, text=True, timeout=1000)
@@ -77,6 +101,10 @@ def test_deployment_run_retrains_registers_promotes_and_serves(tmp_path: Path, m
         uri = f"sqlite:///{tmp_path / 'artifacts' / 'mlflow.db'}"
         champion = MlflowClient(uri, uri).get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
         assert champion.tags["dataset"] == "ml-100k" and 0.0 <= float(champion.tags[SCORE_TAG]) <= 1.0
+        assert {"kind": "nightly", "preset": "quick"}.items() <= champion.tags.items() and champion.description
+        assert len(MlflowClient(uri, uri).search_model_versions(f"name = '{REGISTERED_MODEL}'")) == 1
+
+        _check_the_top_flow_run_page(api_url(port))
 
         rec = subprocess.run([BIN / "metarec", "recommend", "--user", "196", "-n", "5"], env=env, capture_output=True, text=True, timeout=300)
         assert rec.returncode == 0, rec.stderr

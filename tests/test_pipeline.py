@@ -13,35 +13,14 @@ from mlflow import MlflowClient
 from metarec.models.registry import DEFAULT_MODELS
 from tasks.evaluation import METRICS_FILE, eval_dir, new_user_metric
 from tasks.paths import prepared_dir
-from tasks.settings import QUICK_OVERRIDES, load_config
-from tasks.tracking import tracking_uri
+from tasks.tracking import REGISTERED_MODEL, tracking_uri
 
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def quick_run(prefect_harness, tmp_path_factory, ml100k_dir):
-    """One quick pipeline run (all models) shared by the checks below, then a re-run."""
-    import os
-
-    root = tmp_path_factory.mktemp("pipeline")
-    os.environ["METAREC_RUNTIME__ARTIFACTS_DIR"] = str(root / "artifacts")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        from flows.pipeline import pipeline
-
-        config = load_config(overrides=[*QUICK_OVERRIDES, "eval.lambda_sweep=[0.0, 1.0]"], data={"data_dir": str(ml100k_dir)})
-        first = pipeline(config)
-        stamps = {m: (eval_dir(config, m) / METRICS_FILE).stat().st_mtime_ns for m in first["results"]}
-        second = pipeline(config)
-        yield config, first, second, stamps
-    finally:
-        os.environ.pop("METAREC_RUNTIME__ARTIFACTS_DIR", None)
-
-
 @pytest.mark.slow
 def test_every_output_file_is_written(quick_run):
-    config, first, _, _ = quick_run
+    config, first = quick_run.config, quick_run.first
     run = Path(first["run_dir"])
     for name in ("table1.md", "table1.csv", "summary.md", "stream_auc.png", "config.json"):
         assert (run / name).stat().st_size > 0, name
@@ -53,7 +32,7 @@ def test_every_output_file_is_written(quick_run):
 
 @pytest.mark.slow
 def test_metrics_are_probabilities_and_case_counts_match_stats(quick_run):
-    config, first, _, _ = quick_run
+    config, first = quick_run.config, quick_run.first
     stats = json.loads((prepared_dir(config) / "stats.json").read_text())  # quick: one fold, fold 0
     for model, record in first["results"].items():
         for key, value in record["metrics"].items():
@@ -65,7 +44,7 @@ def test_metrics_are_probabilities_and_case_counts_match_stats(quick_run):
 
 @pytest.mark.slow
 def test_one_mlflow_child_run_per_model_with_shared_metric_names(quick_run):
-    config, first, _, _ = quick_run
+    config, first = quick_run.config, quick_run.first
     uri = tracking_uri(config)
     client = MlflowClient(uri, uri)
     experiment = client.get_experiment_by_name(config.runtime.experiment)
@@ -80,20 +59,29 @@ def test_one_mlflow_child_run_per_model_with_shared_metric_names(quick_run):
 
 @pytest.mark.slow
 def test_rerun_reuses_finished_steps(quick_run):
-    config, first, second, stamps = quick_run
+    config, first, second, stamps = quick_run.config, quick_run.first, quick_run.second, quick_run.stamps
     assert {m: (eval_dir(config, m) / METRICS_FILE).stat().st_mtime_ns for m in second["results"]} == stamps
     assert second["results"]["pop"]["metrics"] == first["results"]["pop"]["metrics"]
 
 
 @pytest.mark.slow
 def test_lambda_sweep_draws_its_curve(quick_run):
-    from flows.lambda_sweep import lambda_sweep
-
-    config, _, _, _ = quick_run
-    swept = lambda_sweep(config)
+    swept = quick_run.swept
     assert [p["lambda_ml"] for p in swept["points"]] == [0.0, 1.0]
     assert Path(swept["plot"]).read_bytes()[:4] == b"\x89PNG"
     assert all(p["status"] in ("finished", "diverged") for p in swept["points"])
+
+
+@pytest.mark.slow
+def test_a_run_registers_one_candidate_once_and_never_a_sweep_point(quick_run):
+    config = quick_run.config
+    uri = tracking_uri(config)
+    client = MlflowClient(uri, uri)
+    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+    assert [str(v.version) for v in versions] == [str(quick_run.promotion["version"])] == [str(quick_run.promotion_again["version"])]
+    assert versions[0].run_id == quick_run.first["training"]["run_id"] == quick_run.second["training"]["run_id"]
+    assert {"kind": "pipeline", "preset": "quick", "dataset": "ml-100k"}.items() <= versions[0].tags.items()
+    assert quick_run.promotion_again["reason"] == "already champion"
 
 
 @pytest.mark.parametrize("override, words", [

@@ -53,35 +53,89 @@ def _prepared(config: Config) -> Config:
     return config
 
 
-def test_training_logs_params_metrics_and_a_registered_safetensors_model(planted_csv, tmp_path):
-    config = _prepared(_config(planted_csv, tmp_path / "a"))
-    # a credential in a config value must not reach MLflow (issue 14, item 14)
-    config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"dask_address": "tcp://alice:s3cr3t@scheduler:8786"})})
-    result = meta_train(config)
-    assert result.status == "finished" and result.epochs_done == 3
+@pytest.fixture(scope="module")
+def trained(planted_csv, tmp_path_factory):
+    """One finished meta-training on the planted data, shared by the checks of its run, model and registration."""
+    import os
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    config = _prepared(_config(planted_csv, tmp_path_factory.mktemp("trained")))
+    return config, meta_train(config)
+
+
+def test_training_logs_the_rows_params_metrics_and_theta_as_a_pyfunc_model(trained, tmp_path):
+    config, result = trained
+    assert result.status == "finished" and result.epochs_done == 3 and result.model_version is None
     setup_mlflow(config)
     client = MlflowClient()
     run = client.get_run(result.run_id)
-    assert set(config.to_flat_dict()) <= set(run.data.params)
-    assert run.data.params["meta.lambda_ml"] == str(config.meta.lambda_ml)
-    assert run.data.params["runtime.dask_address"] == "tcp://alice:***@scheduler:8786"
-    assert not [key for key, value in run.data.params.items() if "s3cr3t" in value]
+    assert run.data.params["meta.lambda_ml"] == str(config.meta.lambda_ml) and run.data.params["model"] == "responsive"
+    assert not [key for key in run.data.params if key.startswith(("baselines.", "eval.", "runtime."))]  # only the row's sections
     for name in ("support_loss", "query_loss", "tasks_per_s"):
         assert [m.step for m in client.get_metric_history(result.run_id, name)] == [0, 1, 2]
     assert run.data.tags["status"] == "finished" and run.data.tags["config_hash"] == config.hash_of()
-    version = client.get_model_version(REGISTERED_MODEL, result.model_version)
-    assert version.run_id == result.run_id and {"dataset", "config_hash", "git_commit"} <= set(version.tags)
-    P, Q, meta = load_theta(Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="model", dst_path=str(tmp_path / "dl"))))
+    assert run.info.run_name == f"train responsive fold 0 λ={config.meta.lambda_ml:g}"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, dst_path=str(tmp_path / "dl")))
+    P, Q, meta = load_theta(local)
     model = load_model(model_dir(config, "responsive"))
     assert torch.equal(P, model.P_.detach()) and torch.equal(Q, model.Q_.detach()) and meta["dim"] == 8
     assert model.score(np.array([0]), np.array([[1, 2, 3]])).shape == (1, 3)
+    # loadable as an MLflow model, without pickle: models from code, weights in safetensors, the rest JSON
+    mlmodel = (local / "MLmodel").read_text()
+    assert "model_code_path" in mlmodel and "python_model.pkl" not in mlmodel and "signature" in mlmodel
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle", ".pt", ".pth", ".joblib")]
+    assert not client.search_model_versions(f"name='{REGISTERED_MODEL}'")  # training registers nothing
+
+
+def test_a_finished_training_is_returned_as_it_is_without_reopening_its_run(trained):
+    config, result = trained
+    setup_mlflow(config)
+    before = MlflowClient().get_run(result.run_id).info
+    again = meta_train(config)
+    after = MlflowClient().get_run(result.run_id).info
+    assert again.run_id == result.run_id and again.model_uri == result.model_uri and again.history == result.history
+    assert (after.end_time, after.status) == (before.end_time, "FINISHED")
+
+
+def test_registered_once_per_run_with_description_tags_and_a_pyfunc_that_scores_like_serving(trained):
+    import pandas as pd
+
+    from tasks.model_registry import register_candidate
+    from tasks.serving import load_served, recommend
+
+    config, result = trained
+    setup_mlflow(config)
+    client = MlflowClient()
+    version = register_candidate(config, result.run_id, "pipeline", 0.25)
+    assert register_candidate(config, result.run_id, "nightly", 0.3) == version  # a re-run registers nothing new
+    assert len(client.search_model_versions(f"name='{REGISTERED_MODEL}'")) == 1
+    registered = client.get_model_version(REGISTERED_MODEL, version)
+    assert registered.run_id == result.run_id and "pipeline run" in registered.description and "0.2500" in registered.description
+    assert {"dataset": str(config.data.dataset), "kind": "pipeline", "preset": "full", "new_n5_ndcg10": "0.25"}.items() <= registered.tags.items()
+
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}/{version}")
+    served = load_served(config, version)
+    users, items = served.raw_users, served.raw_items
+    candidates = [str(items[i]) for i in range(10)]
+    scored = pyfunc.predict(pd.DataFrame({"user": [str(users[3])] * 10, "item": candidates}))["score"].to_numpy()
+    expected = served.model.score(np.array([3]), np.arange(10)[None, :])[0]
+    np.testing.assert_allclose(scored, expected, rtol=1e-5, atol=1e-6)
+    # a new user adapted to what they just showed: the same top items as `metarec recommend`
+    recent = [str(items[0]), str(items[5])]
+    frame = pd.DataFrame({"user": "nobody", "item": [str(i) for i in items], "recent": ",".join(recent)})
+    scores = pyfunc.predict(frame)["score"].to_numpy(copy=True)
+    scores[[0, 5]] = -np.inf
+    top = [str(items[i]) for i in np.argsort(-scores, kind="stable")[:5]]
+    assert top == [row["item"] for row in recommend(served, "nobody", recent, n=5)]
+    with pytest.raises(Exception, match="unknown item"):
+        pyfunc.predict(pd.DataFrame({"user": ["nobody"], "item": ["no-such-item"]}))
 
 
 def test_fomaml_row_trains_through_the_same_path_in_its_own_folder(planted_csv, tmp_path):
     """Row responsive_fo (issue 11): meta_train with checkpoints and an MLflow run of its own, the first-order option
     fixed, saved where the evaluation looks for it (the pipeline registers only ours, as here)."""
     config = _prepared(_config(planted_csv, tmp_path / "fo"))
-    result = meta_train(config, row="responsive_fo", register=False)
+    result = meta_train(config, row="responsive_fo")
     assert result.status == "finished" and result.epochs_done == 3 and result.model_version is None
     fo = config.for_row("responsive_fo")
     assert fo.meta.first_order and training_dir(fo) != training_dir(config.for_row("responsive"))
@@ -132,7 +186,7 @@ def test_divergence_is_recorded_and_writes_no_weights(planted_csv, tmp_path, met
     client = MlflowClient()
     run = client.get_run(result.run_id)
     assert run.data.tags["status"] == "diverged" and run.info.status == "FAILED"  # not FINISHED with a tag (issue 14, item 7)
-    assert not [a.path for a in client.list_artifacts(result.run_id) if a.path == "model"]
+    assert not client.search_logged_models([run.info.experiment_id], f"source_run_id = '{result.run_id}'")
     assert not (training_dir(config) / "checkpoint").exists() and not model_dir(config, "responsive").exists()
     assert (training_dir(config) / "status.json").read_text().count("diverged") >= 1
     assert not client.search_model_versions(f"name='{REGISTERED_MODEL}'")
