@@ -20,6 +20,7 @@ from tasks.models import load_model, model_dir
 from tasks.prepare import prepare_data
 from tasks.task_shards import build_task_shards
 from tasks.tracking import REGISTERED_MODEL, setup_mlflow
+from tasks.model_registry import register_candidate
 from tasks.training import load_checkpoint, load_theta, meta_train, training_dir
 
 
@@ -228,7 +229,7 @@ def test_recommend_rejects_bad_versions_and_names_a_damaged_theta(planted_csv, t
 
     root = tmp_path / "a"
     config = _prepared(_config(planted_csv, root, epochs=1))
-    assert str(meta_train(config).model_version) == "1"
+    assert register_candidate(config, meta_train(config).run_id, "pipeline", 0.25) == "1"
     monkeypatch.setenv("METAREC_RUNTIME__ARTIFACTS_DIR", str(root))
     runner = CliRunner()
     for version, words in (("abc", "--version 'abc': expected a version number"), ("999", "has no version 999; registered versions: 1")):
