@@ -46,8 +46,8 @@ from metarec.maml import DivergedError
 from metarec.models.responsive import EpochStats, ResponsiveMF, from_config
 from tasks.atomic import atomic_dir, write_json
 from tasks.logs import log_info
-from tasks.models import model_dir, save_model
-from tasks.paths import prepared_dir, task_shards_dir
+from tasks.models import model_dir, model_hash, save_model, saved_model_ok
+from tasks.paths import prepared_dir, task_shards_dir, train_key
 from tasks.prepared import load_prepared
 from tasks.task_shards import iter_task_shards, read_manifest
 from tasks.tracking import REGISTERED_MODEL, run_tags, setup_mlflow
@@ -73,8 +73,23 @@ class TrainResult:
 
 
 def training_dir(config: Config) -> Path:
-    """prepared_dir/training/responsive-<hash of data, tasks, meta>: checkpoint and status."""
-    return prepared_dir(config) / "training" / f"responsive-{config.hash_of(*TRAIN_SECTIONS)}"
+    """prepared_dir/training/responsive-<key of data, tasks, meta and the code (``tasks.paths.train_key``)>."""
+    return prepared_dir(config) / "training" / f"responsive-{train_key(config)}"
+
+
+def cached_training(config: Config, row: str = "responsive") -> TrainResult | None:
+    """The result of an earlier training of this key: finished (with its model saved) or diverged, which the same
+    key and seed would do again; None when there is none (``config`` is the row's own, ``Config.for_row``)."""
+    try:
+        status = json.loads((training_dir(config) / STATUS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if status.get("status") == "diverged":
+        return TrainResult("diverged", status["epoch"], status["run_id"], status["history"], message=status["message"])
+    out = model_dir(config, row)
+    if status.get("status") != "finished" or not saved_model_ok(out, model_hash(config, row)):
+        return None
+    return TrainResult("finished", status["epochs"], status["run_id"], status["history"], status.get("model_version"), str(out))
 
 
 def _log(message: str, *args) -> None:
@@ -168,6 +183,10 @@ def meta_train(
     (as an interruption would). ``parent_run_id`` nests a new MLflow run under a pipeline's; ``register`` makes the
     result a version of the registered model (serving candidates only: not folds > 0, not sweep points)."""
     config = config.for_row(row)
+    cached = cached_training(config, row) if max_epochs is None else None
+    if cached is not None:
+        _log("meta-training already %s in %s", cached.status, training_dir(config))
+        return cached
     torch.set_num_threads(config.runtime.torch_threads)
     task_dir = Path(task_dir) if task_dir else task_shards_dir(config)
     n_tasks = int(read_manifest(task_dir)["n_tasks"])

@@ -71,6 +71,9 @@ def test_training_logs_params_metrics_and_a_registered_safetensors_model(planted
     model = load_model(model_dir(config, "responsive"))
     assert torch.equal(P, model.P_.detach()) and torch.equal(Q, model.Q_.detach()) and meta["dim"] == 8
     assert model.score(np.array([0]), np.array([[1, 2, 3]])).shape == (1, 3)
+    again = meta_train(config)  # the same key: the finished training is returned, nothing re-registered
+    assert (again.status, again.run_id, again.model_version, again.history) == ("finished", result.run_id, result.model_version, result.history)
+    assert len(client.search_model_versions(f"name='{REGISTERED_MODEL}'")) == 1
 
 
 def test_fomaml_row_trains_through_the_same_path_in_its_own_folder(planted_csv, tmp_path):
