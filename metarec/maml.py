@@ -73,11 +73,11 @@ class TaskBatch:
     query_neg: torch.Tensor
 
     @classmethod
-    def from_arrays(cls, tasks, index: np.ndarray | slice | None = None) -> "TaskBatch":
-        """From anything with the six TaskArrays fields (numpy), optionally a subset of tasks."""
+    def from_arrays(cls, tasks, index: np.ndarray | slice | None = None, device: torch.device | str = "cpu") -> "TaskBatch":
+        """From anything with the six TaskArrays fields (numpy), optionally a subset of tasks, on ``device``."""
         pick = (lambda a: a) if index is None else (lambda a: a[index])
         names = ("support_users", "support_pos", "support_neg", "query_user", "query_pos", "query_neg")
-        return cls(*(torch.as_tensor(np.ascontiguousarray(pick(getattr(tasks, n))), dtype=torch.int64) for n in names))
+        return cls(*(torch.as_tensor(np.ascontiguousarray(pick(getattr(tasks, n))), dtype=torch.int64).to(device) for n in names))
 
     def __len__(self) -> int:
         return int(self.query_user.shape[0])
@@ -298,15 +298,21 @@ class StepStats:
     grad_norm: float
 
 
-def meta_step(P: torch.Tensor, Q: torch.Tensor, optimizer: torch.optim.Optimizer, batch: TaskBatch, hp: InnerParams) -> StepStats:
-    """One outer step on a batch of tasks; raises DivergedError (Θ untouched) on NaN/Inf."""
+def meta_step(P: torch.Tensor, Q: torch.Tensor, optimizer: torch.optim.Optimizer, batch: TaskBatch, hp: InnerParams, parallel=None) -> StepStats:
+    """One outer step on a batch of tasks; raises DivergedError (Θ untouched) on NaN/Inf.
+
+    ``parallel`` (``metarec.distributed.DataParallel``): this worker computes its share of the batch and the
+    gradients are summed over the workers before the step, so every worker takes the whole batch's step.
+    """
     optimizer.zero_grad(set_to_none=True)
-    support, query = meta_objective(P, Q, batch, hp)
+    support, query = (meta_objective if parallel is None else parallel.objective)(P, Q, batch, hp)
     total = support + hp.lambda_ml * query
     s_val, q_val = float(support.detach()), float(query.detach())
     if not math.isfinite(float(total.detach())):
         raise DivergedError(f"meta-objective is not finite (support loss {s_val}, query loss {q_val})")
     total.backward()
+    if parallel is not None:
+        parallel.reduce_gradients((P, Q))
     params = [P, Q]
     clip = hp.grad_clip if hp.grad_clip is not None else math.inf
     norm = float(torch.nn.utils.clip_grad_norm_(params, clip))

@@ -20,6 +20,10 @@
    registered as ``responsive-mf``, and the whole model (Θ + what it has seen)
    is saved with ``tasks.models.save_model`` where the evaluation looks for it.
 
+``runtime.workers = N`` > 1 runs the epochs in N data-parallel processes
+(``tasks/parallel.py``, ``metarec/distributed.py``); this process still
+checkpoints and logs each epoch, so resuming and the results are as above.
+
 Progress: a tqdm bar over tasks when stderr is a terminal (and
 ``runtime.progress``), else one log line per epoch (Prefect's logger in a flow).
 """
@@ -31,8 +35,10 @@ import logging
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import mlflow
 import torch
@@ -42,11 +48,13 @@ from prefect import task
 from safetensors.torch import load_file, save_file
 
 from metarec.config import Config
+from metarec.distributed import backend_for
 from metarec.maml import DivergedError
 from metarec.models.responsive import EpochStats, ResponsiveMF, from_config
 from tasks.atomic import atomic_dir, write_json
 from tasks.logs import log_info
 from tasks.models import model_dir, model_hash, save_model, saved_model_ok
+from tasks.parallel import ParallelTrainer, WorkerPlan
 from tasks.paths import prepared_dir, task_shards_dir, train_key
 from tasks.prepared import load_prepared
 from tasks.task_shards import iter_task_shards, read_manifest
@@ -156,6 +164,27 @@ def _epoch(model: ResponsiveMF, task_dir: Path, epoch: int, config: Config, n_ta
             bar.close()
 
 
+@contextmanager
+def _epoch_runner(config: Config, model: ResponsiveMF, task_dir: Path, first: int, last: int, n_tasks: int) -> Iterator[Callable[[int], EpochStats]]:
+    """``run_epoch(epoch)``: in this process, or (``runtime.workers`` > 1) in data-parallel worker processes that
+    start from the model's state and hand it back after every epoch (``tasks/parallel.py``)."""
+    workers = config.runtime.workers
+    if workers == 1 or first >= last:
+        yield lambda epoch: _epoch(model, task_dir, epoch, config, n_tasks)
+        return
+    plan = WorkerPlan(config.meta, config.tasks, Path(task_dir), first, last, max(1, config.runtime.torch_threads // workers),
+                      str(model.device), model.training_state())
+    _log("meta-training in %d data-parallel processes (%s)", workers, backend_for(model.device))
+    with ParallelTrainer(workers, plan) as trainer:
+
+        def run_epoch(epoch: int) -> EpochStats:
+            stats, state = trainer.next_epoch()
+            model.load_training_state(state)
+            return stats
+
+        yield run_epoch
+
+
 def _start(config: Config, model: ResponsiveMF, ckpt: Path, history) -> tuple[int, list[dict], str | None]:
     """Resume (next epoch, metric history, run id) from a checkpoint, or initialise and pre-train."""
     found = load_checkpoint(ckpt, config.hash_of(*TRAIN_SECTIONS))
@@ -201,14 +230,15 @@ def meta_train(
     tags = run_tags(config, kind="training", model=row, status="running", fold=str(config.data.fold))
     name = None if run_id else f"train {row} fold {config.data.fold}"
     nested = mlflow.active_run() is not None  # e.g. the train command inside a nightly run in the same thread
-    with mlflow.start_run(run_id=run_id, run_name=name, tags=None if run_id else tags, parent_run_id=None if run_id else parent_run_id, nested=nested) as run:
+    with _epoch_runner(config, model, task_dir, first_epoch, last, n_tasks) as run_epoch, \
+            mlflow.start_run(run_id=run_id, run_name=name, tags=None if run_id else tags, parent_run_id=None if run_id else parent_run_id, nested=nested) as run:
         run_id = run.info.run_id
         if first_epoch == 0 and not records:
             mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in config.to_flat_dict().items()})
             mlflow.log_params({"tasks.n_tasks": n_tasks, "history.interactions": len(history)})
         for epoch in range(first_epoch, last):
             try:
-                stats = _epoch(model, task_dir, epoch, config, n_tasks)
+                stats = run_epoch(epoch)
             except DivergedError as exc:
                 return _diverged(config, work, run_id, epoch, records, str(exc))
             epoch_record = {"epoch": epoch, SUPPORT_LOSS: stats.support_loss, QUERY_LOSS: stats.query_loss, TASKS_PER_S: stats.tasks_per_s, EPOCH_SECONDS: stats.seconds}
