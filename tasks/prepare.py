@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from metarec.config import Config
+from metarec.config import Config, RuntimeConfig
 from tasks.atomic import atomic_dir, write_json
 from tasks.datasets import EXPECTED, DataError, load_raw, resolve_source
 from tasks.features import KINDS, describe_output, feature_files, load_feature_file
@@ -42,14 +42,22 @@ CASE_CHUNK = 1 << 16  # evaluation cases per negative-sampling chunk (each chunk
 
 
 @contextmanager
-def duckdb_connection(threads: int = 2) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A throw-away DuckDB database in a private temp folder.
+def duckdb_connection(runtime: RuntimeConfig | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A throw-away DuckDB database in a private temp folder (under ``runtime.duckdb_temp_dir`` if set).
 
     File-backed rather than in-memory: stored tables are compressed and paged, so the
     100M lines of Netflix need not fit in RAM (an in-memory table of 2M lines took 1.4 GB).
+    ``runtime.duckdb_memory_limit`` caps DuckDB's buffer pool; sorts, joins and aggregates
+    beyond it spill to the same folder, so memory stays bounded whatever the input's size.
     """
-    with tempfile.TemporaryDirectory(prefix="metarec-duckdb-") as work:
-        settings = {"threads": threads, "preserve_insertion_order": True, "temp_directory": work}
+    runtime = runtime or RuntimeConfig()
+    parent = None
+    if runtime.duckdb_temp_dir is not None:
+        parent = Path(runtime.duckdb_temp_dir)
+        parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="metarec-duckdb-", dir=parent) as work:
+        settings = {"threads": runtime.max_workers, "preserve_insertion_order": True, "temp_directory": work,
+                    "memory_limit": runtime.duckdb_memory_limit}
         con = duckdb.connect(str(Path(work) / "work.duckdb"), config=settings)
         con.execute("PRAGMA disable_progress_bar")  # a per-connection setting; the bar garbles logs
         try:
@@ -82,7 +90,7 @@ def ingest(config: Config, out: Path) -> dict:
     columns = {"user_col": data.user_col, "item_col": data.item_col, "rating_col": data.rating_col, "ts_col": data.ts_col}
     source = resolve_source(data.dataset, data.data_dir, data.download, columns)
     logger.info("ingesting %s (%s) from %s", source.name, source.layout, source.ratings[0].parent)
-    with duckdb_connection(config.runtime.max_workers) as con:
+    with duckdb_connection(config.runtime) as con:
         load_raw(con, source)
         run_sql(con, "ratings", {"ts_format": EXPECTED[source.layout][2]})
         run_sql(con, "drop_raw_text")
@@ -119,7 +127,7 @@ def split(config: Config, out: Path) -> dict:
     """interactions.parquet -> positives -> new_users / history / stream Parquet files (METHOD.md §2)."""
     data = config.data
     interactions = str(out / "interactions.parquet")
-    with duckdb_connection(config.runtime.max_workers) as con:
+    with duckdb_connection(config.runtime) as con:
         run_sql(con, "positives", {"interactions": interactions, "threshold": data.rating_threshold})
         run_sql(con, "split_new_users", {"seed": data.seed, "deals": data.deals, "fold": data.fold})
         run_sql(con, "split_history_stream", {"history_fraction": data.history_fraction, "batches": data.stream_batches})
@@ -154,7 +162,7 @@ def candidates(config: Config, out: Path) -> dict:
     n_items = pq.read_metadata(out / "items.parquet").num_rows
     parts = [str(out / f"{name}.parquet") for name in ("history", "stream", "new_users")]
     params = {"new_users": parts[2], "stream": parts[1], "ns": list(data.new_user_ns), "min_positives": max(data.new_user_ns) + 1}
-    with duckdb_connection(config.runtime.max_workers) as con:
+    with duckdb_connection(config.runtime) as con:
         cases = con.sql(sql("candidate_cases"), params=params).to_arrow_table()
         keys = run_sql(con, "positive_keys", {"paths": parts, "n_items": n_items}).fetchnumpy()["key"]
     keys = np.asarray(keys, dtype=np.int64)
@@ -235,7 +243,7 @@ def write_stats(config: Config, out: Path, ingested: dict) -> dict:
     """stats.json: rows, users, items and time ranges per part; new users with enough positives."""
     data = config.data
     min_positives = max(data.new_user_ns) + 1
-    with duckdb_connection(config.runtime.max_workers) as con:
+    with duckdb_connection(config.runtime) as con:
         parts = {}
         for name in ("interactions", "history", "stream", "new_users"):
             row = run_sql(con, "part_stats", {"path": str(out / f"{name}.parquet")}).fetchall()[0]
