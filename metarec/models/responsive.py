@@ -332,13 +332,13 @@ class ResponsiveMF(StreamingRecommender):
 
     def _score_gathered(self, adapted: Adapted, cand: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         q = self._rows(self.Q_, cand.flatten(), generator).view(*cand.shape, -1)
-        if adapted.item_ids.shape[1]:
+        scores = torch.bmm(q, adapted.user_rows[:, :, None])[..., 0]
+        if adapted.item_ids.shape[1]:  # a candidate the support touched: its adapted row's score (the first matching slot's)
             match = cand[:, :, None] == adapted.item_ids[:, None, :]  # (B, C, Si)
-            hit = match.any(-1)
-            slot = match.float().argmax(-1)
-            q_ad = adapted.item_rows.gather(1, slot[..., None].expand(-1, -1, q.shape[-1]))
-            q = torch.where(hit[..., None], q_ad, q)
-        return (adapted.user_rows[:, None, :] * q).sum(-1)
+            slot = match.to(torch.uint8).argmax(-1)
+            adapted_scores = torch.bmm(adapted.item_rows, adapted.user_rows[:, :, None])[..., 0]  # (B, Si)
+            scores = torch.where(match.any(-1), adapted_scores.gather(1, slot), scores)
+        return scores
 
     def _score_by_product(self, adapted: Adapted, cand: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``_score_gathered``'s scores from user rows · every item row (B, n_items), read at the candidates.
