@@ -17,12 +17,15 @@ ordinary indexing, so the outer gradient flows back into P and Q through it.
 
 Inner gradients are written in closed form (the BPR triple loss has a simple
 derivative) and kept differentiable: second order is plain autograd through
-them, with no ``torch.autograd.grad`` in the inner loop. They are computed on
-each task's slot score matrix q_loc·p_locᵀ (T, Si, Su): the margins are read
-off it by index, and the gradients are M·Q and Mᵀ·P with M the (user slot,
-item slot) coefficients of the triples, so the work is a few batched matmuls. ``first_order``
-detaches them (FOMAML). ``reference_meta_objective`` is the same objective as
-a plain per-task loop with torch.autograd, for tests and the benchmark.
+them, with no ``torch.autograd.grad`` in the inner loop (``_chunk_losses``).
+They are computed on each task's slot score matrix q_loc·p_locᵀ (T, Si, Su):
+the margins are read off it by index, and the gradients are M·Q and Mᵀ·P
+with M the (user slot, item slot) coefficients of the triples, so the work
+is a few batched matmuls. ``first_order`` detaches them (FOMAML). For speed,
+``meta_objective`` runs the same computation with a hand-written backward pass
+(``_MetaObjective``, derived in the comment above it), chunk by chunk;
+``reference_meta_objective`` is the same objective as a plain per-task loop
+with torch.autograd, for tests and the benchmark.
 
 Reduction (METHOD.md §3 allows a mean if documented): L_R is the **mean** over
 the triples of R, in the inner loop, in the outer objective and in BPR
@@ -45,7 +48,8 @@ from metarec.models.mf import bpr_triple_loss
 
 # Bytes of one (tasks, item slots, d) tensor per chunk of meta_objective. Measured on this machine's 2 MB L2
 # (K = 20, d = 64, so about 190 tasks a chunk): 1,024 tasks per step ran 1.2-1.3x faster in chunks of 128-256
-# tasks than at once, 4,096 tasks 2x; chunks of 64 lose the gain again to per-operation overhead.
+# tasks than at once, 4,096 tasks 2x; chunks of 64 lose the gain again to per-operation overhead. Larger
+# batches only help once chunked: unchunked, 256-512 tasks a step were fastest and 4,096 half as fast.
 CHUNK_BYTES = 2 << 20
 
 
@@ -310,27 +314,22 @@ def meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: Inner
 
     P (n_users, d), Q (n_items, d). Support: L^K_t(Θ). Query: L^1_t(Θ^L_t).
     The rows are gathered once for the whole batch (one index_select per
-    table, so one dense gradient per table in the backward pass), then the
-    tasks are processed in chunks of ``chunk_size`` tasks (``_chunk_losses``),
-    so that the slot tensors of a chunk stay in cache between the many
-    element-wise passes over them, in the forward and the backward pass alike
-    (``split`` hands the chunks' gradients back in one concatenation).
+    table, so one dense gradient per table in the backward pass). The rest is
+    ``_MetaObjective``: the computation of ``_chunk_losses`` with a hand-written
+    backward pass, over chunks of ``chunk_size`` tasks, so that a chunk's slot
+    tensors stay in cache between the passes over them.
     """
     loc = localise(batch)
     p_loc, q_loc = gather_rows(P, loc.user_rows), gather_rows(Q, loc.item_rows)
     ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], hp, P.dtype)
     size = chunk_size(q_loc.shape[1], q_loc.shape[2], q_loc.element_size())
     size = -(-len(batch) // -(-len(batch) // size))  # the same number of chunks, of near-equal sizes
-    support = query = None
-    for start, (p_chunk, q_chunk) in zip(range(0, len(batch), size), zip(p_loc.split(size), q_loc.split(size))):
-        rows = slice(start, start + size)
-        s, q = _chunk_losses(p_chunk, q_chunk, ops.take(rows), loc.take(rows), hp)
-        support, query = (s, q) if support is None else (support + s, query + q)
+    support, query = _MetaObjective.apply(p_loc, q_loc, ops, loc, hp, size)
     return support / len(batch), query / len(batch)
 
 
 def _chunk_losses(p_loc: torch.Tensor, q_loc: torch.Tensor, ops: SupportOps, loc: LocalTasks, hp: InnerParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over a chunk's tasks of L^K_t(Θ) and L^1_t(Θ^L_t).
+    """Sums over the tasks of L^K_t(Θ) and L^1_t(Θ^L_t), for autograd: what ``_MetaObjective`` computes.
 
     The same computation as ``inner_adapt`` followed by ``query_loss``, with two
     savings: the margins at Θ serve both the support loss and the first inner
@@ -350,6 +349,170 @@ def _chunk_losses(p_loc: torch.Tensor, q_loc: torch.Tensor, ops: SupportOps, loc
     p_u, q_ij = _last_step_query_rows(p_loc, q_loc, ops, loc, hp.inner_lr, x, create_graph, pairs)
     query = bpr_triple_loss(p_u[:, 0], q_ij[:, 0], q_ij[:, 1], hp.lambda_p, hp.lambda_q_pos, hp.lambda_q_neg)
     return support.sum(), query.sum()
+
+
+# ---------------------------------------------------------------- the objective with a hand-written backward pass
+#
+# Per task, item-major: A_l (Si, Su) holds a_k = α·σ(-x_k)/K at (j_k, u_k) and -a_k at (n_k, u_k), so that
+# one inner step is p' = p∘keep_u + A_lᵀ·q, q' = q∘keep_i + A_l·p (keep = 1 - 2α·reg; A_l = (-α·M)ᵀ of
+# ``_step_mix``). Backward through a step, given g_p', g_q':
+#   g_p = g_p'∘keep_u + A_lᵀ·g_q'     g_q = g_q'∘keep_i + A_l·g_p'
+#   g_a_k = (q·g_p'ᵀ + g_q'·pᵀ)[j_k, u_k] - [n_k, u_k]      (only A's entries at the pairs matter)
+#   g_x_k = g_a_k · (-α/K)·σ(-x_k)σ(x_k),  and through x = scores of (q, p): g_q += G·p, g_p += Gᵀ·q
+# with G the pair matrix of g_x. The last step reads only rows u*, j*, n* (column u* and rows j*, n* of A);
+# first order treats every step as the identity for (p, q) and its A as a constant. Compared with autograd
+# over ``_chunk_losses`` this saves the gradient accumulations, temporaries and copies autograd makes
+# (measured 1.3-1.4x per step); tests/test_maml.py checks it against the per-task reference, finite
+# differences and second derivatives.
+
+def _pair_matrix(coef: torch.Tensor, pairs: torch.Tensor, n_item_slots: int, n_user_slots: int) -> torch.Tensor:
+    """(T, Si, Su) item-major: +c_k at (j_k, u_k), -c_k at (n_k, u_k); ``pairs`` = ``SupportOps.pairs``."""
+    flat = coef.new_zeros(coef.shape[0], n_item_slots * n_user_slots).scatter_add_(1, pairs, torch.cat([coef, -coef], 1))
+    return flat.view(coef.shape[0], n_item_slots, n_user_slots)
+
+
+def _at_pairs(matrix: torch.Tensor, ops: SupportOps) -> torch.Tensor:
+    """m[j_k, u_k] - m[n_k, u_k] of item-major (T, Si, Su) matrices: (T, K)."""
+    flat = matrix.flatten(1)
+    return flat.gather(1, ops.pair_pos) - flat.gather(1, ops.pair_neg)
+
+
+def _row(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table (T, S, w), index (T,) -> (T, w)."""
+    return table.gather(1, index[:, None, None].expand(-1, 1, table.shape[-1]))[:, 0]
+
+
+def _squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(rows, dim=-1).square()
+
+
+@dataclass
+class _ChunkState:
+    """What a chunk's forward pass keeps for its backward pass."""
+
+    p0: torch.Tensor
+    q0: torch.Tensor
+    ops: SupportOps
+    loc: LocalTasks
+    pairs: torch.Tensor
+    keep_u: torch.Tensor
+    keep_i: torch.Tensor
+    steps: list  # (p, q, x, A) before each full inner step
+    p: torch.Tensor  # the state the last step starts from
+    q: torch.Tensor
+    x: torch.Tensor
+    last: tuple  # A[:, u*], A[j*, :], A[n*, :], keep at u*, j*, n*
+    query_rows: tuple  # adapted p_u*, q_j*, q_n* and the query margin z
+
+
+def _chunk_forward(p0: torch.Tensor, q0: torch.Tensor, ops: SupportOps, loc: LocalTasks, hp: InnerParams) -> tuple[torch.Tensor, torch.Tensor, _ChunkState]:
+    """(Σ support, Σ query) of a chunk (= ``_chunk_losses``) and the state its backward pass needs."""
+    n_user_slots, n_item_slots, K, lr = p0.shape[1], q0.shape[1], ops.pair_pos.shape[1], hp.inner_lr
+    pairs = ops.pairs
+    keep_u, keep_i = 1.0 - 2.0 * lr * ops.reg_user, 1.0 - 2.0 * lr * ops.reg_item
+    x = _at_pairs(torch.bmm(q0, p0.transpose(1, 2)), ops)
+    support = F.softplus(-x).mean(1).sum() + (_squared_norms(p0) * ops.reg_user[..., 0]).sum() + (_squared_norms(q0) * ops.reg_item[..., 0]).sum()
+    steps, p, q = [], p0, q0
+    for _ in range(hp.inner_steps - 1):
+        A = _pair_matrix(torch.sigmoid(-x) * (lr / K), pairs, n_item_slots, n_user_slots)
+        steps.append((p, q, x, A))
+        p, q = (p * keep_u).baddbmm_(A.transpose(1, 2), q), (q * keep_i).baddbmm_(A, p)
+        x = _at_pairs(torch.bmm(q, p.transpose(1, 2)), ops)
+    # the last step, for the query's rows only
+    A = _pair_matrix(torch.sigmoid(-x) * (lr / K), pairs, n_item_slots, n_user_slots)
+    u, j, n = loc.q_user, loc.q_pos, loc.q_neg
+    col = A.gather(2, u[:, None, None].expand(-1, n_item_slots, 1))[..., 0]  # (T, Si)
+    row_j, row_n = _row(A, j), _row(A, n)  # (T, Su)
+    k_u, k_j, k_n = _row(keep_u, u), _row(keep_i, j), _row(keep_i, n)  # (T, 1)
+    p_t = torch.bmm(col[:, None, :], q)[:, 0].addcmul_(_row(p, u), k_u)
+    q_j = torch.bmm(row_j[:, None, :], p)[:, 0].addcmul_(_row(q, j), k_j)
+    q_n = torch.bmm(row_n[:, None, :], p)[:, 0].addcmul_(_row(q, n), k_n)
+    z = (p_t * (q_j - q_n)).sum(-1)
+    query = (F.softplus(-z) + hp.lambda_p * _squared_norms(p_t) + hp.lambda_q_pos * _squared_norms(q_j) + hp.lambda_q_neg * _squared_norms(q_n)).sum()
+    state = _ChunkState(p0, q0, ops, loc, pairs, keep_u, keep_i, steps, p, q, x, (col, row_j, row_n, k_u, k_j, k_n), (p_t, q_j, q_n, z))
+    return support, query, state
+
+
+def _chunk_backward(c: _ChunkState, g_support: float, g_query: float, hp: InnerParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. the chunk's slots (p0, q0) of g_support·Σ support + g_query·Σ query."""
+    T, n_user_slots, n_item_slots, d = c.p0.shape[0], c.p0.shape[1], c.q0.shape[1], c.p0.shape[2]
+    K, lr, second = c.ops.pair_pos.shape[1], hp.inner_lr, not hp.first_order
+    u, j, n = c.loc.q_user, c.loc.q_pos, c.loc.q_neg
+    col, row_j, row_n, k_u, k_j, k_n = c.last
+    p_t, q_j, q_n, z = c.query_rows
+    p, q = c.p, c.q
+    # the query triple: -log σ(z) + the L2 terms
+    dz = (-g_query * torch.sigmoid(-z))[:, None]
+    g_pt = (q_j - q_n).mul_(dz).add_(p_t, alpha=2 * hp.lambda_p * g_query)
+    g_qj = (p_t * dz).add_(q_j, alpha=2 * hp.lambda_q_pos * g_query)
+    g_qn = (p_t * -dz).add_(q_n, alpha=2 * hp.lambda_q_neg * g_query)
+    at = lambda index, width: index[:, None, None].expand(-1, 1, width)
+    if second:  # the last step: rows u*, j*, n* of (p, q) and column u*, rows j*, n* of A
+        g_q = torch.bmm(col[:, :, None], g_pt[:, None, :])
+        g_p = torch.bmm(torch.stack([row_j, row_n], 2), torch.stack([g_qj, g_qn], 1))
+        g_p.scatter_add_(1, at(u, d), (k_u * g_pt)[:, None])
+        g_q.scatter_add_(1, at(j, d), (k_j * g_qj)[:, None]).scatter_add_(1, at(n, d), (k_n * g_qn)[:, None])
+        g_A = torch.zeros(T, n_item_slots, n_user_slots, dtype=p.dtype, device=p.device)
+        g_A.scatter_(2, u[:, None, None].expand(-1, n_item_slots, 1), torch.bmm(q, g_pt[:, :, None]))
+        g_A.scatter_add_(1, torch.stack([j, n], 1)[:, :, None].expand(-1, 2, n_user_slots), torch.bmm(torch.stack([g_qj, g_qn], 1), p.transpose(1, 2)))
+        sig = torch.sigmoid(-c.x)
+        g_x = _at_pairs(g_A, c.ops).mul_(sig * (1 - sig)).mul_(-lr / K)
+    else:  # first order: the adapted rows move one for one with the rows they started from
+        g_p, g_q = torch.zeros_like(p), torch.zeros_like(q)
+        g_p.scatter_add_(1, at(u, d), g_pt[:, None])
+        g_q.scatter_add_(1, at(j, d), g_qj[:, None]).scatter_add_(1, at(n, d), g_qn[:, None])
+        g_x = None
+    for p_prev, q_prev, x_prev, A in reversed(c.steps):  # the full steps, last first
+        if g_x is not None:  # through the margins x = scores of (q, p)
+            G = _pair_matrix(g_x, c.pairs, n_item_slots, n_user_slots)
+            g_q.baddbmm_(G, p)
+            g_p.baddbmm_(G.transpose(1, 2), q)
+        if second:
+            g_a = _at_pairs(torch.bmm(q_prev, g_p.transpose(1, 2)).baddbmm_(g_q, p_prev.transpose(1, 2)), c.ops)
+            g_p, g_q = (g_p * c.keep_u).baddbmm_(A.transpose(1, 2), g_q), g_q.mul_(c.keep_i).baddbmm_(A, g_p)
+            sig = torch.sigmoid(-x_prev)
+            g_x = g_a.mul_(sig * (1 - sig)).mul_(-lr / K)
+        p, q = p_prev, q_prev
+    # the support loss at Θ: -log σ(x0) through its margins, and its L2 term
+    support_gx = torch.sigmoid(-(c.steps[0][2] if c.steps else c.x)) * (-g_support / K)
+    g_x = support_gx if g_x is None else g_x.add_(support_gx)
+    G = _pair_matrix(g_x, c.pairs, n_item_slots, n_user_slots)
+    g_q.addcmul_(c.ops.reg_item, c.q0, value=2 * g_support).baddbmm_(G, c.p0)
+    g_p.addcmul_(c.ops.reg_user, c.p0, value=2 * g_support).baddbmm_(G.transpose(1, 2), c.q0)
+    return g_p, g_q
+
+
+class _MetaObjective(torch.autograd.Function):
+    """(Σ_t L^K_t, Σ_t L^1_t(Θ^L_t)) of the slots (p_loc, q_loc), chunk by chunk, with ``_chunk_backward``.
+
+    A backward pass that must itself be differentiable (``create_graph=True``: second derivatives of the
+    objective) differentiates ``_chunk_losses`` with autograd instead, from the same inputs."""
+
+    @staticmethod
+    def forward(ctx, p_loc, q_loc, ops: SupportOps, loc: LocalTasks, hp: InnerParams, size: int):
+        support = query = 0.0
+        ctx.chunks = []
+        for start in range(0, len(p_loc), size):
+            rows = slice(start, start + size)
+            s, q, state = _chunk_forward(p_loc[rows], q_loc[rows], ops.take(rows), loc.take(rows), hp)
+            ctx.chunks.append((rows, state))
+            support, query = support + s, query + q
+        ctx.save_for_backward(p_loc, q_loc)
+        ctx.ops, ctx.loc, ctx.hp = ops, loc, hp
+        return support, query
+
+    @staticmethod
+    def backward(ctx, g_support, g_query):
+        p_loc, q_loc = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            with torch.enable_grad():  # from the saved inputs themselves, so the gradient stays a function of them
+                support, query = _chunk_losses(p_loc, q_loc, ctx.ops, ctx.loc, ctx.hp)
+                g_p, g_q = torch.autograd.grad((support, query), (p_loc, q_loc), (g_support, g_query), create_graph=True)
+            return g_p, g_q, None, None, None, None
+        g_p, g_q = torch.empty_like(p_loc), torch.empty_like(q_loc)
+        for rows, state in ctx.chunks:
+            g_p[rows], g_q[rows] = _chunk_backward(state, float(g_support), float(g_query), ctx.hp)
+        return g_p, g_q, None, None, None, None
 
 
 @dataclass(frozen=True)
