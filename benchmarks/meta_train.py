@@ -70,8 +70,11 @@ def time_reference(model: ResponsiveMF, tasks, start: int, n: int, batch: int) -
 
 def flops_per_task(model: ResponsiveMF, tasks, batch: int) -> float:
     """Matrix-product FLOPs of one task's forward and backward pass (FlopCounterMode over one batch)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils import flop_counter
 
+    if torch.ops.aten.baddbmm_ not in flop_counter.flop_registry:  # the hand-written backward accumulates in place
+        flop_counter.register_flop_formula(torch.ops.aten.baddbmm_, get_raw=True)(flop_counter.baddbmm_flop)
+    FlopCounterMode = flop_counter.FlopCounterMode
     P, Q = (t.detach().clone().requires_grad_() for t in (model.P_, model.Q_))
     with FlopCounterMode(display=False) as counter:
         support, query = meta_objective(P, Q, TaskBatch.from_arrays(tasks, slice(0, batch)), model.meta)
