@@ -3,11 +3,21 @@
 Both implementations run the same objective (second-order MAML over BPR-MF,
 K = 20, L = 2, d = 64) on the same tasks in the same process, each followed
 by the same Adam step; the printed ratio is what matters (absolute figures
-depend on the machine and on what else runs on it). Serving: adapt + score of
-101 candidates for one user (p50, p99) and users/s when 1,024 users are
-adapted and scored at once.
+depend on the machine and on what else runs on it). The batch is the
+pipeline's (meta.batch_tasks) unless --batch says otherwise.
 
-    .venv/bin/python benchmarks/meta_train.py [--tasks 4096] [--reference-tasks 128] [--rounds 5]
+The FLOP bound: the matrix-product FLOPs of one task's forward and backward
+pass (counted by torch.utils.flop_counter on a real step), against this
+machine's dense matmul rate measured in the same run with the same threads;
+the bound is the tasks/s those products alone would allow, and the fraction
+is how much of it the batched step achieves. The element-wise work is not
+counted, so the bound is optimistic: most of a step is memory traffic over
+the tasks' slot tensors, not arithmetic.
+
+Serving: adapt + score of 101 candidates for one user (p50, p99) and users/s
+when 1,024 users are adapted and scored at once.
+
+    .venv/bin/python benchmarks/meta_train.py [--tasks 4096] [--reference-tasks 128] [--rounds 5] [--batch 1024]
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import torch
 
 from metarec.config import MetaConfig, TaskConfig
 from metarec.interface import Interactions, RecentItems
-from metarec.maml import TaskBatch, meta_step, reference_meta_objective
+from metarec.maml import TaskBatch, meta_objective, meta_step, reference_meta_objective
 from metarec.meta_tasks import build_tasks
 from metarec.models.responsive import ResponsiveMF
 
@@ -58,6 +68,32 @@ def time_reference(model: ResponsiveMF, tasks, start: int, n: int, batch: int) -
     return n / (time.perf_counter() - started)
 
 
+def flops_per_task(model: ResponsiveMF, tasks, batch: int) -> float:
+    """Matrix-product FLOPs of one task's forward and backward pass (FlopCounterMode over one batch)."""
+    from torch.utils import flop_counter
+
+    if torch.ops.aten.baddbmm_ not in flop_counter.flop_registry:  # the hand-written backward accumulates in place
+        flop_counter.register_flop_formula(torch.ops.aten.baddbmm_, get_raw=True)(flop_counter.baddbmm_flop)
+    FlopCounterMode = flop_counter.FlopCounterMode
+    P, Q = (t.detach().clone().requires_grad_() for t in (model.P_, model.Q_))
+    with FlopCounterMode(display=False) as counter:
+        support, query = meta_objective(P, Q, TaskBatch.from_arrays(tasks, slice(0, batch)), model.meta)
+        (support + model.meta.lambda_ml * query).backward()
+    return counter.get_total_flops() / batch
+
+
+def matmul_flops_per_s(n: int = 1024, repeats: int = 20) -> float:
+    """Dense float32 matmul rate of this process (the threads set), best of a few timings."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best
+
+
 def serving(model: ResponsiveMF, history: Interactions, n_items: int, repeats: int, seed: int) -> tuple[float, float, float]:
     """(p50 ms, p99 ms) of adapt + score for one new user, users/s for 1,024 at once; 101 candidates, 5 items shown."""
     rng = np.random.default_rng(seed)
@@ -82,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=4096, help="tasks per round for the batched implementation")
     parser.add_argument("--reference-tasks", type=int, default=128, help="tasks per round for the per-task loop (slow)")
-    parser.add_argument("--batch", type=int, default=256, help="tasks per outer step (256 measured fastest here; meta.batch_tasks)")
+    parser.add_argument("--batch", type=int, default=MetaConfig().batch_tasks, help="tasks per outer step (default: meta.batch_tasks, as the pipeline runs)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--items", type=int, default=1700)
@@ -114,6 +150,10 @@ def main() -> None:
     print(f"  batched     median {np.median(batched):8.0f} tasks/s, best {max(batched):8.0f}  ({n_bat} tasks per round)")
     print(f"  per-task    median {np.median(reference):8.0f} tasks/s, best {max(reference):8.0f}  ({n_ref} tasks per round)")
     print(f"  ratio       median of rounds {np.median(ratios):.1f}x, of bests {max(batched) / max(reference):.1f}x (rounds: {', '.join(f'{r:.0f}' for r in ratios)})")
+    flops, peak = flops_per_task(model, tasks, args.batch), matmul_flops_per_s()
+    bound = peak / flops
+    print(f"  FLOP bound  {flops / 1e6:.2f} MFLOP per task in matrix products (forward + backward); dense matmul here "
+          f"{peak / 1e9:.1f} GFLOP/s -> at most {bound:,.0f} tasks/s; the batched median reaches {np.median(batched) / bound:.1%} of it")
 
     p50, p99, users_per_s = serving(model, history, args.items, repeats=300, seed=1)
     print(f"serving (adapt L=2 + score 101 candidates): one user p50 {p50:.2f} ms, p99 {p99:.2f} ms; 1,024 users at once {users_per_s:.0f} users/s")

@@ -191,6 +191,25 @@ def _run_config(config, set_, dataset, data_dir, quick: bool):
     return _config(config, [*(QUICK_OVERRIDES if quick else ()), *set_], dataset, data_dir)
 
 
+def _print_cached(cfg, sweep: bool) -> bool:
+    """Print the results of an earlier run with the same config, data, tuning and code, if there is one (no Prefect start)."""
+    from tasks.datasets import DataError
+    from tasks.stages import cached_run
+
+    try:
+        record = cached_run(cfg, sweep)
+    except DataError:
+        return False  # the flow reports it properly
+    if record is None:
+        return False
+    table = Path(record["files"]["table1.md"])
+    typer.echo(table.read_text())
+    typer.echo(f"every step cached (same config, data, tuning and code): results, plots and summary in {table.parent}")
+    if "sweep_plot" in record["files"]:
+        typer.echo(f"λ_ML curve: {record['files']['sweep_plot']}")
+    return True
+
+
 @app.command()
 def run(
     config: Optional[Path] = ConfigOpt,
@@ -209,6 +228,8 @@ def run(
     writes Table 1 and the curves, registers our model and moves the champion alias if it is at least as good.
     """
     cfg = _run_config(config, [*set_, *([f"data.new_user_folds={folds}"] if folds else [])], dataset, data_dir, quick)
+    if not tune_first and _print_cached(cfg, sweep):
+        return
     from flows.pipeline import pipeline
     from flows.runners import with_runner
 

@@ -31,9 +31,10 @@ from tasks.aggregate import RunFacts, write_report
 from tasks.atomic import write_json
 from tasks.evaluation import evaluate_model_task, log_child_run
 from tasks.models import fit_model_task
-from tasks.paths import dataset_slug, prepared_dir, run_dir
+from tasks.paths import dataset_slug, fold_configs, prepared_dir, run_dir
 from tasks.pooling import pool_cases, summarise_cases
 from tasks.prepared import load_prepared
+from tasks.stages import record_path, stage_record
 from tasks.task_shards import build_task_shards_task
 from tasks.publish import log_mlflow_run, publish_run_report
 from tasks.tracking import model_params, parent_run, run_tags
@@ -41,11 +42,6 @@ from tasks.training import meta_train_task
 from tasks.tuning import TUNABLE, load_record, prefect_trials, tune, tuned_source
 
 OURS = "responsive"  # the paper's row: its fold-0 model is the serving candidate
-
-
-def fold_configs(config: Config) -> list[Config]:
-    """One config per new-user fold (``data.fold`` = 0 .. F-1); everything downstream is keyed on it."""
-    return [config.model_copy(update={"data": config.data.with_fold(f)}) for f in range(config.data.new_user_folds)]
 
 
 def pooled_dir(config: Config) -> Path:
@@ -124,6 +120,7 @@ def _tuned(config: Config, tune_missing: bool) -> tuple[Config, str]:
 @flow(name="pipeline", validate_parameters=False)  # Config is validated once, by load_config
 def pipeline(config: Config, sweep: bool = False, tune_first: bool = False) -> dict:
     logger = get_run_logger()
+    requested = config  # what the warm-run record is keyed on (tuned values are resolved below)
     quick = config.runtime.preset == "quick"
     with parent_run(config, f"pipeline {redact(config.data.dataset)} F={config.data.new_user_folds}", "pipeline") as parent_id:
         log_mlflow_run(config, parent_id)
@@ -165,6 +162,9 @@ def pipeline(config: Config, sweep: bool = False, tune_first: bool = False) -> d
         swept = lambda_sweep(config, parent_id) if sweep else None
         if warnings:
             mlflow.set_tags({"status": "diverged", "warning": " ".join(warnings)[:5000]})
+        else:  # a diverged run is not recorded for warm re-runs: running it again states the divergence again
+            outputs = {**{k: str(v) for k, v in files.items()}, **({"sweep_plot": str(swept["plot"])} if swept else {})}
+            write_json(stage_record(requested, sweep, outputs), record_path(requested, sweep))
     if warnings:  # the parent run ends FAILED, not FINISHED with a tag
         mlflow.MlflowClient().set_terminated(parent_id, "FAILED")
     return {

@@ -273,6 +273,12 @@ class RuntimeConfig(Section):
     dask_address: str | None = Field(None, description="An existing Dask scheduler; None = a local cluster.")
     max_workers: int = Field(2, ge=1)
     torch_threads: int = Field(2, ge=1)
+    workers: int = Field(1, ge=1, description="Processes meta-training data-parallel over torch.distributed (gloo on CPU, NCCL on GPUs); "
+                         "each takes a share of every batch and Θ ends as with one process. Threads per worker: torch_threads // workers (at least 1).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the models' tensors live: auto = a GPU when torch sees one, else the CPU.")
+    duckdb_memory_limit: str = Field("4GB", pattern=r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$",
+                                     description="DuckDB's memory_limit in prepare (e.g. '4GB', '512MiB'); past it, DuckDB spills to duckdb_temp_dir.")
+    duckdb_temp_dir: Path | None = Field(None, description="Where DuckDB spills and keeps its work database in prepare; None = a private folder under the system temp dir.")
     progress: bool = True
     preset: Literal["full", "quick"] = Field("full", description="Which preset made this config (set by --quick); tags runs and labels reports.")
 

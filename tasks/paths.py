@@ -1,14 +1,26 @@
-"""Where each stage writes, named by the hash of what it depends on.
+"""Where each stage writes, and the key each stage's output is cached under.
 
-The prepared data depends on the data config, the input files and the code: its
-folder name hashes all three (each rating file's name and content hash; every
-source file), so a nightly run on updated ratings, or any run after
-a code change, computes afresh instead of reusing stale outputs. Every later
-stage writes inside that folder.
+A stage's key hashes what its output depends on, and nothing else:
+
+- the config sections it reads (``Config.hash_of``), and for the prepared data
+  the input files' fingerprint (each file's name and content hash, so a nightly
+  run on updated ratings computes afresh even if size and mtime are kept);
+- **the code it runs** (``stage_code``): its own modules and SQL files, plus every
+  module of the algorithm package ``metarec/`` that they import, found by reading
+  the imports, transitively. So a fix in the evaluation protocol re-runs only the
+  evaluation, a fix in one baseline refits only that baseline, and a fix in the
+  SQL re-prepares the data (and so everything after it);
+- the key of the stage it reads from: a later stage's folder sits inside the
+  prepared folder, and a trained model's key includes its task shards' key.
+
+``stage_keys(config)`` lists every key of a pipeline run (tested in
+tests/test_paths.py); the prepared data's folder is named by its key, and every
+later stage writes inside that folder under its own key.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import re
@@ -18,6 +30,21 @@ from metarec.config import Config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CODE_FOLDERS = ("metarec", "tasks", "flows", "sql")
+
+# The code each stage runs: modules by dotted name, "sql/" for every SQL file. The metarec modules
+# these import are added by ``code_closure``; tasks/ and flows/ modules count only where listed
+# (they import I/O, logging and tracking helpers that do not change what a stage computes).
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "prepare": ("flows.prepare", "tasks.prepare", "tasks.datasets", "tasks.features", "tasks.sqlfiles", "tasks.prepared", "sql/"),
+    "tasks": ("tasks.task_shards", "metarec.meta_tasks"),
+    "train": ("tasks.training", "tasks.models", "metarec.models.responsive"),
+    "fit": ("tasks.models",),  # plus the row's own module (``model_code``)
+    "evaluate": ("tasks.evaluation", "metarec.protocol", "metarec.metrics"),
+}
+# Their code reaches results only through config values, which every key hashes already
+# (``Config.hash_of`` covers each field and each row's fixed options); keying on their text
+# would re-prepare the data whenever a config field is added.
+CONFIG_MODULES = frozenset({"metarec.config", "metarec.models.registry"})
 
 
 def dataset_slug(dataset: str) -> str:
@@ -49,25 +76,106 @@ def source_fingerprint(config: Config) -> str:
     return digest.hexdigest()
 
 
-@functools.cache
-def code_version() -> str:
-    """Hash of the source every output is computed by (the packages and the SQL files).
+# ---------------------------------------------------------------- code hashes
+def _module_path(module: str) -> Path | None:
+    """The source file of a project module (a package's __init__.py), or None when it is not ours."""
+    if module.split(".")[0] not in CODE_FOLDERS:
+        return None
+    base = PROJECT_ROOT.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
 
-    Part of every cached output's folder name: after a change to the code, a
-    re-run computes afresh instead of reusing models or results the old code made.
-    """
+
+def _source(path: Path) -> bytes:
+    """The bytes hashed for a source file (one place, so a test can change a file's text without writing it)."""
+    return path.read_bytes()
+
+
+@functools.cache
+def _imports(module: str, path: Path) -> frozenset[str]:
+    """Every module named by an import statement of ``path``, at any depth (relative imports resolved;
+    ``from a import b`` yields a.b too, in case b is a module)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    statements = list(ast.parse(_source(path), str(path)).body)
+    while statements:  # statements only: imports never sit inside expressions
+        node = statements.pop()
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            statements.extend(getattr(node, field, ()))
+    return frozenset(found)
+
+
+def code_closure(modules: tuple[str, ...]) -> list[str]:
+    """The modules listed plus every metarec module they import, transitively (minus CONFIG_MODULES), sorted."""
+    seen: set[str] = set()
+    todo = [m for m in modules if not m.endswith("/")]
+    while todo:
+        module = todo.pop()
+        path = _module_path(module)
+        if module in seen or module in CONFIG_MODULES or path is None:
+            continue
+        seen.add(module)
+        todo.extend(m for m in _imports(module, path) if m.split(".")[0] == "metarec")
+    return sorted(seen)
+
+
+@functools.cache
+def code_hash(modules: tuple[str, ...]) -> str:
+    """Hash of the source of ``code_closure(modules)`` and of every file under the listed folders ("sql/")."""
     digest = hashlib.sha256()
-    for folder in CODE_FOLDERS:
-        for path in sorted((PROJECT_ROOT / folder).rglob("*")):
-            if path.suffix in (".py", ".sql") and path.is_file():
-                digest.update(f"{path.relative_to(PROJECT_ROOT).as_posix()}:".encode())
-                digest.update(path.read_bytes())
+    files = [_module_path(m) for m in code_closure(modules)]
+    for folder in (m for m in modules if m.endswith("/")):
+        files.extend(p for p in sorted((PROJECT_ROOT / folder).rglob("*")) if p.is_file() and p.suffix in (".py", ".sql"))
+    for path in files:
+        digest.update(f"{path.relative_to(PROJECT_ROOT).as_posix()}:".encode())
+        digest.update(_source(path))
+        digest.update(b"\0")
     return digest.hexdigest()[:12]
 
 
+def stage_code(stage: str) -> str:
+    """Hash of the code stage ``stage`` runs (``STAGE_CODE``)."""
+    return code_hash(STAGE_CODE[stage])
+
+
+def model_code(name: str) -> str:
+    """Hash of the code a baseline row is fitted by: tasks.models and the row's module with what it imports."""
+    from metarec.models.registry import row
+
+    return code_hash((*STAGE_CODE["fit"], row(name).factory.split(":")[0]))
+
+
+def clear_code_cache() -> None:
+    """Forget the code hashes (they are computed once per process; tests change the sources)."""
+    code_hash.cache_clear()
+    _imports.cache_clear()
+
+
+def _combine(*parts: str) -> str:
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- keys and folders
 def data_version(config: Config) -> str:
-    """The prepared data's identity: hash of the data config, the input files' fingerprint and the code version."""
-    return hashlib.sha256(f"{config.hash_of('data')}:{source_fingerprint(config)}:{code_version()}".encode()).hexdigest()[:12]
+    """The prepared data's key: the data config, the input files' fingerprint and the prepare stage's code."""
+    return _combine(config.hash_of("data"), source_fingerprint(config), stage_code("prepare"))
+
+
+def fold_configs(config: Config) -> list[Config]:
+    """One config per new-user fold (``data.fold`` = 0 .. F-1); everything downstream is keyed on it."""
+    return [config.model_copy(update={"data": config.data.with_fold(f)}) for f in range(config.data.new_user_folds)]
 
 
 def prepared_dir(config: Config) -> Path:
@@ -75,10 +183,46 @@ def prepared_dir(config: Config) -> Path:
     return Path(config.runtime.artifacts_dir) / dataset_slug(config.data.dataset) / data_version(config)
 
 
+def tasks_key(config: Config) -> str:
+    """The task shards' key inside the prepared folder: data and tasks sections, the task construction's code."""
+    return _combine(config.hash_of("data", "tasks"), stage_code("tasks"))
+
+
 def task_shards_dir(config: Config) -> Path:
-    return prepared_dir(config) / f"tasks-{config.hash_of('data', 'tasks')}"
+    return prepared_dir(config) / f"tasks-{tasks_key(config)}"
+
+
+def train_key(config: Config) -> str:
+    """Meta-training's key: data, tasks and meta sections, and the task construction's and training's code."""
+    return _combine(config.hash_of("data", "tasks", "meta"), stage_code("tasks"), stage_code("train"))
+
+
+def evaluation_key(config: Config) -> str:
+    """What an evaluation's results depend on besides the model: every result section and the evaluation code."""
+    return _combine(config.hash_of(), stage_code("evaluate"))
 
 
 def run_dir(config: Config) -> Path:
     """One pipeline configuration's models, results, tables and plots."""
     return prepared_dir(config) / "runs" / config.hash_of()
+
+
+def model_key(config: Config, name: str) -> str:
+    """A fitted row's key: the sections its state depends on (data and the row's own, after its tuned and fixed
+    values, ``Config.for_row``) and the code that fits it (``model_code``)."""
+    from metarec.models.registry import row
+
+    if row(name).is_ours:
+        return train_key(config.for_row(name))  # meta-training writes the model
+    return _combine(config.for_row(name).hash_of("data", *row(name).sections), model_code(name))
+
+
+def stage_keys(config: Config) -> dict[str, str]:
+    """Every cache key of a pipeline run of ``config``: prepare, tasks, train, fit:<row> per evaluated row, evaluate.
+
+    Two runs whose keys agree compute nothing twice (ours is trained with its row's config, as the pipeline does)."""
+    ours = config.for_row("responsive")
+    keys = {"prepare": data_version(config), "tasks": tasks_key(ours), "train": train_key(ours)}
+    keys.update({f"fit:{name}": model_key(config, name) for name in config.eval.models})
+    keys["evaluate"] = evaluation_key(config)
+    return keys

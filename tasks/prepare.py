@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from metarec.config import Config
+from metarec.config import Config, RuntimeConfig
 from tasks.atomic import sweep_stale_temporaries, temp_sibling_dir, write_json
 from tasks.datasets import EXPECTED, DataError, inspect_input, load_raw, resolve_source
 from tasks.features import KINDS, describe_output, feature_files, load_feature_file
@@ -54,17 +54,25 @@ DUCKDB_TEMP = re.compile(r"^metarec-duckdb-pid(?P<pid>\d+)-")
 
 
 @contextmanager
-def duckdb_connection(threads: int = 2) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A throw-away DuckDB database in a private temp folder.
+def duckdb_connection(runtime: RuntimeConfig | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A throw-away DuckDB database in a private temp folder (under ``runtime.duckdb_temp_dir`` if set).
 
     File-backed rather than in-memory: stored tables are compressed and paged, so the
     100M lines of Netflix need not fit in RAM (an in-memory table of 2M lines took 1.4 GB).
+    ``runtime.duckdb_memory_limit`` caps DuckDB's buffer pool; sorts, joins and aggregates
+    beyond it spill to the same folder, so memory stays bounded whatever the input's size.
     The folder is named with this process's pid; ones whose process is gone (killed
     with ``kill -9``) are removed first.
     """
-    sweep_stale_temporaries(Path(tempfile.gettempdir()), DUCKDB_TEMP)
-    with tempfile.TemporaryDirectory(prefix=f"metarec-duckdb-pid{os.getpid()}-") as work:
-        settings = {"threads": threads, "preserve_insertion_order": True, "temp_directory": work}
+    runtime = runtime or RuntimeConfig()
+    parent = Path(tempfile.gettempdir())
+    if runtime.duckdb_temp_dir is not None:
+        parent = Path(runtime.duckdb_temp_dir)
+        parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(parent, DUCKDB_TEMP)
+    with tempfile.TemporaryDirectory(prefix=f"metarec-duckdb-pid{os.getpid()}-", dir=parent) as work:
+        settings = {"threads": runtime.max_workers, "preserve_insertion_order": True, "temp_directory": work,
+                    "memory_limit": runtime.duckdb_memory_limit}
         con = duckdb.connect(str(Path(work) / "work.duckdb"), config=settings)
         con.execute("PRAGMA disable_progress_bar")  # a per-connection setting; the bar garbles logs
         try:
@@ -104,7 +112,7 @@ def ingest(config: Config, out: Path) -> dict:
     columns = {"user_col": data.user_col, "item_col": data.item_col, "rating_col": data.rating_col, "ts_col": data.ts_col}
     source = resolve_source(data.dataset, data.data_dir, data.download, columns)
     logger.info("ingesting %s (%s) from %s", source.name, source.layout, source.ratings[0].parent)
-    with duckdb_connection(config.runtime.max_workers) as con:
+    with duckdb_connection(config.runtime) as con:
         load_raw(con, source)
         checks = inspect_input(con, source, data.rating_threshold, int(time.time()))
         run_sql(con, "ratings", {"ts_format": EXPECTED[source.layout][2]})
@@ -128,7 +136,7 @@ def features(config: Config, out: Path) -> dict:
     data = config.data
     columns = {"user_col": data.user_col, "item_col": data.item_col, "rating_col": data.rating_col, "ts_col": data.ts_col}
     files = feature_files(resolve_source(data.dataset, data.data_dir, data.download, columns), data)
-    with duckdb_connection(config.runtime.max_workers) as con:
+    with duckdb_connection(config.runtime) as con:
         run_sql(con, "feature_table")
         for file in files:
             load_feature_file(con, file, data)
@@ -143,7 +151,7 @@ def split(config: Config, out: Path) -> dict:
     """interactions.parquet -> positives -> new_users / history / stream Parquet files (METHOD.md §2)."""
     data = config.data
     interactions = _parquet(out / "interactions.parquet")
-    with duckdb_connection(config.runtime.max_workers) as con:
+    with duckdb_connection(config.runtime) as con:
         run_sql(con, "positives", {"interactions": interactions, "threshold": data.rating_threshold})
         run_sql(con, "split_new_users", {"seed": data.seed, "deals": data.deals, "fold": data.fold})
         run_sql(con, "split_history_stream", {"history_fraction": data.history_fraction, "batches": data.stream_batches})
@@ -178,7 +186,7 @@ def candidates(config: Config, out: Path) -> dict:
     n_items = pq.read_metadata(out / "items.parquet").num_rows
     parts = [_parquet(out / f"{name}.parquet") for name in ("history", "stream", "new_users")]
     params = {"new_users": parts[2], "stream": parts[1], "ns": list(data.new_user_ns), "min_positives": max(data.new_user_ns) + 1}
-    with duckdb_connection(config.runtime.max_workers) as con:
+    with duckdb_connection(config.runtime) as con:
         cases = con.sql(sql("candidate_cases"), params=params).to_arrow_table()
         keys = run_sql(con, "positive_keys", {"paths": parts, "n_items": n_items}).fetchnumpy()["key"]
     keys = np.asarray(keys, dtype=np.int64)
@@ -202,7 +210,7 @@ def _check_evaluable_new_users(config: Config, cases: pa.Table, new_users: str) 
     if (kinds == "new").any():
         return
     data = config.data
-    with duckdb_connection(1) as con:
+    with duckdb_connection(config.runtime) as con:
         n_new, most = con.sql(sql("new_user_counts"), params={"new_users": new_users}).fetchall()[0]
     raise DataError(f"no new user in {data.dataset} can be evaluated: each needs >= {max(data.new_user_ns) + 1} positives "
                     f"(max(data.new_user_ns)={max(data.new_user_ns)} shown first, then the next one to predict), but the "
@@ -273,7 +281,7 @@ def write_stats(config: Config, out: Path, ingested: dict) -> dict:
     """stats.json: rows, users, items and time ranges per part; new users with enough positives."""
     data = config.data
     min_positives = max(data.new_user_ns) + 1
-    with duckdb_connection(config.runtime.max_workers) as con:
+    with duckdb_connection(config.runtime) as con:
         parts = {}
         for name in ("interactions", "history", "stream", "new_users"):
             row = run_sql(con, "part_stats", {"path": _parquet(out / f"{name}.parquet")}).fetchall()[0]

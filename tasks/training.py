@@ -27,6 +27,10 @@
 
 The MLflow run nests under the open parent run (``tasks.tracking.child_run``).
 
+``runtime.workers = N`` > 1 runs the epochs in N data-parallel processes
+(``tasks/parallel.py``, ``metarec/distributed.py``); this process still
+checkpoints and logs each epoch, so resuming and the results are as above.
+
 Progress: a tqdm bar over tasks when stderr is a terminal (and
 ``runtime.progress``), else one log line per epoch (Prefect's logger in a flow).
 """
@@ -37,8 +41,10 @@ import json
 import logging
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import mlflow
 import torch
@@ -48,13 +54,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metarec.config import Config
+from metarec.distributed import backend_for
 from metarec.maml import DivergedError
 from metarec.models.responsive import EpochStats, ResponsiveMF, from_config
 from tasks.atomic import atomic_dir, write_json
 from tasks.integrity import CorruptFileError, quarantine
 from tasks.logs import log_info, log_warning
 from tasks.models import model_dir, model_hash, save_model, saved_model_ok
-from tasks.paths import prepared_dir, task_shards_dir
+from tasks.parallel import ParallelTrainer, WorkerPlan
+from tasks.paths import prepared_dir, task_shards_dir, train_key
 from tasks.prepared import PreparedData, load_prepared
 from tasks.task_shards import iter_task_shards, read_manifest
 from tasks.model_registry import THETA_FILE, THETA_META, load_theta, log_theta_model, save_theta  # noqa: F401 (Θ on disk)
@@ -81,8 +89,23 @@ class TrainResult:
 
 
 def training_dir(config: Config) -> Path:
-    """prepared_dir/training/responsive-<hash of data, tasks, meta>: checkpoint and status."""
-    return prepared_dir(config) / "training" / f"responsive-{config.hash_of(*TRAIN_SECTIONS)}"
+    """prepared_dir/training/responsive-<key of data, tasks, meta and the code (``tasks.paths.train_key``)>."""
+    return prepared_dir(config) / "training" / f"responsive-{train_key(config)}"
+
+
+def cached_training(config: Config, row: str = "responsive") -> TrainResult | None:
+    """The result of an earlier training of this key: finished (with its model saved) or diverged, which the same
+    key and seed would do again; None when there is none (``config`` is the row's own, ``Config.for_row``)."""
+    try:
+        status = json.loads((training_dir(config) / STATUS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if status.get("status") == "diverged":
+        return TrainResult("diverged", status["epoch"], status["run_id"], status["history"], message=status["message"])
+    out = model_dir(config, row)
+    if status.get("status") != "finished" or not saved_model_ok(out, model_hash(config, row)):
+        return None
+    return TrainResult("finished", status["epochs"], status["run_id"], status["history"], model_path=str(out), model_uri=status.get("model_uri"))
 
 
 def _log(message: str, *args) -> None:
@@ -150,6 +173,27 @@ def _epoch(model: ResponsiveMF, task_dir: Path, epoch: int, config: Config, n_ta
             bar.close()
 
 
+@contextmanager
+def _epoch_runner(config: Config, model: ResponsiveMF, task_dir: Path, first: int, last: int, n_tasks: int) -> Iterator[Callable[[int], EpochStats]]:
+    """``run_epoch(epoch)``: in this process, or (``runtime.workers`` > 1) in data-parallel worker processes that
+    start from the model's state and hand it back after every epoch (``tasks/parallel.py``)."""
+    workers = config.runtime.workers
+    if workers == 1 or first >= last:
+        yield lambda epoch: _epoch(model, task_dir, epoch, config, n_tasks)
+        return
+    plan = WorkerPlan(config.meta, config.tasks, Path(task_dir), first, last, max(1, config.runtime.torch_threads // workers),
+                      str(model.device), model.training_state())
+    _log("meta-training in %d data-parallel processes (%s)", workers, backend_for(model.device))
+    with ParallelTrainer(workers, plan) as trainer:
+
+        def run_epoch(epoch: int) -> EpochStats:
+            stats, state = trainer.next_epoch()
+            model.load_training_state(state)
+            return stats
+
+        yield run_epoch
+
+
 def _start(config: Config, model: ResponsiveMF, ckpt: Path, history) -> tuple[int, list[dict], str | None]:
     """Resume (next epoch, metric history, run id) from a checkpoint, or initialise and pre-train."""
     found = _readable_checkpoint(ckpt, config.hash_of(*TRAIN_SECTIONS))
@@ -185,18 +229,6 @@ def _fail_abandoned_run(meta: Path) -> None:
         pass
 
 
-def finished_result(config: Config, row: str = "responsive") -> TrainResult | None:
-    """The result of a finished meta-training of this configuration whose model is saved, else None."""
-    try:
-        record = json.loads((training_dir(config) / STATUS_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    out = model_dir(config, row)
-    if record.get("status") != "finished" or not saved_model_ok(out, model_hash(config, row)):
-        return None
-    return TrainResult("finished", record["epochs"], record["run_id"], record["history"], model_path=str(out), model_uri=record.get("model_uri"))
-
-
 def meta_train(
     config: Config,
     task_dir: Path | None = None,
@@ -211,10 +243,10 @@ def meta_train(
     ``parent_run_id``, else the open parent run (``tasks.tracking.child_run``). Nothing is registered: a serving
     candidate is registered after its evaluation (``tasks.model_registry.register_candidate``)."""
     config = config.for_row(row)
-    done = finished_result(config, row)
-    if done is not None:
-        _log("meta-training of this configuration already finished (MLflow run %s)", done.run_id)
-        return done
+    cached = cached_training(config, row) if max_epochs is None else None
+    if cached is not None:
+        _log("meta-training already %s in %s (MLflow run %s)", cached.status, training_dir(config), cached.run_id)
+        return cached
     torch.set_num_threads(config.runtime.torch_threads)
     task_dir = Path(task_dir) if task_dir else task_shards_dir(config)
     n_tasks = int(read_manifest(task_dir)["n_tasks"])
@@ -229,12 +261,13 @@ def meta_train(
     last = config.meta.epochs if max_epochs is None else min(config.meta.epochs, max_epochs)
     tags = run_tags(config, kind="training", model=row, status="running", fold=str(config.data.fold))
     name = run_name or f"train {row} fold {config.data.fold} λ={config.meta.lambda_ml:g}"
-    with child_run(name, tags, run_id=run_id, parent_run_id=parent_run_id) as run_id:
+    with _epoch_runner(config, model, task_dir, first_epoch, last, n_tasks) as run_epoch, \
+            child_run(name, tags, run_id=run_id, parent_run_id=parent_run_id) as run_id:
         if first_epoch == 0 and not records:
             mlflow.log_params({**model_params(config, row), "tasks.n_tasks": n_tasks, "history.interactions": len(history)})
         for epoch in range(first_epoch, last):
             try:
-                stats = _epoch(model, task_dir, epoch, config, n_tasks)
+                stats = run_epoch(epoch)
             except DivergedError as exc:
                 return _diverged(config, work, run_id, epoch, records, str(exc))
             epoch_record = {"epoch": epoch, SUPPORT_LOSS: stats.support_loss, QUERY_LOSS: stats.query_loss, TASKS_PER_S: stats.tasks_per_s, EPOCH_SECONDS: stats.seconds}

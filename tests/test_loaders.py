@@ -75,6 +75,28 @@ def test_netflix_training_set_files(tmp_path: Path):
     assert titles[2] == "Isle of Man TT 2004 Review, The"
 
 
+NETFLIX_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "netflix-sample"
+
+
+def test_netflix_loader_on_an_original_prize_file():
+    """The one original training_set file we have (movie 2043): every line as a plain Python parse reads it."""
+    path = NETFLIX_SAMPLE / "training_set" / "mv_0002043.txt"
+    if not path.is_file():
+        pytest.fail(f"{path} not found; the test reads the shared original Netflix Prize file")
+    source = detect_folder(NETFLIX_SAMPLE)
+    assert source.layout == "netflix" and source.ratings == (path,)
+    rows, _ = read(source)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "2043:"
+    expected = sorted((int(u), 2043, float(r), _day(d)) for u, r, d in (line.split(",") for line in lines[1:]))
+    assert rows == expected
+    # the figures SOURCE.md documents for this file
+    assert len(rows) == 7871 and len({r[0] for r in rows}) == 7871
+    assert {k: sum(r[2] == k for r in rows) for k in (1, 2, 3, 4, 5)} == {1: 208, 2: 507, 3: 2079, 4: 3110, 5: 1967}
+    assert (min(r[3] for r in rows), max(r[3] for r in rows)) == (_day("2000-08-03"), _day("2005-12-31"))
+    assert (716091, 2043, 2.0, _day("2003-10-02")) in rows and (1272199, 2043, 5.0, _day("2005-12-07")) in rows
+
+
 def test_netflix_combined_data_blocks(tmp_path: Path):
     (tmp_path / "combined_data_1.txt").write_text("1:\n5,3,2005-09-06\n6,4,2005-09-07\n3:\n5,1,2005-01-01\n")
     (tmp_path / "combined_data_2.txt").write_text("4:\n9,2,2001-02-03\n")
@@ -170,3 +192,13 @@ def test_unreadable_titles_leave_titles_null_but_load_the_ratings(tmp_path: Path
     (tmp_path / "movies.csv").write_bytes(b"movieId,title,genres\n10,Bad \xff\xfe title,Drama\n")  # not UTF-8
     rows, titles = read(detect_folder(tmp_path))
     assert rows == [(1, 10, 4.0, 100)] and titles == {}
+
+
+def test_duckdb_memory_limit_and_spill_folder_come_from_the_runtime_config(tmp_path: Path):
+    runtime = RuntimeConfig(duckdb_memory_limit="300MB", duckdb_temp_dir=tmp_path / "spill", max_workers=1)
+    with duckdb_connection(runtime) as con:
+        limit, spill, threads = con.execute(
+            "SELECT current_setting('memory_limit'), current_setting('temp_directory'), current_setting('threads')").fetchone()
+        assert limit == "286.1 MiB" and threads == 1  # 300 MB in DuckDB's binary units
+        assert Path(spill).parent == tmp_path / "spill" and Path(spill).is_dir()
+    assert list((tmp_path / "spill").iterdir()) == []  # the private folder (work database, spills) is gone

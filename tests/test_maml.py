@@ -143,3 +143,19 @@ def test_serving_adaptation_is_the_training_adaptation():
     g = support_grads(p_loc, q_loc, ops)
     p_one, _ = inner_adapt(p_loc, q_loc, ops, HP.model_copy(update={"inner_steps": 1}))
     assert torch.allclose(p_one, p_loc - HP.inner_lr * g[0], atol=1e-12)
+
+
+def test_chunks_of_a_batch_give_the_whole_batch_objective(monkeypatch):
+    import metarec.maml as maml
+
+    P, Q = _params(6, 9, 4)
+    batch = _tasks(T=11, K=5, n_users=6, n_items=9, seed=6)
+    whole = _grads(meta_objective, P, Q, batch, HP)
+    slots = localise(batch).item_rows.shape[1]
+    monkeypatch.setattr(maml, "CHUNK_BYTES", 3 * slots * 4 * 8)  # 3 tasks a chunk: chunks of 3, 3, 3, 2
+    assert maml.chunk_size(slots, 4, 8) == 3
+    chunked = _grads(meta_objective, P, Q, batch, HP)
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-12)
+    assert torch.allclose(chunked[1], whole[1], atol=1e-12) and torch.allclose(chunked[2], whole[2], atol=1e-12)
+    reference = _grads(reference_meta_objective, P, Q, batch, HP)
+    assert torch.allclose(chunked[1], reference[1], atol=1e-12) and torch.allclose(chunked[2], reference[2], atol=1e-12)

@@ -62,6 +62,23 @@ def test_rerun_reuses_finished_steps(quick_run):
     config, first, second, stamps = quick_run.config, quick_run.first, quick_run.second, quick_run.stamps
     assert {m: (eval_dir(config, m) / METRICS_FILE).stat().st_mtime_ns for m in second["results"]} == stamps
     assert second["results"]["pop"]["metrics"] == first["results"]["pop"]["metrics"]
+    # the finished training is reused as it is: same MLflow run, no second registered version
+    assert (second["training"]["run_id"], second["training"]["model_version"]) == (first["training"]["run_id"], first["training"]["model_version"])
+
+
+@pytest.mark.slow
+def test_warm_cli_run_prints_the_cached_results_without_starting_prefect(quick_run, ml100k_dir, monkeypatch):
+    import flows.runners
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    config, first, _, _ = quick_run
+    monkeypatch.setattr(flows.runners, "with_runner", lambda *a, **k: pytest.fail("a flow was started on a warm re-run"))
+    result = CliRunner().invoke(app, ["run", "--quick", "--no-sweep", "--data-dir", str(ml100k_dir), "--set", "eval.lambda_sweep=[0.0, 1.0]"])
+    assert result.exit_code == 0, result.output
+    assert "every step cached" in result.output and "Ours (paper)" in result.output
+    assert first["run_dir"] in result.output
 
 
 @pytest.mark.slow

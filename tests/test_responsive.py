@@ -51,6 +51,22 @@ def test_adapt_many_users_at_once_equals_one_at_a_time(fitted):
         assert torch.allclose(alone.user_rows[0], together.user_rows[b], atol=1e-6)
 
 
+def test_scoring_every_item_by_one_product_equals_gathering_their_rows(fitted):
+    """Full ranking's path (user rows · all item rows) gives the gathered path's scores, adapted items and
+    ids beyond the table (mean + noise, the same draws) included."""
+    n_items = fitted.n_items_
+    users = np.array([0, 1, 2, 3])
+    recent = np.array([[4, 9, n_items + 2], [1, -1, -1], [-1, -1, -1], [7, 7, 8]])  # beyond the table, padding, nothing
+    adapted = fitted.adapt(users, recent, np.tile([10, 20, 30], (4, 1)), new_users=True)
+    cand = torch.as_tensor(np.tile(np.arange(n_items + 4), (4, 1)))
+    gathered = fitted._score_gathered(adapted, cand, torch.Generator().manual_seed(5))
+    product = fitted._score_by_product(adapted, cand, torch.Generator().manual_seed(5))
+    assert torch.allclose(product, gathered, rtol=1e-5, atol=1e-6)
+    plain = adapted.user_rows @ fitted.Q_.detach().T
+    assert not torch.allclose(product[0, 4], plain[0, 4])  # an adapted item scores with its adapted row
+    assert fitted.score_adapted(adapted, cand.numpy(), torch.Generator().manual_seed(5)).shape == (4, n_items + 4)
+
+
 def test_unseen_user_and_unseen_item_get_mean_plus_noise_rows(fitted):
     n_users, n_items = fitted.n_users_, fitted.n_items_
     scores = fitted.score(np.array([n_users + 5]), np.array([[0, 1, n_items + 3]]))

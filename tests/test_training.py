@@ -239,3 +239,15 @@ def test_recommend_rejects_bad_versions_and_names_a_damaged_theta(planted_csv, t
     theta.write_bytes(theta.read_bytes()[:64])
     result = runner.invoke(app, ["recommend", "--user", "1", "--version", "1"])
     assert result.exit_code == 1 and "registered version 1" in result.output and training.THETA_FILE in result.output, result.output
+
+
+def test_two_data_parallel_workers_train_the_same_theta_as_one(planted_csv, tmp_path):
+    one = _prepared(_config(planted_csv, tmp_path / "one", epochs=2))
+    two = _prepared(_config(planted_csv, tmp_path / "two", epochs=2).model_copy(
+        update={"runtime": one.runtime.model_copy(update={"artifacts_dir": tmp_path / "two", "workers": 2})}))
+    first, second = meta_train(one), meta_train(two)
+    assert first.status == second.status == "finished" and len(second.history) == 2
+    a, b = load_model(model_dir(one, "responsive")), load_model(model_dir(two, "responsive"))
+    assert torch.allclose(a.P_, b.P_, atol=1e-5) and torch.allclose(a.Q_, b.Q_, atol=1e-5)
+    state, record = load_checkpoint(training_dir(two) / "checkpoint", two.hash_of("data", "tasks", "meta"))
+    assert record["epoch"] == 1 and torch.allclose(state["P"], b.P_.detach())

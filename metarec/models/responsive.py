@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 from metarec.config import Config, MetaConfig, TaskConfig
+from metarec.device import resolve_device
+from metarec.distributed import DataParallel
 from metarec.interface import Interactions, RecentItems, StreamingRecommender
 from metarec.maml import StepStats, TaskBatch, inner_adapt, localise, meta_step, support_ops
 from metarec.meta_tasks import TaskArrays, build_tasks, fill_own, stream_tasks, support_sets
@@ -70,12 +72,14 @@ class Adapted:
 class ResponsiveMF(StreamingRecommender):
     name = "responsive"
 
-    def __init__(self, meta: MetaConfig | None = None, tasks: TaskConfig | None = None) -> None:
+    def __init__(self, meta: MetaConfig | None = None, tasks: TaskConfig | None = None, device: str | torch.device = "cpu") -> None:
         self.meta = meta or MetaConfig()
         self.tasks = tasks or TaskConfig()
+        self.device = resolve_device(device)
+        # random draws stay on the CPU generator, so a seed gives the same Θ on every device
         self.generator_ = torch.Generator().manual_seed(self.meta.seed)
-        self.P_ = torch.zeros(0, self.meta.dim)
-        self.Q_ = torch.zeros(0, self.meta.dim)
+        self.P_ = torch.zeros(0, self.meta.dim, device=self.device)
+        self.Q_ = torch.zeros(0, self.meta.dim, device=self.device)
         self.optimizer_: torch.optim.Adam | None = None
         self.index_: InteractionIndex | None = None
         self.online_steps_ = 0
@@ -92,8 +96,8 @@ class ResponsiveMF(StreamingRecommender):
     def init_params(self, n_users: int, n_items: int) -> None:
         """Fresh Θ with N(0, init_std²) entries and a fresh Adam at the outer rate."""
         std = self.meta.init_std
-        self.P_ = torch.nn.Parameter(init_table(n_users, self.meta.dim, std, self.generator_))
-        self.Q_ = torch.nn.Parameter(init_table(n_items, self.meta.dim, std, self.generator_))
+        self.P_ = torch.nn.Parameter(init_table(n_users, self.meta.dim, std, self.generator_).to(self.device))
+        self.Q_ = torch.nn.Parameter(init_table(n_items, self.meta.dim, std, self.generator_).to(self.device))
         self.optimizer_ = torch.optim.Adam([self.P_, self.Q_], lr=self.meta.outer_lr)
 
     def set_index(self, history: Interactions) -> None:
@@ -101,30 +105,32 @@ class ResponsiveMF(StreamingRecommender):
         self.index_ = InteractionIndex.build(history)
 
     def training_state(self) -> dict[str, torch.Tensor]:
-        """Θ, the Adam moments and the generator state as named tensors (for checkpoints)."""
-        state: dict[str, torch.Tensor] = {"P": self.P_.detach().clone(), "Q": self.Q_.detach().clone()}
+        """Θ, the Adam moments and the generator state as named CPU tensors (for checkpoints)."""
+        state: dict[str, torch.Tensor] = {"P": self.P_.detach().cpu().clone(), "Q": self.Q_.detach().cpu().clone()}
         state["generator"] = self.generator_.get_state()
         if self.optimizer_ is not None:
             for name, param in (("P", self.P_), ("Q", self.Q_)):
                 for key, value in self.optimizer_.state.get(param, {}).items():
-                    state[f"adam.{name}.{key}"] = torch.as_tensor(value).clone()
+                    state[f"adam.{name}.{key}"] = torch.as_tensor(value).cpu().clone()
         return state
 
     def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.P_ = torch.nn.Parameter(state["P"].clone())
-        self.Q_ = torch.nn.Parameter(state["Q"].clone())
+        self.P_ = torch.nn.Parameter(state["P"].to(self.device, copy=True))
+        self.Q_ = torch.nn.Parameter(state["Q"].to(self.device, copy=True))
         self.optimizer_ = torch.optim.Adam([self.P_, self.Q_], lr=self.meta.outer_lr)
         if "generator" in state:
             self.generator_.set_state(state["generator"])
         for name, param in (("P", self.P_), ("Q", self.Q_)):
-            moments = {key.split(".")[-1]: value.clone() for key, value in state.items() if key.startswith(f"adam.{name}.")}
+            # Adam keeps its step count on the CPU (as torch does when it creates it), the moments beside the parameter
+            moments = {key.split(".")[-1]: value.clone() if key.endswith(".step") else value.to(self.device, copy=True)
+                       for key, value in state.items() if key.startswith(f"adam.{name}.")}
             if moments:
                 self.optimizer_.state[param] = moments
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Numeric arrays only (saved by tasks.models without pickle): Θ and every interaction seen."""
         seen = self.index_.interactions if self.index_ is not None else Interactions.from_arrays([], [], [])
-        return {"P": self.P_.detach().numpy().copy(), "Q": self.Q_.detach().numpy().copy(),
+        return {"P": self.P_.detach().cpu().numpy().copy(), "Q": self.Q_.detach().cpu().numpy().copy(),
                 "seen_users": seen.users, "seen_items": seen.items, "seen_ts": seen.ts}
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
@@ -161,8 +167,8 @@ class ResponsiveMF(StreamingRecommender):
             return
         with torch.no_grad():
             P = self.P_.detach()
-            fresh = torch.as_tensor(np.flatnonzero(~seen))
-            P[fresh] = mean_plus_noise(P[torch.as_tensor(np.flatnonzero(seen))], len(fresh), self.meta.new_row_std, self.generator_)
+            fresh = torch.as_tensor(np.flatnonzero(~seen), device=self.device)
+            P[fresh] = mean_plus_noise(P[torch.as_tensor(np.flatnonzero(seen), device=self.device)], len(fresh), self.meta.new_row_std, self.generator_)
 
     def pretrain_epoch(self, history: Interactions, epoch: int) -> float:
         """One epoch of plain BPR over the history (one sampled negative each), mean loss, its own Adam."""
@@ -176,7 +182,7 @@ class ResponsiveMF(StreamingRecommender):
         m = self.meta
         total = 0.0
         for start in range(0, len(users), m.batch_tasks):
-            u, j, k = (torch.as_tensor(a[start : start + m.batch_tasks]) for a in (users, pos, neg))
+            u, j, k = (torch.as_tensor(a[start : start + m.batch_tasks], device=self.device) for a in (users, pos, neg))
             optimizer.zero_grad(set_to_none=True)
             loss = bpr_triple_loss(self.P_[u], self.Q_[j], self.Q_[k], m.lambda_p, m.lambda_q_pos, m.lambda_q_neg).mean()
             loss.backward()
@@ -189,15 +195,19 @@ class ResponsiveMF(StreamingRecommender):
         parts: Iterable[TaskArrays],
         epoch: int,
         progress: Callable[[int], None] | None = None,
+        parallel: DataParallel | None = None,
     ) -> EpochStats:
-        """One pass over the tasks (parts: shards, each shuffled with its own seeded rng), batch_tasks per outer step."""
+        """One pass over the tasks (parts: shards, each shuffled with its own seeded rng), batch_tasks per outer step.
+
+        ``parallel``: this process is one of several data-parallel workers reading the same parts
+        (``metarec.distributed``); each step then takes its share of the batch, and Θ ends as with one process."""
         started = time.perf_counter()
         n_tasks, support, query = 0, 0.0, 0.0
         for part_no, part in enumerate(parts):
             order = np.random.default_rng([self.meta.seed, epoch, 2, part_no]).permutation(len(part))
             for start in range(0, len(order), self.meta.batch_tasks):
-                batch = TaskBatch.from_arrays(part, order[start : start + self.meta.batch_tasks])
-                stats = self.meta_update(batch)
+                batch = TaskBatch.from_arrays(part, order[start : start + self.meta.batch_tasks], self.device)
+                stats = self.meta_update(batch, parallel=parallel)
                 n_tasks += len(batch)
                 support += stats.support_loss * len(batch)
                 query += stats.query_loss * len(batch)
@@ -206,13 +216,13 @@ class ResponsiveMF(StreamingRecommender):
         n = max(n_tasks, 1)
         return EpochStats(support / n, query / n, n_tasks, time.perf_counter() - started)
 
-    def meta_update(self, batch: TaskBatch, lr: float | None = None) -> StepStats:
+    def meta_update(self, batch: TaskBatch, lr: float | None = None, parallel: DataParallel | None = None) -> StepStats:
         """One Adam step on the meta-objective of ``batch`` (DivergedError on NaN/Inf)."""
         if self.optimizer_ is None:
             raise RuntimeError("ResponsiveMF: call fit() or init_params() before training")
         for group in self.optimizer_.param_groups:
             group["lr"] = lr or self.meta.outer_lr
-        return meta_step(self.P_, self.Q_, self.optimizer_, batch, self.meta)
+        return meta_step(self.P_, self.Q_, self.optimizer_, batch, self.meta, parallel)
 
     # ---------------------------------------------------------------- serving
     def _rows(self, table: torch.Tensor, ids: torch.Tensor, generator: torch.Generator, new: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,6 +230,7 @@ class ResponsiveMF(StreamingRecommender):
 
         ``new`` (bool, like ids) marks more ids to treat as new (inside the table but never trained);
         ``base``: the rows whose mean new ids get (default: the whole table)."""
+        ids = ids.to(table.device)
         known = ids < table.shape[0]
         rows = table.detach()[torch.where(known, ids, torch.zeros_like(ids))]
         fresh = ~known if new is None else (~known | new)
@@ -239,14 +250,14 @@ class ResponsiveMF(StreamingRecommender):
 
         Ids are dense over the whole data set, so a new user's id usually lies inside P, on a row
         that no training step touched; it must not be scored with that untrained row."""
-        ids = torch.tensor(users)
+        ids = torch.as_tensor(users, device=self.device)
         seen = self._seen_user_mask()
         if all_new:
-            new = torch.ones(len(users), dtype=torch.bool)
+            new = torch.ones(len(users), dtype=torch.bool, device=self.device)
         else:
             inside = users < len(seen)
-            new = torch.as_tensor(inside & ~seen[np.where(inside, users, 0)])
-        base = self.P_.detach()[torch.as_tensor(seen)] if seen.any() else None
+            new = torch.as_tensor(inside & ~seen[np.where(inside, users, 0)], device=self.device)
+        base = self.P_.detach()[torch.as_tensor(seen, device=self.device)] if seen.any() else None
         return self._rows(self.P_, ids, generator, new, base)
 
     def _serving_rng(self, tag: int, users: np.ndarray) -> tuple[np.random.Generator, torch.Generator]:
@@ -273,10 +284,10 @@ class ResponsiveMF(StreamingRecommender):
         """The L inner steps from Θ for B tasks at once (first column's user is the one adapted)."""
         zeros = np.zeros(len(support_users), dtype=np.int64)
         batch = TaskBatch.from_arrays(
-            TaskArrays(support_users, support_pos, support_neg, support_users[:, 0], support_pos[:, 0], support_neg[:, 0], zeros)
+            TaskArrays(support_users, support_pos, support_neg, support_users[:, 0], support_pos[:, 0], support_neg[:, 0], zeros), device=self.device
         )
         loc = localise(batch)
-        p_loc = self._user_rows(loc.user_rows.flatten().numpy(), generator).view(*loc.user_rows.shape, -1)
+        p_loc = self._user_rows(loc.user_rows.flatten().cpu().numpy(), generator).view(*loc.user_rows.shape, -1)
         q_loc = self._rows(self.Q_, loc.item_rows.flatten(), generator).view(*loc.item_rows.shape, -1)
         ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], self.meta, p_loc.dtype)
         p_ad, q_ad = inner_adapt(p_loc, q_loc, ops, self.meta, create_graph=False)
@@ -296,12 +307,12 @@ class ResponsiveMF(StreamingRecommender):
         s, has = self.supports(users, recent, recent_ts, rng)
         base = self._user_rows(users, gen, all_new=new_users)
         if s is None:
-            return Adapted(base, torch.zeros(len(users), 0, dtype=torch.int64), base.new_zeros(len(users), 0, base.shape[1]))
+            return Adapted(base, torch.zeros(len(users), 0, dtype=torch.int64, device=self.device), base.new_zeros(len(users), 0, base.shape[1]))
         adapted = self.adapt_supports(*s, gen)
         rows = base.clone()
-        idx = torch.as_tensor(np.flatnonzero(has))
+        idx = torch.as_tensor(np.flatnonzero(has), device=self.device)
         rows[idx] = adapted.user_rows
-        item_ids = torch.full((len(users), adapted.item_ids.shape[1]), -1, dtype=torch.int64)
+        item_ids = torch.full((len(users), adapted.item_ids.shape[1]), -1, dtype=torch.int64, device=self.device)
         item_ids[idx] = adapted.item_ids
         item_rows = base.new_zeros(len(users), *adapted.item_rows.shape[1:])
         item_rows[idx] = adapted.item_rows
@@ -309,16 +320,55 @@ class ResponsiveMF(StreamingRecommender):
 
     @torch.no_grad()
     def score_adapted(self, adapted: Adapted, candidates: np.ndarray, generator: torch.Generator) -> np.ndarray:
-        """Scores (B, C): adapted user row · (the adapted row of a candidate the support touched, else Θ's)."""
-        cand = torch.tensor(np.asarray(candidates, dtype=np.int64))
+        """Scores (B, C): adapted user row · (the adapted row of a candidate the support touched, else Θ's).
+
+        Few candidates a user: their rows are gathered (B, C, d). Many (full ranking, C of the order of the
+        catalogue): one product with every item row instead (``_score_by_product``), the same scores without
+        the (B, C, d) gather, which at ML-1M's 3,700 items was 240 MB per 256 users."""
+        cand = torch.as_tensor(np.asarray(candidates, dtype=np.int64), device=self.device)
+        if 4 * cand.shape[1] >= max(self.n_items_, 1):
+            return self._score_by_product(adapted, cand, generator).cpu().numpy()
+        return self._score_gathered(adapted, cand, generator).cpu().numpy()
+
+    def _score_gathered(self, adapted: Adapted, cand: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         q = self._rows(self.Q_, cand.flatten(), generator).view(*cand.shape, -1)
-        if adapted.item_ids.shape[1]:
+        scores = torch.bmm(q, adapted.user_rows[:, :, None])[..., 0]
+        if adapted.item_ids.shape[1]:  # a candidate the support touched: its adapted row's score (the first matching slot's)
             match = cand[:, :, None] == adapted.item_ids[:, None, :]  # (B, C, Si)
-            hit = match.any(-1)
-            slot = match.float().argmax(-1)
-            q_ad = adapted.item_rows.gather(1, slot[..., None].expand(-1, -1, q.shape[-1]))
-            q = torch.where(hit[..., None], q_ad, q)
-        return (adapted.user_rows[:, None, :] * q).sum(-1).numpy()
+            slot = match.to(torch.uint8).argmax(-1)
+            adapted_scores = torch.bmm(adapted.item_rows, adapted.user_rows[:, :, None])[..., 0]  # (B, Si)
+            scores = torch.where(match.any(-1), adapted_scores.gather(1, slot), scores)
+        return scores
+
+    def _score_by_product(self, adapted: Adapted, cand: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``_score_gathered``'s scores from user rows · every item row (B, n_items), read at the candidates.
+
+        A candidate the support touched takes its adapted row's score; one beyond Θ's table a row of
+        mean + noise (§7), drawn in the same order as ``_rows`` draws them, so the scores are the same."""
+        users, Q = adapted.user_rows, self.Q_.detach()
+        B, n = len(users), len(Q)
+        slot_ids = adapted.item_ids
+        width = 1 + max(n, int(cand.max()) + 1 if cand.numel() else 0, int(slot_ids.max()) + 1 if slot_ids.numel() else 0)
+        full = users.new_zeros(B, width)  # the last column takes what is written for padding slots
+        full[:, :n] = users @ Q.T
+        touched = torch.zeros(B, width, dtype=torch.bool, device=users.device)
+        if slot_ids.shape[1]:
+            # a padding slot repeats an id with Θ's row: only each id's first slot (the adapted one) counts
+            earlier = torch.ones(slot_ids.shape[1], slot_ids.shape[1], dtype=torch.bool, device=users.device).tril(-1)
+            repeat = ((slot_ids[:, :, None] == slot_ids[:, None, :]) & earlier).any(-1)
+            ids = torch.where((slot_ids >= 0) & ~repeat, slot_ids, width - 1)
+            full.scatter_(1, ids, torch.bmm(adapted.item_rows, users[:, :, None])[..., 0])
+            touched.scatter_(1, ids, True)
+            touched[:, -1] = False
+        scores = full.gather(1, cand)
+        beyond = cand >= n
+        n_beyond = int(beyond.sum())
+        if n_beyond:
+            rows = mean_plus_noise(Q, n_beyond, self.meta.new_row_std, generator)  # as _rows, in row-major order
+            at = beyond.nonzero()
+            fresh = (users[at[:, 0]] * rows).sum(-1)
+            scores[beyond] = torch.where(touched.gather(1, cand)[beyond], scores[beyond], fresh)
+        return scores
 
     def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Each user adapted from its last k interactions in the index (§6), then scored. Θ unchanged."""
@@ -376,7 +426,7 @@ class ResponsiveMF(StreamingRecommender):
         rng = np.random.default_rng([self.meta.seed, 3, self.online_steps_])
         tasks, _ = stream_tasks(self.index_, batch, self.tasks.k, self.tasks.K, rng, self.n_items_)
         for start in range(0, len(tasks), self.meta.batch_tasks):
-            self.meta_update(TaskBatch.from_arrays(tasks, slice(start, start + self.meta.batch_tasks)), self.meta.online_lr)
+            self.meta_update(TaskBatch.from_arrays(tasks, slice(start, start + self.meta.batch_tasks), self.device), self.meta.online_lr)
         self.online_steps_ += 1
 
     def _grow(self, n_users: int, n_items: int) -> None:
@@ -396,4 +446,4 @@ class ResponsiveMF(StreamingRecommender):
 
 
 def from_config(config: Config) -> ResponsiveMF:
-    return ResponsiveMF(config.meta, config.tasks)
+    return ResponsiveMF(config.meta, config.tasks, config.runtime.device)
