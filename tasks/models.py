@@ -48,6 +48,11 @@ def baseline_threads(config: Config) -> int:
     return 1
 
 
+def model_sections(name: str) -> tuple[str, ...]:
+    """The config sections row ``name``'s fitted state depends on (data, then the row's own)."""
+    return ("data", *ROWS[name].sections)
+
+
 def model_hash(config: Config, name: str) -> str:
     """The key of row ``name``'s fitted state: its sections after its tuned and fixed values (``Config.for_row``)
     and the code that fits it (``tasks.paths.model_key``)."""

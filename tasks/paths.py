@@ -214,7 +214,7 @@ def model_key(config: Config, name: str) -> str:
 
     if row(name).is_ours:
         return train_key(config.for_row(name))  # meta-training writes the model
-    return _combine(config.for_row(name).hash_of("data", *row(name).sections), model_code(name))
+    return _combine(config.for_row(name).hash_of("data", *row(name).sections), model_code(name))  # tasks.models.model_sections
 
 
 def stage_keys(config: Config) -> dict[str, str]:
