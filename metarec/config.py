@@ -86,6 +86,12 @@ class TaskConfig(Section):
     shard_size: int = Field(65536, ge=1, description="Tasks per Parquet shard.")
     max_tasks_per_user: int | None = Field(None, ge=1, description="Cap on tasks per user (None = every position i > k); a seeded uniform sample of positions.")
     shuffle: bool = Field(True, description="Store tasks in a seeded random order, so each shard is a uniform sample (False = user, position order).")
+    negatives: Literal["past", "history"] = Field(
+        "past", description="What a task's sampled negatives avoid: 'past' = the positives its user had by the task's time (no task "
+        "sees its future, as serving cannot); 'history' = every positive of the whole history (METHOD.md §3 read literally).")
+    online_neighbours: bool = Field(
+        False, description="Online tasks (§7) add K - k neighbour interactions to the user's own k (a variant; METHOD.md §11: "
+        "R^K is the user's own k previous interactions only).")
     seed: int = 7
 
     @model_validator(mode="after")
