@@ -58,7 +58,7 @@ def load_theta_model(version) -> ResponsiveMF:
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source))
     P, Q, described = load_theta(local)
     model = ResponsiveMF(MetaConfig(**described["meta"]), TaskConfig(**described["tasks"]))
-    model.load_training_state({"P": P, "Q": Q})
+    model.load_training_state({"P": P, "Q": Q, **described.get("masks", {})})
     return model
 
 

@@ -7,18 +7,25 @@
    same configuration exists (same MLflow run, next epoch), else initialises Θ
    and runs the optional BPR pre-training;
 2. each epoch streams the shards (one in memory at a time), takes one Adam
-   step per ``meta.batch_tasks`` tasks, logs support_loss, query_loss and
-   tasks_per_s to MLflow and writes a checkpoint (Θ, Adam moments, generator
-   state as safetensors + a JSON record, atomically). An epoch's result depends
-   only on the state at its start and the seed, so a resumed run ends with the
-   same Θ as an uninterrupted one;
+   step per ``meta.batch_tasks`` tasks, logs support_loss, query_loss,
+   tasks_per_s and the meta-gradient's norm before clipping (grad_norm_max,
+   grad_norm_mean, and clipped_steps: how many steps ``meta.grad_clip``
+   clipped, 0 without clipping) to MLflow and the checkpoint record, and writes
+   a checkpoint (Θ, trained-row masks, Adam moments, generator state as
+   safetensors + a JSON record, atomically). An epoch's result depends only on
+   the state at its start and the seed, so a resumed run ends with the same Θ
+   as an uninterrupted one;
 3. NaN/Inf in the objective, gradient or Θ stops the run with status
-   ``diverged`` (MLflow tag and ``status.json``), and no weights are written
-   (the checkpoint is removed);
-4. at the end Θ is saved as safetensors in the run's ``model/`` artifacts with
-   a JSON description (``load_theta`` reads it back without unpickling),
-   registered as ``responsive-mf``, and the whole model (Θ + what it has seen)
-   is saved with ``tasks.models.save_model`` where the evaluation looks for it.
+   ``diverged`` (MLflow tag and ``status.json``, with the gradient norms of the
+   diverging epoch's steps before it), and no weights are written (the
+   checkpoint is removed);
+4. at the end the rows no training step touched (users absent from the tasks,
+   items never a positive) are reset to the mean of the trained rows + noise
+   (METHOD.md §11), Θ is saved as safetensors in the run's ``model/``
+   artifacts with a JSON description (``load_theta`` reads it back without
+   unpickling), registered as ``responsive-mf``, and the whole model (Θ, the
+   trained-row masks, what it has seen) is saved with
+   ``tasks.models.save_model`` where the evaluation looks for it.
 
 Progress: a tqdm bar over tasks when stderr is a terminal (and
 ``runtime.progress``), else one log line per epoch (Prefect's logger in a flow).
@@ -56,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 # metric names are an interface: the same in every training run
 SUPPORT_LOSS, QUERY_LOSS, TASKS_PER_S, EPOCH_SECONDS = "support_loss", "query_loss", "tasks_per_s", "epoch_seconds"
+GRAD_NORM_MAX, GRAD_NORM_MEAN, CLIPPED_STEPS = "grad_norm_max", "grad_norm_mean", "clipped_steps"  # norms before clipping
 THETA_FILE, THETA_META = "theta.safetensors", "theta.json"
 STATE_FILE, STATE_META, STATUS_FILE = "state.safetensors", "state.json", "status.json"
 TRAIN_SECTIONS = ("data", "tasks", "meta")
@@ -103,9 +111,12 @@ def load_checkpoint(path: Path, config_hash: str) -> tuple[dict[str, torch.Tenso
 
 # ------------------------------------------------------------------- Θ on disk
 def save_theta(model: ResponsiveMF, out: Path, config: Config) -> Path:
-    """out/theta.safetensors (P, Q) and out/theta.json (shapes, meta config, hash)."""
+    """out/theta.safetensors (P, Q and the trained-row masks) and out/theta.json (shapes, meta config, hash)."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"P": model.P_.detach().contiguous(), "Q": model.Q_.detach().contiguous()}, str(out / THETA_FILE))
+    users, items = model._trained_masks()
+    tensors = {"P": model.P_.detach().contiguous(), "Q": model.Q_.detach().contiguous(),
+               "trained_users": torch.as_tensor(users), "trained_items": torch.as_tensor(items)}
+    save_file(tensors, str(out / THETA_FILE))
     write_json(
         {"n_users": model.n_users_, "n_items": model.n_items_, "dim": model.meta.dim, "meta": config.meta.model_dump(mode="json"),
          "tasks": config.tasks.model_dump(mode="json"), "config_hash": config.hash_of()},
@@ -115,12 +126,15 @@ def save_theta(model: ResponsiveMF, out: Path, config: Config) -> Path:
 
 
 def load_theta(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(P, Q, description) from a folder written by ``save_theta`` (safetensors: no pickle)."""
+    """(P, Q, description) from a folder written by ``save_theta`` (safetensors: no pickle); the description's
+    ``masks`` holds the trained-row masks when the file has them (``ResponsiveMF.load_training_state`` takes them)."""
     path = Path(path)
     if not (path / THETA_FILE).is_file():
         raise FileNotFoundError(f"no {THETA_FILE} in {path}")
     tensors = load_file(str(path / THETA_FILE))
-    return tensors["P"], tensors["Q"], json.loads((path / THETA_META).read_text())
+    described = json.loads((path / THETA_META).read_text())
+    described["masks"] = {key: tensors[key] for key in ("trained_users", "trained_items") if key in tensors}
+    return tensors["P"], tensors["Q"], described
 
 
 # --------------------------------------------------------------------- training
@@ -191,24 +205,34 @@ def meta_train(
             try:
                 stats = _epoch(model, task_dir, epoch, config, n_tasks)
             except DivergedError as exc:
-                return _diverged(config, work, run_id, epoch, records, str(exc))
-            epoch_record = {"epoch": epoch, SUPPORT_LOSS: stats.support_loss, QUERY_LOSS: stats.query_loss, TASKS_PER_S: stats.tasks_per_s, EPOCH_SECONDS: stats.seconds}
+                return _diverged(config, work, run_id, epoch, records, str(exc), exc.epoch_stats)
+            epoch_record = {"epoch": epoch, **_epoch_metrics(stats)}
             records.append(epoch_record)
             mlflow.log_metrics({k: v for k, v in epoch_record.items() if k != "epoch"}, step=epoch)
             save_checkpoint(model, ckpt, {"epoch": epoch, "history": records, "run_id": run_id, "config_hash": config.hash_of(*TRAIN_SECTIONS)})
-            _log("epoch %d/%d: support %.4f, query %.4f, %d tasks in %.1fs (%.0f tasks/s)", epoch + 1, config.meta.epochs,
-                 stats.support_loss, stats.query_loss, stats.tasks, stats.seconds, stats.tasks_per_s)
+            _log("epoch %d/%d: support %.4f, query %.4f, %d tasks in %.1fs (%.0f tasks/s), gradient norm before clipping max %.3g mean %.3g%s",
+                 epoch + 1, config.meta.epochs, stats.support_loss, stats.query_loss, stats.tasks, stats.seconds, stats.tasks_per_s,
+                 stats.grad_norm_max, stats.grad_norm_mean, f", clipped at {config.meta.grad_clip} in {stats.clipped_steps} of {stats.steps} steps" if config.meta.grad_clip else "")
         if last < config.meta.epochs:
             mlflow.set_tag("status", "stopped")
             return TrainResult("stopped", last, run_id, records)
         return _finish(config, model, work, run_id, records, len(history), row, register)
 
 
-def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list[dict], message: str) -> TrainResult:
-    """Record the divergence; remove the checkpoint so no weights of this run remain."""
+def _epoch_metrics(stats: EpochStats) -> dict[str, float]:
+    """An epoch's metrics under their MLflow names (the gradient norms are before clipping)."""
+    return {SUPPORT_LOSS: stats.support_loss, QUERY_LOSS: stats.query_loss, TASKS_PER_S: stats.tasks_per_s, EPOCH_SECONDS: stats.seconds,
+            GRAD_NORM_MAX: stats.grad_norm_max, GRAD_NORM_MEAN: stats.grad_norm_mean, CLIPPED_STEPS: stats.clipped_steps}
+
+
+def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list[dict], message: str, partial: EpochStats | None = None) -> TrainResult:
+    """Record the divergence (with the diverging epoch's steps before it); remove the checkpoint so no weights of this run remain."""
     mlflow.set_tag("status", "diverged")
     mlflow.set_tag("diverged_epoch", str(epoch))
     mlflow.log_text(message, "diverged.txt")
+    if partial is not None and partial.steps:
+        records = [*records, {"epoch": epoch, "diverged": True, "steps_before_divergence": partial.steps, **_epoch_metrics(partial)}]
+        mlflow.log_metrics({GRAD_NORM_MAX: partial.grad_norm_max, GRAD_NORM_MEAN: partial.grad_norm_mean}, step=epoch)
     shutil.rmtree(work / "checkpoint", ignore_errors=True)
     write_json({"status": "diverged", "epoch": epoch, "run_id": run_id, "message": message, "history": records}, work / STATUS_FILE)
     _log("meta-training diverged in epoch %d (lambda_ml=%s): %s", epoch, config.meta.lambda_ml, message)
@@ -216,7 +240,8 @@ def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list
 
 
 def _finish(config: Config, model: ResponsiveMF, work: Path, run_id: str, records: list[dict], n_history: int, row: str, register: bool) -> TrainResult:
-    """Θ to the run's artifacts (safetensors), a registered version, the evaluable model, status finished."""
+    """Untrained rows reset (§11), Θ to the run's artifacts (safetensors), a registered version, the evaluable model, status finished."""
+    model.reset_untrained_rows()
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.log_artifacts(str(save_theta(model, Path(tmp) / "model", config)), artifact_path="model")
     version = _register(config, run_id) if register else None

@@ -143,3 +143,23 @@ def test_serving_adaptation_is_the_training_adaptation():
     g = support_grads(p_loc, q_loc, ops)
     p_one, _ = inner_adapt(p_loc, q_loc, ops, HP.model_copy(update={"inner_steps": 1}))
     assert torch.allclose(p_one, p_loc - HP.inner_lr * g[0], atol=1e-12)
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_meta_step_reports_the_gradient_norm_before_clipping_and_clips_only_when_asked(clip):
+    """METHOD.md §11: clipping, if used, is reported with the norm before it; without it the step is the plain one."""
+    batch = _tasks(T=16, K=6, n_users=12, n_items=20, seed=3)
+    hp = HP.model_copy(update={"grad_clip": clip})
+    P, Q = _params(12, 20, 4)
+    _, gP, gQ = _grads(meta_objective, P, Q, batch, hp)
+    expected = float(torch.cat([gP.flatten(), gQ.flatten()]).norm())
+    plain_P = P.detach().clone()
+    optimizer = torch.optim.SGD([P, Q], lr=1.0)
+    stats = meta_step(P, Q, optimizer, batch, hp)
+    assert stats.grad_norm == pytest.approx(expected, rel=1e-9)
+    assert stats.clipped == (clip is not None)
+    step = (plain_P - P.detach()).flatten()
+    if clip is None:
+        assert torch.allclose(step, gP.flatten())  # SGD at rate 1: the raw gradient, unclipped
+    else:
+        assert float(step.norm()) <= clip * (1 + 1e-9) < expected  # P's part of a step clipped to norm `clip`
