@@ -142,6 +142,7 @@ class BaselineConfig(Section):
     reg: float = Field(1e-4, ge=0.0)
     batch_size: int = Field(128, ge=1, description="Triples per SGD minibatch (small, so a row rarely repeats in one).")
     init_std: float = Field(0.1, gt=0.0, description="Std of initial (and new, where the paper draws them) factor entries.")
+    new_row_std: float = Field(0.01, ge=0.0, description="sigma of the noise on a new item's row, the mean of the trained rows + noise (METHOD.md §7, §11; MF-FT uses meta.new_row_std).")
     # RKMF
     rkmf_kernel: Literal["linear", "logistic"] = "logistic"
     rkmf_scale: float = Field(4.0, gt=0.0, description="Logistic kernel c = r_max - r_min (the 1-5 rating range).")
