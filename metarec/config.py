@@ -35,7 +35,8 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Ingestion and the temporal split (METHOD.md §1-2, §9)."""
 
-    dataset: str = Field("ml-100k", description="A known name (ml-100k, ml-1m, ml-latest, ml-latest-small, netflix) or a path to a CSV/Parquet file.")
+    dataset: str = Field("ml-100k", description="A known name (ml-100k, ml-1m, ml-latest, ml-latest-small, netflix, synthetic-drift: "
+                         "generated on first use, see tasks/generated.py) or a path to a CSV/Parquet file.")
     data_dir: Path | None = Field(None, description="Where raw datasets live; None = METAREC_DATA_DIR, ./data, ../shared/datasets in that order.")
     download: bool = Field(True, description="Download a known public dataset that is absent (verified by checksum/size).")
     user_col: str = Field("user_id", description="Generic CSV/Parquet: user column.")
