@@ -166,22 +166,27 @@ def _resolve_known(spec: KnownDataset, data_dir: Path | None, download: bool) ->
 
 
 def _resolve_generated(spec: KnownDataset, dirs: list[Path]) -> Source:
-    """A generated data set: a current copy where one is found, else generated into the first folder searched."""
+    """A generated data set: a current copy where one is found, else generated into the first folder searched that
+    can be written (a read-only shared folder is skipped)."""
     from tasks.generated import GENERATED, ensure_generated, is_current
 
     for root in dirs:
         folder = root / spec.folders[0]
         if folder.is_dir() and is_current(folder, GENERATED[spec.name]):
             return detect_folder(folder, spec.name)
-    try:
-        folder = ensure_generated(spec.name, dirs[0])
-    except OSError as exc:
-        raise DataError(f"data set {spec.name!r} is generated on first use, but writing it into {dirs[0]} failed ({exc}); "
-                        "pass --data-dir (or set METAREC_DATA_DIR) to a writable folder") from exc
-    found = detect_folder(folder, spec.name)
-    if found is None:
-        raise DataError(f"generating {spec.name!r} into {folder} left no ratings.dat")
-    return found
+    failures = []
+    for root in dirs:
+        try:
+            folder = ensure_generated(spec.name, root)
+        except OSError as exc:
+            failures.append(f"{root}: {exc}")
+            continue
+        found = detect_folder(folder, spec.name)
+        if found is None:
+            raise DataError(f"generating {spec.name!r} into {folder} left no ratings.dat")
+        return found
+    raise DataError(f"data set {spec.name!r} is generated on first use, but no folder searched could be written "
+                    f"({'; '.join(failures)}); pass --data-dir (or set METAREC_DATA_DIR) to a writable folder")
 
 
 def _resolve_path(dataset: str, data_dir: Path | None, columns: dict) -> Source:
