@@ -74,14 +74,21 @@ def test_unseen_user_and_unseen_item_get_the_mean_of_trained_rows_plus_noise(wit
     trained_users, trained_items = model._trained_masks()
     assert not trained_items[[3, 11, 17]].any() and trained_items.sum() == n_items - 3 and trained_users.all()
     gen = torch.Generator().manual_seed(0)
-    user_rows = model._user_rows(np.array([n_users + 5, n_users + 9]), gen)
-    item_rows = model._item_rows(torch.tensor([3, 11, 17, n_items + 3]), gen)
+    kept = model.Q_.detach()[[3, 11, 17]].clone()
+    with torch.no_grad():
+        model.Q_[[3, 11, 17]] = 50.0  # whatever Θ holds for an untrained row (fit resets it; see below), serving must not use it
+    try:
+        user_rows = model._user_rows(np.array([n_users + 5, n_users + 9]), gen)
+        item_rows = model._item_rows(torch.tensor([3, 11, 17, n_items + 3]), gen)
+        cands = np.array([[0, 1, 3, n_items + 3]])
+        scores = model.score(np.array([n_users + 5]), cands)[0]
+    finally:
+        with torch.no_grad():
+            model.Q_[[3, 11, 17]] = kept
     assert ((user_rows - user_mean).norm(dim=1) < NOISE_BOUND).all()
     assert ((item_rows - item_mean).norm(dim=1) < NOISE_BOUND).all()
     assert (item_rows[0] - item_rows[1]).norm() > 0  # noise, not one shared row
     # in the scores too: an unseen user (nothing to adapt from) scores with that row, an unseen item likewise
-    cands = np.array([[0, 1, 3, n_items + 3]])
-    scores = model.score(np.array([n_users + 5]), cands)[0]
     Q = model.Q_.detach()
     expected = np.array([user_mean @ Q[0], user_mean @ Q[1], user_mean @ item_mean, user_mean @ item_mean])
     assert np.abs(scores - expected).max() < NOISE_BOUND * max(Q.norm(dim=1).max(), item_mean.norm()) + NOISE_BOUND * user_mean.norm()
