@@ -58,6 +58,7 @@ def write_drift_dataset(folder: Path, params: DriftParams, name: str = "syntheti
     data = drift_ratings(params)
     files = format_drift_files(data, params)
     with atomic_dir(Path(folder)) as tmp:
+        tmp.chmod(0o755)  # a data folder others may read, not a private temporary one
         for file_name, text in files.items():
             (tmp / file_name).write_bytes(text.encode("latin-1"))
         (tmp / SOURCE_FILE).write_text(source_markdown(name, params, data, files), encoding="utf-8")
@@ -86,7 +87,8 @@ fingerprint: `{fingerprint(params)}` (generator version {GENERATOR_VERSION} and 
   probability 1/{params.mean_run} (a switch at a random time, as often in the first ten ratings as later). The item
   comes from the interest's group (a share {params.noise} from a random other group), in the user's own
   popularity-weighted order without repeats: after a switch, the next item is from the new group. Recency matters
-  by construction; the favourite groups are a long-term taste as well.
+  by construction; the favourite groups are a long-term taste as well. (A heavy user who has had every item of a
+  group it is drawn to takes one of a random group instead.)
 - A rating is 3-5 (a positive at the default threshold) with probability {params.positive_share} on the interest,
   {params.noise_positive_share} off it; else 1-2.
 - Each user's ratings spread over a log-normal active period (median {params.median_active_days} days) inside
