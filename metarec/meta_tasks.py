@@ -153,9 +153,9 @@ def support_sets(
     nb_users, nb_items = index.sample_neighbour_interactions(users, own, cutoff_ts, K - k, rng)
     s_users = np.concatenate([np.repeat(users[:, None], k, axis=1), nb_users], axis=1)
     s_pos = np.concatenate([own, nb_items], axis=1)
-    until = (lambda width: None) if negatives_until is None else (lambda width: np.repeat(np.asarray(negatives_until, dtype=np.int64)[:, None], width, axis=1))  # noqa: E731
-    own_neg = index.sample_negatives(s_users[:, :k], rng, n_items, exclude=np.repeat(shown[:, None, :], k, axis=1), until_ts=until(k))
-    nb_neg = index.sample_negatives(nb_users, rng, n_items, exclude=nb_items[:, :, None], until_ts=until(K - k))
+    until = None if negatives_until is None else np.asarray(negatives_until, dtype=np.int64)[:, None]  # one time per row
+    own_neg = index.sample_negatives(s_users[:, :k], rng, n_items, exclude=np.repeat(shown[:, None, :], k, axis=1), until_ts=until)
+    nb_neg = index.sample_negatives(nb_users, rng, n_items, exclude=nb_items[:, :, None], until_ts=until)
     return s_users, s_pos, np.concatenate([own_neg, nb_neg], axis=1)
 
 
