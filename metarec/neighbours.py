@@ -320,7 +320,30 @@ class InteractionIndex:
         return out.reshape(users.shape)
 
     def _draw_negatives_until(self, users: np.ndarray, max_rank: np.ndarray, rng: np.random.Generator, n_items: int) -> np.ndarray:
-        """Uniform over [0, n_items) minus each user's positives first seen at ts rank <= max_rank (1-d, exact)."""
+        """Uniform over [0, n_items) minus each user's positives first seen at ts rank <= max_rank (1-d).
+
+        Draw-and-check rounds while the bitmap makes checks cheap (a draw is kept unless it is a positive the
+        user had by then), then the exact path for the rest; both uniform over the allowed items.
+        """
+        out = np.empty(len(users), dtype=np.int64)
+        pending = np.arange(len(users))
+        for _ in range(REJECTION_ROUNDS if self.bitmap_ is not None else 0):
+            draw = np.minimum(np.floor(rng.random(len(pending)) * n_items).astype(np.int64), n_items - 1)
+            good = ~self.has_pair(users[pending], draw)
+            had = np.flatnonzero(~good)  # positives: allowed if first had after the cut
+            if len(had):
+                _, pair = self._pair_lookup(users[pending[had]], draw[had])
+                first = self.item_key_[self.pair_item_pos_[pair]] - draw[had] * self._stride
+                good[had] = first > max_rank[pending[had]]
+            out[pending[good]] = draw[good]
+            pending = pending[~good]
+            if not len(pending):
+                return out
+        out[pending] = self._exact_negatives_until(users[pending], max_rank[pending], rng, n_items)
+        return out
+
+    def _exact_negatives_until(self, users: np.ndarray, max_rank: np.ndarray, rng: np.random.Generator, n_items: int) -> np.ndarray:
+        """The exact path of ``_draw_negatives_until``: the never-positives and the later positives, by their counts."""
         known = users < self.n_users
         u = np.where(known, users, 0)
         lo = np.where(known, self.pair_ptr_[u], 0)
