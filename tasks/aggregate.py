@@ -186,10 +186,16 @@ def lambda_plot(points: list[dict], path: Path, dataset: str, K: int, n: int = 5
         ax.fill_between(c["x"], c["low"], c["high"], color=line.get_color(), alpha=0.2, linewidth=0)
     c = curves["ndcg"]
     if c["diverged"]:
-        ax.axvspan(c["first_diverged"], max(c["diverged"]) * 1.5 + 1e-9, color="red", alpha=0.08, label="training diverged (NaN/Inf)")
+        # a divergence far beyond the finished points is drawn one decade past them, labelled with its true value
+        far = max(c["x"], default=0.0) * 10 or 1.0
+        shown = [x if x <= 10 * far else far for x in c["diverged"]]
+        ax.axvspan(min(shown), max(shown) * 1.5 + 1e-9, color="red", alpha=0.08, label="training diverged (NaN/Inf)")
         low = min(c["low"], default=0.0)
-        ax.scatter(c["diverged"], [low] * len(c["diverged"]), marker="x", s=90, color="red", zorder=5)
-    positive = [x for x in c["x"] + c["diverged"] if x > 0]
+        ax.scatter(shown, [low] * len(shown), marker="x", s=90, color="red", zorder=5)
+        moved = "\n(far off the axis, drawn here)" if shown[0] != c["diverged"][0] else ""
+        ax.annotate(f"diverged from\nλ_paper = {c['first_diverged']:g}{moved}", (min(shown), low), textcoords="offset points", xytext=(-8, 10),
+                    ha="right", fontsize=8, color="red")
+    positive = [x for x in c["x"] if x > 0]
     ax.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)  # λ = 0 is a real point
     ax.set_xlabel(f"λ_ML on the paper's scale (λ_paper = K·λ_ours, K = {K})")
     ax.set_ylabel(f"new users (n = {n}), sampled metric, 95% CI")
@@ -214,7 +220,7 @@ def lambda_plot(points: list[dict], path: Path, dataset: str, K: int, n: int = 5
     norms.set_ylabel("largest meta-gradient norm, before clipping")
     norms.set_title("gradient norm per epoch (no clipping)")
     norms.grid(alpha=0.3)
-    norms.legend(loc="best", fontsize=7)
+    norms.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     return _save_figure(fig, path)
 
 
