@@ -49,7 +49,7 @@ def synthetic(n: int, n_users: int = 6040, n_items: int = 3700, seed: int = 0) -
 
 
 def reference_index(history: Interactions) -> tuple:
-    """Python dicts for the plain reference: timelines, item -> [(first ts, user)], positives."""
+    """Python dicts for the plain reference: timelines, item -> [(first ts, user)], (user, item) -> first ts."""
     timeline = defaultdict(list)  # user -> [(ts, item)]
     item_users = defaultdict(list)  # item -> [(first ts, user)]
     first = {}
@@ -60,14 +60,13 @@ def reference_index(history: Interactions) -> tuple:
         item_users[v].append((t, u))
     for v in item_users:
         item_users[v].sort()
-    positives = {u: {v for _, v in line} for u, line in timeline.items()}
-    return timeline, item_users, positives
+    return timeline, item_users, first
 
 
 def reference_tasks(history: Interactions, index: tuple, k: int, K: int, count: int, seed: int) -> int:
     """The same tasks written plainly, one at a time over the dicts; returns tasks built."""
     rng = np.random.default_rng(seed)
-    timeline, item_users, positives = index
+    timeline, item_users, first = index
     n_items = history.n_items
     positions = [(u, i) for u, line in timeline.items() for i in range(k, len(line))]
     built = 0
@@ -88,10 +87,11 @@ def reference_tasks(history: Interactions, index: tuple, k: int, K: int, count: 
             past = [x for t, x in timeline[w] if t <= cutoff]
             triples.append((w, past[rng.integers(len(past))]))
         triples.append((u, line[i][1]))
-        for w, _ in triples:
+        for n, (w, _) in enumerate(triples):  # a negative avoids what w had by then: the support's cutoff, the query's ts
+            by = cutoff if n < K else line[i][0]
             while True:
                 neg = int(rng.integers(n_items))
-                if neg not in positives[w]:
+                if first.get((w, neg), by + 1) > by:
                     break
         built += 1
     return built

@@ -28,7 +28,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich
 
 ConfigOpt = typer.Option(None, "--config", metavar="FILE", help="TOML file with [data], [tasks], [meta], [baselines], [eval], [runtime] sections.")
 SetOpt = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override one value: section.field=value (repeatable).")
-DatasetOpt = typer.Option(None, "--dataset", metavar="NAME|PATH", help="ml-100k, ml-1m, ml-latest, ml-latest-small, netflix, or a CSV/Parquet path.")
+DatasetOpt = typer.Option(None, "--dataset", metavar="NAME|PATH", help="ml-100k, ml-1m, ml-latest, ml-latest-small, netflix, synthetic-drift (generated), or a CSV/Parquet path.")
 DataDirOpt = typer.Option(None, "--data-dir", metavar="DIR", help="Folder holding raw datasets (else METAREC_DATA_DIR, ./data, ../shared/datasets).")
 
 
@@ -97,7 +97,8 @@ def datasets(data_dir: Optional[Path] = DataDirOpt) -> None:
     typer.echo("searched: " + ", ".join(str(d) for d in dirs))
     for name, spec in KNOWN.items():
         found = next((d / f for d in dirs for f in spec.folders if (d / f).is_dir() and detect_folder(d / f)), None)
-        where = str(found) if found else f"absent ({spec.url or 'no official download'})"
+        absent = spec.url or ("generated on first use" if spec.generated else "no official download")
+        where = str(found) if found else f"absent ({absent})"
         typer.echo(f"{name:16s} {where}")
 
 

@@ -1,7 +1,13 @@
 """The `lambda_sweep` flow: meta-train and evaluate ours for each λ_ML -> the λ_ML curve (paper Fig. 4).
 
-The points run in parallel on the configured task runner; a diverged value is
-a marked point on the curve, never a crash of the sweep.
+Per METHOD.md §11: the sweep clips no gradient (``meta.grad_clip`` is set to
+None for its points whatever the configuration says), so that it can show
+where training explodes; every point's training logs the gradient norm before
+clipping per epoch. The curve and the table put λ on the paper's scale
+(λ_paper = K·λ_ours, our L^K being a mean over its K triples), with the 95%
+bootstrap CI of each point's mean. The points run in parallel on the
+configured task runner; a diverged value is a marked point on the curve,
+never a crash of the sweep.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.prepare import prepare_flow
 from metarec.config import Config
-from tasks.aggregate import lambda_plot
+from tasks.aggregate import lambda_curve, lambda_markdown, lambda_plot, paper_lambda
 from tasks.atomic import write_json, write_text
 from tasks.evaluation import evaluate_model, new_user_metric
 from tasks.paths import prepared_dir
@@ -31,23 +37,34 @@ def point_name(lambda_ml: float) -> str:
     return f"sweep λ={lambda_ml:g}"
 
 
+def point_config(config: Config, lambda_ml: float) -> Config:
+    """Ours at this λ_ML, without gradient clipping (§11), evaluated on sampled metrics only."""
+    row = config.for_row("responsive")
+    return row.model_copy(update={
+        "meta": row.meta.model_copy(update={"lambda_ml": lambda_ml, "grad_clip": None}),
+        "eval": row.eval.model_copy(update={"full_ranking": False}),
+    })
+
+
 @task(name="sweep-point")
 def sweep_point(config: Config, lambda_ml: float, task_dir: Path, parent_run_id: str | None = None) -> dict:
-    """One λ_ML: its own MLflow run under ``parent_run_id`` (λ as a param, the new-user metrics), its training nested
-    under it. Never registered: sweep points are not serving candidates."""
-    row = config.for_row("responsive")
-    point = row.model_copy(update={"meta": row.meta.model_copy(update={"lambda_ml": lambda_ml})})
-    point_eval = point.model_copy(update={"eval": point.eval.model_copy(update={"full_ranking": False})})
+    """One λ_ML: its own MLflow run under ``parent_run_id`` (λ on both scales as params, the new-user metrics), its
+    training nested under it, without gradient clipping (§11). Never registered: sweep points are not serving candidates."""
+    point = point_config(config, lambda_ml)
     with child_run(point_name(lambda_ml), run_tags(point, kind="sweep_point", model="responsive"), parent_run_id=parent_run_id):
-        mlflow.log_params({"lambda_ml": lambda_ml, **model_params(point, "responsive")})
+        mlflow.log_params({"lambda_ml": lambda_ml, "lambda_paper": paper_lambda(lambda_ml, config.tasks.K), **model_params(point, "responsive")})
         training = meta_train(point, task_dir)
         mlflow.set_tags({"status": training.status, "training_run_id": training.run_id})
+        out = {"lambda_ml": lambda_ml, "lambda_paper": paper_lambda(lambda_ml, config.tasks.K), "status": training.status,
+               "message": training.message, "metrics": {}, "run_id": training.run_id, "history": training.history}
+        if training.status == "diverged":
+            out["diverged_epoch"] = training.epochs_done + 1  # 1-based, as the table says it
         if training.status != "finished":
             mlflow.set_tag("message", training.message[:5000])
-            return {"lambda_ml": lambda_ml, "status": training.status, "message": training.message, "metrics": {}}
-        record = evaluate_model("responsive", Path(training.model_path), point_eval, stream=False)
+            return out
+        record = evaluate_model("responsive", Path(training.model_path), point, stream=False)
         mlflow.log_metrics({key: value["mean"] for key, value in record["metrics"].items() if value["mean"] == value["mean"]})
-    return {"lambda_ml": lambda_ml, "status": "finished", "metrics": record["metrics"], "run_id": training.run_id}
+    return {**out, "metrics": record["metrics"]}
 
 
 @flow(name="lambda-sweep", validate_parameters=False)
@@ -56,6 +73,7 @@ def lambda_sweep(config: Config, parent_run_id: str | None = None) -> dict:
     logger = get_run_logger()
     prepare_flow(config)
     task_dir = build_task_shards_task(config.for_row("responsive"))
+    K = config.tasks.K
     with parent_run(config, f"λ_ML sweep {config.data.dataset} {config.hash_of()}", "lambda_sweep", parent_run_id) as sweep_run:
         mlflow.log_params({**main_params(config), "eval.lambda_sweep": str(list(config.eval.lambda_sweep))})
         log_mlflow_run(config, sweep_run)
@@ -64,19 +82,17 @@ def lambda_sweep(config: Config, parent_run_id: str | None = None) -> dict:
         points = [future.result() for future in futures]
         out = sweep_dir(config)
         write_json(points, out / "lambda_ml.json")
-        plot = lambda_plot(points, out / "lambda_ml.png", config.data.dataset)
-        lines = ["| λ_ML | status | HR@10 (n=5) | NDCG@10 (n=5) |", "|---|---|---|---|"]
-        for p in sorted(points, key=lambda p: p["lambda_ml"]):
-            hr = p["metrics"].get(new_user_metric(5, "hr"), {}).get("mean")
-            ndcg = p["metrics"].get(new_user_metric(5, "ndcg"), {}).get("mean")
-            lines.append(f"| {p['lambda_ml']} | {p['status']} | {'–' if hr is None else f'{hr:.3f}'} | {'–' if ndcg is None else f'{ndcg:.3f}'} |")
-        table = "\n".join(lines) + "\n"
+        plot = lambda_plot(points, out / "lambda_ml.png", config.data.dataset, K)
+        table = lambda_markdown(points, K, config.data.new_user_ns)
         write_text(table, out / "lambda_ml.md")
+        curve = lambda_curve(points, K, 5, "ndcg")
+        mlflow.log_params({"sweep_grad_clip": "none", "sweep_K": K, "sweep_largest_lambda_paper": curve["largest_tried"],
+                           "sweep_first_diverged_lambda_paper": curve["first_diverged"]})
         # the curve against λ itself: a chart artifact and the table (a metric's step axis cannot stand for λ)
         mlflow.log_artifact(str(plot))
         mlflow.log_artifact(str(out / "lambda_ml.md"))
         mlflow.log_artifact(str(out / "lambda_ml.json"))
     publish_markdown("lambda-ml", config.data.dataset, table, f"λ_ML sweep on {config.data.dataset}, new users n=5",
                      images={"λ_ML curve": Path(plot)})
-    logger.info("λ_ML sweep in %s", out)
-    return {"points": points, "plot": str(plot), "dir": str(out)}
+    logger.info("λ_ML sweep in %s; diverged from λ_paper = %s", out, curve["first_diverged"])
+    return {"points": points, "plot": str(plot), "dir": str(out), "table": table}

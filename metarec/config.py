@@ -36,7 +36,8 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Ingestion and the temporal split (METHOD.md §1-2, §9)."""
 
-    dataset: str = Field("ml-100k", description="A known name (ml-100k, ml-1m, ml-latest, ml-latest-small, netflix) or a path to a CSV/Parquet file.")
+    dataset: str = Field("ml-100k", description="A known name (ml-100k, ml-1m, ml-latest, ml-latest-small, netflix, synthetic-drift: "
+                         "generated on first use, see tasks/generated.py) or a path to a CSV/Parquet file.")
     data_dir: Path | None = Field(None, description="Where raw datasets live; None = METAREC_DATA_DIR, ./data, ../shared/datasets in that order.")
     download: bool = Field(True, description="Download a known public dataset that is absent (verified by checksum/size).")
     user_col: str = Field("user_id", description="Generic CSV/Parquet: user column.")
@@ -96,6 +97,12 @@ class TaskConfig(Section):
     shard_size: int = Field(65536, ge=1, description="Tasks per Parquet shard.")
     max_tasks_per_user: int | None = Field(None, ge=1, description="Cap on tasks per user (None = every position i > k); a seeded uniform sample of positions.")
     shuffle: bool = Field(True, description="Store tasks in a seeded random order, so each shard is a uniform sample (False = user, position order).")
+    negatives: Literal["past", "history"] = Field(
+        "past", description="What a task's sampled negatives avoid: 'past' = the positives its user had by the task's time (no task "
+        "sees its future, as serving cannot); 'history' = every positive of the whole history (METHOD.md §3 read literally).")
+    online_neighbours: bool = Field(
+        False, description="Online tasks (§7) add K - k neighbour interactions to the user's own k (a variant; METHOD.md §11: "
+        "R^K is the user's own k previous interactions only).")
     seed: int = Field(7, ge=0, description="Seed of the task order and of the per-user position sample.")
 
     @model_validator(mode="after")
@@ -149,6 +156,7 @@ class BaselineConfig(Section):
     reg: float = Field(1e-4, ge=0.0)
     batch_size: int = Field(128, ge=1, description="Triples per SGD minibatch (small, so a row rarely repeats in one).")
     init_std: float = Field(0.1, gt=0.0, description="Std of initial (and new, where the paper draws them) factor entries.")
+    new_row_std: float = Field(0.01, ge=0.0, description="sigma of the noise on a new item's row, the mean of the trained rows + noise (METHOD.md §7, §11; MF-FT uses meta.new_row_std).")
     # RKMF
     rkmf_kernel: Literal["linear", "logistic"] = Field("logistic", description="RKMF kernel on <w, h> (the paper's polynomial and RBF kernels are not offered).")
     rkmf_scale: float = Field(4.0, gt=0.0, description="Logistic kernel c = r_max - r_min (the 1-5 rating range).")
@@ -237,7 +245,12 @@ class EvalConfig(Section):
                                     "metarec.models.registry.ROWS may be named, the opt-in ones only when listed here.")
     full_ranking: bool = Field(True, description="Also report full-ranking HR@10/NDCG@10 (beside, never instead of, sampled).")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for 95% CIs (0 = off).")
-    lambda_sweep: tuple[float, ...] = Field((0.0, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0), description="lambda_ML values of the sweep.")
+    lambda_sweep: tuple[float, ...] = Field(
+        (0.0, 0.05, 0.25, 1.0, 5.0, 25.0, 100.0, 1000.0, 1e22),
+        description="lambda_ML values of the sweep, on our scale (meta.lambda_ml; the paper's is K times it), trained without "
+        "clipping. With Adam as the outer optimiser the update does not depend on the objective's scale, so once λ·L^1 "
+        "dominates (λ >= ~100) larger values train alike and nothing diverges until float32 overflows: on ml-100k the "
+        "training finishes at 1e20 and fails (gradient norm inf) at 1e22, the last point, where the sweep shows it.")
     max_new_users: int | None = Field(None, ge=1, description="Cap on evaluated new users.")
     training_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Fraction of every row's full training passes over the history (its Row.passes fields, rounded up, at least 1): one rule for all models. The quick preset uses 0.25.")
     seed: int = Field(3, ge=0, description="Seed of the bootstrap and of the quick-mode new-user subset.")

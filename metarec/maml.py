@@ -67,7 +67,12 @@ class InnerParams(Protocol):
 
 
 class DivergedError(FloatingPointError):
-    """The meta-objective or its gradient became NaN/Inf (large λ_ML or rates do this)."""
+    """The meta-objective or its gradient became NaN/Inf (large λ_ML or rates do this).
+
+    ``epoch_stats``: set by a training loop that catches and re-raises it, its epoch's statistics up to the divergence.
+    """
+
+    epoch_stats = None
 
 
 @dataclass(frozen=True)
@@ -517,9 +522,12 @@ class _MetaObjective(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class StepStats:
+    """One outer step: the two losses at Θ, the meta-gradient's norm *before* any clipping, and whether it was clipped."""
+
     support_loss: float
     query_loss: float
     grad_norm: float
+    clipped: bool = False
 
 
 def meta_step(P: torch.Tensor, Q: torch.Tensor, optimizer: torch.optim.Optimizer, batch: TaskBatch, hp: InnerParams, parallel=None) -> StepStats:
@@ -527,6 +535,10 @@ def meta_step(P: torch.Tensor, Q: torch.Tensor, optimizer: torch.optim.Optimizer
 
     ``parallel`` (``metarec.distributed.DataParallel``): this worker computes its share of the batch and the
     gradients are summed over the workers before the step, so every worker takes the whole batch's step.
+
+    The gradient norm is measured before clipping and always returned, so that a
+    run with clipping still shows how large its gradients grew (METHOD.md §11);
+    ``hp.grad_clip`` None (no clipping) lets divergence show as it is.
     """
     optimizer.zero_grad(set_to_none=True)
     support, query = (meta_objective if parallel is None else parallel.objective)(P, Q, batch, hp)
@@ -538,14 +550,16 @@ def meta_step(P: torch.Tensor, Q: torch.Tensor, optimizer: torch.optim.Optimizer
     if parallel is not None:
         parallel.reduce_gradients((P, Q))
     params = [P, Q]
-    clip = hp.grad_clip if hp.grad_clip is not None else math.inf
-    norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     if not math.isfinite(norm):
         raise DivergedError(f"meta-gradient norm is {norm} (support loss {s_val}, query loss {q_val})")
+    clipped = hp.grad_clip is not None and norm > hp.grad_clip
+    if clipped:
+        torch.nn.utils.clip_grads_with_norm_(params, hp.grad_clip, torch.tensor(norm))
     optimizer.step()
     if not (torch.isfinite(P).all() and torch.isfinite(Q).all()):
-        raise DivergedError("P or Q holds NaN/Inf after the outer step")
-    return StepStats(s_val, q_val, norm)
+        raise DivergedError(f"P or Q holds NaN/Inf after the outer step (gradient norm before clipping {norm:.4g})")
+    return StepStats(s_val, q_val, norm, clipped)
 
 
 def reference_meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: InnerParams) -> tuple[torch.Tensor, torch.Tensor]:

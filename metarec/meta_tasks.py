@@ -12,8 +12,18 @@ A task t of user u at chronological position i > k (1-based, v_1 ... v_m):
 
 Every positive gets one negative, sampled for the user of its triple (a
 neighbour's triple gets the neighbour's negative) uniformly from the items
-that user never had as a positive anywhere in the history (the whole history,
-as METHOD.md §3 and §4 say; only positives are restricted to the past).
+that user had not interacted with by the task's time (``negatives="past"``,
+the default): the support's by ts(v_{i-1}), the query's by ts(v_i). A task
+thus sees no future, neither through its positives (§4's decision) nor its
+negatives: avoiding the user's later positives too would tell the model which
+items the user will come to like, something serving can never know (a new
+user's negatives avoid only the items shown so far). ``negatives="history"``
+avoids every positive of the whole history (METHOD.md §3 read literally, the
+behaviour before this option existed).
+
+Online tasks (§7, ``stream_tasks``) have R^K = the user's own k previous
+interactions only (METHOD.md §11); adding neighbour interactions online is an
+option (``neighbours=True``, ``tasks.online_neighbours``).
 
 Everything is vectorised over tasks; the only Python loop is over fixed-size
 chunks, which bounds memory. Same history, k, K, seed (and options) => the
@@ -23,7 +33,7 @@ same arrays, bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 
@@ -31,6 +41,7 @@ from metarec.interface import Interactions
 from metarec.neighbours import InteractionIndex
 
 CHUNK_TASKS = 65536  # part of the random stream's layout: changing it changes the sampled tasks
+Negatives = Literal["past", "history"]  # what a task's negatives avoid (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -119,25 +130,32 @@ def support_sets(
     K: int,
     rng: np.random.Generator,
     n_items: int | None = None,
+    shown: np.ndarray | None = None,
+    negatives_until: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Support sets R^K for many users at once: (support_users, support_pos, support_neg), each (B, K).
 
     users (B,), own_items (B, k) all valid (see ``fill_own``), cutoff_ts (B,): neighbour
     interactions are drawn with ts <= cutoff. Negatives are uniform over [0, n_items) minus the
-    triple user's positives in the index, and also never one of the row's own items (which a new
-    user's recent items, unknown to the index, need). Used by ``build_tasks`` (§4), serving (§6) and
-    online updates (§7) alike.
+    triple user's positives in the index, and the own triples' negatives never one of the row's
+    ``shown`` items (B, n) (-1 = padding; default the own items): a new user's items are unknown to
+    the index, and all n it has shown, not only the k in its support, are its positives.
+    ``negatives_until`` (B,): avoid only the positives each triple's user had by then (see
+    ``InteractionIndex.sample_negatives``; None = all in the index). Used by ``build_tasks`` (§4),
+    serving (§6) and online updates (§7) alike.
     """
     users = np.asarray(users, dtype=np.int64)
     own = np.asarray(own_items, dtype=np.int64)
     B, k = own.shape
     if k > K:
         raise ValueError(f"own items per task ({k}) must be <= K ({K})")
+    shown = own if shown is None else np.asarray(shown, dtype=np.int64).reshape(B, -1)
     nb_users, nb_items = index.sample_neighbour_interactions(users, own, cutoff_ts, K - k, rng)
     s_users = np.concatenate([np.repeat(users[:, None], k, axis=1), nb_users], axis=1)
     s_pos = np.concatenate([own, nb_items], axis=1)
-    own_neg = index.sample_negatives(s_users[:, :k], rng, n_items, exclude=np.repeat(own[:, None, :], k, axis=1))
-    nb_neg = index.sample_negatives(nb_users, rng, n_items, exclude=nb_items[:, :, None])
+    until = None if negatives_until is None else np.asarray(negatives_until, dtype=np.int64)[:, None]  # one time per row
+    own_neg = index.sample_negatives(s_users[:, :k], rng, n_items, exclude=np.repeat(shown[:, None, :], k, axis=1), until_ts=until)
+    nb_neg = index.sample_negatives(nb_users, rng, n_items, exclude=nb_items[:, :, None], until_ts=until)
     return s_users, s_pos, np.concatenate([own_neg, nb_neg], axis=1)
 
 
@@ -168,6 +186,7 @@ def build_tasks(
     shuffle: bool = True,
     n_items: int | None = None,
     index: InteractionIndex | None = None,
+    negatives: Negatives = "past",
 ) -> TaskArrays:
     """Every task of METHOD.md §4 from the history, in memory (see ``iter_tasks`` for the arguments).
 
@@ -175,7 +194,7 @@ def build_tasks(
     """
     index, queries, rng = _plan(history, k, K, seed, max_tasks_per_user, shuffle, index)
     out = TaskArrays.allocate(len(queries), K)
-    for start, part in _chunks(index, queries, k, K, rng, n_items):  # the output is filled in place
+    for start, part in _chunks(index, queries, k, K, rng, n_items, negatives):  # the output is filled in place
         out.put(slice(start, start + len(part)), part)
     return out
 
@@ -189,6 +208,7 @@ def iter_tasks(
     shuffle: bool = True,
     n_items: int | None = None,
     index: InteractionIndex | None = None,
+    negatives: Negatives = "past",
 ) -> Iterator[TaskArrays]:
     """The same tasks as ``build_tasks``, in the same order, as chunks of ``CHUNK_TASKS`` (bounded memory).
 
@@ -196,10 +216,11 @@ def iter_tasks(
     uniform sample of tasks and an epoch streamed shard by shard needs no global shuffle; False
     keeps (user, position) order. ``max_tasks_per_user`` keeps a seeded sample of positions per
     user. ``n_items`` bounds negatives (default: the history's items); pass ``index`` to reuse one
-    built on this history.
+    built on this history. ``negatives``: "past" avoids the positives a triple's user had by the
+    task's time, "history" every positive of the history (see the module doc).
     """
     index, queries, rng = _plan(history, k, K, seed, max_tasks_per_user, shuffle, index)
-    for _, part in _chunks(index, queries, k, K, rng, n_items):
+    for _, part in _chunks(index, queries, k, K, rng, n_items, negatives):
         yield part
 
 
@@ -231,21 +252,31 @@ def _plan(
 
 
 def _chunks(
-    index: InteractionIndex, queries: np.ndarray, k: int, K: int, rng: np.random.Generator, n_items: int | None
+    index: InteractionIndex, queries: np.ndarray, k: int, K: int, rng: np.random.Generator, n_items: int | None, negatives: Negatives
 ) -> Iterator[tuple[int, TaskArrays]]:
     for start in range(0, len(queries), CHUNK_TASKS):  # chunks bound the temporaries
-        yield start, _tasks_at(index, queries[start : start + CHUNK_TASKS], k, K, rng, n_items)
+        yield start, _tasks_at(index, queries[start : start + CHUNK_TASKS], k, K, rng, n_items, negatives)
 
 
-def _tasks_at(index: InteractionIndex, queries: np.ndarray, k: int, K: int, rng: np.random.Generator, n_items: int | None) -> TaskArrays:
+def _check_negatives(negatives: str) -> None:
+    if negatives not in ("past", "history"):
+        raise ValueError(f"negatives must be 'past' or 'history', got {negatives!r}")
+
+
+def _tasks_at(
+    index: InteractionIndex, queries: np.ndarray, k: int, K: int, rng: np.random.Generator, n_items: int | None, negatives: Negatives
+) -> TaskArrays:
     """Tasks whose query sits at ``queries`` in the by-user arrays (each with >= k rows of its user before it)."""
+    _check_negatives(negatives)
     users = np.searchsorted(index.user_ptr_, queries, side="right") - 1
     own = index.user_items_[queries[:, None] - k + np.arange(k)[None, :]]
     cutoff = index.user_ts_[queries - 1]
-    s_users, s_pos, s_neg = support_sets(index, users, own, cutoff, K, rng, n_items)
+    query_ts = index.user_ts_[queries]
+    past = negatives == "past"
+    s_users, s_pos, s_neg = support_sets(index, users, own, cutoff, K, rng, n_items, negatives_until=cutoff if past else None)
     q_pos = index.user_items_[queries]
-    q_neg = index.sample_negatives(users, rng, n_items)
-    return TaskArrays(s_users, s_pos, s_neg, users, q_pos, q_neg, index.user_ts_[queries])
+    q_neg = index.sample_negatives(users, rng, n_items, until_ts=query_ts if past else None)
+    return TaskArrays(s_users, s_pos, s_neg, users, q_pos, q_neg, query_ts)
 
 
 def stream_tasks(
@@ -255,25 +286,33 @@ def stream_tasks(
     K: int,
     rng: np.random.Generator,
     n_items: int | None = None,
+    neighbours: bool = False,
+    negatives: Negatives = "past",
 ) -> tuple[TaskArrays, np.ndarray]:
     """Tasks for online updates (METHOD.md §7): one per new interaction (u, v, t) of a user with a past.
 
     R^1 = (u, v); R^K = u's last k positives in ``index`` with ts < t (drawn with repetition when
-    fewer) plus neighbour interactions with ts <= the last of them. Pass the index extended with
-    the batch (``index.extend(batch)``), so a user's earlier interactions within the batch count
-    as its past and negatives avoid the batch's positives. Returns the tasks and the mask over
-    the batch of interactions that formed one (a user with nothing before t forms none).
+    fewer): k triples (§7, §11). ``neighbours=True`` (a variant) adds K - k neighbour interactions
+    with ts <= the last of them, as offline tasks have. Pass the index extended with the batch
+    (``index.extend(batch)``), so a user's earlier interactions within the batch count as its
+    past; negatives avoid the user's positives by the task's time ("past"; the support's by its
+    last own item, the query's by t), or every positive in the index ("history"). Returns the
+    tasks and the mask over the batch of interactions that formed one (a user with nothing before
+    t forms none).
     """
+    _check_negatives(negatives)
+    width = K if neighbours else k
     users = np.asarray(batch.users, dtype=np.int64)
     ts = np.asarray(batch.ts, dtype=np.int64)
     recent, recent_ts = index.recent_items(users, k, before_ts=ts)
     kept = (recent >= 0).any(axis=1)
     if not kept.any():
-        return TaskArrays.empty(K), kept
+        return TaskArrays.empty(width), kept
     users, recent, recent_ts = users[kept], recent[kept], recent_ts[kept]
     own = fill_own(recent, k, rng)
     cutoff = recent_ts.max(axis=1)
-    s_users, s_pos, s_neg = support_sets(index, users, own, cutoff, K, rng, n_items)
+    past = negatives == "past"
+    s_users, s_pos, s_neg = support_sets(index, users, own, cutoff, width, rng, n_items, negatives_until=cutoff if past else None)
     q_pos = np.asarray(batch.items, dtype=np.int64)[kept]
-    q_neg = index.sample_negatives(users, rng, n_items, exclude=q_pos[:, None])
+    q_neg = index.sample_negatives(users, rng, n_items, exclude=q_pos[:, None], until_ts=ts[kept] if past else None)
     return TaskArrays(s_users, s_pos, s_neg, users, q_pos, q_neg, ts[kept]), kept

@@ -5,7 +5,9 @@ arrays, ``np.searchsorted`` and gathers (no Python loop over users or positions;
 the only loops run over a fixed number of sampling rounds):
 
 - ``recent_items``: a user's last k positives before a time (METHOD.md §6, §7);
-- ``sample_negatives``: a uniform item the user never had as a positive (§3);
+- ``sample_negatives``: a uniform item the user never had as a positive (§3),
+  optionally by a time: its positives after that time do not count (a task
+  sees no future);
 - ``sample_neighbour_interactions``: interactions of the user's neighbours,
   other users who share one of its k own items, no later than a cutoff (§4);
 - ``extend``: the index after a stream batch (§7).
@@ -20,7 +22,10 @@ Layout, built once in O(N log N):
   list other than the task user;
 - the distinct pairs sorted by (user, item) under the key ``user << 32 | item``:
   membership, per-user positive counts, and exact uniform negatives (see
-  ``sample_negatives``).
+  ``sample_negatives``);
+- the distinct pairs sorted by (user, first ts, item), with the key
+  ``user * (R + 1) + ts_rank``: a user's positives up to a time are a prefix,
+  those after it the rest (negatives by a time).
 
 Speed-ups that do not change the distributions: when users x items is small
 enough (``BITMAP_MAX_CELLS``, ML-1M needs 3 MB) a packed membership bitmap lets
@@ -117,6 +122,9 @@ class InteractionIndex:
     pair_ptr_: np.ndarray  # (n_users + 1,)
     pair_item_pos_: np.ndarray  # where the pair sits in the by-item arrays
     gap_key_: np.ndarray  # user << 32 | (item - rank of the item among the user's items)
+    # by pair in time: (P,) distinct pairs sorted by (user, first ts, item)
+    pair_time_key_: np.ndarray  # user * (R + 1) + ts_rank of the pair's first interaction
+    pair_time_items_: np.ndarray
     bitmap_: np.ndarray | None  # bit u * n_items + v set iff (u, v) is a positive; None when too large
 
     # ------------------------------------------------------------------ build
@@ -148,6 +156,7 @@ class InteractionIndex:
         by_item = _lexsort((pu, pr, pv), (n_users, int(stride), n_items))
         pair_item_pos = np.empty(len(pu), dtype=np.int64)
         pair_item_pos[by_item] = np.arange(len(pu), dtype=np.int64)
+        by_time = np.lexsort((pv, pr, pu))
 
         return cls(
             interactions=Interactions(users, items, ts),
@@ -165,6 +174,8 @@ class InteractionIndex:
             pair_ptr_=pair_ptr,
             pair_item_pos_=pair_item_pos,
             gap_key_=(pu << _SHIFT) + (pv - rank_in_user),
+            pair_time_key_=pu[by_time] * stride + pr[by_time],
+            pair_time_items_=pv[by_time],
             bitmap_=_bitmap(pu, pv, n_users, n_items),
         )
 
@@ -188,6 +199,13 @@ class InteractionIndex:
         inside = (users >= 0) & (users < self.n_users)
         u = np.where(inside, users, 0)
         return inside & (self.user_ptr_[u + 1] > self.user_ptr_[u])
+
+    def has_item(self, items: np.ndarray) -> np.ndarray:
+        """(B,) bool: the item is a positive of at least one indexed interaction (ids beyond the index are not)."""
+        items = np.asarray(items, dtype=np.int64)
+        inside = (items >= 0) & (items < self.n_items)
+        v = np.where(inside, items, 0)
+        return inside & (self.item_ptr_[v + 1] > self.item_ptr_[v])
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -271,6 +289,7 @@ class InteractionIndex:
         n_items: int | None = None,
         exclude: np.ndarray | None = None,
         max_rounds: int = 32,
+        until_ts: np.ndarray | None = None,
     ) -> np.ndarray:
         """One item per entry of ``users`` (any shape), uniform over [0, n_items) minus the user's positives.
 
@@ -285,13 +304,30 @@ class InteractionIndex:
         hold; they are avoided by redrawing up to ``max_rounds`` times (a draw
         still colliding after that is kept: with x << n_items this does not happen
         in practice).
+
+        ``until_ts`` (broadcast to users' shape): only the positives the user
+        had by then (first interaction with ts <= until_ts) are avoided, so a
+        task drawn at a time never learns from its user's future. Exact too:
+        the allowed items are the user's never-positives plus its positives
+        that come later, drawn in proportion to their counts (the later ones
+        are a suffix of the user's pairs ordered by first time). Needs
+        ``n_items`` >= the index's items.
         """
         users = _as_ids(users, "users")
         n_items = self.n_items if n_items is None else int(n_items)
         if n_items <= 0:
             raise ValueError(f"n_items must be >= 1 to sample negatives, got {n_items}")
         flat = users.reshape(-1)
-        out = self._draw_negatives(flat, rng, n_items)
+        if until_ts is not None and n_items < self.n_items:
+            raise ValueError(f"negatives by a time need n_items >= the index's {self.n_items} items, got {n_items}")
+        cut = None if until_ts is None else self._rank_le(np.broadcast_to(np.asarray(until_ts, dtype=np.int64), users.shape).reshape(-1))
+
+        def draw(entries: np.ndarray) -> np.ndarray:
+            if cut is None:
+                return self._draw_negatives(flat[entries], rng, n_items)
+            return self._draw_negatives_until(flat[entries], cut[entries], rng, n_items)
+
+        out = draw(np.arange(len(flat)))
         if exclude is not None:
             excl = np.asarray(exclude, dtype=np.int64)
             excl = excl[..., None] if excl.ndim == users.ndim else excl
@@ -300,8 +336,55 @@ class InteractionIndex:
                 clash = np.flatnonzero((excl == out[:, None]).any(axis=1))
                 if not len(clash):
                     break
-                out[clash] = self._draw_negatives(flat[clash], rng, n_items)
+                out[clash] = draw(clash)
         return out.reshape(users.shape)
+
+    def _draw_negatives_until(self, users: np.ndarray, max_rank: np.ndarray, rng: np.random.Generator, n_items: int) -> np.ndarray:
+        """Uniform over [0, n_items) minus each user's positives first seen at ts rank <= max_rank (1-d).
+
+        Draw-and-check rounds while the bitmap makes checks cheap (a draw is kept unless it is a positive the
+        user had by then), then the exact path for the rest; both uniform over the allowed items.
+        """
+        out = np.empty(len(users), dtype=np.int64)
+        pending = np.arange(len(users))
+        for _ in range(REJECTION_ROUNDS if self.bitmap_ is not None else 0):
+            draw = np.minimum(np.floor(rng.random(len(pending)) * n_items).astype(np.int64), n_items - 1)
+            good = ~self.has_pair(users[pending], draw)
+            had = np.flatnonzero(~good)  # positives: allowed if first had after the cut
+            if len(had):
+                _, pair = self._pair_lookup(users[pending[had]], draw[had])
+                first = self.item_key_[self.pair_item_pos_[pair]] - draw[had] * self._stride
+                good[had] = first > max_rank[pending[had]]
+            out[pending[good]] = draw[good]
+            pending = pending[~good]
+            if not len(pending):
+                return out
+        out[pending] = self._exact_negatives_until(users[pending], max_rank[pending], rng, n_items)
+        return out
+
+    def _exact_negatives_until(self, users: np.ndarray, max_rank: np.ndarray, rng: np.random.Generator, n_items: int) -> np.ndarray:
+        """The exact path of ``_draw_negatives_until``: the never-positives and the later positives, by their counts."""
+        known = users < self.n_users
+        u = np.where(known, users, 0)
+        lo = np.where(known, self.pair_ptr_[u], 0)
+        n_all = np.where(known, self.pair_ptr_[np.minimum(u + 1, self.n_users)] - lo, 0)
+        n_past = np.searchsorted(self.pair_time_key_, u * self._stride + max_rank, side="right") - lo
+        n_past = np.where(known, np.clip(n_past, 0, n_all), 0)
+        never = n_items - n_all
+        allowed = never + n_all - n_past
+        if len(allowed) and allowed.min() <= 0:
+            bad = users[np.argmin(allowed)]
+            raise ValueError(f"user {bad} has a positive for every one of the {n_items} items by then; no negative to sample")
+        r = np.minimum(np.floor(rng.random(len(users)) * allowed).astype(np.int64), allowed - 1)
+        out = np.empty(len(users), dtype=np.int64)
+        fresh = r < never  # the r-th item the user never had (the gap-key trick of _draw_negatives)
+        if fresh.any():
+            rf, uf, lf = r[fresh], users[fresh], np.where(known[fresh], lo[fresh], len(self.pair_key_))
+            out[fresh] = rf + np.searchsorted(self.gap_key_, (uf << _SHIFT) + rf, side="right") - lf
+        later = ~fresh  # one of the user's positives that come after the cut
+        if later.any():
+            out[later] = self.pair_time_items_[lo[later] + n_past[later] + (r[later] - never[later])]
+        return out
 
     def _draw_negatives(self, users: np.ndarray, rng: np.random.Generator, n_items: int) -> np.ndarray:
         """Draw-and-check rounds while the membership bitmap makes checks cheap, then the exact path for the rest.

@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -157,25 +158,105 @@ def stream_auc_plot(results: dict[str, dict], n_batches: int, path: Path, datase
     return _save_figure(fig, path)
 
 
-def lambda_plot(points: list[dict], path: Path, dataset: str, n: int = 5) -> Path:
-    """Paper Fig. 4: HR@10 and NDCG@10 of new users at n against λ_ML; diverged values marked with ×."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+def paper_lambda(lambda_ours: float, K: int) -> float:
+    """METHOD.md §11: with L^K a mean over its K triples, λ_paper = K · λ_ours (the paper sums over the K triples)."""
+    return K * lambda_ours
+
+
+def lambda_curve(points: list[dict], K: int, n: int, metric: str) -> dict:
+    """One metric of the sweep's finished points, on the paper's λ scale: x (λ_paper), mean and its 95% bootstrap CI
+    (over the per-case results), and where training diverged: the λ_paper of each diverged point and the first."""
     ok = sorted((p for p in points if p["status"] == "finished"), key=lambda p: p["lambda_ml"])
-    xs = [p["lambda_ml"] for p in ok]
-    # λ_ML = 0 is a real point: a symlog axis keeps it beside 0.01 .. 10
+    cells = [p["metrics"][new_user_metric(n, metric)] for p in ok]
+    diverged = sorted(paper_lambda(p["lambda_ml"], K) for p in points if p["status"] == "diverged")
+    return {
+        "x": [paper_lambda(p["lambda_ml"], K) for p in ok],
+        "mean": [c["mean"] for c in cells],
+        "low": [c["ci_low"] for c in cells],
+        "high": [c["ci_high"] for c in cells],
+        "diverged": diverged,
+        "first_diverged": diverged[0] if diverged else None,
+        "largest_tried": max((paper_lambda(p["lambda_ml"], K) for p in points), default=None),
+    }
+
+
+def lambda_plot(points: list[dict], path: Path, dataset: str, K: int, n: int = 5) -> Path:
+    """Paper Fig. 4: new users' HR@10 and NDCG@10 at n against λ_ML on the paper's scale (λ_paper = K·λ_ours), with the
+    95% bootstrap CI of each point's mean as a band; diverged values marked (× and a shaded region from the first).
+    Right: the largest meta-gradient norm (before clipping; the sweep clips nothing) of each epoch, one line per λ."""
+    fig, (ax, norms) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1.35, 1]})
+    curves = {metric: lambda_curve(points, K, n, metric) for metric in ("hr", "ndcg")}
     for metric, label in (("hr", "HR@10"), ("ndcg", "NDCG@10")):
-        ax.plot(xs, [p["metrics"][new_user_metric(n, metric)]["mean"] for p in ok], marker="o", label=f"{label} (n={n})")
-    diverged = [p["lambda_ml"] for p in points if p["status"] != "finished"]
-    if diverged:
-        low = min((p["metrics"][new_user_metric(n, "ndcg")]["mean"] for p in ok), default=0.0)
-        ax.scatter(diverged, [low] * len(diverged), marker="x", s=90, color="red", zorder=5, label="diverged")
-    ax.set_xscale("symlog", linthresh=0.01)
-    ax.set_xlabel("λ_ML (weight of the meta-learning loss)")
-    ax.set_ylabel("new users, sampled metric")
-    ax.set_title(f"λ_ML sweep — {dataset}")
+        c = curves[metric]
+        line = ax.plot(c["x"], c["mean"], marker="o", label=f"{label} (n={n})")[0]
+        ax.fill_between(c["x"], c["low"], c["high"], color=line.get_color(), alpha=0.2, linewidth=0)
+    c = curves["ndcg"]
+    if c["diverged"]:
+        # a divergence far beyond the finished points is drawn one decade past them, labelled with its true value
+        far = max(c["x"], default=0.0) * 10 or 1.0
+        shown = [x if x <= 10 * far else far for x in c["diverged"]]
+        ax.axvspan(min(shown), max(shown) * 1.5 + 1e-9, color="red", alpha=0.08, label="training diverged (NaN/Inf)")
+        low = min(c["low"], default=0.0)
+        ax.scatter(shown, [low] * len(shown), marker="x", s=90, color="red", zorder=5)
+        moved = "\n(far off the axis, drawn here)" if shown[0] != c["diverged"][0] else ""
+        ax.annotate(f"diverged from\nλ_paper = {c['first_diverged']:g}{moved}", (min(shown), low), textcoords="offset points", xytext=(-8, 10),
+                    ha="right", fontsize=8, color="red")
+    positive = [x for x in c["x"] if x > 0]
+    ax.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)  # λ = 0 is a real point
+    ax.set_xlabel(f"λ_ML on the paper's scale (λ_paper = K·λ_ours, K = {K})")
+    ax.set_ylabel(f"new users (n = {n}), sampled metric, 95% CI")
+    largest = c["largest_tried"]
+    ax.set_title(f"λ_ML sweep — {dataset}" + ("" if c["diverged"] else f" (no divergence up to λ_paper = {largest:g})"))
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=9)
+    cmap = plt.get_cmap("viridis")
+    ordered = sorted(points, key=lambda p: p["lambda_ml"])
+    for i, p in enumerate(ordered):
+        epochs = [(r["epoch"] + 1, r["grad_norm_max"]) for r in p.get("history", []) if r.get("grad_norm_max") is not None]
+        if not epochs:
+            continue
+        xs, ys = zip(*epochs)
+        colour = cmap(i / max(len(ordered) - 1, 1))
+        norms.plot(xs, ys, marker="o", color=colour, label=f"λ_paper = {paper_lambda(p['lambda_ml'], K):g}")
+        if p["status"] == "diverged":
+            norms.scatter([xs[-1]], [ys[-1]], marker="x", s=90, color="red", zorder=5)
+    norms.set_yscale("log")
+    norms.xaxis.set_major_locator(MaxNLocator(integer=True))
+    norms.set_xlabel("epoch (× = diverged in it)")
+    norms.set_ylabel("largest meta-gradient norm, before clipping")
+    norms.set_title("gradient norm per epoch (no clipping)")
+    norms.grid(alpha=0.3)
+    norms.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     return _save_figure(fig, path)
+
+
+def lambda_markdown(points: list[dict], K: int, ns: tuple[int, ...] = (1, 5, 10), clip: float | None = None) -> str:
+    """The sweep as a table: λ on both scales, status (diverged in which epoch), the largest gradient norm before
+    clipping, and new users' NDCG@10 (95% CI) at each n and HR@10 at n = 5."""
+    c = lambda_curve(points, K, 5, "ndcg")
+    said = (f"Training diverged (NaN/Inf) from λ_paper = {c['first_diverged']:g} on." if c["diverged"]
+            else f"No point diverged; the largest λ tried is λ_paper = {c['largest_tried']:g}.")
+    lines = [
+        f"## λ_ML sweep\n\nλ on the paper's scale: λ_paper = K·λ_ours with K = {K} (our L^K is a mean over its K triples, "
+        f"the paper's a sum; METHOD.md §11). Gradient clipping: {'none' if clip is None else f'at norm {clip:g}'}. {said} "
+        "NDCG@10 and HR@10 of new users, 95% bootstrap CI of the mean over the same cases in brackets.\n",
+        "| λ_paper | λ_ours | status | max gradient norm (before clipping) | "
+        + " | ".join(f"NDCG@10 n={n}" for n in ns) + " | HR@10 n=5 |",
+        "|---|---|---|---|" + "---|" * len(ns) + "---|",
+    ]
+    for p in sorted(points, key=lambda p: p["lambda_ml"]):
+        history = p.get("history", [])
+        top = max((r["grad_norm_max"] for r in history if r.get("grad_norm_max") is not None), default=None)
+        status = p["status"] if p["status"] != "diverged" else f"diverged in epoch {p.get('diverged_epoch', '?')}"
+        cells = [_fmt(*_ci(p["metrics"].get(new_user_metric(n, "ndcg")))) for n in ns]
+        hr = _fmt(*_ci(p["metrics"].get(new_user_metric(5, "hr"))))
+        lines.append(f"| {paper_lambda(p['lambda_ml'], K):g} | {p['lambda_ml']:g} | {status} | {'–' if top is None else f'{top:.3g}'} | "
+                     + " | ".join(cells) + f" | {hr} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ci(cell: dict | None) -> tuple:
+    return (cell["mean"], (cell["ci_low"], cell["ci_high"])) if cell else (None, None)
 
 
 STREAM_GROUPS = (("stream_auc_mean", "all stream cases", None), ("stream_seen_auc_mean", "users seen before the batch", True), ("stream_cold_auc_mean", "users first seen in the batch", False))

@@ -1,7 +1,8 @@
 """Raw data sets: where they live, how to fetch them, and one loader per on-disk format.
 
 A data set is named either by a known name (``KNOWN``: the GroupLens MovieLens
-releases and the Netflix Prize) or by a path (a data set folder, a MovieLens
+releases, the Netflix Prize, and ``synthetic-drift``, generated on first use by
+``tasks.generated``) or by a path (a data set folder, a MovieLens
 ratings file, or a generic CSV/Parquet file with configurable column names).
 
 Folders are searched in order: ``--data-dir``, ``$METAREC_DATA_DIR``,
@@ -70,6 +71,7 @@ class KnownDataset:
     md5: str | None = None
     size: int | None = None
     manual: str = ""
+    generated: bool = False  # made by tasks.generated on first use, not downloaded
 
 
 KNOWN: dict[str, KnownDataset] = {
@@ -87,6 +89,8 @@ KNOWN: dict[str, KnownDataset] = {
         "https://www.kaggle.com/datasets/netflix-inc/netflix-prize-data (or archive.org) and unpack it as "
         "netflix/training_set/mv_*.txt or netflix/combined_data_*.txt",
     ),
+    # planted interest drift at ML-1M's size, in ML-1M's format (tasks/generated.py, metarec.synthetic.drift_ratings)
+    "synthetic-drift": KnownDataset("synthetic-drift", ("synthetic-drift",), "ml-1m", None, generated=True),
 }
 
 
@@ -148,6 +152,8 @@ def resolve_source(dataset: str, data_dir: Path | None = None, download: bool = 
 
 def _resolve_known(spec: KnownDataset, data_dir: Path | None, download: bool) -> Source:
     dirs = search_dirs(data_dir)
+    if spec.generated:
+        return _resolve_generated(spec, dirs)
     for root in dirs:
         for folder in spec.folders:
             found = detect_folder(root / folder, spec.name) if (root / folder).is_dir() else None
@@ -169,6 +175,30 @@ def _resolve_known(spec: KnownDataset, data_dir: Path | None, download: bool) ->
     if found is None or found.layout != spec.layout:
         raise DataError(f"the archive {spec.url} unpacked into {folder} but holds no {spec.layout} ratings file")
     return found
+
+
+def _resolve_generated(spec: KnownDataset, dirs: list[Path]) -> Source:
+    """A generated data set: a current copy where one is found, else generated into the first folder searched that
+    can be written (a read-only shared folder is skipped)."""
+    from tasks.generated import GENERATED, ensure_generated, is_current
+
+    for root in dirs:
+        folder = root / spec.folders[0]
+        if folder.is_dir() and is_current(folder, GENERATED[spec.name]):
+            return detect_folder(folder, spec.name)
+    failures = []
+    for root in dirs:
+        try:
+            folder = ensure_generated(spec.name, root)
+        except OSError as exc:
+            failures.append(f"{root}: {exc}")
+            continue
+        found = detect_folder(folder, spec.name)
+        if found is None:
+            raise DataError(f"generating {spec.name!r} into {folder} left no ratings.dat")
+        return found
+    raise DataError(f"data set {spec.name!r} is generated on first use, but no folder searched could be written "
+                    f"({'; '.join(failures)}); pass --data-dir (or set METAREC_DATA_DIR) to a writable folder")
 
 
 def _resolve_path(dataset: str, data_dir: Path | None, columns: dict) -> Source:

@@ -64,9 +64,12 @@ def _requirements() -> list[str]:
 
 
 def save_theta(model: ResponsiveMF, out: Path, config: Config) -> Path:
-    """out/theta.safetensors (P, Q) and out/theta.json (shapes, meta and task config, hash)."""
+    """out/theta.safetensors (P, Q and the trained-row masks) and out/theta.json (shapes, meta and task config, hash)."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"P": model.P_.detach().contiguous(), "Q": model.Q_.detach().contiguous()}, str(out / THETA_FILE))
+    users, items = model._trained_masks()
+    tensors = {"P": model.P_.detach().cpu().contiguous(), "Q": model.Q_.detach().cpu().contiguous(),
+               "trained_users": torch.as_tensor(users), "trained_items": torch.as_tensor(items)}
+    save_file(tensors, str(out / THETA_FILE))
     write_json(
         {"n_users": model.n_users_, "n_items": model.n_items_, "dim": model.meta.dim, "meta": config.meta.model_dump(mode="json"),
          "tasks": config.tasks.model_dump(mode="json"), "config_hash": config.hash_of()},
@@ -77,7 +80,8 @@ def save_theta(model: ResponsiveMF, out: Path, config: Config) -> Path:
 
 def load_theta(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(P, Q, description) from a folder written by ``save_theta``, or from a logged pyfunc model (its
-    ``artifacts/``): safetensors and JSON, no pickle.
+    ``artifacts/``): safetensors and JSON, no pickle. The description's ``masks`` holds the trained-row masks
+    when the file has them (``ResponsiveMF.load_training_state`` takes them).
 
     Raises CorruptFileError, naming the file, when either file cannot be read.
     """
@@ -98,6 +102,7 @@ def load_theta(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     missing = [key for key in ("P", "Q") if key not in tensors] + [key for key in ("meta", "tasks") if key not in described]
     if missing:
         raise CorruptFileError(folder, f"Θ lacks {missing}")
+    described["masks"] = {key: tensors[key] for key in ("trained_users", "trained_items") if key in tensors}
     return tensors["P"], tensors["Q"], described
 
 

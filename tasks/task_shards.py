@@ -158,7 +158,7 @@ def build_task_shards(config: Config) -> Path:
     t = config.tasks
     history = load_prepared(prepared_dir(config)).history
     started = time.perf_counter()
-    tasks = iter_tasks(history, t.k, t.K, t.seed, max_tasks_per_user=t.max_tasks_per_user, shuffle=t.shuffle)
+    tasks = iter_tasks(history, t.k, t.K, t.seed, max_tasks_per_user=t.max_tasks_per_user, shuffle=t.shuffle, negatives=t.negatives)
     extra = {
         "K": t.K,
         "k": t.k,
@@ -171,6 +171,7 @@ def build_task_shards(config: Config) -> Path:
         "n_users": history.n_users,
         "shuffle": t.shuffle,
         "max_tasks_per_user": t.max_tasks_per_user,
+        "negatives": t.negatives,
     }
     write_task_shards(tasks, out, t.shard_size, extra)
     n_tasks = read_manifest(out)["n_tasks"]

@@ -7,21 +7,28 @@
    same configuration exists (same MLflow run, next epoch), else initialises Θ
    and runs the optional BPR pre-training;
 2. each epoch streams the shards (one in memory at a time), takes one Adam
-   step per ``meta.batch_tasks`` tasks, logs support_loss, query_loss and
-   tasks_per_s to MLflow and writes a checkpoint (Θ, Adam moments, generator
-   state as safetensors + a JSON record, atomically). An epoch's result depends
-   only on the state at its start and the seed, so a resumed run ends with the
-   same Θ as an uninterrupted one;
+   step per ``meta.batch_tasks`` tasks, logs support_loss, query_loss,
+   tasks_per_s and the meta-gradient's norm before clipping (grad_norm_max,
+   grad_norm_mean, and clipped_steps: how many steps ``meta.grad_clip``
+   clipped, 0 without clipping) to MLflow and the checkpoint record, and writes
+   a checkpoint (Θ, trained-row masks, Adam moments, generator state as
+   safetensors + a JSON record, atomically). An epoch's result depends only on
+   the state at its start and the seed, so a resumed run ends with the same Θ
+   as an uninterrupted one;
    A checkpoint that cannot be read (truncated, overwritten) is moved aside
    (``checkpoint.corrupt-<time>``) with a warning, and training starts afresh;
 3. NaN/Inf in the objective, gradient or Θ stops the run with status
-   ``diverged`` (MLflow tag, run ended FAILED, and ``status.json``), and no
-   weights are written (the checkpoint is removed);
-4. at the end Θ is logged on the run as an MLflow pyfunc model
-   (``tasks.model_registry``: safetensors + JSON, ``load_theta`` reads it back
-   without unpickling), and the whole model (Θ + what it has seen) is saved with
-   ``tasks.models.save_model`` where the evaluation looks for it. Nothing is
-   registered here: a serving candidate is registered after its evaluation;
+   ``diverged`` (MLflow tag, run ended FAILED, and ``status.json``, with the
+   gradient norms of the diverging epoch's steps before it), and no weights are
+   written (the checkpoint is removed);
+4. at the end the rows no training step touched (users absent from the tasks,
+   items never a positive) are reset to the mean of the trained rows + noise
+   (METHOD.md §11); Θ (with the trained-row masks) is logged on the run as an
+   MLflow pyfunc model (``tasks.model_registry``: safetensors + JSON,
+   ``load_theta`` reads it back without unpickling), and the whole model (Θ,
+   the masks, what it has seen) is saved with ``tasks.models.save_model``
+   where the evaluation looks for it. Nothing is registered here: a serving
+   candidate is registered after its evaluation;
 5. a finished training of the same configuration is returned as it is, its
    MLflow run left closed.
 
@@ -72,6 +79,7 @@ logger = logging.getLogger(__name__)
 
 # metric names are an interface: the same in every training run
 SUPPORT_LOSS, QUERY_LOSS, TASKS_PER_S, EPOCH_SECONDS = "support_loss", "query_loss", "tasks_per_s", "epoch_seconds"
+GRAD_NORM_MAX, GRAD_NORM_MEAN, CLIPPED_STEPS = "grad_norm_max", "grad_norm_mean", "clipped_steps"  # norms before clipping
 STATE_FILE, STATE_META, STATUS_FILE = "state.safetensors", "state.json", "status.json"
 TRAIN_SECTIONS = ("data", "tasks", "meta")
 
@@ -269,24 +277,34 @@ def meta_train(
             try:
                 stats = run_epoch(epoch)
             except DivergedError as exc:
-                return _diverged(config, work, run_id, epoch, records, str(exc))
-            epoch_record = {"epoch": epoch, SUPPORT_LOSS: stats.support_loss, QUERY_LOSS: stats.query_loss, TASKS_PER_S: stats.tasks_per_s, EPOCH_SECONDS: stats.seconds}
+                return _diverged(config, work, run_id, epoch, records, str(exc), getattr(exc, "epoch_stats", None))
+            epoch_record = {"epoch": epoch, **_epoch_metrics(stats)}
             records.append(epoch_record)
             mlflow.log_metrics({k: v for k, v in epoch_record.items() if k != "epoch"}, step=epoch)
             save_checkpoint(model, ckpt, {"epoch": epoch, "history": records, "run_id": run_id, "config_hash": config.hash_of(*TRAIN_SECTIONS)})
-            _log("epoch %d/%d: support %.4f, query %.4f, %d tasks in %.1fs (%.0f tasks/s)", epoch + 1, config.meta.epochs,
-                 stats.support_loss, stats.query_loss, stats.tasks, stats.seconds, stats.tasks_per_s)
+            _log("epoch %d/%d: support %.4f, query %.4f, %d tasks in %.1fs (%.0f tasks/s), gradient norm before clipping max %.3g mean %.3g%s",
+                 epoch + 1, config.meta.epochs, stats.support_loss, stats.query_loss, stats.tasks, stats.seconds, stats.tasks_per_s,
+                 stats.grad_norm_max, stats.grad_norm_mean, f", clipped at {config.meta.grad_clip} in {stats.clipped_steps} of {stats.steps} steps" if config.meta.grad_clip else "")
         if last < config.meta.epochs:
             mlflow.set_tag("status", "stopped")
             return TrainResult("stopped", last, run_id, records)
         return _finish(config, model, work, run_id, records, prepared, row)
 
 
-def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list[dict], message: str) -> TrainResult:
-    """Record the divergence and end the MLflow run FAILED; remove the checkpoint so no weights of this run remain."""
+def _epoch_metrics(stats: EpochStats) -> dict[str, float]:
+    """An epoch's metrics under their MLflow names (the gradient norms are before clipping)."""
+    return {SUPPORT_LOSS: stats.support_loss, QUERY_LOSS: stats.query_loss, TASKS_PER_S: stats.tasks_per_s, EPOCH_SECONDS: stats.seconds,
+            GRAD_NORM_MAX: stats.grad_norm_max, GRAD_NORM_MEAN: stats.grad_norm_mean, CLIPPED_STEPS: stats.clipped_steps}
+
+
+def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list[dict], message: str, partial: EpochStats | None = None) -> TrainResult:
+    """Record the divergence (with the diverging epoch's steps before it); remove the checkpoint so no weights of this run remain."""
     mlflow.set_tag("status", "diverged")
     mlflow.set_tag("diverged_epoch", str(epoch))
     mlflow.log_text(message, "diverged.txt")
+    if partial is not None and partial.steps:
+        records = [*records, {"epoch": epoch, "diverged": True, "steps_before_divergence": partial.steps, **_epoch_metrics(partial)}]
+        mlflow.log_metrics({GRAD_NORM_MAX: partial.grad_norm_max, GRAD_NORM_MEAN: partial.grad_norm_mean}, step=epoch)
     mlflow.end_run(status="FAILED")  # the `with start_run` around us then leaves it as it is
     shutil.rmtree(work / "checkpoint", ignore_errors=True)
     write_json({"status": "diverged", "epoch": epoch, "run_id": run_id, "message": message, "history": records}, work / STATUS_FILE)
@@ -295,9 +313,10 @@ def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list
 
 
 def _finish(config: Config, model: ResponsiveMF, work: Path, run_id: str, records: list[dict], prepared: PreparedData, row: str) -> TrainResult:
-    """Θ as an MLflow model on the run (safetensors + JSON, no pickle), the evaluable model, status finished.
+    """Untrained rows reset (§11), Θ as an MLflow model on the run (safetensors + JSON, no pickle), the evaluable model, status finished.
 
     Nothing is registered here: only serving candidates are, after their evaluation (``tasks.model_registry``)."""
+    model.reset_untrained_rows()
     model_uri = log_theta_model(model, config, prepared)
     out = save_model(model, row, config, model_dir(config, row), {"run_id": run_id, "history_interactions": len(prepared.history)})
     mlflow.set_tag("status", "finished")

@@ -107,3 +107,39 @@ def test_the_pooled_table_takes_the_variant_from_the_fold_records(tmp_path):
     files = write_report(tmp_path, facts, pooled, {}, fold_results)
     table = files["table1.md"].read_text()
     assert "| 1 | SPMF (variant: batch + reservoir draws) |" in table and "| 1 | Pop |" in table
+
+
+def _sweep_points() -> list[dict]:
+    def cell(mean):
+        return {"mean": mean, "ci_low": mean - 0.02, "ci_high": mean + 0.03, "cases": 90}
+
+    def point(lam, status, ndcg=None, norms=(1.0, 2.0)):
+        metrics = {} if ndcg is None else {f"new_n{n}_{m}": cell(ndcg + (0.1 if m == "hr10" else 0)) for n in (1, 5, 10) for m in ("ndcg10", "hr10")}
+        history = [{"epoch": e, "grad_norm_max": g, "grad_norm_mean": g / 2} for e, g in enumerate(norms)]
+        return {"lambda_ml": lam, "status": status, "metrics": metrics, "history": history, **({"diverged_epoch": 2} if status == "diverged" else {})}
+
+    return [point(10.0, "diverged", norms=(5.0, 1e9)), point(0.0, "finished", 0.5), point(1.0, "finished", 0.6), point(100.0, "diverged", norms=(1e12,))]
+
+
+def test_lambda_curve_is_on_the_papers_scale_with_cis_and_divergence():
+    from tasks.aggregate import lambda_curve
+
+    curve = lambda_curve(_sweep_points(), K=20, n=5, metric="ndcg")
+    assert curve["x"] == [0.0, 20.0]  # λ_paper = K·λ_ours, finished points in λ order
+    assert curve["mean"] == [0.5, 0.6] and curve["low"] == [0.48, 0.58] and curve["high"] == [0.53, 0.63]
+    assert curve["diverged"] == [200.0, 2000.0] and curve["first_diverged"] == 200.0 and curve["largest_tried"] == 2000.0
+
+
+def test_lambda_table_and_plot_say_the_scale_and_where_training_diverged(tmp_path):
+    from tasks.aggregate import lambda_markdown, lambda_plot
+
+    points = _sweep_points()
+    table = lambda_markdown(points, K=20)
+    assert "λ_paper = K·λ_ours with K = 20" in table and "Gradient clipping: none" in table
+    assert "diverged (NaN/Inf) from λ_paper = 200 on" in table
+    assert "| 200 | 10 | diverged in epoch 2 | 1e+09 |" in table
+    assert "| 20 | 1 | finished | 2 | 0.600 [0.580, 0.630]" in table
+    finished_only = lambda_markdown([p for p in points if p["status"] == "finished"], K=20)
+    assert "No point diverged; the largest λ tried is λ_paper = 20." in finished_only
+    png = lambda_plot(points, tmp_path / "lambda.png", "planted", K=20)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

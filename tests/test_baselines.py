@@ -286,6 +286,29 @@ def test_a_user_with_nothing_seen_is_scored_with_the_default_row(name: str, spli
     np.testing.assert_allclose(scores, np.stack([default, default]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", FACTOR_MODELS)
+def test_an_item_with_no_positive_is_new_for_every_model(name: str, split: Split) -> None:
+    """METHOD.md §11, for every model alike: ids are dense, so an item with no positive in the history has a row inside
+    H_ (its random start, pushed down as a negative). It is scored with the mean of the trained item rows (as an id
+    beyond H_ is), its row is reset to that mean + noise, and its first positive starts it from there."""
+    held = np.array([7, 23, 41])
+    history = split.history.take(~np.isin(split.history.items, held))
+    model = make_model(name, small_config()).fit(history)
+    assert (held < len(model.H_)).all() and not model.index_.has_item(held).any()
+    trained = model.H_[torch.from_numpy(model.index_.has_item(np.arange(len(model.H_))))]
+    assert torch.allclose(model._default_item(), trained.mean(0), atol=1e-6)
+    users = np.unique(history.users)[:5]
+    scores = model.score(users, np.tile(np.r_[held, len(model.H_) + 2], (5, 1)))
+    np.testing.assert_allclose(scores[:, :3], np.repeat(scores[:, 3:], 3, axis=1), rtol=1e-6)  # all the default row
+    bound = 4 * 0.01 * np.sqrt(model.dim)  # a random N(0, 0.1²I) row lies far outside it
+    assert (model.H_[torch.from_numpy(held)] - trained.mean(0)).norm(dim=1).max() < bound
+    with torch.no_grad():
+        model.H_[7] = 50.0  # as if pushed far away as a negative: its first positive must not start from there
+    t = int(history.ts.max()) + 1
+    model.observe(Interactions.from_arrays(users[:2], [7, 7], [t, t + 1]))
+    assert (model.H_[7] - trained.mean(0)).norm() < 2.0
+
+
 # ------------------------------------------------------------------ sRec
 def test_srec_new_rows_come_from_the_population_prior(split: Split) -> None:
     model = fresh("srec", split)

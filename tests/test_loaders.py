@@ -185,6 +185,7 @@ def test_datasets_command_lists_where_each_known_set_is(ml100k_dir: Path, tmp_pa
     lines = {line.split()[0]: line for line in result.output.splitlines()[1:]}
     assert Path(lines["ml-100k"].split()[-1]).resolve() == (ml100k_dir / "ml-100k").resolve()  # symlinks alike
     assert "absent (https://files.grouplens.org/datasets/movielens/ml-1m.zip)" in lines["ml-1m"]
+    assert "absent (generated on first use)" in lines["synthetic-drift"]
 
 
 def test_unreadable_titles_leave_titles_null_but_load_the_ratings(tmp_path: Path):

@@ -159,3 +159,23 @@ def test_chunks_of_a_batch_give_the_whole_batch_objective(monkeypatch):
     assert torch.allclose(chunked[1], whole[1], atol=1e-12) and torch.allclose(chunked[2], whole[2], atol=1e-12)
     reference = _grads(reference_meta_objective, P, Q, batch, HP)
     assert torch.allclose(chunked[1], reference[1], atol=1e-12) and torch.allclose(chunked[2], reference[2], atol=1e-12)
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_meta_step_reports_the_gradient_norm_before_clipping_and_clips_only_when_asked(clip):
+    """METHOD.md §11: clipping, if used, is reported with the norm before it; without it the step is the plain one."""
+    batch = _tasks(T=16, K=6, n_users=12, n_items=20, seed=3)
+    hp = HP.model_copy(update={"grad_clip": clip})
+    P, Q = _params(12, 20, 4)
+    _, gP, gQ = _grads(meta_objective, P, Q, batch, hp)
+    expected = float(torch.cat([gP.flatten(), gQ.flatten()]).norm())
+    plain_P = P.detach().clone()
+    optimizer = torch.optim.SGD([P, Q], lr=1.0)
+    stats = meta_step(P, Q, optimizer, batch, hp)
+    assert stats.grad_norm == pytest.approx(expected, rel=1e-9)
+    assert stats.clipped == (clip is not None)
+    step = (plain_P - P.detach()).flatten()
+    if clip is None:
+        assert torch.allclose(step, gP.flatten())  # SGD at rate 1: the raw gradient, unclipped
+    else:
+        assert float(step.norm()) <= clip * (1 + 1e-9) < expected  # P's part of a step clipped to norm `clip`

@@ -100,13 +100,39 @@ def test_no_task_sees_its_future_and_neighbours_share_an_own_item(history, tasks
     assert fallbacks < 0.05 * len(tasks) * (K - k)
 
 
-def test_negatives_are_never_positives_of_their_triples_user(history, tasks):
-    positives = defaultdict(set)
-    for u, v in zip(history.users.tolist(), history.items.tolist()):
-        positives[u].add(v)
+def _first_seen(history: Interactions) -> dict[tuple[int, int], int]:
+    first: dict[tuple[int, int], int] = {}
+    for u, v, t in zip(history.users.tolist(), history.items.tolist(), history.ts.tolist()):
+        first[(u, v)] = min(t, first.get((u, v), t))
+    return first
+
+
+def test_negatives_avoid_what_their_triples_user_had_by_the_task_time_only(history, tasks):
+    """No task sees its future: a negative is never a positive its user had by then (support: ts(v_{i-1}), query:
+    ts(v_i)), but may be one the user comes to have later, as at serving."""
+    first = _first_seen(history)
+    lines = timelines(history)
+    later = 0
+    for t in range(len(tasks)):
+        u = int(tasks.query_user[t])
+        i = next(i for i in range(k, len(lines[u])) if [v for _, v in lines[u][i - k : i]] == tasks.support_pos[t, :k].tolist()
+                 and lines[u][i][1] == tasks.query_pos[t] and lines[u][i][0] == tasks.query_ts[t])
+        cutoff = lines[u][i - 1][0]
+        triples = [*zip(tasks.support_users[t].tolist(), tasks.support_neg[t].tolist(), [cutoff] * K), (u, int(tasks.query_neg[t]), int(tasks.query_ts[t]))]
+        for w, neg, by in triples:
+            assert first.get((w, neg), by + 1) > by, (t, w, neg, by)
+            later += (w, neg) in first
+    assert later > 0.02 * len(tasks) * (K + 1)  # the user's later positives are allowed (a uniform draw hits them often here)
+    assert tasks.support_neg.min() >= 0 and tasks.support_neg.max() < history.n_items
+
+
+def test_negatives_history_option_avoids_every_positive_of_the_history(history):
+    tasks = build_tasks(history, k, K, seed=5, negatives="history")
+    first = _first_seen(history)
     for users, negs in ((tasks.support_users.ravel(), tasks.support_neg.ravel()), (tasks.query_user, tasks.query_neg)):
-        assert not any(n in positives[u] for u, n in zip(users.tolist(), negs.tolist()))
-        assert negs.min() >= 0 and negs.max() < history.n_items
+        assert not any((u, n) in first for u, n in zip(users.tolist(), negs.tolist()))
+    with pytest.raises(ValueError, match="'past' or 'history'"):
+        build_tasks(history, k, K, seed=5, negatives="future")
 
 
 def test_same_seed_same_tasks_other_seed_other_tasks(history, tasks):
@@ -154,22 +180,57 @@ def test_fill_own_repeats_when_fewer_than_k():
         fill_own(np.array([[1], [-1]]), 2, rng)
 
 
-def test_stream_tasks_use_only_the_past(history):
+def _stream_split(history: Interactions):
     cut = len(history) * 3 // 4
     past, batch = history.take(slice(0, cut)), history.take(slice(cut, None))
-    index = InteractionIndex.build(past).extend(batch)
+    return batch, InteractionIndex.build(past).extend(batch)
+
+
+def test_stream_tasks_use_only_the_users_own_past(history):
+    """§7, §11: R^K of an online task is the user's own k previous interactions, nothing else."""
+    batch, index = _stream_split(history)
     tasks, kept = stream_tasks(index, batch, k, K, np.random.default_rng(1))
-    assert len(tasks) == kept.sum() > 0
+    assert len(tasks) == kept.sum() > 0 and tasks.K == k
     assert np.array_equal(tasks.query_user, batch.users[kept]) and np.array_equal(tasks.query_pos, batch.items[kept])
-    # a kept interaction's own items all happened strictly before it
+    assert (tasks.support_users == tasks.query_user[:, None]).all()  # no neighbour's triple
     lines = timelines(history)
+    first = _first_seen(history)
     for t in range(0, len(tasks), 7):
         u, ts = int(tasks.query_user[t]), int(tasks.query_ts[t])
-        before = {v for s, v in lines[u] if s < ts}
-        assert set(tasks.support_pos[t, :k].tolist()) <= before
+        before = [v for s, v in lines[u] if s < ts]
+        own = tasks.support_pos[t].tolist()
+        assert set(own) <= set(before)
+        if len(before) >= k:
+            assert own == before[-k:]  # the k most recent, oldest first
+        assert all(first.get((u, neg), ts + 1) > max(s for s, _ in lines[u] if s < ts) for neg in tasks.support_neg[t].tolist())
+        assert first.get((u, int(tasks.query_neg[t])), ts + 1) > ts
     # users with nothing before their interaction form no task
     dropped = ~kept
     assert all(not any(s < t for s, _ in lines[u]) for u, t in zip(batch.users[dropped].tolist(), batch.ts[dropped].tolist()))
+
+
+def test_stream_tasks_with_the_neighbours_option_respect_the_time_cutoff(history):
+    batch, index = _stream_split(history)
+    tasks, kept = stream_tasks(index, batch, k, K, np.random.default_rng(2), neighbours=True)
+    assert tasks.K == K and len(tasks) == kept.sum()
+    lines = timelines(history)
+    first = _first_seen(history)
+    had = defaultdict(list)
+    for u, v, t in zip(history.users.tolist(), history.items.tolist(), history.ts.tolist()):
+        had[(u, v)].append(t)
+    neighbour_triples = 0
+    for t in range(len(tasks)):
+        u, ts = int(tasks.query_user[t]), int(tasks.query_ts[t])
+        cutoff = max(s for s, _ in lines[u] if s < ts)  # the last own item's time
+        own = tasks.support_pos[t, :k].tolist()
+        for w, v in zip(tasks.support_users[t, k:].tolist(), tasks.support_pos[t, k:].tolist()):
+            if w == u:
+                assert v in own  # documented fallback
+                continue
+            neighbour_triples += 1
+            assert min(had[(w, v)]) <= cutoff, (t, w, v, cutoff)  # never a neighbour interaction from after the cutoff
+            assert any(first.get((w, o), cutoff + 1) <= cutoff for o in own), (t, w)
+    assert neighbour_triples > 0.5 * len(tasks) * (K - k)
 
 
 def test_ml100k_tasks_count(ml100k_dir):

@@ -70,6 +70,40 @@ def test_negatives_respect_n_items_and_exclude_and_shape():
     assert set(excluded.tolist()) == {2, 7}
 
 
+def test_negatives_by_a_time_avoid_only_the_positives_had_by_then():
+    """A task drawn at time c must not learn from its user's future: positives first seen after c are allowed."""
+    history = random_history(seed=13)
+    index = InteractionIndex.build(history)
+    first = first_ts(history)
+    rng = np.random.default_rng(14)
+    users = np.repeat(np.arange(42), 600)  # 40, 41 unknown to the index
+    until = np.repeat(rng.integers(-5, 210, 42), 600)
+    negs = index.sample_negatives(users, rng, until_ts=until)
+    for u in range(42):
+        c = int(until[u * 600])
+        past = {v for (w, v), t in first.items() if w == u and t <= c}
+        assert set(negs[users == u].tolist()) == set(range(index.n_items)) - past, u
+
+
+def test_negatives_by_a_time_are_uniform_and_honour_exclude():
+    # user 0: item 1 at t=1, item 4 at t=5, item 5 at t=9; by t=5 items 1 and 4 are its past, 5 its future
+    index = InteractionIndex.build(Interactions.from_arrays([0, 0, 0, 1], [1, 4, 5, 9], [1, 5, 9, 2]))
+    rng = np.random.default_rng(15)
+    negs = index.sample_negatives(np.zeros(80_000, dtype=np.int64), rng, until_ts=np.array(5))
+    counts = np.bincount(negs, minlength=10)
+    assert counts[[1, 4]].sum() == 0
+    assert np.abs(counts[[0, 2, 3, 5, 6, 7, 8, 9]] / 10_000 - 1).max() < 0.05  # 8 items x 10k expected each
+    excluded = index.sample_negatives(np.zeros(2000, dtype=np.int64), rng, n_items=12, exclude=np.tile([[0, 2, 3, 5, 6, 7, 8]], (2000, 1)), until_ts=np.array(5))
+    assert set(excluded.tolist()) == {9, 10, 11}
+    with pytest.raises(ValueError, match="n_items >= the index's 10 items"):
+        index.sample_negatives(np.zeros(2, dtype=np.int64), rng, n_items=5, until_ts=np.array(5))
+
+
+def test_has_item_is_true_for_items_with_a_positive():
+    index = InteractionIndex.build(Interactions.from_arrays([0, 1], [2, 5]))
+    assert index.has_item(np.array([0, 2, 5, 6, 100])).tolist() == [False, True, True, False, False]
+
+
 def test_negatives_raise_when_a_user_has_every_item():
     index = InteractionIndex.build(Interactions.from_arrays([0, 0, 1], [0, 1, 0]))
     with pytest.raises(ValueError, match="user 0 has a positive for every one of the 2 items"):

@@ -51,9 +51,73 @@ def test_adapt_many_users_at_once_equals_one_at_a_time(fitted):
         assert torch.allclose(alone.user_rows[0], together.user_rows[b], atol=1e-6)
 
 
-def test_scoring_every_item_by_one_product_equals_gathering_their_rows(fitted):
+NOISE_BOUND = 4 * SMALL.new_row_std * np.sqrt(SMALL.dim)  # |N(0, σ²I_d)| stays below this; a random N(0, 0.1²I) row does not
+
+
+def _trained_means(model: ResponsiveMF) -> tuple[torch.Tensor, torch.Tensor]:
+    users, items = model._trained_masks()
+    return model.P_.detach()[torch.as_tensor(users)].mean(0), model.Q_.detach()[torch.as_tensor(items)].mean(0)
+
+
+@pytest.fixture(scope="module")
+def without_items(planted):
+    """Fitted on a history where items 3, 11 and 17 have no positive: inside Q (ids are dense), never trained as positives."""
+    history = planted.interactions
+    model = ResponsiveMF(SMALL, TaskConfig(k=3, K=6)).fit(history.take(~np.isin(history.items, [3, 11, 17])))
+    return model
+
+
+def test_unseen_user_and_unseen_item_get_the_mean_of_trained_rows_plus_noise(without_items):
+    model = without_items
+    n_users, n_items = model.n_users_, model.n_items_
+    user_mean, item_mean = _trained_means(model)
+    trained_users, trained_items = model._trained_masks()
+    assert not trained_items[[3, 11, 17]].any() and trained_items.sum() == n_items - 3 and trained_users.all()
+    gen = torch.Generator().manual_seed(0)
+    kept = model.Q_.detach()[[3, 11, 17]].clone()
+    with torch.no_grad():
+        model.Q_[[3, 11, 17]] = 50.0  # whatever Θ holds for an untrained row (fit resets it; see below), serving must not use it
+    try:
+        user_rows = model._user_rows(np.array([n_users + 5, n_users + 9]), gen)
+        item_rows = model._item_rows(torch.tensor([3, 11, 17, n_items + 3]), gen)
+        cands = np.array([[0, 1, 3, n_items + 3]])
+        scores = model.score(np.array([n_users + 5]), cands)[0]
+    finally:
+        with torch.no_grad():
+            model.Q_[[3, 11, 17]] = kept
+    assert ((user_rows - user_mean).norm(dim=1) < NOISE_BOUND).all()
+    assert ((item_rows - item_mean).norm(dim=1) < NOISE_BOUND).all()
+    assert (item_rows[0] - item_rows[1]).norm() > 0  # noise, not one shared row
+    # in the scores too: an unseen user (nothing to adapt from) scores with that row, an unseen item likewise
+    Q = model.Q_.detach()
+    expected = np.array([user_mean @ Q[0], user_mean @ Q[1], user_mean @ item_mean, user_mean @ item_mean])
+    assert np.abs(scores - expected).max() < NOISE_BOUND * max(Q.norm(dim=1).max(), item_mean.norm()) + NOISE_BOUND * user_mean.norm()
+    assert model.n_users_ == n_users and model.n_items_ == n_items  # serving never grows Θ
+
+
+def test_fit_resets_untrained_rows_in_theta_itself(without_items):
+    """Θ as saved (and registered) holds §7's rows for untrained ids, not their random start or a pushed-down row."""
+    user_mean, item_mean = _trained_means(without_items)
+    Q = without_items.Q_.detach()
+    assert ((Q[[3, 11, 17]] - item_mean).norm(dim=1) < NOISE_BOUND).all()
+    assert (Q[[0, 1, 2]] - item_mean).norm(dim=1).min() > NOISE_BOUND  # trained rows differ
+
+
+def test_new_user_support_negatives_avoid_every_item_it_has_shown(fitted):
+    """n = 10 shown, k = 3 in the support: none of the 10 may be a support negative (not only the last 3)."""
+    shown = np.arange(10)[None, :].repeat(40, axis=0)  # 40 new users, each showed items 0..9, in 50 items
+    users = np.arange(1000, 1040)
+    s, has = fitted.supports(users, shown, np.tile(np.arange(10), (40, 1)), np.random.default_rng(0))
+    assert has.all()
+    own_neg = s[2][:, : fitted.tasks.k]
+    assert not np.isin(own_neg, np.arange(10)).any()
+
+
+@pytest.mark.parametrize("model_name", ["fitted", "without_items"])
+def test_scoring_every_item_by_one_product_equals_gathering_their_rows(model_name, request):
     """Full ranking's path (user rows · all item rows) gives the gathered path's scores, adapted items and
-    ids beyond the table (mean + noise, the same draws) included."""
+    ids beyond the table and untrained items (mean of the trained rows + noise, the same draws) included."""
+    fitted = request.getfixturevalue(model_name)
     n_items = fitted.n_items_
     users = np.array([0, 1, 2, 3])
     recent = np.array([[4, 9, n_items + 2], [1, -1, -1], [-1, -1, -1], [7, 7, 8]])  # beyond the table, padding, nothing
@@ -65,17 +129,6 @@ def test_scoring_every_item_by_one_product_equals_gathering_their_rows(fitted):
     plain = adapted.user_rows @ fitted.Q_.detach().T
     assert not torch.allclose(product[0, 4], plain[0, 4])  # an adapted item scores with its adapted row
     assert fitted.score_adapted(adapted, cand.numpy(), torch.Generator().manual_seed(5)).shape == (4, n_items + 4)
-
-
-def test_unseen_user_and_unseen_item_get_mean_plus_noise_rows(fitted):
-    n_users, n_items = fitted.n_users_, fitted.n_items_
-    scores = fitted.score(np.array([n_users + 5]), np.array([[0, 1, n_items + 3]]))
-    assert scores.shape == (1, 3) and np.isfinite(scores).all()
-    new = fitted.score_new_users(
-        RecentItems(np.array([n_users + 7]), np.array([[n_items + 1, 2]]), np.array([[10, 20]])), np.array([[n_items + 1, 2, 3]])
-    )
-    assert np.isfinite(new).all()
-    assert fitted.n_users_ == n_users and fitted.n_items_ == n_items  # serving never grows Θ
 
 
 def test_user_ids_absent_from_the_history_get_mean_plus_noise_rows_after_fit(planted):
@@ -131,16 +184,45 @@ def test_recommend_skips_seen_items_and_ranks_by_score(fitted, planted):
 def test_observe_grows_tables_and_takes_meta_steps(planted):
     model = ResponsiveMF(SMALL, TaskConfig(k=3, K=6)).fit(planted.interactions)
     P0 = model.P_.detach().clone()
+    user_mean, item_mean = _trained_means(model)
     t = int(planted.interactions.ts.max()) + 1
-    batch = Interactions.from_arrays([0, 1, model.n_users_ + 2], [5, model.n_items_ + 1, 3], [t, t + 1, t + 2])
+    new_user, new_item = model.n_users_ + 2, model.n_items_ + 1
+    batch = Interactions.from_arrays([0, 1, new_user], [5, new_item, 3], [t, t + 1, t + 2])
     model.observe(batch)
     assert model.n_users_ == P0.shape[0] + 3 and model.n_items_ == planted.interactions.n_items + 2
     assert not torch.allclose(model.P_.detach()[: len(P0)], P0)  # Θ moved
     assert torch.isfinite(model.P_).all() and torch.isfinite(model.Q_).all()
-    # the new rows started near the mean (σ = new_row_std), then took at most a few small Adam steps
-    assert (model.P_.detach()[-1] - P0.mean(0)).norm() < 0.5
-    assert model.index_.has_pair(np.array([1]), np.array([model.n_items_ - 1]))[0]
+    # the grown user has no past, so no task: its row is still the mean of the trained rows + noise
+    assert (model.P_.detach()[new_user] - user_mean).norm() < NOISE_BOUND
+    # the grown item started there too, then took one online Adam step (each coordinate moves at most ~outer_lr)
+    steps = SMALL.outer_lr * np.sqrt(SMALL.dim) * 1.5
+    assert (model.Q_.detach()[new_item] - item_mean).norm() < NOISE_BOUND + steps
+    assert model._trained_masks()[1][new_item] and not model._trained_masks()[0][new_user]
+    assert model.index_.has_pair(np.array([1]), np.array([new_item]))[0]
     model.score(np.array([model.n_users_ - 1]), np.array([[0, 1]]))  # the grown user is served
+
+
+def test_online_tasks_use_the_users_own_items_unless_the_option_adds_neighbours(planted, monkeypatch):
+    from metarec.models import responsive
+
+    seen = []
+    real = responsive.stream_tasks
+
+    def recording(*args, **kwargs):
+        tasks, kept = real(*args, **kwargs)
+        seen.append(tasks)
+        return tasks, kept
+
+    monkeypatch.setattr(responsive, "stream_tasks", recording)
+    t = int(planted.interactions.ts.max()) + 1
+    batch = Interactions.from_arrays([0, 1, 2], [5, 6, 7], [t, t + 1, t + 2])
+    model = ResponsiveMF(SMALL, TaskConfig(k=3, K=6)).fit(planted.interactions)
+    for option, width in ((False, 3), (True, 6)):
+        model.tasks = TaskConfig(k=3, K=6, online_neighbours=option)
+        model.observe(batch)
+        assert seen[-1].K == width and len(seen[-1]) == 3
+    assert (seen[0].support_users == seen[0].query_user[:, None]).all()
+    assert (seen[1].support_users[:, 3:] != seen[1].query_user[:, None]).any()
 
 
 def _new_user_auc(model: ResponsiveMF, data, new_users: np.ndarray, n: int) -> float:

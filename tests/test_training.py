@@ -32,9 +32,14 @@ def _own_mlflow_store(monkeypatch):
 
 @pytest.fixture(scope="module")
 def planted_csv(tmp_path_factory) -> Path:
+    """Planted data (items shifted to 1..60) plus item 0, which only a few users have, after everything else: in the
+    stream, never a positive of the history, yet inside Q (ids are dense, sorted by raw id)."""
     data = planted_interactions(n_users=80, n_items=60, per_user=15, seed=2).interactions
+    late = int(data.ts.max()) + np.arange(1, 6)
+    users = np.concatenate([data.users, [0, 1, 2, 3, 4]])
+    table = pa.table({"user_id": users, "item_id": np.concatenate([data.items + 1, np.zeros(5, np.int64)]),
+                      "rating": np.full(len(users), 5.0), "timestamp": np.concatenate([data.ts, late])})
     path = tmp_path_factory.mktemp("planted") / "planted.csv"
-    table = pa.table({"user_id": data.users, "item_id": data.items, "rating": np.full(len(data), 5.0), "timestamp": data.ts})
     pacsv.write_csv(table, path)
     return path
 
@@ -56,7 +61,7 @@ def _prepared(config: Config) -> Config:
 
 @pytest.fixture(scope="module")
 def trained(planted_csv, tmp_path_factory):
-    """One finished meta-training on the planted data, shared by the checks of its run, model and registration."""
+    """One finished meta-training on the pipeline's path, shared by the checks of its run, model and registration."""
     import os
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -72,8 +77,10 @@ def test_training_logs_the_rows_params_metrics_and_theta_as_a_pyfunc_model(train
     run = client.get_run(result.run_id)
     assert run.data.params["meta.lambda_ml"] == str(config.meta.lambda_ml) and run.data.params["model"] == "responsive"
     assert not [key for key in run.data.params if key.startswith(("baselines.", "eval.", "runtime."))]  # only the row's sections
-    for name in ("support_loss", "query_loss", "tasks_per_s"):
+    for name in ("support_loss", "query_loss", "tasks_per_s", "grad_norm_max", "grad_norm_mean", "clipped_steps"):
         assert [m.step for m in client.get_metric_history(result.run_id, name)] == [0, 1, 2]
+    norms = client.get_metric_history(result.run_id, "grad_norm_max")
+    assert all(m.value > 0 for m in norms) and all(r["grad_norm_max"] >= r["grad_norm_mean"] > 0 for r in result.history)
     assert run.data.tags["status"] == "finished" and run.data.tags["config_hash"] == config.hash_of()
     assert run.info.run_name == f"train responsive fold 0 λ={config.meta.lambda_ml:g}"
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, dst_path=str(tmp_path / "dl")))
@@ -149,6 +156,43 @@ def test_fomaml_row_trains_through_the_same_path_in_its_own_folder(planted_csv, 
     assert run.data.tags["model"] == "responsive_fo" and run.data.params["meta.first_order"] == "True"
     assert [m.step for m in client.get_metric_history(result.run_id, "epoch_seconds")] == [0, 1, 2]
     assert not client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+
+
+def test_the_pipelines_saved_model_treats_untrained_users_and_items_as_new(trained):
+    """METHOD.md §11 on the pipeline's path (meta_train -> save -> load), not only fit(): rows no training step
+    touched are the mean of the trained rows + noise, in the saved Θ, at serving, and still after observe() has
+    indexed such a user; rows grown online average the trained rows only."""
+    from tasks.prepared import load_prepared
+    from tasks.paths import prepared_dir
+    from metarec.interface import Interactions
+
+    config, result = trained
+    assert result.status == "finished"
+    model = load_model(model_dir(config, "responsive"))
+    history = load_prepared(prepared_dir(config)).history
+    absent = np.setdiff1d(np.arange(model.n_users_), history.users)  # new users and stream-only users: ids inside P
+    assert len(absent) >= 5 and not np.isin(0, history.items)  # item 0: stream-only, inside Q
+    P, Q = model.P_.detach(), model.Q_.detach()
+    # the trained rows' means (history rows no step touched sit at that mean already, so they barely move it)
+    user_mean, item_mean = P[np.unique(history.users)].mean(0), Q[np.unique(history.items)].mean(0)
+    bound = 4 * config.meta.new_row_std * np.sqrt(config.meta.dim)  # a random N(0, 0.1²I) row lies far outside it
+    assert ((P[absent] - user_mean).norm(dim=1) < bound).all() and (Q[0] - item_mean).norm() < bound
+    assert (P[np.unique(history.users)] - user_mean).norm(dim=1).median() > bound  # trained rows are not at the mean
+    trained_users, trained_items = model._trained_masks()  # what the model recorded agrees
+    assert not trained_users[absent].any() and trained_users.sum() > 0.8 * len(np.unique(history.users))
+    assert not trained_items[0] and trained_items[np.unique(history.items)].mean() > 0.9
+
+    # observe indexes an untrained user (one interaction: no task, so still untrained) and grows a new one
+    u, beyond = int(absent[0]), model.n_users_ + 1
+    t = int(history.ts.max()) + 10**6
+    with torch.no_grad():
+        model.P_[u] = 50.0  # whatever P holds for it, serving and the online update must not use it
+    model.observe(Interactions.from_arrays([u, beyond], [5, 6], [t, t + 1]))
+    gen = torch.Generator().manual_seed(0)
+    rows = model._user_rows(np.array([u, beyond]), gen)
+    assert ((rows - user_mean).norm(dim=1) < bound).all()
+    assert (model.P_.detach()[[u, beyond]] - user_mean).norm(dim=1).max() < bound  # started there, untouched by the step
+    assert np.isfinite(model.score(np.array([u, beyond]), np.array([[1, 2, 3, 0]] * 2))).all()
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(planted_csv, tmp_path, monkeypatch):

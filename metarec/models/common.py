@@ -32,7 +32,7 @@ GradFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 Kernel = Literal["linear", "logistic"]
 Side = Literal["user", "pos", "neg"]
 
-PURPOSE_FIT, PURPOSE_OBSERVE, PURPOSE_NEW_USERS = 0, 1, 2
+PURPOSE_FIT, PURPOSE_OBSERVE, PURPOSE_NEW_USERS, PURPOSE_NEW_ROWS = 0, 1, 2, 3
 SCORE_CHUNK = 1024  # users scored at once
 
 
@@ -311,13 +311,22 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
 
     Subclasses set ``grad_fn`` and implement ``fit``/``observe``; scoring,
     unseen ids, new-user adaptation and state are shared. A user the model has
-    seen no interaction of, and an id beyond a table, is scored with the
-    model's default row (the mean row of its table; sRec: its population prior).
+    seen no interaction of, an item it has seen no positive of, and an id
+    beyond a table are new (METHOD.md §11: "new" means untrained; ids are dense,
+    so such rows exist inside the tables, at their random start or, for an item
+    drawn as a negative, pushed down). They are scored with the model's default
+    row: the mean of the trained rows of the table (sRec: its population prior,
+    whose mean is that), i.e. §7's mean + noise in expectation, the noise's
+    random order of equal scores being what the metrics' tie rule already
+    averages over. Rows a training step starts from get the noise too
+    (``new_item_rows``): untrained item rows after ``fit_bpr``, and an item's
+    row when its first positive arrives (``renew_untrained_items``).
     """
 
     _state_fields = ("W_", "H_", "batches_")
     kernel: Kernel = "linear"
     scale: float = 1.0
+    new_row_std: float = 0.01  # σ of §7's noise on new rows (subclasses take it from their config)
 
     def __init__(self, dim: int, seed: int) -> None:
         self.dim = dim
@@ -342,6 +351,8 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
             epoch_rng = rng_for(self.seed, PURPOSE_FIT, epoch + 1)
             u, i, j = self.fit_triples(history, epoch_rng)
             sgd_epoch(self.W_, self.H_, u, i, j, self.grad_fn, cfg.lr, cfg.batch_size, epoch_rng)
+        unseen = self.unseen_items()  # items with no positive: trained only as negatives, they start as new ones do
+        self.H_[unseen] = self.new_item_rows(rng_for(self.seed, PURPOSE_NEW_ROWS))(len(unseen))
         return rng
 
     @property
@@ -366,11 +377,40 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
         """Ids of W_'s rows of users with no interaction seen (stream-only and new users, as ids are dense)."""
         return torch.from_numpy(np.flatnonzero(~self._seen_users(np.arange(len(self.W_)))))
 
+    def _seen_items(self, items: np.ndarray) -> np.ndarray:
+        """bool like ``items``: the model has seen a positive of the item (trained it as one)."""
+        items = np.asarray(items, dtype=np.int64)
+        return self.index_.has_item(items.ravel()).reshape(items.shape) if self.index_ is not None else np.zeros(items.shape, dtype=bool)
+
+    def trained_item_rows(self) -> torch.Tensor:
+        """The rows of H_ of items with a positive seen so far (all of H_ before any is seen)."""
+        seen = self._seen_items(np.arange(len(self.H_)))
+        return self.H_[torch.from_numpy(seen)] if seen.any() else self.H_
+
+    def unseen_items(self) -> torch.Tensor:
+        """Ids of H_'s rows of items with no positive seen (stream-only items, items only ever drawn as negatives)."""
+        return torch.from_numpy(np.flatnonzero(~self._seen_items(np.arange(len(self.H_)))))
+
+    def new_item_rows(self, rng: np.random.Generator) -> Callable[[int], torch.Tensor]:
+        """k -> k rows of §7: the mean of the trained item rows + N(0, new_row_std² I)."""
+        mean = self.trained_item_rows().mean(0, keepdim=True) if len(self.H_) else torch.zeros(1, self.dim)
+        return lambda k: mean + gaussian(rng, k, self.dim, self.new_row_std)
+
+    def renew_untrained_items(self, batch: Interactions, fill: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """Before a batch is remembered: rows of its items inside H_ that have no positive yet get ``fill`` (their first
+        update starts from a new row, not from a row pushed down as a negative). Returns their ids."""
+        items = np.unique(np.asarray(batch.items, dtype=np.int64))
+        items = items[(items < len(self.H_)) & ~self._seen_items(items)]
+        ids = torch.from_numpy(items)
+        if len(ids):
+            self.H_[ids] = fill(len(ids)).to(self.H_.dtype)
+        return ids
+
     def _default_user(self) -> torch.Tensor:
         return self.trained_user_rows().mean(0) if len(self.W_) else torch.zeros(self.dim)
 
     def _default_item(self) -> torch.Tensor:
-        return self.H_.mean(0) if len(self.H_) else torch.zeros(self.dim)
+        return self.trained_item_rows().mean(0) if len(self.H_) else torch.zeros(self.dim)
 
     def score_rows(self, w: torch.Tensor, candidates: np.ndarray) -> np.ndarray:
         """Scores (B, C) of user rows w (B, d) for candidate ids (B, C), in chunks of rows.
@@ -383,14 +423,15 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
         out = np.empty(candidates.shape, dtype=np.float32)
         default = self._default_item()
         full = torch.cat([self.H_, default[None]])  # row len(H_) stands for every unseen id
+        seen = np.concatenate([self._seen_items(np.arange(len(self.H_))), [False]])
         for start in range(0, len(candidates), SCORE_CHUNK):
             rows = slice(start, start + SCORE_CHUNK)
             cands = candidates[rows]
+            ids = np.where(seen[np.minimum(cands, len(self.H_))], cands, len(self.H_))  # unseen -> the default row
             if 4 * cands.shape[1] < len(full):
-                z = torch.einsum("bd,bcd->bc", w[rows], lookup(self.H_, cands, default))
+                z = torch.einsum("bd,bcd->bc", w[rows], full[torch.from_numpy(ids)])
             else:
-                ids = torch.from_numpy(np.where(cands < len(self.H_), cands, len(self.H_)))
-                z = (w[rows] @ full.T).gather(1, ids)
+                z = (w[rows] @ full.T).gather(1, torch.from_numpy(ids))
             out[rows] = kernel_score(z, self.kernel, self.scale).numpy()
         return out
 
@@ -429,8 +470,8 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
         """Rows (B, d) trained from ``init`` by per-row SGD on each new user's shown items, H_ fixed."""
         w = init.clone()
         items = check_ids(self, "recent items", recent_items, allow_padding=True)
-        # items never trained (beyond H_) carry no signal for the user row; drop them
-        items = np.where(items < len(self.H_), items, -1)
+        # items never trained as a positive (beyond H_, or inside it with no positive) carry no signal for the user row; drop them
+        items = np.where((items >= 0) & self._seen_items(np.where(items >= 0, items, 0)), items, -1)
         for epoch in range(epochs):
             local, pos, neg = self.new_user_triples(items, recent_users, 1, rng)
             sgd_rounds(w, self.H_, local, pos, neg, self.grad_fn, lr, rng, side="user")

@@ -7,8 +7,9 @@ model, so the two differ only in how they learn:
 
 - offline: plain BPR by minibatch SGD over the history (``baselines.epochs``,
   ``baselines.lr``), one uniform negative per positive per epoch;
-- stream batch: new ids get the mean of the existing rows plus N(0, σ²I)
-  (METHOD.md §7, σ = ``meta.new_row_std``), then ``baselines.ft_epochs`` SGD
+- stream batch: new ids, and items whose first positive arrives, get the mean
+  of the trained rows plus N(0, σ²I) (METHOD.md §7, §11, σ =
+  ``meta.new_row_std``), then ``baselines.ft_epochs`` SGD
   passes (rate ``baselines.ft_lr``) over the batch's interactions with fresh
   negatives, updating every touched user and item row — plain fine-tuning,
   the strategy the paper argues against;
@@ -18,7 +19,8 @@ model, so the two differ only in how they learn:
   the item rows fixed is our choice: one user's n interactions would move
   only those n items and the sampled negatives, and the model must not change.
 
-An id never observed is scored with its table's mean row (§7 without the noise).
+An id never trained (a user never seen, an item with no positive) is scored with the mean of its table's trained rows
+(§7 without the noise, whose random order of equal scores the metrics' tie rule averages over).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class MFFineTune(FactorBaseline):
         super().__init__(self.meta.dim, self.config.seed)
         m = self.meta
         self.grad_fn = autograd_bpr_grads(lambda w, hi, hj: bpr_triple_loss(w, hi, hj, m.lambda_p, m.lambda_q_pos, m.lambda_q_neg))
+        self.new_row_std = m.new_row_std
 
     def fit(self, history: Interactions) -> "MFFineTune":
         rng = self.fit_bpr(history, self.meta.init_std)
@@ -68,10 +71,9 @@ class MFFineTune(FactorBaseline):
             return
         cfg = self.config
         rng = rng_for(self.seed, PURPOSE_OBSERVE, self.batches_)
-        self._grow(
-            max(len(self.W_), batch.n_users), max(len(self.H_), batch.n_items),
-            self._mean_plus_noise(self.trained_user_rows(), rng), self._mean_plus_noise(self.H_, rng),
-        )
+        new_items = self.new_item_rows(rng)
+        self._grow(max(len(self.W_), batch.n_users), max(len(self.H_), batch.n_items), self._mean_plus_noise(self.trained_user_rows(), rng), new_items)
+        self.renew_untrained_items(batch, new_items)
         self._remember(batch)
         for _ in range(cfg.ft_epochs):
             neg = negatives(self.index_, batch.users, rng, len(self.H_))

@@ -6,8 +6,19 @@ R^K from its most recent k interactions plus neighbour interactions up to K
 (``meta_tasks.support_sets``), runs the L inner steps from Θ for many users at
 once, and scores with the adapted rows; Θ is never changed by serving.
 ``observe`` (§7) grows P and Q for new ids (mean + N(0, σ²I)), indexes the
-batch, forms one task per new interaction of a user with a past and takes
-meta-objective Adam steps on them.
+batch, forms one task per new interaction of a user with a past (R^K = its own
+k previous interactions) and takes meta-objective Adam steps on them.
+
+"New" means untrained (METHOD.md §11): ids are dense over the whole data set,
+so new users, stream-only users and items with no positive in the history have
+rows that no training step touched. The model records which rows training has
+touched (``trained_users_``, ``trained_items_``: a user as a triple's user, an
+item as a positive; an item trained only as a negative stays untrained), and an
+untrained row is never used as it is: at serving it is replaced by the mean of
+the *trained* rows plus noise, after training it is reset to that
+(``reset_untrained_rows``, on the ``fit`` path and the pipeline's alike), and
+an online update starts a batch's untrained rows from it. The masks are saved
+with the model.
 
 Pure: no files, no MLflow; ``tasks/training.py`` adds checkpoints, shards and
 tracking around the same methods (``init_params``, ``pretrain_epoch``,
@@ -32,10 +43,10 @@ import numpy as np
 import torch
 
 from metarec.config import Config, MetaConfig, TaskConfig
+from metarec.interface import Interactions, RecentItems, StreamingRecommender
 from metarec.device import resolve_device
 from metarec.distributed import DataParallel
-from metarec.interface import Interactions, RecentItems, StreamingRecommender
-from metarec.maml import StepStats, TaskBatch, inner_adapt, localise, meta_step, support_ops
+from metarec.maml import DivergedError, StepStats, TaskBatch, inner_adapt, localise, meta_step, support_ops
 from metarec.meta_tasks import TaskArrays, build_tasks, fill_own, stream_tasks, support_sets
 from metarec.models.mf import bpr_triple_loss, init_table, mean_plus_noise
 from metarec.neighbours import InteractionIndex
@@ -47,12 +58,17 @@ SCORE_CHUNK = 4096  # users adapted and scored at once (bounds memory of the can
 
 @dataclass(frozen=True)
 class EpochStats:
-    """Means over the tasks of an epoch (weighted by batch size)."""
+    """Means over the tasks of an epoch (weighted by batch size), and the meta-gradient's norm before clipping over its
+    outer steps (max and mean; METHOD.md §11: clipping, when on, must not hide how large the gradients grew)."""
 
     support_loss: float
     query_loss: float
     tasks: int
     seconds: float
+    grad_norm_max: float = float("nan")
+    grad_norm_mean: float = float("nan")
+    steps: int = 0
+    clipped_steps: int = 0
 
     @property
     def tasks_per_s(self) -> float:
@@ -83,6 +99,9 @@ class ResponsiveMF(StreamingRecommender):
         self.optimizer_: torch.optim.Adam | None = None
         self.index_: InteractionIndex | None = None
         self.online_steps_ = 0
+        # rows some training step has touched (None: a model saved before they were recorded; see _trained_masks)
+        self.trained_users_: torch.Tensor | None = None
+        self.trained_items_: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -99,15 +118,19 @@ class ResponsiveMF(StreamingRecommender):
         self.P_ = torch.nn.Parameter(init_table(n_users, self.meta.dim, std, self.generator_).to(self.device))
         self.Q_ = torch.nn.Parameter(init_table(n_items, self.meta.dim, std, self.generator_).to(self.device))
         self.optimizer_ = torch.optim.Adam([self.P_, self.Q_], lr=self.meta.outer_lr)
+        self.trained_users_ = torch.zeros(n_users, dtype=torch.bool)
+        self.trained_items_ = torch.zeros(n_items, dtype=torch.bool)
 
     def set_index(self, history: Interactions) -> None:
         """Index what the model has seen (recent items, neighbours, negatives)."""
         self.index_ = InteractionIndex.build(history)
 
     def training_state(self) -> dict[str, torch.Tensor]:
-        """Θ, the Adam moments and the generator state as named CPU tensors (for checkpoints)."""
+        """Θ, the trained-row masks, the Adam moments and the generator state as named CPU tensors (for checkpoints)."""
         state: dict[str, torch.Tensor] = {"P": self.P_.detach().cpu().clone(), "Q": self.Q_.detach().cpu().clone()}
         state["generator"] = self.generator_.get_state()
+        if self.trained_users_ is not None and self.trained_items_ is not None:
+            state["trained_users"], state["trained_items"] = self.trained_users_.clone(), self.trained_items_.clone()
         if self.optimizer_ is not None:
             for name, param in (("P", self.P_), ("Q", self.Q_)):
                 for key, value in self.optimizer_.state.get(param, {}).items():
@@ -120,6 +143,9 @@ class ResponsiveMF(StreamingRecommender):
         self.optimizer_ = torch.optim.Adam([self.P_, self.Q_], lr=self.meta.outer_lr)
         if "generator" in state:
             self.generator_.set_state(state["generator"])
+        has_masks = "trained_users" in state and "trained_items" in state
+        self.trained_users_ = state["trained_users"].to(torch.bool).clone() if has_masks else None
+        self.trained_items_ = state["trained_items"].to(torch.bool).clone() if has_masks else None
         for name, param in (("P", self.P_), ("Q", self.Q_)):
             # Adam keeps its step count on the CPU (as torch does when it creates it), the moments beside the parameter
             moments = {key.split(".")[-1]: value.clone() if key.endswith(".step") else value.to(self.device, copy=True)
@@ -128,47 +154,79 @@ class ResponsiveMF(StreamingRecommender):
                 self.optimizer_.state[param] = moments
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """Numeric arrays only (saved by tasks.models without pickle): Θ and every interaction seen."""
+        """Numeric arrays only (saved by tasks.models without pickle): Θ, the trained-row masks, every interaction seen."""
         seen = self.index_.interactions if self.index_ is not None else Interactions.from_arrays([], [], [])
-        return {"P": self.P_.detach().cpu().numpy().copy(), "Q": self.Q_.detach().cpu().numpy().copy(),
+        users, items = self._trained_masks()
+        return {"P": self.P_.detach().cpu().numpy().copy(), "Q": self.Q_.detach().cpu().numpy().copy(), "trained_users": users, "trained_items": items,
                 "seen_users": seen.users, "seen_items": seen.items, "seen_ts": seen.ts}
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        self.load_training_state({"P": torch.as_tensor(np.asarray(arrays["P"])), "Q": torch.as_tensor(np.asarray(arrays["Q"]))})
+        state = {key: torch.as_tensor(np.asarray(arrays[key])) for key in ("P", "Q", "trained_users", "trained_items") if key in arrays}
+        self.load_training_state(state)
         self.index_ = InteractionIndex.build(Interactions(*(np.asarray(arrays[k], dtype=np.int64) for k in ("seen_users", "seen_items", "seen_ts"))))
 
     # --------------------------------------------------------------- training
     def fit(self, history: Interactions) -> "ResponsiveMF":
         """Index the history, build its tasks, optionally pre-train with BPR, meta-train (DivergedError on NaN/Inf);
-        then users absent from the history get §7's new-user rows (``reset_unseen_users``)."""
+        then rows no training step touched get §7's new rows (``reset_untrained_rows``)."""
         self.set_index(history)
         self.init_params(history.n_users, history.n_items)
         t = self.tasks
-        tasks = build_tasks(history, t.k, t.K, t.seed, t.max_tasks_per_user, index=self.index_)
+        tasks = build_tasks(history, t.k, t.K, t.seed, t.max_tasks_per_user, index=self.index_, negatives=t.negatives)
         for epoch in range(self.meta.pretrain_epochs):
             self.pretrain_epoch(history, epoch)
         for epoch in range(self.meta.epochs):
             stats = self.meta_train_epoch([tasks], epoch)
             logger.info("epoch %d: support %.4f query %.4f, %.0f tasks/s", epoch, stats.support_loss, stats.query_loss, stats.tasks_per_s)
-        self.reset_unseen_users(history)
+        self.reset_untrained_rows()
         return self
 
-    def reset_unseen_users(self, history: Interactions) -> None:
-        """Rows of user ids inside the table but absent from ``history`` become mean + N(0, σ²I) (§7).
+    def _trained_masks(self) -> tuple[np.ndarray, np.ndarray]:
+        """(n_users_,), (n_items_,) bool: rows some training step touched.
 
-        Ids are dense over the whole data set, so new users and stream-only users
-        have rows in P that no training step ever touched: left alone they would
-        keep their random N(0, init_std²) start, a random user vector rather than
-        §7's mean of the trained rows (beyond the table ``_rows`` already does this).
+        A model saved before the masks were recorded falls back to what its index holds
+        (users with an interaction, items with a positive), the best guess it can make.
         """
-        seen = np.zeros(self.n_users_, dtype=bool)
-        seen[np.asarray(history.users, dtype=np.int64)] = True
-        if seen.all() or not seen.any():
-            return
-        with torch.no_grad():
-            P = self.P_.detach()
-            fresh = torch.as_tensor(np.flatnonzero(~seen), device=self.device)
-            P[fresh] = mean_plus_noise(P[torch.as_tensor(np.flatnonzero(seen), device=self.device)], len(fresh), self.meta.new_row_std, self.generator_)
+        if self.trained_users_ is not None and self.trained_items_ is not None:
+            return self.trained_users_.numpy().copy(), self.trained_items_.numpy().copy()
+        if self.index_ is None:
+            return np.zeros(self.n_users_, dtype=bool), np.zeros(self.n_items_, dtype=bool)
+        return self.index_.has_user(np.arange(self.n_users_)), self.index_.has_item(np.arange(self.n_items_))
+
+    def _mark_trained(self, batch: TaskBatch) -> None:
+        """Record the rows an outer step touched: every triple's user, every positive item (negatives do not count)."""
+        if self.trained_users_ is None or self.trained_items_ is None:
+            users, items = self._trained_masks()
+            self.trained_users_, self.trained_items_ = torch.as_tensor(users), torch.as_tensor(items)
+        self.trained_users_[batch.support_users.flatten().cpu()] = True  # the masks stay on the CPU, beside the index
+        self.trained_users_[batch.query_user.cpu()] = True
+        self.trained_items_[batch.support_pos.flatten().cpu()] = True
+        self.trained_items_[batch.query_pos.cpu()] = True
+
+    def reset_untrained_rows(self, users: np.ndarray | None = None, items: np.ndarray | None = None) -> None:
+        """Untrained rows of P and Q (among ``users``/``items``, default all) become the mean of the trained rows + N(0, σ²I)
+        (§7, §11), and Adam's moments for them restart at zero.
+
+        Left alone they would keep their random N(0, init_std²) start, or, for an item sampled only as a
+        negative, a row pushed down by training: neither is §7's row for a new id.
+        """
+        trained_users, trained_items = self._trained_masks()
+        for name, table, trained, ids in (("P", self.P_, trained_users, users), ("Q", self.Q_, trained_items, items)):
+            fresh = ~trained
+            if ids is not None:
+                pick = np.zeros(len(trained), dtype=bool)
+                ids = np.asarray(ids, dtype=np.int64)
+                pick[ids[ids < len(trained)]] = True
+                fresh &= pick
+            if not fresh.any():
+                continue
+            rows = torch.as_tensor(np.flatnonzero(fresh), device=self.device)
+            with torch.no_grad():
+                base = table.detach()[torch.as_tensor(trained, device=self.device)] if trained.any() else table.detach()
+                table.detach()[rows] = mean_plus_noise(base, len(rows), self.meta.new_row_std, self.generator_)
+            for moment in (self.optimizer_.state.get(table, {}) if self.optimizer_ is not None else {}).values():
+                if torch.is_tensor(moment) and moment.dim() == 2:
+                    moment[rows] = 0.0
 
     def pretrain_epoch(self, history: Interactions, epoch: int) -> float:
         """One epoch of plain BPR over the history (one sampled negative each), mean loss, its own Adam."""
@@ -188,6 +246,9 @@ class ResponsiveMF(StreamingRecommender):
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(u)
+        if self.trained_users_ is not None and self.trained_items_ is not None:
+            self.trained_users_[torch.as_tensor(history.users)] = True
+            self.trained_items_[torch.as_tensor(history.items)] = True
         return total / max(len(users), 1)
 
     def meta_train_epoch(
@@ -203,18 +264,31 @@ class ResponsiveMF(StreamingRecommender):
         (``metarec.distributed``); each step then takes its share of the batch, and Θ ends as with one process."""
         started = time.perf_counter()
         n_tasks, support, query = 0, 0.0, 0.0
-        for part_no, part in enumerate(parts):
-            order = np.random.default_rng([self.meta.seed, epoch, 2, part_no]).permutation(len(part))
-            for start in range(0, len(order), self.meta.batch_tasks):
-                batch = TaskBatch.from_arrays(part, order[start : start + self.meta.batch_tasks], self.device)
-                stats = self.meta_update(batch, parallel=parallel)
-                n_tasks += len(batch)
-                support += stats.support_loss * len(batch)
-                query += stats.query_loss * len(batch)
-                if progress is not None:
-                    progress(len(batch))
-        n = max(n_tasks, 1)
-        return EpochStats(support / n, query / n, n_tasks, time.perf_counter() - started)
+        norms: list[float] = []
+        clipped = 0
+
+        def so_far() -> EpochStats:
+            n = max(n_tasks, 1)
+            top, mean = (max(norms), sum(norms) / len(norms)) if norms else (float("nan"), float("nan"))
+            return EpochStats(support / n, query / n, n_tasks, time.perf_counter() - started, top, mean, len(norms), clipped)
+
+        try:
+            for part_no, part in enumerate(parts):
+                order = np.random.default_rng([self.meta.seed, epoch, 2, part_no]).permutation(len(part))
+                for start in range(0, len(order), self.meta.batch_tasks):
+                    batch = TaskBatch.from_arrays(part, order[start : start + self.meta.batch_tasks], self.device)
+                    stats = self.meta_update(batch, parallel=parallel)
+                    n_tasks += len(batch)
+                    support += stats.support_loss * len(batch)
+                    query += stats.query_loss * len(batch)
+                    norms.append(stats.grad_norm)
+                    clipped += stats.clipped
+                    if progress is not None:
+                        progress(len(batch))
+        except DivergedError as exc:
+            exc.epoch_stats = so_far()  # the steps before the divergence: how the gradient norm grew
+            raise
+        return so_far()
 
     def meta_update(self, batch: TaskBatch, lr: float | None = None, parallel: DataParallel | None = None) -> StepStats:
         """One Adam step on the meta-objective of ``batch`` (DivergedError on NaN/Inf)."""
@@ -222,7 +296,9 @@ class ResponsiveMF(StreamingRecommender):
             raise RuntimeError("ResponsiveMF: call fit() or init_params() before training")
         for group in self.optimizer_.param_groups:
             group["lr"] = lr or self.meta.outer_lr
-        return meta_step(self.P_, self.Q_, self.optimizer_, batch, self.meta, parallel)
+        stats = meta_step(self.P_, self.Q_, self.optimizer_, batch, self.meta, parallel)
+        self._mark_trained(batch)
+        return stats
 
     # ---------------------------------------------------------------- serving
     def _rows(self, table: torch.Tensor, ids: torch.Tensor, generator: torch.Generator, new: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
@@ -239,26 +315,26 @@ class ResponsiveMF(StreamingRecommender):
             rows[fresh] = mean_plus_noise(table.detach() if base is None else base, n_new, self.meta.new_row_std, generator)
         return rows
 
-    def _seen_user_mask(self) -> np.ndarray:
-        """(n_users_,) True where the index holds at least one interaction of the user."""
-        if self.index_ is None:
-            return np.zeros(self.n_users_, dtype=bool)
-        return self.index_.has_user(np.arange(self.n_users_))
+    def _untrained_rows(self, table: torch.Tensor, trained: np.ndarray, ids: np.ndarray, generator: torch.Generator, all_new: bool = False) -> torch.Tensor:
+        """table's rows of ``ids``; ids beyond it, untrained ones (or all, ``all_new``) get the mean of the trained rows
+        + noise (§7, §11).
+
+        Ids are dense over the whole data set, so a new user's id, or an item with no positive in the history,
+        usually lies inside the table, on a row no training step touched (or, for an item, one pushed down as a
+        negative only): it must not be scored with that row."""
+        ids = np.asarray(ids, dtype=np.int64)
+        inside = ids < len(trained)
+        new = np.ones(len(ids), dtype=bool) if all_new else inside & ~trained[np.where(inside, ids, 0)]
+        base = table.detach()[torch.as_tensor(trained, device=self.device)] if trained.any() else None
+        return self._rows(table, torch.as_tensor(ids, device=self.device), generator, torch.as_tensor(new, device=self.device), base)
 
     def _user_rows(self, users: np.ndarray, generator: torch.Generator, all_new: bool = False) -> torch.Tensor:
-        """Θ's rows of ``users``; users the index has never seen (or all, for new users) get mean + noise (§7).
+        """Θ's rows of ``users``; untrained users (or all, for new users) get the mean of the trained rows + noise."""
+        return self._untrained_rows(self.P_, self._trained_masks()[0], users, generator, all_new)
 
-        Ids are dense over the whole data set, so a new user's id usually lies inside P, on a row
-        that no training step touched; it must not be scored with that untrained row."""
-        ids = torch.as_tensor(users, device=self.device)
-        seen = self._seen_user_mask()
-        if all_new:
-            new = torch.ones(len(users), dtype=torch.bool, device=self.device)
-        else:
-            inside = users < len(seen)
-            new = torch.as_tensor(inside & ~seen[np.where(inside, users, 0)], device=self.device)
-        base = self.P_.detach()[torch.as_tensor(seen, device=self.device)] if seen.any() else None
-        return self._rows(self.P_, ids, generator, new, base)
+    def _item_rows(self, items: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Θ's rows of ``items`` (any shape); items no training step had as a positive get the mean of the trained rows + noise."""
+        return self._untrained_rows(self.Q_, self._trained_masks()[1], items.flatten().cpu().numpy(), generator).view(*items.shape, -1)
 
     def _serving_rng(self, tag: int, users: np.ndarray) -> tuple[np.random.Generator, torch.Generator]:
         """Per-call generators: the same call gives the same scores; the model's own state is untouched."""
@@ -276,19 +352,23 @@ class ResponsiveMF(StreamingRecommender):
         ts = np.where(recent[has] >= 0, np.asarray(recent_ts, dtype=np.int64).reshape(recent.shape)[has], np.iinfo(np.int64).min)
         if self.index_ is None:
             raise RuntimeError("ResponsiveMF: no interaction index; call fit() or set_index() first")
-        s = support_sets(self.index_, np.asarray(users, dtype=np.int64)[has], own, ts.max(axis=1), self.tasks.K, rng, max(self.n_items_, 1))
+        s = support_sets(self.index_, np.asarray(users, dtype=np.int64)[has], own, ts.max(axis=1), self.tasks.K, rng, max(self.n_items_, 1), shown=recent[has])
         return s, has
 
     @torch.no_grad()
-    def adapt_supports(self, support_users, support_pos, support_neg, generator: torch.Generator) -> Adapted:
-        """The L inner steps from Θ for B tasks at once (first column's user is the one adapted)."""
+    def adapt_supports(self, support_users, support_pos, support_neg, generator: torch.Generator, start_rows: torch.Tensor | None = None) -> Adapted:
+        """The L inner steps from Θ for B tasks at once (first column's user is the one adapted).
+
+        ``start_rows`` (B, d): the adapted user's row to start from (a new user's mean + noise), else Θ's."""
         zeros = np.zeros(len(support_users), dtype=np.int64)
         batch = TaskBatch.from_arrays(
             TaskArrays(support_users, support_pos, support_neg, support_users[:, 0], support_pos[:, 0], support_neg[:, 0], zeros), device=self.device
         )
         loc = localise(batch)
         p_loc = self._user_rows(loc.user_rows.flatten().cpu().numpy(), generator).view(*loc.user_rows.shape, -1)
-        q_loc = self._rows(self.Q_, loc.item_rows.flatten(), generator).view(*loc.item_rows.shape, -1)
+        if start_rows is not None:
+            p_loc[torch.arange(len(p_loc)), loc.q_user] = start_rows.to(p_loc.dtype)
+        q_loc = self._item_rows(loc.item_rows, generator)
         ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], self.meta, p_loc.dtype)
         p_ad, q_ad = inner_adapt(p_loc, q_loc, ops, self.meta, create_graph=False)
         user = p_ad.gather(1, loc.q_user[:, None, None].expand(-1, 1, p_ad.shape[-1]))[:, 0]
@@ -308,7 +388,7 @@ class ResponsiveMF(StreamingRecommender):
         base = self._user_rows(users, gen, all_new=new_users)
         if s is None:
             return Adapted(base, torch.zeros(len(users), 0, dtype=torch.int64, device=self.device), base.new_zeros(len(users), 0, base.shape[1]))
-        adapted = self.adapt_supports(*s, gen)
+        adapted = self.adapt_supports(*s, gen, start_rows=base[torch.as_tensor(np.flatnonzero(has), device=self.device)])
         rows = base.clone()
         idx = torch.as_tensor(np.flatnonzero(has), device=self.device)
         rows[idx] = adapted.user_rows
@@ -320,7 +400,8 @@ class ResponsiveMF(StreamingRecommender):
 
     @torch.no_grad()
     def score_adapted(self, adapted: Adapted, candidates: np.ndarray, generator: torch.Generator) -> np.ndarray:
-        """Scores (B, C): adapted user row · (the adapted row of a candidate the support touched, else Θ's).
+        """Scores (B, C): adapted user row · (the adapted row of a candidate the support touched, else Θ's; an
+        untrained candidate's row is the mean of the trained rows + noise, ``_item_rows``).
 
         Few candidates a user: their rows are gathered (B, C, d). Many (full ranking, C of the order of the
         catalogue): one product with every item row instead (``_score_by_product``), the same scores without
@@ -331,7 +412,7 @@ class ResponsiveMF(StreamingRecommender):
         return self._score_gathered(adapted, cand, generator).cpu().numpy()
 
     def _score_gathered(self, adapted: Adapted, cand: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        q = self._rows(self.Q_, cand.flatten(), generator).view(*cand.shape, -1)
+        q = self._item_rows(cand, generator)
         scores = torch.bmm(q, adapted.user_rows[:, :, None])[..., 0]
         if adapted.item_ids.shape[1]:  # a candidate the support touched: its adapted row's score (the first matching slot's)
             match = cand[:, :, None] == adapted.item_ids[:, None, :]  # (B, C, Si)
@@ -343,8 +424,9 @@ class ResponsiveMF(StreamingRecommender):
     def _score_by_product(self, adapted: Adapted, cand: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``_score_gathered``'s scores from user rows · every item row (B, n_items), read at the candidates.
 
-        A candidate the support touched takes its adapted row's score; one beyond Θ's table a row of
-        mean + noise (§7), drawn in the same order as ``_rows`` draws them, so the scores are the same."""
+        A candidate the support touched takes its adapted row's score; an untrained one (beyond Θ's table, or
+        inside it without a positive in training) a row of the mean of the trained rows + noise (§7, §11), drawn
+        in the same order as ``_item_rows`` draws them, so the scores are the same."""
         users, Q = adapted.user_rows, self.Q_.detach()
         B, n = len(users), len(Q)
         slot_ids = adapted.item_ids
@@ -361,13 +443,17 @@ class ResponsiveMF(StreamingRecommender):
             touched.scatter_(1, ids, True)
             touched[:, -1] = False
         scores = full.gather(1, cand)
-        beyond = cand >= n
-        n_beyond = int(beyond.sum())
-        if n_beyond:
-            rows = mean_plus_noise(Q, n_beyond, self.meta.new_row_std, generator)  # as _rows, in row-major order
-            at = beyond.nonzero()
+        trained = torch.zeros(width, dtype=torch.bool, device=users.device)
+        trained_items = torch.as_tensor(self._trained_masks()[1], device=users.device)
+        trained[: len(trained_items)] = trained_items
+        fresh_at = ~trained[cand]
+        n_fresh = int(fresh_at.sum())
+        if n_fresh:
+            base = Q[trained_items] if bool(trained_items.any()) else Q
+            rows = mean_plus_noise(base, n_fresh, self.meta.new_row_std, generator)  # as _rows, in row-major order
+            at = fresh_at.nonzero()
             fresh = (users[at[:, 0]] * rows).sum(-1)
-            scores[beyond] = torch.where(touched.gather(1, cand)[beyond], scores[beyond], fresh)
+            scores[fresh_at] = torch.where(touched.gather(1, cand)[fresh_at], scores[fresh_at], fresh)
         return scores
 
     def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -416,29 +502,36 @@ class ResponsiveMF(StreamingRecommender):
 
     # ------------------------------------------------------------- streaming
     def observe(self, batch: Interactions) -> None:
-        """§7: grow P/Q for new ids, index the batch, one meta step per batch_tasks tasks of existing users."""
+        """§7: new ids and the batch's untrained rows start at the mean of the trained rows + noise; index the batch;
+        one meta step per batch_tasks tasks of users with a past (R^K = their own k previous interactions)."""
         if self.index_ is None or self.optimizer_ is None:
             raise RuntimeError("ResponsiveMF: call fit() before observe()")
         if not len(batch):
             return
-        self._grow(max(self.n_users_, batch.n_users), max(self.n_items_, batch.n_items))
+        n_users, n_items = self.n_users_, self.n_items_
+        self._grow(max(n_users, batch.n_users), max(n_items, batch.n_items))
+        self.reset_untrained_rows(batch.users[batch.users < n_users], batch.items[batch.items < n_items])
         self.index_ = self.index_.extend(batch)
         rng = np.random.default_rng([self.meta.seed, 3, self.online_steps_])
-        tasks, _ = stream_tasks(self.index_, batch, self.tasks.k, self.tasks.K, rng, self.n_items_)
+        t = self.tasks
+        tasks, _ = stream_tasks(self.index_, batch, t.k, t.K, rng, self.n_items_, neighbours=t.online_neighbours, negatives=t.negatives)
         for start in range(0, len(tasks), self.meta.batch_tasks):
             self.meta_update(TaskBatch.from_arrays(tasks, slice(start, start + self.meta.batch_tasks), self.device), self.meta.online_lr)
         self.online_steps_ += 1
 
     def _grow(self, n_users: int, n_items: int) -> None:
-        """New users/items get mean + N(0, σ²I) rows; Adam's moments for them start at zero."""
+        """New users/items get untrained rows = the mean of the trained rows + N(0, σ²I); Adam's moments for them start at zero."""
         if n_users == self.n_users_ and n_items == self.n_items_:
             return
         state = self.training_state()
-        for name, n in (("P", n_users), ("Q", n_items)):
-            old = state[name]
+        state["trained_users"], state["trained_items"] = (torch.as_tensor(mask) for mask in self._trained_masks())
+        for name, mask, n in (("P", "trained_users", n_users), ("Q", "trained_items", n_items)):
+            old, trained = state[name], state[mask]
             extra = n - len(old)
             if extra > 0:
-                state[name] = torch.cat([old, mean_plus_noise(old, extra, self.meta.new_row_std, self.generator_)])
+                base = old[trained] if trained.any() else old
+                state[name] = torch.cat([old, mean_plus_noise(base, extra, self.meta.new_row_std, self.generator_)])
+                state[mask] = torch.cat([trained, torch.zeros(extra, dtype=torch.bool)])
                 for key in [k for k in state if k.startswith(f"adam.{name}.") and state[k].dim() == 2]:
                     state[key] = torch.cat([state[key], state[key].new_zeros(extra, state[key].shape[1])])
         state["generator"] = self.generator_.get_state()

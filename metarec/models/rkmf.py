@@ -56,7 +56,8 @@ Adaptations to our implicit, pairwise setting (BASELINES.md):
 - a new user's first n interactions trigger UserUpdate on a transient row
   (``score_new_users`` leaves the model unchanged); ids first seen in a batch
   get N(0, σ²) rows and are then retrained by the update rules; an id never
-  observed is scored with its table's mean row;
+  trained (a user never seen, an item with no positive) is scored with the
+  mean of its table's trained rows;
 - offline SGD runs in small minibatches whose gradients are scatter-added (see
   ``common.sgd_epoch``); the updates take exactly one step per triple and row.
 """
@@ -116,6 +117,7 @@ class RKMF(FactorBaseline):
         self.kernel = self.config.rkmf_kernel
         self.scale = self.config.rkmf_scale if self.kernel == "logistic" else 1.0
         self.grad_fn = kernel_bpr_grads(self.kernel, self.scale, self.config.reg)
+        self.new_row_std = self.config.new_row_std
 
     def fit(self, history: Interactions) -> "RKMF":
         self.fit_bpr(history, self.config.init_std)

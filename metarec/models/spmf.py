@@ -41,8 +41,11 @@ Adaptations and choices (BASELINES.md):
   Table 1): all of W plus ``baselines.spmf_samples`` reservoir positives
   drawn with replacement ∝ exp(ρ_ui / τ), ρ_ui ∈ [0, 1] the fraction of
   items the model ranks above i for u;
-- new ids first seen in a batch get rows from the PMF prior N(0, σ²); an id
-  never observed is scored with its table's mean row; a new user's vector
+- users first seen in a batch get rows from the PMF prior N(0, σ²); an item
+  whose first positive arrives gets the mean of the trained item rows +
+  N(0, ``baselines.new_row_std``²) (METHOD.md §11, for every model alike); a
+  user or item never trained (an item with no positive, ids being dense) is
+  scored with the mean of its table's trained rows; a new user's vector
   starts at the prior mean 0 and is trained by SGD on its first n
   interactions (items fixed, transient: ``score_new_users`` changes nothing);
 - updates run ``baselines.spmf_update_epochs`` SGD passes over the training
@@ -131,6 +134,7 @@ class SPMF(FactorBaseline):
         self.config = config or BaselineConfig()
         super().__init__(self.config.dim, self.config.seed)
         self.grad_fn = kernel_bpr_grads("linear", 1.0, self.config.reg)
+        self.new_row_std = self.config.new_row_std
         self.res_users_ = np.zeros(0, dtype=np.int64)
         self.res_items_ = np.zeros(0, dtype=np.int64)
         self.res_seen_ = 0
@@ -183,7 +187,9 @@ class SPMF(FactorBaseline):
         cfg = self.config
         rng = rng_for(self.seed, PURPOSE_OBSERVE, self.batches_)
         fill = lambda k: gaussian(rng, k, self.dim, cfg.init_std)  # noqa: E731 - the PMF prior
-        self._grow(max(len(self.W_), batch.n_users), max(len(self.H_), batch.n_items), fill, fill)
+        new_items = self.new_item_rows(rng)  # METHOD.md §11: a new item starts as every model's does
+        self._grow(max(len(self.W_), batch.n_users), max(len(self.H_), batch.n_items), fill, new_items)
+        self.renew_untrained_items(batch, new_items)
         if cfg.spmf_strategy == "exact":
             users, items = self.exact_sample(batch, rng)
         else:

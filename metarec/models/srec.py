@@ -48,8 +48,10 @@ Adaptations and choices:
   (Σ_h ignored: the Kalman step with m_h as a known regressor);
   ``srec_passes`` > 1 repeats the fit's pass from the previous means with the
   variances reset to the prior (a multi-pass warm start);
-- scoring uses the posterior means, m_uᵀm_i; an id never observed is scored
-  with the population prior mean; a new user's n interactions are filtered
+- scoring uses the posterior means, m_uᵀm_i; an id never trained (a user never
+  seen, an item with no positive: observed as a negative only) is scored with
+  the population prior mean, and such an item re-enters with the prior when its
+  first positive arrives; a new user's n interactions are filtered
   into a transient vector from the population prior (``score_new_users``
   changes nothing).
 """
@@ -183,7 +185,7 @@ class SRec(FactorBaseline):
         return means.mean(0), means.var(0).clamp(min=MIN_VAR)
 
     def _grow_from_prior(self, n_users: int, n_items: int) -> None:
-        tables = (("W_", "var_W_", "tau_W_", n_users, self.trained_user_rows()), ("H_", "var_H_", "tau_H_", n_items, self.H_))
+        tables = (("W_", "var_W_", "tau_W_", n_users, self.trained_user_rows()), ("H_", "var_H_", "tau_H_", n_items, self.trained_item_rows()))
         for mean_name, var_name, tau_name, rows, population in tables:
             mean_tbl = getattr(self, mean_name)
             m, v = self.prior(population)
@@ -210,13 +212,16 @@ class SRec(FactorBaseline):
         unseen = self.unseen_users()  # users first seen later enter with the population prior, as new ones do
         m, v = self.prior(self.trained_user_rows())
         self.W_[unseen], self.var_W_[unseen] = m, v
+        unseen = self.unseen_items()  # so do items with no positive (only ever observed as negatives)
+        m, v = self.prior(self.trained_item_rows())
+        self.H_[unseen], self.var_H_[unseen], self.tau_H_[unseen] = m, v, NEVER
         return self
 
     def _default_user(self) -> torch.Tensor:
         return self.prior(self.trained_user_rows())[0]
 
     def _default_item(self) -> torch.Tensor:
-        return self.prior(self.H_)[0]
+        return self.prior(self.trained_item_rows())[0]
 
     def observe(self, batch: Interactions) -> None:
         require_fitted(self, self.H_)
@@ -224,6 +229,9 @@ class SRec(FactorBaseline):
             return
         rng = rng_for(self.seed, PURPOSE_OBSERVE, self.batches_)
         self._grow_from_prior(max(len(self.W_), batch.n_users), max(len(self.H_), batch.n_items))
+        m, v = self.prior(self.trained_item_rows())
+        renewed = self.renew_untrained_items(batch, lambda k: m.expand(k, -1).clone())  # first positive: start from the prior
+        self.var_H_[renewed], self.tau_H_[renewed] = v, NEVER
         self._remember(batch)
         self.filter(*self.observations(batch, rng))
         self.batches_ += 1
