@@ -73,7 +73,8 @@ def test_warm_cli_run_prints_the_cached_results_without_starting_prefect(quick_r
 
     from flows.cli import app
 
-    config, first, _, _ = quick_run
+    first = quick_run.first
+    monkeypatch.setenv("METAREC_RUNTIME__ARTIFACTS_DIR", str(quick_run.config.runtime.artifacts_dir))
     monkeypatch.setattr(flows.runners, "with_runner", lambda *a, **k: pytest.fail("a flow was started on a warm re-run"))
     result = CliRunner().invoke(app, ["run", "--quick", "--no-sweep", "--data-dir", str(ml100k_dir), "--set", "eval.lambda_sweep=[0.0, 1.0]"])
     assert result.exit_code == 0, result.output
