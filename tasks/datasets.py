@@ -36,6 +36,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import tempfile
 import urllib.error
 import urllib.request
@@ -188,6 +189,10 @@ def _resolve_generated(spec: KnownDataset, dirs: list[Path]) -> Source:
             return detect_folder(folder, spec.name)
     failures = []
     for root in dirs:
+        if root.is_dir() and not root.stat().st_mode & stat.S_IWUSR:
+            # marked read-only (the shared data sets): skipped even by root, whom the permission bits do not stop
+            failures.append(f"{root}: marked read-only")
+            continue
         try:
             folder = ensure_generated(spec.name, root)
         except OSError as exc:

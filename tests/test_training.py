@@ -294,4 +294,6 @@ def test_two_data_parallel_workers_train_the_same_theta_as_one(planted_csv, tmp_
     a, b = load_model(model_dir(one, "responsive")), load_model(model_dir(two, "responsive"))
     assert torch.allclose(a.P_, b.P_, atol=1e-5) and torch.allclose(a.Q_, b.Q_, atol=1e-5)
     state, record = load_checkpoint(training_dir(two) / "checkpoint", two.hash_of("data", "tasks", "meta"))
-    assert record["epoch"] == 1 and torch.allclose(state["P"], b.P_.detach())
+    trained = state["trained_users"]  # the saved model's untrained rows were reset after the last checkpoint (§11)
+    assert trained.any() and torch.equal(trained, b.trained_users_)
+    assert record["epoch"] == 1 and torch.allclose(state["P"][trained], b.P_.detach()[trained])
