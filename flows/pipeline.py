@@ -27,7 +27,7 @@ from flows.prepare import prepare_flow
 from metarec.config import Config
 from metarec.redaction import redact
 from metarec.models.registry import ROWS
-from tasks.aggregate import RunFacts, write_report
+from tasks.aggregate import RunFacts, ours_options, write_report
 from tasks.atomic import write_json
 from tasks.evaluation import evaluate_model_task, log_child_run
 from tasks.models import fit_model_task
@@ -150,7 +150,8 @@ def pipeline(config: Config, sweep: bool = False, tune_first: bool = False) -> d
         cases = pool_cases({c.data.fold: run_dir(c) for c in folds}, config.eval.models)
         results = {name: {"model": name, "metrics": summarise_cases(table, config.eval.bootstrap, config.eval.seed), "seconds": _seconds(fold_results, name)}
                    for name, table in cases.items()}
-        facts = RunFacts(config.data.dataset, len(folds), [load_prepared(p).stats for p in prepared], config.to_flat_dict(), seconds, quick, notes)
+        facts = RunFacts(config.data.dataset, len(folds), [load_prepared(p).stats for p in prepared], config.to_flat_dict(), seconds, quick, notes,
+                         ours_options(config, config.eval.models))
         files = write_report(out, facts, results, cases, fold_results, warnings)
         write_json(config.to_record(), out / "config.json")
         files["config.json"] = out / "config.json"

@@ -103,13 +103,29 @@ class TaskConfig(Section):
     online_neighbours: bool = Field(
         False, description="Online tasks (§7) add K - k neighbour interactions to the user's own k (a variant; METHOD.md §11: "
         "R^K is the user's own k previous interactions only).")
+    support_neighbours: bool = Field(
+        True, description="Support sets hold K - k neighbour interactions beside the user's own k (the paper). False (an Ours+ "
+        "option, docs/findings.md): the user's own interactions only, in training and serving alike, so a support has k triples.")
+    serve_k: int | None = Field(
+        None, ge=1, description="Own interactions in a served user's support (None = k, the paper). An Ours+ option: a new user's "
+        "shown items up to this many (all n shown when n <= serve_k), not only the last k.")
     seed: int = Field(7, ge=0, description="Seed of the task order and of the per-user position sample.")
 
     @model_validator(mode="after")
     def _k_le_K(self) -> "TaskConfig":
-        if self.k > self.K:
+        if self.support_neighbours and self.k > self.K:
             raise ValueError(f"tasks.k ({self.k}) must be <= tasks.K ({self.K})")
         return self
+
+    @property
+    def support_size(self) -> int:
+        """Triples in a training task's support: K, or k without neighbours."""
+        return self.K if self.support_neighbours else self.k
+
+    def serving_support(self) -> tuple[int, int]:
+        """(own, total) slots of a served user's support: serve_k (else k) own, then neighbours up to K if enabled."""
+        own = self.serve_k or self.k
+        return own, (max(self.K, own) if self.support_neighbours else own)
 
 
 class MetaConfig(Section):
@@ -131,7 +147,14 @@ class MetaConfig(Section):
     init_std: float = Field(0.1, gt=0.0, description="Std of the initial P and Q entries.")
     new_row_std: float = Field(0.01, ge=0.0, description="sigma of the noise added to the mean for new users/items (§7).")
     online_lr: float | None = Field(None, gt=0.0, description="Adam rate for online meta-updates (None = outer_lr).")
+    serve_inner_lr: float | None = Field(None, gt=0.0, description="alpha when adapting a served user (None = inner_lr, the paper). An Ours+ option.")
+    serve_inner_steps: int | None = Field(None, ge=0, description="L when adapting a served user (None = inner_steps, the paper; 0 = Θ alone). An Ours+ option.")
     seed: int = Field(0, ge=0, description="Seed of the initialisation and of the negatives drawn in training.")
+
+    def serving(self) -> "MetaConfig":
+        """These settings with the serving α and L in place of the training ones."""
+        update = {k: v for k, v in (("inner_lr", self.serve_inner_lr), ("inner_steps", self.serve_inner_steps)) if v is not None}
+        return self.model_copy(update=update) if update else self
 
 
 # Chosen by `metarec tune` on ml-100k (budget 8 per model, seed 1, last 10% of the history held out, objective =
@@ -145,6 +168,10 @@ TUNED_ML100K: dict[str, dict[str, float | int | str]] = {
     "spmf": {"baselines.epochs": 40, "baselines.lr": 0.01, "baselines.reg": 0.001, "baselines.spmf_reservoir": 1000, "baselines.spmf_samples": 250,
              "baselines.spmf_temperature": 3.0, "baselines.spmf_update_epochs": 3},
     "mf_ft": {"baselines.epochs": 20, "baselines.ft_epochs": 5, "baselines.ft_lr": 0.2, "baselines.lr": 0.02, "baselines.reg": 0.001},
+    # Ours+ (with tasks.support_neighbours = False fixed by the row): chosen among 15 variants on the validation split
+    # of ml-100k's fold-0 history (78 pseudo-new users; docs/findings.md, "Ours+"), the mean of new-user NDCG@10 over
+    # n = 1, 5, 10 as the objective.
+    "responsive_plus": {"tasks.k": 7, "tasks.serve_k": 10},
 }
 
 class BaselineConfig(Section):

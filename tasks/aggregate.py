@@ -436,6 +436,7 @@ class RunFacts:
     step_seconds: dict[str, float]
     quick: bool = False
     notes: list[str] = field(default_factory=list)  # e.g. a diverged training, where tuned values came from
+    row_options: list[str] = field(default_factory=list)  # our rows' values where they differ from the paper's row
 
 
 def _data_lines(facts: RunFacts) -> list[str]:
@@ -458,6 +459,20 @@ def feature_notes(fold_results: dict[int, dict[str, dict]]) -> list[str]:
     return [f"- {LABELS.get(m, m)}: {r.get('note', '')}" + (" **(fallback to id embeddings)**" if r.get("fallback") else "") for m, r in reports.items()]
 
 
+def ours_options(config, models) -> list[str]:
+    """One line per row of ours other than the paper's (Ours+, FOMAML, ...): its tasks/meta values that differ from the
+    paper row's, after tuned values and fixed options (``Config.for_row``)."""
+    paper = config.for_row(OURS).to_flat_dict()
+    lines = []
+    for name in models:
+        if name == OURS or not ROWS[name].is_ours:
+            continue
+        flat = config.for_row(name).to_flat_dict()
+        differ = {k: v for k, v in flat.items() if k.startswith(("tasks.", "meta.")) and paper.get(k) != v}
+        lines.append(f"- {LABELS.get(name, name)}: " + (", ".join(f"{k} = {v}" for k, v in sorted(differ.items())) or "the paper row's values"))
+    return lines
+
+
 def summary_markdown(facts: RunFacts, rows: list[dict], results: dict[str, dict], found: list[Comparison], features: list[str] | None = None) -> str:
     lines = [f"# Run summary — {facts.dataset}", ""]
     if facts.quick:
@@ -467,6 +482,9 @@ def summary_markdown(facts: RunFacts, rows: list[dict], results: dict[str, dict]
     lines += ["## Wall time per step (s)", "", *[f"- {k}: {v:.1f}" for k, v in facts.step_seconds.items()], ""]
     if features:
         lines += ["## Side features", "", *features, ""]
+    if facts.row_options:
+        lines += ["## Our rows beside the paper's", "", "Options and values that differ from Ours (paper) (docs/findings.md says why):",
+                  "", *facts.row_options, ""]
     if not facts.quick:
         lines += ["## Verdicts: each of our rows minus every other model", "",
                   "Difference of the means on the same cases, with the 95% paired-bootstrap CI (resampling users, pooled over folds). "

@@ -158,9 +158,9 @@ def build_task_shards(config: Config) -> Path:
     t = config.tasks
     history = load_prepared(prepared_dir(config)).history
     started = time.perf_counter()
-    tasks = iter_tasks(history, t.k, t.K, t.seed, max_tasks_per_user=t.max_tasks_per_user, shuffle=t.shuffle, negatives=t.negatives)
+    tasks = iter_tasks(history, t.k, t.support_size, t.seed, max_tasks_per_user=t.max_tasks_per_user, shuffle=t.shuffle, negatives=t.negatives)
     extra = {
-        "K": t.K,
+        "K": t.support_size,
         "k": t.k,
         "seed": t.seed,
         "config_hash": config_hash,

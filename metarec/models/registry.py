@@ -135,6 +135,13 @@ _OURS: dict[str, Range] = {
     "tasks.k": Int(1, 10, limits=(1, 20)),
 }
 
+# Ours+'s serving options (METHOD.md's serving uses training's k, α and L; see docs/findings.md).
+_OURS_PLUS: dict[str, Range] = {
+    "tasks.serve_k": Int(1, 10, limits=(1, 50)),
+    "meta.serve_inner_lr": Float(1.0, 100.0, log=True, limits=(1e-2, 1e3)),
+    "meta.serve_inner_steps": Int(1, 6, limits=(0, 20)),
+}
+
 # MeLU, MAMO and the prototype recommender (the [neural] section). Hard limits: Adam rates below 0.3, local rates
 # below 100 on the mean support loss, epochs at most 100 (wall time).
 _NEURAL: dict[str, Range] = {
@@ -151,6 +158,14 @@ ROWS: dict[str, Row] = {
     for row in (
         Row("responsive", "metarec.models.responsive:from_config", "Ours (paper)", dict(_OURS), sections=("tasks", "meta"), family="ours",
             passes=("meta.epochs", "meta.pretrain_epochs")),
+        # Ours+: the same method and Θ, with the options docs/findings.md points to (chosen on the validation split
+        # of the history, never on test cases): supports of the user's own interactions only (no neighbours), and
+        # serving's own k, α and L, tuned with the same budget as every row.
+        Row(
+            "responsive_plus", "metarec.models.responsive:from_config", "Ours+", {**_OURS, **_OURS_PLUS},
+            fixed={"tasks.support_neighbours": False}, sections=("tasks", "meta"), family="ours",
+            passes=("meta.epochs", "meta.pretrain_epochs"),
+        ),
         Row(
             "mf_ft", "metarec.models.mf_ft:from_config", "MF-FT",
             {**_SGD, "baselines.ft_lr": Float(0.005, 0.5, log=True, limits=(1e-4, 2.0)), "baselines.ft_epochs": Int(1, 20, log=True, limits=(1, 100))},

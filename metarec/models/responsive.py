@@ -172,7 +172,7 @@ class ResponsiveMF(StreamingRecommender):
         self.set_index(history)
         self.init_params(history.n_users, history.n_items)
         t = self.tasks
-        tasks = build_tasks(history, t.k, t.K, t.seed, t.max_tasks_per_user, index=self.index_, negatives=t.negatives)
+        tasks = build_tasks(history, t.k, t.support_size, t.seed, t.max_tasks_per_user, index=self.index_, negatives=t.negatives)
         for epoch in range(self.meta.pretrain_epochs):
             self.pretrain_epoch(history, epoch)
         for epoch in range(self.meta.epochs):
@@ -348,11 +348,12 @@ class ResponsiveMF(StreamingRecommender):
         has = (recent >= 0).any(axis=1)
         if not has.any():
             return None, has
-        own = fill_own(recent[has], self.tasks.k, rng)
+        n_own, n_support = self.tasks.serving_support()
+        own = fill_own(recent[has], n_own, rng)
         ts = np.where(recent[has] >= 0, np.asarray(recent_ts, dtype=np.int64).reshape(recent.shape)[has], np.iinfo(np.int64).min)
         if self.index_ is None:
             raise RuntimeError("ResponsiveMF: no interaction index; call fit() or set_index() first")
-        s = support_sets(self.index_, np.asarray(users, dtype=np.int64)[has], own, ts.max(axis=1), self.tasks.K, rng, max(self.n_items_, 1), shown=recent[has])
+        s = support_sets(self.index_, np.asarray(users, dtype=np.int64)[has], own, ts.max(axis=1), n_support, rng, max(self.n_items_, 1), shown=recent[has])
         return s, has
 
     @torch.no_grad()
@@ -369,8 +370,9 @@ class ResponsiveMF(StreamingRecommender):
         if start_rows is not None:
             p_loc[torch.arange(len(p_loc)), loc.q_user] = start_rows.to(p_loc.dtype)
         q_loc = self._item_rows(loc.item_rows, generator)
-        ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], self.meta, p_loc.dtype)
-        p_ad, q_ad = inner_adapt(p_loc, q_loc, ops, self.meta, create_graph=False)
+        serving = self.meta.serving()  # the paper's α and L unless an Ours+ option sets serving's own
+        ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], serving, p_loc.dtype)
+        p_ad, q_ad = inner_adapt(p_loc, q_loc, ops, serving, create_graph=False)
         user = p_ad.gather(1, loc.q_user[:, None, None].expand(-1, 1, p_ad.shape[-1]))[:, 0]
         return Adapted(user, loc.item_rows, q_ad)
 
@@ -463,7 +465,7 @@ class ResponsiveMF(StreamingRecommender):
         out = np.empty(candidates.shape, dtype=np.float32)
         for s in range(0, len(users), SCORE_CHUNK):
             u = users[s : s + SCORE_CHUNK]
-            recent, recent_ts = self.index_.recent_items(u, self.tasks.k)
+            recent, recent_ts = self.index_.recent_items(u, self.tasks.serving_support()[0])
             adapted = self.adapt(u, recent, recent_ts)
             out[s : s + SCORE_CHUNK] = self.score_adapted(adapted, candidates[s : s + SCORE_CHUNK], self._serving_rng(2, u)[1])
         return out
@@ -514,7 +516,7 @@ class ResponsiveMF(StreamingRecommender):
         self.index_ = self.index_.extend(batch)
         rng = np.random.default_rng([self.meta.seed, 3, self.online_steps_])
         t = self.tasks
-        tasks, _ = stream_tasks(self.index_, batch, t.k, t.K, rng, self.n_items_, neighbours=t.online_neighbours, negatives=t.negatives)
+        tasks, _ = stream_tasks(self.index_, batch, t.k, t.support_size, rng, self.n_items_, neighbours=t.online_neighbours, negatives=t.negatives)
         for start in range(0, len(tasks), self.meta.batch_tasks):
             self.meta_update(TaskBatch.from_arrays(tasks, slice(start, start + self.meta.batch_tasks), self.device), self.meta.online_lr)
         self.online_steps_ += 1
