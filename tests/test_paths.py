@@ -65,10 +65,10 @@ def test_keys_are_stable(edited):
     ("metarec/models/rkmf.py", ["fit:rkmf"]),
     ("metarec/models/srec.py", ["fit:srec"]),
     ("metarec/models/common.py", BASELINES),
-    ("metarec/maml.py", ["fit:responsive", "train"]),
-    ("metarec/meta_tasks.py", ["fit:responsive", "tasks", "train"]),
-    ("metarec/neighbours.py", [*BASELINES, "fit:responsive", "tasks", "train"]),
-    ("tasks/models.py", [*BASELINES, "fit:responsive", "train"]),
+    ("metarec/maml.py", ["fit:responsive", "fit:responsive_plus", "train"]),
+    ("metarec/meta_tasks.py", ["fit:responsive", "fit:responsive_plus", "tasks", "train"]),
+    ("metarec/neighbours.py", [*BASELINES, "fit:responsive", "fit:responsive_plus", "tasks", "train"]),
+    ("tasks/models.py", [*BASELINES, "fit:responsive", "fit:responsive_plus", "train"]),
     ("sql/split_new_users.sql", ["prepare"]),
     ("tasks/datasets.py", ["prepare"]),
     ("metarec/config.py", []),
@@ -96,8 +96,8 @@ def test_a_prepare_change_moves_every_later_stage_with_the_prepared_folder(edite
 @pytest.mark.parametrize("override, stages_rekeyed", [
     ({"eval": {"bootstrap": 10}}, ["evaluate"]),
     ({"eval": {"full_ranking": False}}, ["evaluate"]),
-    ({"meta": {"inner_lr": 3.0}}, ["evaluate", "fit:mf_ft", "fit:responsive", "train"]),  # MF-FT shares meta (dim, λs)
-    ({"tasks": {"K": 10}}, ["evaluate", "fit:responsive", "tasks", "train"]),
+    ({"meta": {"inner_lr": 3.0}}, ["evaluate", "fit:mf_ft", "fit:responsive", "fit:responsive_plus", "train"]),  # MF-FT shares meta (dim, λs)
+    ({"tasks": {"K": 10}}, ["evaluate", "fit:responsive", "fit:responsive_plus", "tasks", "train"]),
     ({"baselines": {"srec_obs_var": 0.5}}, ["evaluate", "fit:mf_ft", "fit:rkmf", "fit:spmf", "fit:srec"]),
     ({"runtime": {"torch_threads": 1}}, []),
 ])

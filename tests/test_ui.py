@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 
 from flows.deploy import stop_process_group
+from metarec.models.registry import ROWS
 from tasks.champion import CHAMPION
 from tasks.tracking import MODEL_TRAINING_VIEW, REGISTERED_MODEL, tracking_uri
 
@@ -128,10 +129,14 @@ def test_the_pipeline_parent_has_one_child_per_model_and_their_params_differ(mlf
     assert "meta.lambda_ml" in params["responsive"] and "baselines.lr" not in params["responsive"]
     # the training and the sweep ran inside the parent's span, nested under it
     parent = _first_pipeline(mlflow_ui, quick_run)["info"]
-    for kind in ("training", "lambda_sweep"):
-        [child] = _pipeline_children(mlflow_ui, quick_run, kind)
-        span = [int(parent["start_time"]), int(child["info"]["start_time"]), int(child["info"]["end_time"]), int(parent["end_time"])]
-        assert span == sorted(span), (kind, span)
+    ours_rows = sorted(name for name in quick_run.config.eval.models if ROWS[name].is_ours)
+    trainings = _pipeline_children(mlflow_ui, quick_run, "training")
+    assert sorted({t["key"]: t["value"] for t in run["data"]["tags"]}["model"] for run in trainings) == ours_rows  # one per row of ours
+    for kind, children in (("training", trainings), ("lambda_sweep", _pipeline_children(mlflow_ui, quick_run, "lambda_sweep"))):
+        assert children, kind
+        for child in children:
+            span = [int(parent["start_time"]), int(child["info"]["start_time"]), int(child["info"]["end_time"]), int(parent["end_time"])]
+            assert span == sorted(span), (kind, span)
 
 
 @pytest.mark.slow
