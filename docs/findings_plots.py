@@ -1,6 +1,7 @@
 """Render docs/findings.md's pictures from the ablation studies' JSON (tasks/ablations.py output).
 
-Usage: python docs/findings_plots.py STUDIES_DIR  (reads out-<dataset>-<study>.json, writes docs/*.png)
+Usage: python docs/findings_plots.py [RESULTS_DIR [STUDY ...]]  (default docs/ablations/results; reads
+out-<dataset>-<study>.json, writes docs/*.png, or prints the named studies' tables)
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def markdown_table(root: Path, name: str) -> str:
 
 
 if __name__ == "__main__":
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "ablations" / "results"
     if len(sys.argv) > 2:  # print the named studies' tables
         for name in sys.argv[2:]:
             print(f"### {name}\n\n{markdown_table(root, name)}\n")

@@ -1,0 +1,57 @@
+"""Run one ablation study of docs/findings.md on a data set's validation split (fold 0's history, never test cases).
+
+Usage (from the project root):
+    .venv/bin/python docs/ablations/ablate.py DATASET STUDY [section.field=value ...] [max=EPOCHS]
+
+STUDY names docs/ablations/studies/STUDY.py (a list of ``tasks.ablations.Variant``), or ``curve`` for the learning
+curve of our row. Writes docs/ablations/results/out-<dataset>-<study>.json; ``docs/findings_plots.py`` renders its
+table and picture. The cold-start and item-bias variants use the prototype models in ``coldstart.py`` beside this
+script (studies cold, bias); they are not part of the package because they did not help.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # coldstart.py's prototypes
+
+from metarec.models import registry  # noqa: E402
+from tasks.ablations import Variant, learning_curve, run_study  # noqa: E402,F401 (Variant: the studies' vocabulary)
+from tasks.prepare import prepare_data  # noqa: E402
+from tasks.prepared import load_prepared  # noqa: E402
+from tasks.settings import load_config  # noqa: E402
+from tasks.validation import validation_split  # noqa: E402
+
+registry.ROWS["cold"] = registry.Row("cold", "coldstart:make", "cold", sections=("tasks", "meta"), family="ours")
+registry.ROWS["bias"] = registry.Row("bias", "coldstart:make_bias", "bias", sections=("tasks", "meta"), family="ours")
+
+
+def main(argv: list[str]) -> None:
+    dataset, study = argv[0], argv[1]
+    extra = [a for a in argv[2:] if not a.startswith("max=")]
+    max_epochs = next((int(a.split("=")[1]) for a in argv[2:] if a.startswith("max=")), 30)
+    torch.set_num_threads(1)
+    config = load_config(overrides=["eval.bootstrap=500", *extra], data={"dataset": dataset})
+    history = load_prepared(prepare_data(config)).history
+    split = validation_split(history, config)
+    print("train", len(split["train"]), "pseudo-new", split["pseudo_new_users"], flush=True)
+    started = time.time()
+    if study == "curve":
+        result = learning_curve(config, split, max_epochs=max_epochs, every=2, patience=3)
+    else:
+        variants = eval((HERE / "studies" / f"{study}.py").read_text())  # a list literal of Variant(...)
+        result = run_study(config, split, variants)
+    result["seconds"] = time.time() - started
+    out = HERE / "results" / f"out-{Path(dataset).name}-{study}.json"
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

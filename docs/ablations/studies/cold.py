@@ -1,0 +1,1 @@
+[Variant("paper"), Variant("cold tasks p0", row="cold")]
