@@ -279,7 +279,7 @@ class EvalConfig(Section):
         "dominates (λ >= ~100) larger values train alike and nothing diverges until float32 overflows: on ml-100k the "
         "training finishes at 1e20 and fails (gradient norm inf) at 1e22, the last point, where the sweep shows it.")
     max_new_users: int | None = Field(None, ge=1, description="Cap on evaluated new users.")
-    training_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Fraction of every row's full training passes over the history (its Row.passes fields, rounded up, at least 1): one rule for all models. The quick preset uses 0.25.")
+    training_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Fraction of every row's full training passes over the history (its Row.passes fields, rounded up, at least 1): one rule for all models. The quick preset uses 0.5.")
     seed: int = Field(3, ge=0, description="Seed of the bootstrap and of the quick-mode new-user subset.")
 
     @field_validator("models")

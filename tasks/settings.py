@@ -93,11 +93,13 @@ def load_config(path: Path | None = None, overrides: Iterable[str] = (), **secti
 
 
 # `--quick`: the same pipeline as a smoke run (minutes on 2 cores). One rule for every model: each trains for
-# a quarter of its full passes over the history (eval.training_fraction, Row.passes); one new-user fold; fewer
-# resamples and λ points. Reports are labelled and draw no verdicts (runtime.preset).
+# half of its full passes over the history (eval.training_fraction, Row.passes); one new-user fold; fewer
+# resamples and λ points. Reports are labelled and draw no verdicts (runtime.preset). Half, not a quarter: at a
+# quarter the SGD-trained baselines (MF-FT, SPMF) lost 0.24-0.28 NDCG@10 against their full runs on ml-100k while
+# ours (Adam on the meta-objective) lost 0.03; at half every row stays within 0.08 of its full run.
 QUICK_OVERRIDES = (
     "runtime.preset=quick",
-    "eval.training_fraction=0.25",
+    "eval.training_fraction=0.5",
     "data.new_user_folds=1",
     "baselines.tune_budget=2",
     "eval.bootstrap=200",
