@@ -72,7 +72,7 @@ from tasks.parallel import ParallelTrainer, WorkerPlan
 from tasks.paths import prepared_dir, task_shards_dir, train_key
 from tasks.prepared import PreparedData, load_prepared
 from tasks.task_shards import iter_task_shards, read_manifest
-from tasks.model_registry import THETA_FILE, THETA_META, load_theta, log_theta_model, save_theta  # noqa: F401 (Θ on disk)
+from tasks.model_registry import log_theta_model
 from tasks.tracking import child_run, model_params, run_tags, setup_mlflow
 
 logger = logging.getLogger(__name__)

@@ -86,13 +86,21 @@ def test_serving_alpha_and_L_change_adaptation_only_when_set(own_only):
     assert np.allclose(model.score_new_users(other, cands), unadapted, atol=1e-5)
 
 
-def test_training_without_neighbours_builds_k_triple_tasks(planted):
-    from metarec.meta_tasks import build_tasks
+def test_fit_without_neighbours_trains_on_k_triple_tasks_of_the_users_own(planted, monkeypatch):
+    """fit() must pass K = k to task construction when support_neighbours is off, not the configured K."""
+    import metarec.models.responsive as responsive
 
-    model = ResponsiveMF(SMALL, TaskConfig(k=4, K=20, support_neighbours=False))
-    model.set_index(planted.interactions)
-    t = model.tasks
-    tasks = build_tasks(planted.interactions, t.k, t.support_size, t.seed, index=model.index_)
+    built = []
+    real = responsive.build_tasks
+
+    def recording(*args, **kwargs):
+        tasks = real(*args, **kwargs)
+        built.append(tasks)
+        return tasks
+
+    monkeypatch.setattr(responsive, "build_tasks", recording)
+    ResponsiveMF(SMALL, TaskConfig(k=4, K=20, support_neighbours=False)).fit(planted.interactions)
+    (tasks,) = built
     assert tasks.K == 4 and (tasks.support_users == tasks.query_user[:, None]).all()
 
 

@@ -14,14 +14,14 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 import tasks.training as training
-from metarec.config import Config
+from metarec.config import Config, TaskConfig
 from metarec.synthetic import planted_interactions
 from tasks.models import load_model, model_dir
 from tasks.prepare import prepare_data
 from tasks.task_shards import build_task_shards
 from tasks.tracking import REGISTERED_MODEL, setup_mlflow
-from tasks.model_registry import register_candidate
-from tasks.training import load_checkpoint, load_theta, meta_train, training_dir
+from tasks.model_registry import THETA_FILE, load_theta, register_candidate
+from tasks.training import load_checkpoint, meta_train, training_dir
 
 
 @pytest.fixture(autouse=True)
@@ -279,10 +279,10 @@ def test_recommend_rejects_bad_versions_and_names_a_damaged_theta(planted_csv, t
     for version, words in (("abc", "--version 'abc': expected a version number"), ("999", "has no version 999; registered versions: 1")):
         result = runner.invoke(app, ["recommend", "--user", "1", "--version", version])
         assert result.exit_code == 1 and words in result.output, result.output
-    (theta,) = (root / "mlruns").rglob(training.THETA_FILE)
+    (theta,) = (root / "mlruns").rglob(THETA_FILE)
     theta.write_bytes(theta.read_bytes()[:64])
     result = runner.invoke(app, ["recommend", "--user", "1", "--version", "1"])
-    assert result.exit_code == 1 and "registered version 1" in result.output and training.THETA_FILE in result.output, result.output
+    assert result.exit_code == 1 and "registered version 1" in result.output and THETA_FILE in result.output, result.output
 
 
 def test_two_data_parallel_workers_train_the_same_theta_as_one(planted_csv, tmp_path):
@@ -297,3 +297,15 @@ def test_two_data_parallel_workers_train_the_same_theta_as_one(planted_csv, tmp_
     trained = state["trained_users"]  # the saved model's untrained rows were reset after the last checkpoint (§11)
     assert trained.any() and torch.equal(trained, b.trained_users_)
     assert record["epoch"] == 1 and torch.allclose(state["P"][trained], b.P_.detach()[trained])
+
+
+def test_task_shards_without_neighbours_hold_the_users_own_k_triples(planted_csv, tmp_path):
+    """Ours+'s pipeline path: the shards meta-training reads have K = k, every support triple the task user's own."""
+    from tasks.task_shards import iter_task_shards, read_manifest
+
+    config = _config(planted_csv, tmp_path / "own").model_copy(update={"tasks": TaskConfig(k=3, K=6, shard_size=200, support_neighbours=False)})
+    prepare_data(config)
+    out = build_task_shards(config)
+    assert read_manifest(out)["K"] == 3
+    for part in iter_task_shards(out):
+        assert part.K == 3 and (part.support_users == part.query_user[:, None]).all()
