@@ -93,6 +93,8 @@ def setup_mlflow(config: Config) -> str:
     uri = tracking_uri(config)
     _SET_BY_US.add(uri)
     name = config.runtime.experiment
+    mlflow.set_tracking_uri(uri)  # only names the store: nothing is opened yet
+    mlflow.set_registry_uri(uri)
     try:
         with _READY_GUARD:
             ready = (uri, name) in _READY
@@ -101,8 +103,6 @@ def setup_mlflow(config: Config) -> str:
                 _create_experiment(uri, name)
             with _READY_GUARD:
                 _READY.add((uri, name))
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
         mlflow.set_experiment(name)
     except (DatabaseError, sqlite3.DatabaseError) as exc:
         raise _store_error(uri, exc) from None
@@ -114,8 +114,6 @@ def _create_experiment(uri: str, name: str) -> None:
     root = _artifact_root(uri)
     if root is not None and not Path(uri.removeprefix("sqlite:///")).exists():
         _create_store(uri, root)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     if mlflow.get_experiment_by_name(name) is None:
         mlflow.create_experiment(name, artifact_location=root)
 
