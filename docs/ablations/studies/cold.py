@@ -1,1 +1,0 @@
-[Variant("paper"), Variant("cold tasks p0", row="cold")]
