@@ -321,6 +321,8 @@ def deploy(
     set_: list[str] = SetOpt,
     server: bool = typer.Option(True, "--server/--no-server", help="Start a Prefect server here (else use PREFECT_API_URL)."),
     ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the Prefect web UI from the started server."),
+    paused: bool = typer.Option(False, "--paused", help="Register the schedule paused: runs start only by hand "
+                                "(`prefect deployment run`) until it is resumed in the UI or with `prefect deployment resume`."),
 ) -> None:
     """Serve the nightly retraining on a local Prefect server.
 
@@ -343,7 +345,7 @@ def deploy(
     typer.echo(f"Prefect home: {home}" + (f"; server log: {home / SERVER_LOG}" if server else ""))
     typer.echo(f"trigger a run with: PREFECT_API_URL={api_url(port)} prefect deployment run 'nightly-retrain/{DEPLOYMENT_NAME}'")
     if not server:
-        serve_nightly(cron, parameters)
+        serve_nightly(cron, parameters, paused=paused)
         return
     import signal
     import sys
@@ -352,8 +354,9 @@ def deploy(
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with local_server(port, prefect_home=home, log_path=home / SERVER_LOG, ui=ui):
         os.environ["PREFECT_API_URL"] = api_url(port)
-        typer.echo(f"Prefect server on {api_url(port).removesuffix('/api')}; serving 'nightly-retrain/{DEPLOYMENT_NAME}' on '{cron}'")
-        serve_nightly(cron, parameters)
+        typer.echo(f"Prefect server on {api_url(port).removesuffix('/api')}; serving 'nightly-retrain/{DEPLOYMENT_NAME}' on '{cron}'"
+                    + (" (paused)" if paused else ""))
+        serve_nightly(cron, parameters, paused=paused)
 
 
 if __name__ == "__main__":

@@ -205,15 +205,17 @@ def allow_parameters(parameters: dict) -> None:
     os.environ[DEPLOYMENT_ALLOWED_ENV] = json.dumps(allowed)
 
 
-def serve_nightly(cron: str = DEFAULT_CRON, parameters: dict | None = None) -> None:
+def serve_nightly(cron: str = DEFAULT_CRON, parameters: dict | None = None, paused: bool = False) -> None:
     """Serve the nightly retraining deployment in this process (blocks until interrupted); its runs accept only
-    ``parameters`` (or a subset of their overrides)."""
+    ``parameters`` (or a subset of their overrides). ``paused`` registers the schedule without letting the
+    scheduler create runs from it (a deployment triggered only by hand, as the deployment test needs)."""
     from flows.nightly import nightly_retrain
 
     allow_parameters(parameters or {"dataset": "ml-100k"})
     nightly_retrain.serve(
         name=DEPLOYMENT_NAME,
         cron=cron,
+        paused=paused,
         parameters=parameters or {},
         description="Retrain the responsive MF on the latest data, evaluate it against the baselines, promote the champion.",
         tags=["metarec", "nightly"],

@@ -7,6 +7,7 @@ by its own process group, pass or fail.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -50,12 +51,24 @@ def _prefect(api: str, path: str, body: dict) -> list[dict]:
     return response.json()
 
 
-def _check_the_top_flow_run_page(api: str) -> None:
+def _triggered_run_id(output: str) -> str:
+    """The id `prefect deployment run` prints for the run it created ("UUID: ...")."""
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", output)
+    assert match, output
+    return match.group(1)
+
+
+def _check_the_top_flow_run_page(api: str, top: str) -> None:
     """What the UI's flow run page shows, through its REST API: Table 1 with its plot inline, the summary and the
-    champion decision on the nightly run itself (keys naming the data set), and a log line linking its MLflow run."""
-    runs = _prefect(api, "flow_runs/filter", {"flows": {"name": {"any_": ["nightly-retrain"]}}, "limit": 10})
-    assert len(runs) == 1 and runs[0]["parent_task_run_id"] is None
-    top = runs[0]["id"]
+    champion decision on the nightly run itself (keys naming the data set), and a log line linking its MLflow run.
+
+    Only the run the test triggered counts: a scheduler may add runs of the cron schedule at any moment (the
+    schedule is paused here, but a test must not rest on a server's timing either way)."""
+    runs = _prefect(api, "flow_runs/filter", {"flow_runs": {"id": {"any_": [top]}}, "limit": 10})
+    assert len(runs) == 1 and runs[0]["parent_task_run_id"] is None and runs[0]["state_type"] == "COMPLETED"
+    started = _prefect(api, "flow_runs/filter", {"flows": {"name": {"any_": ["nightly-retrain"]}},
+                                                 "flow_runs": {"state": {"type": {"not_any_": ["SCHEDULED"]}}}, "limit": 10})
+    assert [r["id"] for r in started] == [top], "a run the test did not trigger was started: the schedule is not paused"
     keys = ["table1-ml-100k", "summary-ml-100k", "champion-ml-100k", "mlflow-run-ml-100k"]
     artifacts = {a["key"]: a for a in _prefect(api, "artifacts/filter", {"artifacts": {"key": {"any_": keys}}, "limit": 20})
                  if a["flow_run_id"] == top}
@@ -85,11 +98,13 @@ def test_deployment_run_retrains_registers_promotes_and_serves(tmp_path: Path, m
     try:
         # `metarec deploy` as a user starts it: its own server, its Prefect home and server log under artifacts/
         deploy_env = {**{k: v for k, v in env.items() if k != "PREFECT_HOME"}, "PREFECT_LOGGING_LEVEL": "INFO"}  # what the UI shows
-        serve = subprocess.Popen([BIN / "metarec", "deploy", "--port", str(port), "--no-ui", "--quick", *SMALL],
+        serve = subprocess.Popen([BIN / "metarec", "deploy", "--port", str(port), "--no-ui", "--paused", "--quick", *SMALL],
                                  env=deploy_env, stdout=open(logs / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         started.append(serve)
         wait_until_healthy(api_url(port), timeout=240, process=serve)
         _wait_for_deployment(env, serve)
+        inspected = subprocess.run([BIN / "prefect", "deployment", "inspect", DEPLOYMENT], env=env, capture_output=True, text=True, timeout=60)
+        assert "0 2 * * *" in inspected.stdout and re.search(r"'paused':\s*True", inspected.stdout), inspected.stdout
         home = tmp_path / "artifacts" / "prefect"
         assert (home / "prefect.db").is_file() and f"127.0.0.1:{port}" in (home / "server.log").read_text()
 
@@ -104,7 +119,7 @@ def test_deployment_run_retrains_registers_promotes_and_serves(tmp_path: Path, m
         assert {"kind": "nightly", "preset": "quick"}.items() <= champion.tags.items() and champion.description
         assert len(MlflowClient(uri, uri).search_model_versions(f"name = '{REGISTERED_MODEL}'")) == 1
 
-        _check_the_top_flow_run_page(api_url(port))
+        _check_the_top_flow_run_page(api_url(port), _triggered_run_id(run.stdout))
 
         rec = subprocess.run([BIN / "metarec", "recommend", "--user", "196", "-n", "5"], env=env, capture_output=True, text=True, timeout=300)
         assert rec.returncode == 0, rec.stderr
