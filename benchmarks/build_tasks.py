@@ -126,8 +126,8 @@ def measure(name: str, history: Interactions, k: int, K: int, reference_count: i
 
 
 def measure_shards(name: str, history: Interactions, k: int, K: int, shard_size: int = 65536) -> None:
-    """Tasks streamed chunk by chunk into Parquet shards, as ``tasks.task_shards.build_task_shards`` does."""
-    from tasks.task_shards import read_manifest, write_task_shards
+    """Tasks streamed chunk by chunk into Parquet shards, as ``tasks.train.task_shards.build_task_shards`` does."""
+    from tasks.train.task_shards import read_manifest, write_task_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()

@@ -18,10 +18,10 @@ import time
 import torch
 
 from metarec.meta_tasks import build_tasks
-from metarec.models.registry import make_model
-from tasks.prepare import prepare_data
-from tasks.prepared import load_prepared
-from tasks.settings import load_config
+from metarec.models.factory import make_model
+from tasks.data.prepare import prepare_data
+from tasks.data.prepared import load_prepared
+from tasks.runtime.settings import load_config
 
 ROWS = ("responsive", "responsive_fo")
 

@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from tasks.serving import load_served, recommend
-from tasks.settings import load_config
+from tasks.serve.serving import load_served, recommend
+from tasks.runtime.settings import load_config
 
 
 def percentiles(samples: list[float]) -> str:

@@ -14,7 +14,7 @@ popularity Zipf-like, ratings 1-5 with MovieLens' proportions.
 Stages, each run in its own child process, so the peak RSS printed is that
 stage's alone (``os.wait4``'s rusage of the child):
 
-- ``prepare``: the whole file through ``tasks.prepare.prepare_data`` (DuckDB with
+- ``prepare``: the whole file through ``tasks.data.prepare.prepare_data`` (DuckDB with
   ``runtime.duckdb_memory_limit`` and a spill folder, ``--memory-limit``), streaming
   every line; at 100M it must stay under 8 GB;
 - ``tasks``: the task shards (METHOD.md §4) of the prepared history of a seeded
@@ -230,7 +230,7 @@ def _sampled_history(config, n_users: int):
     import pyarrow.parquet as pq
 
     from metarec.interface import Interactions
-    from tasks.paths import prepared_dir
+    from tasks.runtime.paths import prepared_dir
 
     root = prepared_dir(config)
     users = pq.read_table(root / "users.parquet", columns=["user_id"]).column("user_id").to_numpy()
@@ -244,8 +244,8 @@ def _sampled_history(config, n_users: int):
 
 
 def stage_prepare(config, args) -> dict:
-    from tasks.paths import prepared_dir
-    from tasks.prepare import prepare_data
+    from tasks.runtime.paths import prepared_dir
+    from tasks.data.prepare import prepare_data
 
     shutil.rmtree(prepared_dir(config), ignore_errors=True)
     started = time.perf_counter()
@@ -257,7 +257,7 @@ def stage_prepare(config, args) -> dict:
 
 def stage_tasks(config, args) -> dict:
     from metarec.meta_tasks import iter_tasks
-    from tasks.task_shards import write_task_shards
+    from tasks.train.task_shards import write_task_shards
 
     history, n_items = _sampled_history(config, args.sample_users)
     out = args.workdir / "artifacts" / "tasks" / SHAPES[args.size].name
@@ -276,8 +276,8 @@ def stage_meta(config, args) -> dict:
     import torch
 
     from metarec.models.responsive import ResponsiveMF
-    from tasks.paths import prepared_dir
-    from tasks.task_shards import iter_task_shards
+    from tasks.runtime.paths import prepared_dir
+    from tasks.train.task_shards import iter_task_shards
 
     torch.set_num_threads(args.torch_threads)
     root = prepared_dir(config)
@@ -299,9 +299,9 @@ def stage_meta(config, args) -> dict:
 def stage_fit(config, args, row: str) -> dict:
     import torch
 
-    from metarec.models.registry import make_model
+    from metarec.models.factory import make_model
 
-    torch.set_num_threads(1)  # as the pipeline fits baselines (tasks/models.py)
+    torch.set_num_threads(1)  # as the pipeline fits baselines (tasks/train/models.py)
     history, _ = _sampled_history(config, args.sample_users)
     started = time.perf_counter()
     make_model(row, config).fit(history)

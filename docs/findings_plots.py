@@ -1,4 +1,4 @@
-"""Render docs/findings.md's pictures from the ablation studies' JSON (tasks/ablations.py output).
+"""Render docs/findings.md's pictures from the ablation studies' JSON (tasks/train/ablations.py output).
 
 Usage: python docs/findings_plots.py [RESULTS_DIR [STUDY ...]]  (default docs/ablations/results; reads
 out-<dataset>-<study>.json, writes docs/*.png, or prints the named studies' tables)

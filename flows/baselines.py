@@ -1,6 +1,6 @@
 """Flows for the baselines: the validation search, and fitting models on the prepared history.
 
-Composition only: the work is in ``tasks/tuning.py`` and ``tasks/models.py``.
+Composition only: the work is in ``tasks/train/tuning.py`` and ``tasks/train/models.py``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from prefect import flow
 
 from flows.prepare import prepare_flow
 from metarec.config import Config
-from tasks.models import fit_model_task
-from tasks.tuning import TUNABLE, apply_tuned, prefect_trials, tune
+from tasks.train.models import fit_model_task
+from tasks.train.tuning import TUNABLE, apply_tuned, prefect_trials, tune
 
 
 @flow(name="tune", validate_parameters=False)

@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 
 import typer
 
-from tasks.settings import ConfigError, load_config
+from tasks.runtime.settings import ConfigError, load_config
 
 # A batch tool runs offline too: Prefect's server telemetry would only log a failed lookup on every run.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -69,8 +69,8 @@ def prepare(
     Ingests the ratings, splits them in DuckDB (new users, history, stream) and samples the evaluation candidates.
     """
     cfg = _config(config, set_, dataset, data_dir, data={"sample_users": sample_users} if sample_users else {})
-    from tasks.paths import prepared_dir
-    from tasks.prepare import is_prepared
+    from tasks.runtime.paths import prepared_dir
+    from tasks.data.prepare import is_prepared
 
     if is_prepared(prepared_dir(cfg)):  # skip starting Prefect (~15 s) for nothing
         typer.echo(f"already prepared: {prepared_dir(cfg)}")
@@ -91,7 +91,7 @@ def datasets(data_dir: Optional[Path] = DataDirOpt) -> None:
 
     Prints the folders searched, in order, then one line per known data set.
     """
-    from tasks.datasets import KNOWN, detect_folder, search_dirs
+    from tasks.data.datasets import KNOWN, detect_folder, search_dirs
 
     dirs = search_dirs(data_dir)
     typer.echo("searched: " + ", ".join(str(d) for d in dirs))
@@ -117,7 +117,7 @@ def tune(
     cfg = _config(config, set_, dataset, data_dir)
     from flows.baselines import tune_flow
     from flows.runners import with_runner
-    from tasks.tuning import TUNABLE
+    from tasks.train.tuning import TUNABLE
 
     try:
         with _prefect_api():
@@ -143,7 +143,7 @@ def fit(
     """
     cfg = _config(config, set_, dataset, data_dir)
     from flows.baselines import fit_flow
-    from tasks.models import BASELINE_NAMES
+    from tasks.train.models import BASELINE_NAMES
 
     try:
         with _prefect_api():
@@ -187,15 +187,15 @@ def train(
 
 
 def _run_config(config, set_, dataset, data_dir, quick: bool):
-    from tasks.settings import QUICK_OVERRIDES
+    from tasks.runtime.settings import QUICK_OVERRIDES
 
     return _config(config, [*(QUICK_OVERRIDES if quick else ()), *set_], dataset, data_dir)
 
 
 def _print_cached(cfg, sweep: bool) -> bool:
     """Print the results of an earlier run with the same config, data, tuning and code, if there is one (no Prefect start)."""
-    from tasks.datasets import DataError
-    from tasks.stages import cached_run
+    from tasks.data.datasets import DataError
+    from tasks.runtime.stages import cached_run
 
     try:
         record = cached_run(cfg, sweep)
@@ -286,8 +286,8 @@ def recommend(
     Top-n items, adapted to the user's most recent interactions (METHOD.md §6).
     """
     cfg = _config(config, set_)
-    from tasks.serving import ServingError, load_served
-    from tasks.serving import recommend as recommend_items
+    from tasks.serve.serving import ServingError, load_served
+    from tasks.serve.serving import recommend as recommend_items
 
     items = [part.strip() for part in recent.split(",") if part.strip()] if recent is not None else None
     if recent is not None and not items:

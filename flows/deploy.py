@@ -16,7 +16,7 @@ parent leaves running on its port.
 
 The deployment's parameters come from whoever can reach the server's API (it has no
 authentication), so the flow accepts only the data set and overrides `metarec
-deploy` itself was started with (``DEPLOYMENT_ALLOWED_ENV``, see flows/nightly.py).
+deploy` itself was started with (``flows.nightly.DEPLOYMENT_ALLOWED_ENV``).
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "nightly"
 DEFAULT_CRON = "0 2 * * *"
-# What a deployment run may ask for, set by `metarec deploy` in its own environment (not reachable through the API)
-DEPLOYMENT_ALLOWED_ENV = "METAREC_DEPLOYMENT_ALLOWED"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -201,6 +199,8 @@ def temporary_server() -> Iterator[str]:
 
 def allow_parameters(parameters: dict) -> None:
     """Record, in this process's environment, what the served deployment's runs may ask for (flows/nightly.py checks)."""
+    from flows.nightly import DEPLOYMENT_ALLOWED_ENV
+
     allowed = {"datasets": [parameters["dataset"]], "quick": bool(parameters.get("quick")), "overrides": list(parameters.get("overrides") or [])}
     os.environ[DEPLOYMENT_ALLOWED_ENV] = json.dumps(allowed)
 

@@ -19,14 +19,14 @@ from prefect import flow, get_run_logger, task
 
 from flows.prepare import prepare_flow
 from metarec.config import Config
-from tasks.aggregate import lambda_curve, lambda_markdown, lambda_plot, paper_lambda
-from tasks.atomic import write_json, write_text
-from tasks.evaluation import evaluate_model, new_user_metric
-from tasks.paths import prepared_dir
-from tasks.task_shards import build_task_shards_task
-from tasks.publish import log_mlflow_run, publish_markdown
-from tasks.tracking import child_run, main_params, model_params, parent_run, run_tags
-from tasks.training import meta_train
+from tasks.evaluate.aggregate import lambda_curve, lambda_markdown, lambda_plot, paper_lambda
+from tasks.runtime.atomic import write_json, write_text
+from tasks.evaluate.evaluation import evaluate_model, new_user_metric
+from tasks.runtime.paths import prepared_dir
+from tasks.train.task_shards import build_task_shards_task
+from tasks.track.publish import log_mlflow_run, publish_markdown
+from tasks.track.tracking import child_run, main_params, model_params, parent_run, run_tags
+from tasks.train.training import meta_train
 
 
 def sweep_dir(config: Config) -> Path:

@@ -26,15 +26,18 @@ from prefect import flow, get_run_logger, task
 from flows.pipeline import pipeline
 from flows.runners import with_runner
 from metarec.config import Config
-from tasks.champion import promote_if_better
-from tasks.model_registry import register_candidate
-from tasks.paths import prepared_dir
-from tasks.publish import log_mlflow_run, publish_markdown
-from tasks.serving import rescore_version
-from tasks.settings import QUICK_OVERRIDES, load_config
-from tasks.tracking import main_params, parent_run, setup_mlflow
+from tasks.track.champion import promote_if_better
+from tasks.track.model_registry import register_candidate
+from tasks.runtime.paths import prepared_dir
+from tasks.track.publish import log_mlflow_run, publish_markdown
+from tasks.serve.serving import rescore_version
+from tasks.runtime.settings import QUICK_OVERRIDES, load_config
+from tasks.track.tracking import main_params, parent_run, setup_mlflow
 
 SCORE = "new_n5_ndcg10"
+# What a deployment run may ask for, set by `metarec deploy` in its own environment (not reachable through the API;
+# flows/deploy.py writes it, check_deployment_parameters reads it)
+DEPLOYMENT_ALLOWED_ENV = "METAREC_DEPLOYMENT_ALLOWED"
 
 
 class RetrainingFailed(RuntimeError):
@@ -48,8 +51,6 @@ class DeploymentParameterError(ValueError):
 def check_deployment_parameters(dataset: str, quick: bool, overrides: list[str], config_file: str | None) -> None:
     """Inside a deployment run, accept only what `metarec deploy` allowed; outside one (a direct call), anything."""
     from prefect.runtime import deployment
-
-    from flows.deploy import DEPLOYMENT_ALLOWED_ENV
 
     if deployment.id is None:
         return

@@ -27,19 +27,19 @@ from flows.prepare import prepare_flow
 from metarec.config import Config
 from metarec.redaction import redact
 from metarec.models.registry import ROWS
-from tasks.aggregate import RunFacts, ours_options, write_report
-from tasks.atomic import write_json
-from tasks.evaluation import evaluate_model_task, log_child_run
-from tasks.models import fit_model_task
-from tasks.paths import dataset_slug, fold_configs, prepared_dir, run_dir
-from tasks.pooling import pool_cases, summarise_cases
-from tasks.prepared import load_prepared
-from tasks.stages import record_path, stage_record
-from tasks.task_shards import build_task_shards_task
-from tasks.publish import log_mlflow_run, publish_run_report
-from tasks.tracking import model_params, parent_run, run_tags
-from tasks.training import meta_train_task
-from tasks.tuning import TUNABLE, load_record, prefect_trials, tune, tuned_source
+from tasks.evaluate.aggregate import RunFacts, ours_options, write_report
+from tasks.runtime.atomic import write_json
+from tasks.evaluate.evaluation import evaluate_model_task, log_child_run
+from tasks.train.models import fit_model_task
+from tasks.runtime.paths import dataset_slug, fold_configs, prepared_dir, run_dir
+from tasks.evaluate.pooling import pool_cases, summarise_cases
+from tasks.data.prepared import load_prepared
+from tasks.runtime.stages import record_path, stage_record
+from tasks.train.task_shards import build_task_shards_task
+from tasks.track.publish import log_mlflow_run, publish_run_report
+from tasks.track.tracking import model_params, parent_run, run_tags
+from tasks.train.training import meta_train_task
+from tasks.train.tuning import TUNABLE, load_record, prefect_trials, tune, tuned_source
 
 OURS = "responsive"  # the paper's row: its fold-0 model is the serving candidate
 

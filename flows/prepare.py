@@ -12,8 +12,8 @@ from pathlib import Path
 from prefect import flow
 
 from metarec.config import Config
-from tasks.paths import prepared_dir
-from tasks.prepare import build_once, candidates_task, features_task, ingest_task, split_task, stats_task
+from tasks.runtime.paths import prepared_dir
+from tasks.data.prepare import build_once, candidates_task, features_task, ingest_task, split_task, stats_task
 
 
 @flow(name="prepare", validate_parameters=False)

@@ -10,8 +10,8 @@ from prefect import flow
 
 from metarec.config import Config
 from flows.prepare import prepare_flow
-from tasks.task_shards import build_task_shards_task
-from tasks.training import TrainResult, meta_train_task
+from tasks.train.task_shards import build_task_shards_task
+from tasks.train.training import TrainResult, meta_train_task
 
 
 @flow(name="train", validate_parameters=False)

@@ -3,7 +3,7 @@
 Sections are plain pydantic models, validated once; `Config` composes them and
 reads overrides from the environment (``METAREC_<SECTION>__<FIELD>``, e.g.
 ``METAREC_META__LAMBDA_ML=0.5``). A TOML file and ``--set section.field=value``
-on the CLI override in turn (see ``tasks/settings.py``).
+on the CLI override in turn (see ``tasks/runtime/settings.py``).
 
 Each stage's output folder is named by the hash of the sections it depends
 on (``Config.hash_of``), so changing a learning rate does not re-prepare data,
@@ -37,7 +37,7 @@ class DataConfig(Section):
     """Ingestion and the temporal split (METHOD.md §1-2, §9)."""
 
     dataset: str = Field("ml-100k", description="A known name (ml-100k, ml-1m, ml-latest, ml-latest-small, netflix, synthetic-drift: "
-                         "generated on first use, see tasks/generated.py) or a path to a CSV/Parquet file.")
+                         "generated on first use, see tasks/data/generated.py) or a path to a CSV/Parquet file.")
     data_dir: Path | None = Field(None, description="Where raw datasets live; None = METAREC_DATA_DIR, ./data, ../shared/datasets in that order.")
     download: bool = Field(True, description="Download a known public dataset that is absent (verified by checksum/size).")
     user_col: str = Field("user_id", description="Generic CSV/Parquet: user column.")
@@ -223,7 +223,7 @@ class BaselineConfig(Section):
     ft_epochs: int = Field(5, ge=1)
     ft_lr: float = Field(0.05, gt=0.0)
     seed: int = Field(1, ge=0, description="Seed of the baselines' initialisation, sampling and search.")
-    # validation search (tasks/tuning.py): the same budget for every model
+    # validation search (tasks/train/tuning.py): the same budget for every model
     tune_budget: int = Field(24, ge=1, description="Optuna trials per row, the same for every row (the row's current values first, then seeded TPE).")
     tune_holdout: float = Field(0.1, gt=0.0, lt=1.0, description="Last fraction of the history (by time) held out for validation.")
 

@@ -12,7 +12,7 @@ all of them at the same step rather than leaving the others waiting.
 Workers read the batches in the same seeded order; shares are contiguous slices
 of near-equal size, so a batch smaller than the number of workers leaves some
 with none, which then contribute zero. Setting up the process group is the
-caller's (``tasks/parallel.py``); this module only uses it.
+caller's (``tasks/train/parallel.py``); this module only uses it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Side features of users and items, keyed by dense id, as the models receive them (no file I/O here).
 
-The prepare stage (``tasks/prepare.py``, SQL in ``sql/features_*.sql``) turns each
+The prepare stage (``tasks/data/prepare.py``, SQL in ``sql/features_*.sql``) turns each
 data set's profile files into long tables, one row per (entity, field, value),
 where ``code`` numbers the distinct (field, value) pairs 0..C-1. ``FeatureTable``
 is the same information as dense arrays:

@@ -142,7 +142,7 @@ def planted_feature_interactions(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Planted interest drift at MovieLens-1M scale: a data set the whole pipeline runs on (``tasks/generated.py`` writes it
+# Planted interest drift at MovieLens-1M scale: a data set the whole pipeline runs on (``tasks/data/generated.py`` writes it
 # in ML-1M's native format as the named data set ``synthetic-drift``).
 
 ML1M_GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",

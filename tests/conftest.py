@@ -49,8 +49,8 @@ def quick_run(prefect_harness, tmp_path_factory, ml100k_dir):
 
     from flows.nightly import promote_result
     from flows.pipeline import pipeline
-    from tasks.evaluation import METRICS_FILE, eval_dir
-    from tasks.settings import QUICK_OVERRIDES, load_config
+    from tasks.evaluate.evaluation import METRICS_FILE, eval_dir
+    from tasks.runtime.settings import QUICK_OVERRIDES, load_config
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     root = tmp_path_factory.mktemp("quick-run")

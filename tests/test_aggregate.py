@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 from metarec.metrics import bootstrap_ci
-from tasks.aggregate import RunFacts, case_values, comparisons, forest_plot, paired_verdict, table1_markdown, verdict_tables, write_report
-from tasks.pooling import paired
+from tasks.evaluate.aggregate import RunFacts, case_values, comparisons, forest_plot, paired_verdict, table1_markdown, verdict_tables, write_report
+from tasks.evaluate.pooling import paired
 
 
 def test_paired_verdict_wins_loses_and_ties():
@@ -122,7 +122,7 @@ def _sweep_points() -> list[dict]:
 
 
 def test_lambda_curve_is_on_the_papers_scale_with_cis_and_divergence():
-    from tasks.aggregate import lambda_curve
+    from tasks.evaluate.aggregate import lambda_curve
 
     curve = lambda_curve(_sweep_points(), K=20, n=5, metric="ndcg")
     assert curve["x"] == [0.0, 20.0]  # λ_paper = K·λ_ours, finished points in λ order
@@ -131,7 +131,7 @@ def test_lambda_curve_is_on_the_papers_scale_with_cis_and_divergence():
 
 
 def test_lambda_table_and_plot_say_the_scale_and_where_training_diverged(tmp_path):
-    from tasks.aggregate import lambda_markdown, lambda_plot
+    from tasks.evaluate.aggregate import lambda_markdown, lambda_plot
 
     points = _sweep_points()
     table = lambda_markdown(points, K=20)

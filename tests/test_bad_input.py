@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from metarec.config import Config, DataConfig, RuntimeConfig
-from tasks.datasets import DataError
-from tasks.prepare import prepare_data
-from tasks.settings import ConfigError, load_config
+from tasks.data.datasets import DataError
+from tasks.data.prepare import prepare_data
+from tasks.runtime.settings import ConfigError, load_config
 
 HEADER = "user_id,item_id,rating,timestamp\n"
 

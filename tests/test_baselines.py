@@ -13,7 +13,7 @@ from metarec.models.spmf import descending_ranks, reservoir_insert, weighted_sam
 from metarec.models.srec import SRec, kalman_round
 from metarec.config import BaselineConfig, Config, MetaConfig, NeuralConfig, TaskConfig
 from metarec.interface import Interactions, RecentItems
-from metarec.models.registry import make_model
+from metarec.models.factory import make_model
 from metarec.synthetic import planted_interactions
 
 NEURAL_MODELS = ("melu", "mamo", "prototype")  # the meta-learning rows of issue 11 (more in test_zoo.py)
@@ -377,7 +377,7 @@ def test_sampled_metrics_by_hand() -> None:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_save_and_load_without_pickle(name: str, split: Split, fitted: dict, tmp_path) -> None:
-    from tasks.models import load_model, save_model
+    from tasks.train.models import load_model, save_model
 
     model = fitted[name]
     out = save_model(model, name, small_config(), tmp_path / name)
@@ -616,7 +616,7 @@ def test_srec_passes_and_update_options(split: Split, monkeypatch) -> None:
 
 
 def test_variants_are_named_for_table_1() -> None:
-    from metarec.models.registry import row_variant
+    from metarec.models.factory import row_variant
 
     default = small_config()
     assert all(row_variant(name, default) is None for name in MODELS)

@@ -8,7 +8,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tasks.champion import CHAMPION, SCORE_TAG, current_champion, promote_if_better
+from tasks.track.champion import CHAMPION, SCORE_TAG, current_champion, promote_if_better
 
 NAME = "responsive-mf-test"
 

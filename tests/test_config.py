@@ -7,7 +7,7 @@ import pytest
 
 from metarec.models.pop import PopRecommender
 from metarec.interface import Interactions, RecentItems
-from tasks.settings import ConfigError, load_config
+from tasks.runtime.settings import ConfigError, load_config
 
 
 def test_defaults_and_hash_stable():

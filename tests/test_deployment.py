@@ -19,8 +19,8 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.deploy import api_url, stop_process_group, wait_until_healthy
-from tasks.champion import CHAMPION, SCORE_TAG
-from tasks.tracking import REGISTERED_MODEL
+from tasks.track.champion import CHAMPION, SCORE_TAG
+from tasks.track.tracking import REGISTERED_MODEL
 
 BIN = Path(sys.executable).parent
 DEPLOYMENT = "nightly-retrain/nightly"

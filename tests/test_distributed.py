@@ -12,7 +12,7 @@ from metarec.maml import DivergedError, TaskBatch
 from metarec.meta_tasks import build_tasks
 from metarec.models.responsive import ResponsiveMF
 from metarec.synthetic import planted_interactions
-from tasks.parallel import ParallelTrainer, WorkerPlan
+from tasks.train.parallel import ParallelTrainer, WorkerPlan
 
 TASK_CONFIG = TaskConfig(k=3, K=6)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from metarec.config import Config, DataConfig, RuntimeConfig
-from tasks import datasets
-from tasks.datasets import DataError, KnownDataset, resolve_source
-from tasks.prepare import prepare_data
-from tasks.prepared import load_prepared
+from tasks.data import datasets
+from tasks.data.datasets import DataError, KnownDataset, resolve_source
+from tasks.data.prepare import prepare_data
+from tasks.data.prepared import load_prepared
 
 U_DATA = "".join(f"{u}\t{i}\t{1 + (u * i) % 5}\t{880000000 + 1000 * u + i}\n" for u in range(1, 41) for i in range(1, 16))
 

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from metarec.config import Config, DataConfig, RuntimeConfig
-from tasks.datasets import DataError
-from tasks.features import FeatureFile, load_feature_file
-from tasks.prepare import duckdb_connection, features, ingest, prepare_data
-from tasks.prepared import load_feature_table, load_prepared
-from tasks.sqlfiles import run_sql
+from tasks.data.datasets import DataError
+from tasks.data.features import FeatureFile, load_feature_file
+from tasks.data.prepare import duckdb_connection, features, ingest, prepare_data
+from tasks.data.prepared import load_feature_table, load_prepared
+from tasks.runtime.sqlfiles import run_sql
 
 ML1M_HALF = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-1m-first2999"
 HEADER = "user_id,item_id,rating,timestamp\n"

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from metarec.config import Config, DataConfig, RuntimeConfig
-from tasks.prepare import run_steps
+from tasks.data.prepare import run_steps
 from test_split import write_ratings
 
 
@@ -69,9 +69,9 @@ def test_pipeline_pools_two_folds_on_the_same_stored_cases(prefect_harness, tmp_
     monkeypatch.setenv("METAREC_RUNTIME__ARTIFACTS_DIR", str(tmp_path / "artifacts"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from flows.pipeline import fold_configs, pipeline
-    from tasks.pooling import pool_cases
-    from tasks.paths import run_dir
-    from tasks.settings import load_config
+    from tasks.evaluate.pooling import pool_cases
+    from tasks.runtime.paths import run_dir
+    from tasks.runtime.settings import load_config
 
     config = load_config(overrides=[
         "data.new_user_folds=2", "data.new_user_ns=[1, 3]", "data.n_negatives=20", "eval.models=['responsive', 'pop']",

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from metarec.config import Config, DataConfig, RuntimeConfig
-from tasks.datasets import EXPECTED, Source, detect_folder, load_raw, resolve_source, search_dirs
-from tasks.prepare import duckdb_connection, ingest
-from tasks.sqlfiles import run_sql
+from tasks.data.datasets import EXPECTED, Source, detect_folder, load_raw, resolve_source, search_dirs
+from tasks.data.prepare import duckdb_connection, ingest
+from tasks.runtime.sqlfiles import run_sql
 
 # (user, item, rating, unix seconds); user 7 rates item 3 twice.
 RATINGS = [(1, 10, 5.0, 978300760), (1, 20, 3.0, 978300761), (2, 10, 1.0, 978300762), (7, 3, 4.0, 978300800), (7, 3, 2.0, 978400000)]

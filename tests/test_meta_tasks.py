@@ -15,9 +15,9 @@ from metarec.interface import Interactions
 from metarec.meta_tasks import TaskArrays, build_tasks, count_tasks, fill_own, iter_tasks, stream_tasks
 from metarec.neighbours import InteractionIndex
 from metarec.synthetic import planted_interactions
-from tasks.paths import prepared_dir, task_shards_dir
-from tasks.prepared import seal_prepared
-from tasks.task_shards import (
+from tasks.runtime.paths import prepared_dir, task_shards_dir
+from tasks.data.prepared import seal_prepared
+from tasks.train.task_shards import (
     MANIFEST,
     build_task_shards,
     build_task_shards_task,

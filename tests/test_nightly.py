@@ -10,10 +10,10 @@ import pytest
 from mlflow import MlflowClient
 
 from metarec.synthetic import planted_interactions
-from tasks.champion import CHAMPION, DATA_TAG, SCORE_TAG, current_champion
-from tasks.paths import prepared_dir
-from tasks.settings import load_config
-from tasks.tracking import REGISTERED_MODEL, setup_mlflow
+from tasks.track.champion import CHAMPION, DATA_TAG, SCORE_TAG, current_champion
+from tasks.runtime.paths import prepared_dir
+from tasks.runtime.settings import load_config
+from tasks.track.tracking import REGISTERED_MODEL, setup_mlflow
 
 SMALL = ["eval.models=['responsive','pop']", "meta.epochs=1", "eval.bootstrap=20", "data.new_user_ns=[1,5]"]
 

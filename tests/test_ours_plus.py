@@ -105,7 +105,7 @@ def test_fit_without_neighbours_trains_on_k_triple_tasks_of_the_users_own(plante
 
 
 def test_summary_lists_ours_plus_options_against_the_paper_row():
-    from tasks.aggregate import RunFacts, ours_options, summary_markdown
+    from tasks.evaluate.aggregate import RunFacts, ours_options, summary_markdown
 
     config = Config(tuned={"responsive_plus": {"tasks.serve_k": 9}})
     lines = ours_options(config, ("responsive", "responsive_plus", "pop"))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import tasks.paths as paths
+import tasks.runtime.paths as paths
 from metarec.config import Config
 from metarec.models.registry import ROWS
-from tasks import stages
+from tasks.runtime import stages
 
 # the default rows other than ours: all import models/common.py
 BASELINES = sorted(f"fit:{name}" for name in Config().eval.models if not ROWS[name].is_ours)
@@ -43,13 +43,13 @@ def _changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
 
 
 def test_stage_code_is_the_listed_modules_and_the_metarec_modules_they_import():
-    assert paths.code_closure(paths.STAGE_CODE["evaluate"]) == ["metarec.features", "metarec.interface", "metarec.metrics", "metarec.protocol", "tasks.evaluation"]
+    assert paths.code_closure(paths.STAGE_CODE["evaluate"]) == ["metarec.features", "metarec.interface", "metarec.metrics", "metarec.protocol", "tasks.evaluate.evaluation"]
     train = paths.code_closure(paths.STAGE_CODE["train"])
     assert {"metarec.maml", "metarec.meta_tasks", "metarec.neighbours", "metarec.models.mf", "metarec.models.responsive"} <= set(train)
     # relative imports (``from .common import``) are followed; config code is keyed through the config's values
-    rkmf = paths.code_closure(("tasks.models", "metarec.models.rkmf"))
+    rkmf = paths.code_closure(("tasks.train.models", "metarec.models.rkmf"))
     assert "metarec.models.common" in rkmf and "metarec.config" not in rkmf and "metarec.models.registry" not in rkmf
-    assert not any(m.startswith(("tasks.tracking", "tasks.paths", "flows.pipeline")) for m in train)
+    assert not any(m.startswith(("tasks.track.tracking", "tasks.runtime.paths", "flows.pipeline")) for m in train)
 
 
 def test_keys_are_stable(edited):
@@ -61,18 +61,18 @@ def test_keys_are_stable(edited):
 @pytest.mark.parametrize("source, stages_rekeyed", [
     ("metarec/protocol.py", ["evaluate"]),
     ("metarec/metrics.py", ["evaluate"]),
-    ("tasks/evaluation.py", ["evaluate"]),
+    ("tasks/evaluate/evaluation.py", ["evaluate"]),
     ("metarec/models/rkmf.py", ["fit:rkmf"]),
     ("metarec/models/srec.py", ["fit:srec"]),
     ("metarec/models/common.py", BASELINES),
     ("metarec/maml.py", ["fit:responsive", "fit:responsive_plus", "train"]),
     ("metarec/meta_tasks.py", ["fit:responsive", "fit:responsive_plus", "tasks", "train"]),
     ("metarec/neighbours.py", [*BASELINES, "fit:responsive", "fit:responsive_plus", "tasks", "train"]),
-    ("tasks/models.py", [*BASELINES, "fit:responsive", "fit:responsive_plus", "train"]),
+    ("tasks/train/models.py", [*BASELINES, "fit:responsive", "fit:responsive_plus", "train"]),
     ("sql/split_new_users.sql", ["prepare"]),
-    ("tasks/datasets.py", ["prepare"]),
+    ("tasks/data/datasets.py", ["prepare"]),
     ("metarec/config.py", []),
-    ("tasks/tracking.py", []),
+    ("tasks/track/tracking.py", []),
     ("flows/pipeline.py", []),
 ])
 def test_a_code_change_rekeys_only_the_stages_that_run_that_code(edited, source, stages_rekeyed):

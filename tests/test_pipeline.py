@@ -11,9 +11,9 @@ import pytest
 from mlflow import MlflowClient
 
 from metarec.models.registry import DEFAULT_MODELS
-from tasks.evaluation import METRICS_FILE, eval_dir, new_user_metric
-from tasks.paths import prepared_dir
-from tasks.tracking import REGISTERED_MODEL, tracking_uri
+from tasks.evaluate.evaluation import METRICS_FILE, eval_dir, new_user_metric
+from tasks.runtime.paths import prepared_dir
+from tasks.track.tracking import REGISTERED_MODEL, tracking_uri
 
 BIN = Path(sys.executable).parent
 

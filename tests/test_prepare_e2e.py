@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.paths import prepared_dir
-from tasks.prepare import prepare_data
-from tasks.prepared import SPLIT_FILES, load_prepared
-from tasks.settings import load_config
+from tasks.runtime.paths import prepared_dir
+from tasks.data.prepare import prepare_data
+from tasks.data.prepared import SPLIT_FILES, load_prepared
+from tasks.runtime.settings import load_config
 
 
 def test_prepare_data_on_ml100k(ml100k_dir: Path, artifacts: Path):

@@ -28,12 +28,12 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from metarec.config import Config, DataConfig, RuntimeConfig
-from tasks.models import fit_and_save, load_model
-from tasks.paths import prepared_dir
-from tasks.prepare import ingest, is_prepared, prepare_data
-from tasks.prepared import load_prepared
-from tasks.settings import ConfigError, load_config
-from tasks.tracking import setup_mlflow
+from tasks.train.models import fit_and_save, load_model
+from tasks.runtime.paths import prepared_dir
+from tasks.data.prepare import ingest, is_prepared, prepare_data
+from tasks.data.prepared import load_prepared
+from tasks.runtime.settings import ConfigError, load_config
+from tasks.track.tracking import setup_mlflow
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HEADER = "user_id,item_id,rating,timestamp\n"
@@ -157,7 +157,7 @@ def test_a_damaged_prepared_file_is_detected_named_and_rebuilt(tmp_path: Path, d
     middle = len(good) // 2
     history.write_bytes(good[:middle] if damage == "truncate" else good[:middle] + bytes([good[middle] ^ 0xFF]) + good[middle + 1:])
     assert not is_prepared(out)
-    if damage == "truncate":  # sizes are checked on every load (hashes only before reuse, see tasks/integrity.py)
+    if damage == "truncate":  # sizes are checked on every load (hashes only before reuse, see tasks/runtime/integrity.py)
         with pytest.raises(ValueError, match=re.escape(str(history))):
             load_prepared(out)
     prepare_data(config)
@@ -181,7 +181,7 @@ def test_input_rewritten_with_the_same_size_and_mtime_gets_a_new_data_version(tm
 
 def test_input_hashes_are_cached_until_the_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Item 3: the content hash costs one read per file change, not one per run."""
-    import tasks.input_hashes as input_hashes
+    import tasks.data.input_hashes as input_hashes
 
     reads: list[Path] = []
     real = input_hashes.file_sha256
@@ -200,7 +200,7 @@ def test_input_hashes_are_cached_until_the_file_changes(tmp_path: Path, monkeypa
 
 def test_mlflow_first_setup_waits_for_the_set_up_lock(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     """Item 5: the store's first set-up runs under a file lock (here held by the test, so it must wait)."""
-    from tasks.locks import first_time_lock
+    from tasks.runtime.locks import first_time_lock
 
     root = tmp_path / "artifacts"
     errors: list[BaseException] = []
@@ -211,7 +211,7 @@ def test_mlflow_first_setup_waits_for_the_set_up_lock(tmp_path: Path, caplog: py
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    with caplog.at_level(logging.INFO, logger="tasks.locks"), first_time_lock(root / "mlflow-setup", "a test holding the lock"):
+    with caplog.at_level(logging.INFO, logger="tasks.runtime.locks"), first_time_lock(root / "mlflow-setup", "a test holding the lock"):
         worker = threading.Thread(target=set_up)
         worker.start()
         deadline = time.monotonic() + 120
@@ -229,7 +229,7 @@ from pathlib import Path
 root, ready, go = map(Path, sys.argv[1:4])
 import mlflow
 from metarec.config import Config
-from tasks.tracking import setup_mlflow
+from tasks.track.tracking import setup_mlflow
 ready.touch()
 while not go.exists():
     time.sleep(0.005)
@@ -392,7 +392,7 @@ def test_temporaries_of_killed_processes_are_swept_at_start(tmp_path: Path, monk
 
 def test_a_reused_pid_does_not_keep_an_old_temporary_alive():
     """Item 8: pid 1 is running, but started after a temporary last touched in 1970: its maker is gone."""
-    from tasks.atomic import made_by_dead_process
+    from tasks.runtime.atomic import made_by_dead_process
 
     assert made_by_dead_process(1, last_touched=0.0)
     assert not made_by_dead_process(1, last_touched=time.time())
@@ -488,7 +488,7 @@ SECRET_STORE = "postgresql://bob:pa55@db.example:5432/mlflow?sslmode=require&pas
 
 def test_credentials_in_urls_are_masked_wherever_config_is_echoed():
     """Item 14: runtime.dask_address=tcp://user:pass@... was logged as an MLflow param."""
-    from tasks.aggregate import RunFacts, summary_markdown
+    from tasks.evaluate.aggregate import RunFacts, summary_markdown
 
     config = Config(runtime=RuntimeConfig(dask_address=SECRET_ADDRESS, mlflow_tracking_uri=SECRET_STORE))
     flat = config.to_flat_dict()

@@ -8,7 +8,7 @@ import torch
 
 from metarec.config import Config, MetaConfig, TaskConfig
 from metarec.interface import Interactions, RecentItems
-from metarec.models.registry import make_model
+from metarec.models.factory import make_model
 from metarec.models.responsive import ResponsiveMF
 from metarec.synthetic import planted_interactions
 

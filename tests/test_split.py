@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from metarec.config import Config, DataConfig, RuntimeConfig
-from tasks.prepare import run_steps, sample_negatives
-from tasks.prepared import load_prepared, seal_prepared
+from tasks.data.prepare import run_steps, sample_negatives
+from tasks.data.prepared import load_prepared, seal_prepared
 
 N_USERS, N_ITEMS = 150, 80
 
@@ -198,7 +198,7 @@ def test_sample_negatives_is_roughly_uniform():
 def test_build_once_keeps_a_folder_another_process_completed_meanwhile(prepared, tmp_path: Path):
     import shutil
 
-    from tasks.prepare import build_once
+    from tasks.data.prepare import build_once
 
     _, out, _, _ = prepared
     final = tmp_path / "prepared"

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from metarec.synthetic import ML1M_END, ML1M_START, DriftParams, drift_ratings
-from tasks import generated
-from tasks.datasets import EXPECTED, load_raw, resolve_source
-from tasks.prepare import duckdb_connection
-from tasks.sqlfiles import run_sql
+from tasks.data import generated
+from tasks.data.datasets import EXPECTED, load_raw, resolve_source
+from tasks.data.prepare import duckdb_connection
+from tasks.runtime.sqlfiles import run_sql
 
 SMALL = DriftParams(n_users=800, n_items=540, n_groups=9, mean_ratings=60.0, seed=5)
 

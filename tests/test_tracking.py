@@ -18,9 +18,9 @@ import pytest  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from metarec.config import Config  # noqa: E402
-from tasks.evaluation import log_child_run  # noqa: E402
-from tasks.publish import artifact_key, png_data_uri, with_images  # noqa: E402
-from tasks.tracking import (  # noqa: E402
+from tasks.evaluate.evaluation import log_child_run  # noqa: E402
+from tasks.track.publish import artifact_key, png_data_uri, with_images  # noqa: E402
+from tasks.track.tracking import (  # noqa: E402
     child_run, main_params, model_params, parent_run, setup_mlflow,
 )
 
@@ -33,7 +33,7 @@ def config(artifacts: Path, monkeypatch) -> Config:
 @pytest.fixture(autouse=True)
 def _no_prepared_lookup(monkeypatch):
     """run_tags names the prepared data's folder; these tests have no data set, so name a fixed one."""
-    monkeypatch.setattr("tasks.tracking.prepared_dir", lambda config: Path("artifacts/ml-100k/0123456789ab"))
+    monkeypatch.setattr("tasks.track.tracking.prepared_dir", lambda config: Path("artifacts/ml-100k/0123456789ab"))
 
 
 def test_each_row_shows_the_values_it_runs_with_and_only_its_own_sections(config):
@@ -131,7 +131,7 @@ def test_artifacts_go_on_the_top_flow_run_and_each_flow_logs_its_mlflow_run(pref
     from prefect import flow
     from prefect.context import get_run_context
 
-    from tasks.publish import log_mlflow_run, publish_markdown
+    from tasks.track.publish import log_mlflow_run, publish_markdown
 
     @flow
     def inner() -> str:

@@ -13,20 +13,20 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-import tasks.training as training
+import tasks.train.training as training
 from metarec.config import Config, TaskConfig
 from metarec.synthetic import planted_interactions
-from tasks.models import load_model, model_dir
-from tasks.prepare import prepare_data
-from tasks.task_shards import build_task_shards
-from tasks.tracking import REGISTERED_MODEL, setup_mlflow
-from tasks.model_registry import THETA_FILE, load_theta, register_candidate
-from tasks.training import load_checkpoint, meta_train, training_dir
+from tasks.train.models import load_model, model_dir
+from tasks.data.prepare import prepare_data
+from tasks.train.task_shards import build_task_shards
+from tasks.track.tracking import REGISTERED_MODEL, setup_mlflow
+from tasks.track.model_registry import THETA_FILE, load_theta, register_candidate
+from tasks.train.training import load_checkpoint, meta_train, training_dir
 
 
 @pytest.fixture(autouse=True)
 def _own_mlflow_store(monkeypatch):
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which tasks.tracking would then prefer: start each test clean."""
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which tasks.track.tracking would then prefer: start each test clean."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
@@ -108,8 +108,8 @@ def test_a_finished_training_is_returned_as_it_is_without_reopening_its_run(trai
 def test_registered_once_per_run_with_description_tags_and_a_pyfunc_that_scores_like_serving(trained):
     import pandas as pd
 
-    from tasks.model_registry import register_candidate
-    from tasks.serving import load_served, recommend
+    from tasks.track.model_registry import register_candidate
+    from tasks.serve.serving import load_served, recommend
 
     config, result = trained
     setup_mlflow(config)
@@ -162,8 +162,8 @@ def test_the_pipelines_saved_model_treats_untrained_users_and_items_as_new(train
     """METHOD.md §11 on the pipeline's path (meta_train -> save -> load), not only fit(): rows no training step
     touched are the mean of the trained rows + noise, in the saved Θ, at serving, and still after observe() has
     indexed such a user; rows grown online average the trained rows only."""
-    from tasks.prepared import load_prepared
-    from tasks.paths import prepared_dir
+    from tasks.data.prepared import load_prepared
+    from tasks.runtime.paths import prepared_dir
     from metarec.interface import Interactions
 
     config, result = trained
@@ -301,7 +301,7 @@ def test_two_data_parallel_workers_train_the_same_theta_as_one(planted_csv, tmp_
 
 def test_task_shards_without_neighbours_hold_the_users_own_k_triples(planted_csv, tmp_path):
     """Ours+'s pipeline path: the shards meta-training reads have K = k, every support triple the task user's own."""
-    from tasks.task_shards import iter_task_shards, read_manifest
+    from tasks.train.task_shards import iter_task_shards, read_manifest
 
     config = _config(planted_csv, tmp_path / "own").model_copy(update={"tasks": TaskConfig(k=3, K=6, shard_size=200, support_neighbours=False)})
     prepare_data(config)

@@ -11,8 +11,8 @@ import pytest
 from metarec.config import SECTION_TYPES, BaselineConfig, Config, MetaConfig
 from metarec.synthetic import planted_interactions
 from metarec.models.registry import ROWS, Choice, Float, Int, on_edge, widen
-from tasks.tuning import apply_tuned, current_values, space_from_json, tune, tune_row, with_values
-from tasks.validation import validation_split
+from tasks.train.tuning import apply_tuned, current_values, space_from_json, tune, tune_row, with_values
+from tasks.train.validation import validation_split
 
 
 def tiny_config() -> Config:
@@ -164,7 +164,7 @@ def test_cli_fit_saves_models_through_prefect_and_reuses_them(prefect_harness, a
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from tasks.models import load_model
+    from tasks.train.models import load_model
 
     args = ["fit", "--data-dir", str(ml100k_dir), "--model", "pop", "--model", "spmf",
             "--set", "baselines.epochs=1", "--set", "baselines.dim=4", "--set", "baselines.spmf_reservoir=100"]

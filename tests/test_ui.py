@@ -24,8 +24,8 @@ import pytest
 
 from flows.deploy import stop_process_group
 from metarec.models.registry import ROWS
-from tasks.champion import CHAMPION
-from tasks.tracking import MODEL_TRAINING_VIEW, REGISTERED_MODEL, tracking_uri
+from tasks.track.champion import CHAMPION
+from tasks.track.tracking import MODEL_TRAINING_VIEW, REGISTERED_MODEL, tracking_uri
 
 BIN = Path(sys.executable).parent
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

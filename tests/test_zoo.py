@@ -17,7 +17,8 @@ from metarec.interface import RecentItems
 from metarec.meta_tasks import build_tasks
 from metarec.models.common import sampled_metrics
 from metarec.models.neural import Episodes
-from metarec.models.registry import ROWS, make_model
+from metarec.models.factory import make_model
+from metarec.models.registry import ROWS
 from metarec.synthetic import planted_feature_interactions
 
 NEURAL = ("melu", "mamo", "prototype")
@@ -123,7 +124,7 @@ def test_shown_items_move_a_new_users_scores_to_their_genre(planted, name):
 # ------------------------------------------------------------------ features in the saved state; the fallback
 @pytest.mark.parametrize("name", NEURAL)
 def test_save_load_with_features_gives_the_same_scores(planted, name, tmp_path):
-    from tasks.models import load_model, save_model
+    from tasks.train.models import load_model, save_model
 
     model = _fitted(name, planted, planted.features, epochs=1)
     loaded = load_model(save_model(model, name, _config(), tmp_path / name))

@@ -3,7 +3,7 @@
 Usage (from the project root):
     .venv/bin/python docs/ablations/ablate.py DATASET STUDY [section.field=value ...] [max=EPOCHS]
 
-STUDY names docs/ablations/studies/STUDY.py (a list of ``tasks.ablations.Variant``), or ``curve`` for the learning
+STUDY names docs/ablations/studies/STUDY.py (a list of ``tasks.train.ablations.Variant``), or ``curve`` for the learning
 curve of our row. Writes docs/ablations/results/out-<dataset>-<study>.json; ``docs/findings_plots.py`` renders its
 table and picture. The results of the cold-start and item-bias studies (out-ml-100k-cold.json, -bias.json) came from
 prototype models written against the code before the issue-10 fixes; they did not help and were not kept, so those
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from tasks.ablations import Variant, learning_curve, run_study  # noqa: F401 (Variant: the studies' vocabulary)
-from tasks.prepare import prepare_data
-from tasks.prepared import load_prepared
-from tasks.settings import load_config
-from tasks.validation import validation_split
+from tasks.train.ablations import Variant, learning_curve, run_study  # noqa: F401 (Variant: the studies' vocabulary)
+from tasks.data.prepare import prepare_data
+from tasks.data.prepared import load_prepared
+from tasks.runtime.settings import load_config
+from tasks.train.validation import validation_split
 
 HERE = Path(__file__).resolve().parent
 

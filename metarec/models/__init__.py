@@ -4,5 +4,6 @@
 - ``rkmf``, ``srec``, ``spmf``: the paper's baselines (BASELINES.md);
 - ``mf_ft``, ``pop``: the ablation without the meta loss, and popularity;
 - ``mf`` and ``common``: the shared MF/BPR pieces and the factor baselines' machinery;
-- ``registry``: row name -> constructor.
+- ``registry``: the table of rows (name, constructor, label, fixed options, search space);
+  ``factory``: a row's model built from a config.
 """

@@ -49,7 +49,7 @@ class PopRecommender(StreamingRecommender):
         self.n_items_ = len(self.counts_)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """The fitted state as named arrays (saved as .npz without pickle by tasks/models.py)."""
+        """The fitted state as named arrays (saved as .npz without pickle by tasks/train/models.py)."""
         return {"counts_": self.counts_.copy()}
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:

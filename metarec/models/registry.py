@@ -4,25 +4,20 @@ A row is a model class plus fixed options: "Ours (paper)" and a first-order
 variant are the same class with different ``fixed`` values. ``Config.for_row``
 applies, in order: the config's values, the row's tuned values
 (``Config.tuned[row]``, filling fields left at their class default), and the
-row's ``fixed`` options. ``make_model`` builds a row from that config.
+row's ``fixed`` options. ``factory.make_model`` builds a row from that config.
 
 Search spaces are data, not code: ``Float``/``Int`` ranges and ``Choice`` lists
-keyed by ``section.field``. The tuner (``tasks/tuning.py``) maps them to its
+keyed by ``section.field``. The tuner (``tasks/train/tuning.py``) maps them to its
 sampler, and widens a range whose chosen value lands on an edge, up to the
-range's hard ``limits``. Imports are lazy: a model's module loads only when it
-is asked for, and this module does not import ``metarec.config``.
+range's hard ``limits``. This module imports no other project module: ``metarec.config``
+reads the table, and ``metarec.models.factory`` builds a row's model from a config.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from importlib import import_module
-from typing import TYPE_CHECKING, Callable, Union
-
-if TYPE_CHECKING:
-    from metarec.config import Config
-    from metarec.interface import StreamingRecommender
+from typing import Union
 
 
 @dataclass(frozen=True)
@@ -231,20 +226,3 @@ def row(name: str) -> Row:
 
 def label(name: str) -> str:
     return ROWS[name].label if name in ROWS else name
-
-
-def row_variant(name: str, config: "Config") -> str | None:
-    """The variant row ``name`` runs under ``config`` (e.g. "batch + reservoir draws"), None for its faithful default.
-
-    A model module may define ``variant_of(config) -> str | None``; Table 1 appends "variant: <name>" to the label.
-    """
-    module_name, _ = row(name).factory.split(":")
-    variant_of: Callable[["Config"], str | None] | None = getattr(import_module(module_name), "variant_of", None)
-    return variant_of(config.for_row(name)) if variant_of is not None else None
-
-
-def make_model(name: str, config: "Config") -> "StreamingRecommender":
-    """The unfitted model of row ``name``, built from ``config.for_row(name)``."""
-    module_name, factory_name = row(name).factory.split(":")
-    factory: Callable[["Config"], "StreamingRecommender"] = getattr(import_module(module_name), factory_name)
-    return factory(config.for_row(name))

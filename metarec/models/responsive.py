@@ -20,7 +20,7 @@ the *trained* rows plus noise, after training it is reset to that
 an online update starts a batch's untrained rows from it. The masks are saved
 with the model.
 
-Pure: no files, no MLflow; ``tasks/training.py`` adds checkpoints, shards and
+Pure: no files, no MLflow; ``tasks/train/training.py`` adds checkpoints, shards and
 tracking around the same methods (``init_params``, ``pretrain_epoch``,
 ``meta_train_epoch``, ``training_state``).
 
@@ -154,7 +154,7 @@ class ResponsiveMF(StreamingRecommender):
                 self.optimizer_.state[param] = moments
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """Numeric arrays only (saved by tasks.models without pickle): Θ, the trained-row masks, every interaction seen."""
+        """Numeric arrays only (saved by tasks.train.models without pickle): Θ, the trained-row masks, every interaction seen."""
         seen = self.index_.interactions if self.index_ is not None else Interactions.from_arrays([], [], [])
         users, items = self._trained_masks()
         return {"P": self.P_.detach().cpu().numpy().copy(), "Q": self.Q_.detach().cpu().numpy().copy(), "trained_users": users, "trained_items": items,

@@ -1,6 +1,6 @@
 """Ablations of our model on the validation split of fold 0's history: what its results depend on.
 
-Never on the test cases: every number here comes from ``tasks/validation.py``'s
+Never on the test cases: every number here comes from ``tasks/train/validation.py``'s
 split of the history (pseudo-new users and a held-out time tail), so the
 findings can choose options without touching what Table 1 reports.
 
@@ -27,10 +27,10 @@ import torch
 
 from metarec.config import Config
 from metarec.metrics import case_metrics, cluster_bootstrap_ci
-from metarec.models.registry import make_model
+from metarec.models.factory import make_model
 from metarec.models.responsive import ResponsiveMF
 from metarec.meta_tasks import build_tasks
-from tasks.logs import log_info
+from tasks.runtime.logs import log_info
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def seed_everything(seed: int) -> None:
 
 
 def write_study(out: Path, name: str, result: dict) -> Path:
-    from tasks.atomic import write_json
+    from tasks.runtime.atomic import write_json
 
     path = Path(out) / f"{name}.json"
     write_json(result, path)

@@ -29,12 +29,13 @@ from prefect import task
 
 from metarec.config import Config
 from metarec.interface import StreamingRecommender
-from metarec.models.registry import ROWS, make_model
-from tasks.atomic import atomic_dir
-from tasks.integrity import CorruptFileError, quarantine
-from tasks.logs import log_info, log_warning
-from tasks.paths import model_key, prepared_dir
-from tasks.prepared import PreparedData, load_prepared
+from metarec.models.factory import make_model
+from metarec.models.registry import ROWS
+from tasks.runtime.atomic import atomic_dir
+from tasks.runtime.integrity import CorruptFileError, quarantine
+from tasks.runtime.logs import log_info, log_warning
+from tasks.runtime.paths import model_key, prepared_dir
+from tasks.data.prepared import PreparedData, load_prepared
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def model_sections(name: str) -> tuple[str, ...]:
 
 def model_hash(config: Config, name: str) -> str:
     """The key of row ``name``'s fitted state: its sections after its tuned and fixed values (``Config.for_row``)
-    and the code that fits it (``tasks.paths.model_key``)."""
+    and the code that fits it (``tasks.runtime.paths.model_key``)."""
     return model_key(config, name)
 
 
@@ -79,7 +80,7 @@ def fit_model(name: str, config: Config, prepared: PreparedData) -> StreamingRec
 def save_model(model: StreamingRecommender, name: str, config: Config, out: Path, extra: dict | None = None) -> Path:
     """Write ``out``/state.npz and ``out``/model.json atomically (the folder appears complete or not at all)."""
     if not hasattr(model, "state_arrays"):
-        raise TypeError(f"model {name!r} ({type(model).__name__}) has no state_arrays(); it cannot be saved by tasks.models")
+        raise TypeError(f"model {name!r} ({type(model).__name__}) has no state_arrays(); it cannot be saved by tasks.train.models")
     arrays = model.state_arrays()
     bad = [key for key, value in arrays.items() if np.asarray(value).dtype == object]
     if bad:

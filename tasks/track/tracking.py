@@ -34,11 +34,11 @@ from sqlalchemy.exc import DatabaseError
 from metarec.config import Config
 from metarec.models.registry import ROWS
 from metarec.redaction import redact, redact_value
-from tasks.locks import first_time_lock
-from tasks.paths import prepared_dir
+from tasks.runtime.locks import first_time_lock
+from tasks.runtime.paths import prepared_dir
 
 REGISTERED_MODEL = "responsive-mf"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # README's `mlflow ui` command
 # MLflow 3's UI opens an experiment on its GenAI overview unless the link asks for the "Model training" view.
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"
@@ -218,7 +218,7 @@ def model_params(config: Config, name: str) -> dict[str, str]:
     Resolved with ``Config.for_row`` (tuned values, then the row's fixed options) and limited to the sections the
     row depends on, so comparing two models' runs shows exactly the values that differ between them.
     """
-    from tasks.models import model_sections
+    from tasks.train.models import model_sections
 
     resolved = config.for_row(name)
     flat = {f"{section}.{key}": redact_value(value) for section in model_sections(name)

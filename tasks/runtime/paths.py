@@ -28,23 +28,24 @@ from pathlib import Path
 
 from metarec.config import Config
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CODE_FOLDERS = ("metarec", "tasks", "flows", "sql")
 
 # The code each stage runs: modules by dotted name, "sql/" for every SQL file. The metarec modules
 # these import are added by ``code_closure``; tasks/ and flows/ modules count only where listed
 # (they import I/O, logging and tracking helpers that do not change what a stage computes).
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "prepare": ("flows.prepare", "tasks.prepare", "tasks.datasets", "tasks.features", "tasks.sqlfiles", "tasks.prepared", "sql/"),
-    "tasks": ("tasks.task_shards", "metarec.meta_tasks"),
-    "train": ("tasks.training", "tasks.models", "metarec.models.responsive"),
-    "fit": ("tasks.models",),  # plus the row's own module (``model_code``)
-    "evaluate": ("tasks.evaluation", "metarec.protocol", "metarec.metrics"),
+    "prepare": ("flows.prepare", "tasks.data.prepare", "tasks.data.datasets", "tasks.data.features", "tasks.runtime.sqlfiles", "tasks.data.prepared", "sql/"),
+    "tasks": ("tasks.train.task_shards", "metarec.meta_tasks"),
+    "train": ("tasks.train.training", "tasks.train.models", "metarec.models.responsive"),
+    "fit": ("tasks.train.models",),  # plus the row's own module (``model_code``)
+    "evaluate": ("tasks.evaluate.evaluation", "metarec.protocol", "metarec.metrics"),
 }
 # Their code reaches results only through config values, which every key hashes already
 # (``Config.hash_of`` covers each field and each row's fixed options); keying on their text
-# would re-prepare the data whenever a config field is added.
-CONFIG_MODULES = frozenset({"metarec.config", "metarec.models.registry"})
+# would re-prepare the data whenever a config field is added. ``factory`` only applies a row's
+# config and calls the row's module, whose code ``model_code`` keys.
+CONFIG_MODULES = frozenset({"metarec.config", "metarec.models.registry", "metarec.models.factory"})
 
 
 def dataset_slug(dataset: str) -> str:
@@ -58,15 +59,15 @@ def source_fingerprint(config: Config) -> str:
     the data set).
 
     Keyed on the bytes, not on size and mtime, which a rewrite can keep; each file's hash
-    is cached by (path, size, mtime, ctime, inode) under the artifacts folder (``tasks.input_hashes``).
+    is cached by (path, size, mtime, ctime, inode) under the artifacts folder (``tasks.data.input_hashes``).
     """
-    from tasks.datasets import resolve_source
-    from tasks.input_hashes import content_hashes
+    from tasks.data.datasets import resolve_source
+    from tasks.data.input_hashes import content_hashes
 
     data = config.data
     columns = {"user_col": data.user_col, "item_col": data.item_col, "rating_col": data.rating_col, "ts_col": data.ts_col}
     source = resolve_source(data.dataset, data.data_dir, data.download, columns)
-    from tasks.features import feature_files
+    from tasks.data.features import feature_files
 
     files = sorted(set([*source.ratings, *([source.titles] if source.titles else []), *(f.path for f in feature_files(source, data))]))
     hashes = content_hashes(files, config.runtime.artifacts_dir)
@@ -151,7 +152,7 @@ def stage_code(stage: str) -> str:
 
 
 def model_code(name: str) -> str:
-    """Hash of the code a baseline row is fitted by: tasks.models and the row's module with what it imports."""
+    """Hash of the code a baseline row is fitted by: tasks.train.models and the row's module with what it imports."""
     from metarec.models.registry import row
 
     return code_hash((*STAGE_CODE["fit"], row(name).factory.split(":")[0]))
@@ -214,7 +215,7 @@ def model_key(config: Config, name: str) -> str:
 
     if row(name).is_ours:
         return train_key(config.for_row(name))  # meta-training writes the model
-    return _combine(config.for_row(name).hash_of("data", *row(name).sections), model_code(name))  # tasks.models.model_sections
+    return _combine(config.for_row(name).hash_of("data", *row(name).sections), model_code(name))  # tasks.train.models.model_sections
 
 
 def stage_keys(config: Config) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Whether a `metarec run` has anything left to do, decided without starting Prefect.
 
-Every stage skips work whose output exists under its cache key (``tasks.paths``),
+Every stage skips work whose output exists under its cache key (``tasks.runtime.paths``),
 but finding that out inside the flow costs a Prefect server start and the
 imports of Prefect and MLflow (15-30 s on 2 cores) for nothing. So the pipeline,
 when it finishes, writes a record of the run it was asked for: its inputs'
@@ -20,12 +20,12 @@ from pathlib import Path
 
 from metarec.config import Config
 from metarec.models.registry import ROWS
-from tasks.paths import STAGE_CODE, code_hash, data_version, dataset_slug, fold_configs, model_code, prepared_dir, stage_keys
+from tasks.runtime.paths import STAGE_CODE, code_hash, data_version, dataset_slug, fold_configs, model_code, prepared_dir, stage_keys
 
 logger = logging.getLogger(__name__)
 
 # How the flows compose the stages and render the results (the λ_ML sweep runs inside the pipeline).
-FLOW_CODE = ("flows.pipeline", "flows.lambda_sweep", "tasks.aggregate", "tasks.pooling")
+FLOW_CODE = ("flows.pipeline", "flows.lambda_sweep", "tasks.evaluate.aggregate", "tasks.evaluate.pooling")
 
 
 def _tuning_records(config: Config) -> str:

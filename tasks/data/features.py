@@ -12,7 +12,7 @@ Where they come from (detected beside the ratings, or named by ``data.user_featu
   values in a cell separated by '|', an empty cell missing.
 
 A file in the wrong format fails the prepare stage with a ``DataError`` naming the file, the line and
-what was expected, never the line's content (see ``tasks/datasets.py``); paths reach DuckDB literally
+what was expected, never the line's content (see ``tasks/data/datasets.py``); paths reach DuckDB literally
 (``literal_path``), never as glob patterns. The stage writes ``user_features.parquet`` and ``item_features.parquet`` (see
 ``sql/out_features.sql``; empty when the data set has none) and reports the fields in ``stats.json``.
 """
@@ -26,8 +26,8 @@ import duckdb
 import pyarrow.parquet as pq
 
 from metarec.config import DataConfig
-from tasks.datasets import DataError, Source, _duckdb_problem
-from tasks.sqlfiles import UnreadablePathError, literal_path, run_sql
+from tasks.data.datasets import DataError, Source, _duckdb_problem
+from tasks.runtime.sqlfiles import UnreadablePathError, literal_path, run_sql
 
 ZIP_DIGITS = 2  # a zip code's first two characters: a region (ml-100k has 795 distinct codes for 943 users)
 KINDS = ("user", "item")

@@ -35,14 +35,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from metarec.config import Config, RuntimeConfig
-from tasks.atomic import sweep_stale_temporaries, temp_sibling_dir, write_json
-from tasks.datasets import EXPECTED, DataError, inspect_input, load_raw, resolve_source
-from tasks.features import KINDS, describe_output, feature_files, load_feature_file
-from tasks.integrity import MANIFEST
-from tasks.locks import first_time_lock
-from tasks.paths import prepared_dir
-from tasks.prepared import PREPARED_FILES, prepared_problems, seal_prepared
-from tasks.sqlfiles import literal_path, run_sql, sql
+from tasks.runtime.atomic import sweep_stale_temporaries, temp_sibling_dir, write_json
+from tasks.data.datasets import EXPECTED, DataError, inspect_input, load_raw, resolve_source
+from tasks.data.features import KINDS, describe_output, feature_files, load_feature_file
+from tasks.runtime.integrity import MANIFEST
+from tasks.runtime.locks import first_time_lock
+from tasks.runtime.paths import prepared_dir
+from tasks.data.prepared import PREPARED_FILES, prepared_problems, seal_prepared
+from tasks.runtime.sqlfiles import literal_path, run_sql, sql
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def ingest(config: Config, out: Path) -> dict:
 
 
 def features(config: Config, out: Path) -> dict:
-    """Side features (``tasks/features.py``) -> user_features.parquet, item_features.parquet keyed by dense id.
+    """Side features (``tasks/data/features.py``) -> user_features.parquet, item_features.parquet keyed by dense id.
 
     Reads users.parquet and items.parquet from ``ingest``; a file in the wrong format raises DataError."""
     data = config.data

@@ -11,7 +11,7 @@ nobody's space is redesigned after looking at its scores. For each row:
   first two, every range whose best value so far sits on an edge is widened
   (``registry.widen``) up to its hard limits, so the search can go past a bound
   that was set too tight; the report flags any value still on an edge;
-- each trial fits the row on the validation split of ``tasks/validation.py``
+- each trial fits the row on the validation split of ``tasks/train/validation.py``
   and scores it (objective: mean of new-user and held-out-tail NDCG@10);
   trials are Prefect tasks when a runner is given (threads or Dask), fed in
   batches of ``runtime.max_workers`` through Optuna's ask/tell interface, and
@@ -42,13 +42,13 @@ from prefect.cache_policies import NO_CACHE
 from metarec.config import SECTION_TYPES, Config
 from metarec.interface import Interactions
 from metarec.models.registry import ROWS, Choice, Float, Int, Range, on_edge, widen
-from tasks.atomic import write_json
-from tasks.locks import first_time_lock
-from tasks.logs import log_info
-from tasks.paths import prepared_dir
-from tasks.prepared import load_prepared
-from tasks.tracking import parent_run, run_tags, setup_mlflow
-from tasks.validation import evaluate_trial, validation_split
+from tasks.runtime.atomic import write_json
+from tasks.runtime.locks import first_time_lock
+from tasks.runtime.logs import log_info
+from tasks.runtime.paths import prepared_dir
+from tasks.data.prepared import load_prepared
+from tasks.track.tracking import parent_run, run_tags, setup_mlflow
+from tasks.train.validation import evaluate_trial, validation_split
 
 logger = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -146,7 +146,7 @@ def _study(name: str, config: Config, storage: str) -> optuna.Study:
     # TPE draws at random for its first trials: one round of them, then two rounds it guides
     startup = max(1, -(-config.baselines.tune_budget // ROUNDS))
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
-    # the first create_study on a new file makes its schema: one process at a time (tasks/locks.py)
+    # the first create_study on a new file makes its schema: one process at a time (tasks/runtime/locks.py)
     with first_time_lock(Path(storage.removeprefix("sqlite:///")), "setting up the Optuna study store"):
         return optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True)
 
@@ -227,7 +227,7 @@ def tune(config: Config, models: tuple[str, ...], history: Interactions | None =
     out = tuning_path(config)
     out.parent.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{out.parent / 'optuna.db'}"
-    record = load_record(config) or {"protocol": "tasks/tuning.py and tasks/validation.py", "models": {}}
+    record = load_record(config) or {"protocol": "tasks/train/tuning.py and tasks/train/validation.py", "models": {}}
     record.update({
         "budget": config.baselines.tune_budget, "holdout": config.baselines.tune_holdout, "seed": config.baselines.seed,
         "dataset": config.data.dataset, "train_interactions": len(split["train"]), "pseudo_new_users": split["pseudo_new_users"],

@@ -1,6 +1,6 @@
 """The prepared data set on disk: its schema, and a reader for the later stages.
 
-Files in ``prepared_dir(config)`` (written by ``tasks/prepare.py``):
+Files in ``prepared_dir(config)`` (written by ``tasks/data/prepare.py``):
 
 - ``interactions.parquet``: every rating, dense ids. user_id, item_id (int64),
   rating (double), ts (int64 seconds).
@@ -17,13 +17,13 @@ Files in ``prepared_dir(config)`` (written by ``tasks/prepare.py``):
 - ``user_features.parquet``, ``item_features.parquet``: side features, one row per
   (entity, value): entity_id (the dense user_id / item_id), field_id, field, value,
   code (dense over the (field, value) pairs); empty when the data set has none
-  (``tasks/features.py``).
+  (``tasks/data/features.py``).
 - ``stats.json``: rows, users, items and time ranges per part; the feature fields; what
   the input checks found (``input_checks``).
 - ``manifest.json``: size and SHA-256 of each file above, written last: a folder
   without it was never completed. ``load_prepared`` checks the sizes (a ``stat``
-  each, so every stage can afford it); ``tasks.prepare.is_prepared`` also checks the
-  hashes before a folder is reused (see ``tasks.integrity``).
+  each, so every stage can afford it); ``tasks.data.prepare.is_prepared`` also checks the
+  hashes before a folder is reused (see ``tasks.runtime.integrity``).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import pyarrow.parquet as pq
 
 from metarec.features import Features, FeatureTable
 from metarec.interface import Interactions
-from tasks.atomic import write_json
-from tasks.integrity import MANIFEST, CorruptFileError, manifest_problems, read_manifest, write_manifest
+from tasks.runtime.atomic import write_json
+from tasks.runtime.integrity import MANIFEST, CorruptFileError, manifest_problems, read_manifest, write_manifest
 
 SPLIT_FILES = ("interactions", "users", "items", "history", "stream", "new_users", "candidates")
 FEATURE_FILES = ("user_features", "item_features")  # always written by prepare; a folder without them reads as having none

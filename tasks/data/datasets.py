@@ -2,7 +2,7 @@
 
 A data set is named either by a known name (``KNOWN``: the GroupLens MovieLens
 releases, the Netflix Prize, and ``synthetic-drift``, generated on first use by
-``tasks.generated``) or by a path (a data set folder, a MovieLens
+``tasks.data.generated``) or by a path (a data set folder, a MovieLens
 ratings file, or a generic CSV/Parquet file with configurable column names).
 
 Folders are searched in order: ``--data-dir``, ``$METAREC_DATA_DIR``,
@@ -47,12 +47,12 @@ from typing import Callable
 
 import duckdb
 
-from tasks.logs import log_warning
-from tasks.sqlfiles import UnreadablePathError, literal_path, run_sql
+from tasks.runtime.logs import log_warning
+from tasks.runtime.sqlfiles import UnreadablePathError, literal_path, run_sql
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
 GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 
@@ -72,7 +72,7 @@ class KnownDataset:
     md5: str | None = None
     size: int | None = None
     manual: str = ""
-    generated: bool = False  # made by tasks.generated on first use, not downloaded
+    generated: bool = False  # made by tasks.data.generated on first use, not downloaded
 
 
 KNOWN: dict[str, KnownDataset] = {
@@ -90,7 +90,7 @@ KNOWN: dict[str, KnownDataset] = {
         "https://www.kaggle.com/datasets/netflix-inc/netflix-prize-data (or archive.org) and unpack it as "
         "netflix/training_set/mv_*.txt or netflix/combined_data_*.txt",
     ),
-    # planted interest drift at ML-1M's size, in ML-1M's format (tasks/generated.py, metarec.synthetic.drift_ratings)
+    # planted interest drift at ML-1M's size, in ML-1M's format (tasks/data/generated.py, metarec.synthetic.drift_ratings)
     "synthetic-drift": KnownDataset("synthetic-drift", ("synthetic-drift",), "ml-1m", None, generated=True),
 }
 
@@ -181,7 +181,7 @@ def _resolve_known(spec: KnownDataset, data_dir: Path | None, download: bool) ->
 def _resolve_generated(spec: KnownDataset, dirs: list[Path]) -> Source:
     """A generated data set: a current copy where one is found, else generated into the first folder searched that
     can be written (a read-only shared folder is skipped)."""
-    from tasks.generated import GENERATED, ensure_generated, is_current
+    from tasks.data.generated import GENERATED, ensure_generated, is_current
 
     for root in dirs:
         folder = root / spec.folders[0]

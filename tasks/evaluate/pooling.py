@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from metarec.metrics import cluster_bootstrap_ci
-from tasks.evaluation import CASES_FILE, new_user_metric, stream_metric
+from tasks.evaluate.evaluation import CASES_FILE, new_user_metric, stream_metric
 
 NEW_METRICS = ("hr", "ndcg", "auc", "full_hr", "full_ndcg")
 STREAM_METRICS = ("hr", "ndcg", "auc")
@@ -70,7 +70,7 @@ def _summary(cases: pa.Table, metric: str, resamples: int, seed: int) -> dict:
 
 
 def summarise_cases(cases: pa.Table, resamples: int, seed: int) -> dict[str, dict]:
-    """The metric records of ``tasks.evaluation.summarise`` (same names), computed from pooled cases."""
+    """The metric records of ``tasks.evaluate.evaluation.summarise`` (same names), computed from pooled cases."""
     out: dict[str, dict] = {}
     new = select(cases, "new")
     for n in sorted(set(new["n"].to_pylist())):

@@ -15,7 +15,7 @@ from typing import Callable
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tasks.tracking import REGISTERED_MODEL
+from tasks.track.tracking import REGISTERED_MODEL
 
 logger = logging.getLogger(__name__)
 

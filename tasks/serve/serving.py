@@ -1,7 +1,7 @@
 """Serve a registered Θ: load a version (the champion by default), adapt to a user, recommend.
 
 A registered version is an MLflow pyfunc model whose artifacts hold Θ as
-safetensors plus a JSON description (``tasks.model_registry``), so loading
+safetensors plus a JSON description (``tasks.track.model_registry``), so loading
 never unpickles anything. The
 version's tags name the data set and data hash it was trained on; the model's
 memory of who interacted with what (recent items, neighbours) is rebuilt from
@@ -24,13 +24,13 @@ from metarec.config import Config, MetaConfig, TaskConfig
 from metarec.interface import Interactions, RecentItems
 from metarec.protocol import Cases, evaluate_new_users
 from metarec.models.responsive import ResponsiveMF
-from tasks.champion import CHAMPION, current_champion
-from tasks.evaluation import load_cases
-from tasks.integrity import CorruptFileError
-from tasks.paths import dataset_slug, prepared_dir
-from tasks.prepared import PreparedData, load_prepared
-from tasks.tracking import REGISTERED_MODEL, setup_mlflow
-from tasks.model_registry import load_theta
+from tasks.track.champion import CHAMPION, current_champion
+from tasks.evaluate.evaluation import load_cases
+from tasks.runtime.integrity import CorruptFileError
+from tasks.runtime.paths import dataset_slug, prepared_dir
+from tasks.data.prepared import PreparedData, load_prepared
+from tasks.track.tracking import REGISTERED_MODEL, setup_mlflow
+from tasks.track.model_registry import load_theta
 
 
 class ServingError(LookupError):

@@ -18,9 +18,9 @@ import json
 import os
 from pathlib import Path
 
-from tasks.atomic import write_json
-from tasks.integrity import file_sha256
-from tasks.locks import first_time_lock
+from tasks.runtime.atomic import write_json
+from tasks.runtime.integrity import file_sha256
+from tasks.runtime.locks import first_time_lock
 
 CACHE_FILE = Path(".cache") / "input-hashes.json"
 

@@ -1,7 +1,7 @@
 """Θ in MLflow: logged as a pyfunc model on its training run, registered only when it is a serving candidate.
 
 ``log_theta_model`` logs the model on the active (training) run: the code is
-``tasks/theta_model.py`` (models from code, nothing pickled), the weights
+``tasks/track/theta_model.py`` (models from code, nothing pickled), the weights
 safetensors, the rest JSON, with a signature, and the pure ``metarec`` package
 as its code path.
 
@@ -34,11 +34,11 @@ from safetensors.torch import load_file, save_file
 
 from metarec.config import Config
 from metarec.models.responsive import ResponsiveMF
-from tasks.atomic import write_json
-from tasks.champion import DATA_TAG, SCORE_TAG
-from tasks.integrity import CorruptFileError
-from tasks.prepared import PreparedData
-from tasks.tracking import PROJECT_ROOT, REGISTERED_MODEL, run_tags
+from tasks.runtime.atomic import write_json
+from tasks.track.champion import DATA_TAG, SCORE_TAG
+from tasks.runtime.integrity import CorruptFileError
+from tasks.data.prepared import PreparedData
+from tasks.track.tracking import PROJECT_ROOT, REGISTERED_MODEL, run_tags
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def load_theta(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 
 def theta_files(model: ResponsiveMF, config: Config, prepared: PreparedData, out: Path) -> dict[str, str]:
-    """The model's artifacts in ``out`` (see ``tasks/theta_model.py``), by artifact name."""
+    """The model's artifacts in ``out`` (see ``tasks/track/theta_model.py``), by artifact name."""
     save_theta(model, out, config)
     seen = {key: torch.as_tensor(np.concatenate([getattr(prepared.history, key), getattr(prepared.stream, key)]).astype(np.int64))
             for key in ("users", "items", "ts")}

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from metarec.metrics import cluster_bootstrap_ci  # noqa: E402
 from metarec.models.registry import ROWS  # noqa: E402
-from tasks.atomic import atomic_path, write_text  # noqa: E402
-from tasks.evaluation import CASES_FILE, new_user_metric  # noqa: E402
-from tasks.pooling import paired, select  # noqa: E402
+from tasks.runtime.atomic import atomic_path, write_text  # noqa: E402
+from tasks.evaluate.evaluation import CASES_FILE, new_user_metric  # noqa: E402
+from tasks.evaluate.pooling import paired, select  # noqa: E402
 
 OURS = "responsive"
 LABELS = {name: row.label for name, row in ROWS.items()}

@@ -24,18 +24,18 @@
 4. at the end the rows no training step touched (users absent from the tasks,
    items never a positive) are reset to the mean of the trained rows + noise
    (METHOD.md §11); Θ (with the trained-row masks) is logged on the run as an
-   MLflow pyfunc model (``tasks.model_registry``: safetensors + JSON,
+   MLflow pyfunc model (``tasks.track.model_registry``: safetensors + JSON,
    ``load_theta`` reads it back without unpickling), and the whole model (Θ,
-   the masks, what it has seen) is saved with ``tasks.models.save_model``
+   the masks, what it has seen) is saved with ``tasks.train.models.save_model``
    where the evaluation looks for it. Nothing is registered here: a serving
    candidate is registered after its evaluation;
 5. a finished training of the same configuration is returned as it is, its
    MLflow run left closed.
 
-The MLflow run nests under the open parent run (``tasks.tracking.child_run``).
+The MLflow run nests under the open parent run (``tasks.track.tracking.child_run``).
 
 ``runtime.workers = N`` > 1 runs the epochs in N data-parallel processes
-(``tasks/parallel.py``, ``metarec/distributed.py``); this process still
+(``tasks/train/parallel.py``, ``metarec/distributed.py``); this process still
 checkpoints and logs each epoch, so resuming and the results are as above.
 
 Progress: a tqdm bar over tasks when stderr is a terminal (and
@@ -64,16 +64,16 @@ from metarec.config import Config
 from metarec.distributed import backend_for
 from metarec.maml import DivergedError
 from metarec.models.responsive import EpochStats, ResponsiveMF, from_config
-from tasks.atomic import atomic_dir, write_json
-from tasks.integrity import CorruptFileError, quarantine
-from tasks.logs import log_info, log_warning
-from tasks.models import model_dir, model_hash, save_model, saved_model_ok
-from tasks.parallel import ParallelTrainer, WorkerPlan
-from tasks.paths import prepared_dir, task_shards_dir, train_key
-from tasks.prepared import PreparedData, load_prepared
-from tasks.task_shards import iter_task_shards, read_manifest
-from tasks.model_registry import log_theta_model
-from tasks.tracking import child_run, model_params, run_tags, setup_mlflow
+from tasks.runtime.atomic import atomic_dir, write_json
+from tasks.runtime.integrity import CorruptFileError, quarantine
+from tasks.runtime.logs import log_info, log_warning
+from tasks.train.models import model_dir, model_hash, save_model, saved_model_ok
+from tasks.train.parallel import ParallelTrainer, WorkerPlan
+from tasks.runtime.paths import prepared_dir, task_shards_dir, train_key
+from tasks.data.prepared import PreparedData, load_prepared
+from tasks.train.task_shards import iter_task_shards, read_manifest
+from tasks.track.model_registry import log_theta_model
+from tasks.track.tracking import child_run, model_params, run_tags, setup_mlflow
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +90,14 @@ class TrainResult:
     epochs_done: int
     run_id: str
     history: list[dict] = field(default_factory=list)
-    model_version: str | None = None  # set by whoever registers the model (tasks.model_registry), never by training
+    model_version: str | None = None  # set by whoever registers the model (tasks.track.model_registry), never by training
     model_path: str | None = None
     message: str = ""
     model_uri: str | None = None  # Θ as an MLflow pyfunc model (models:/m-...), logged on the training run
 
 
 def training_dir(config: Config) -> Path:
-    """prepared_dir/training/responsive-<key of data, tasks, meta and the code (``tasks.paths.train_key``)>."""
+    """prepared_dir/training/responsive-<key of data, tasks, meta and the code (``tasks.runtime.paths.train_key``)>."""
     return prepared_dir(config) / "training" / f"responsive-{train_key(config)}"
 
 
@@ -184,7 +184,7 @@ def _epoch(model: ResponsiveMF, task_dir: Path, epoch: int, config: Config, n_ta
 @contextmanager
 def _epoch_runner(config: Config, model: ResponsiveMF, task_dir: Path, first: int, last: int, n_tasks: int) -> Iterator[Callable[[int], EpochStats]]:
     """``run_epoch(epoch)``: in this process, or (``runtime.workers`` > 1) in data-parallel worker processes that
-    start from the model's state and hand it back after every epoch (``tasks/parallel.py``)."""
+    start from the model's state and hand it back after every epoch (``tasks/train/parallel.py``)."""
     workers = config.runtime.workers
     if workers == 1 or first >= last:
         yield lambda epoch: _epoch(model, task_dir, epoch, config, n_tasks)
@@ -248,8 +248,8 @@ def meta_train(
     """Meta-train (or resume) row ``row`` (ours or a variant of it) on the task shards; ``max_epochs`` stops early
     (as an interruption would). A finished training of the same configuration is returned as it is: its MLflow run
     is not reopened and nothing is logged again. A new MLflow run nests under this thread's active run, else
-    ``parent_run_id``, else the open parent run (``tasks.tracking.child_run``). Nothing is registered: a serving
-    candidate is registered after its evaluation (``tasks.model_registry.register_candidate``)."""
+    ``parent_run_id``, else the open parent run (``tasks.track.tracking.child_run``). Nothing is registered: a serving
+    candidate is registered after its evaluation (``tasks.track.model_registry.register_candidate``)."""
     config = config.for_row(row)
     cached = cached_training(config, row) if max_epochs is None else None
     if cached is not None:
@@ -315,7 +315,7 @@ def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list
 def _finish(config: Config, model: ResponsiveMF, work: Path, run_id: str, records: list[dict], prepared: PreparedData, row: str) -> TrainResult:
     """Untrained rows reset (§11), Θ as an MLflow model on the run (safetensors + JSON, no pickle), the evaluable model, status finished.
 
-    Nothing is registered here: only serving candidates are, after their evaluation (``tasks.model_registry``)."""
+    Nothing is registered here: only serving candidates are, after their evaluation (``tasks.track.model_registry``)."""
     model.reset_untrained_rows()
     model_uri = log_theta_model(model, config, prepared)
     out = save_model(model, row, config, model_dir(config, row), {"run_id": run_id, "history_interactions": len(prepared.history)})

@@ -2,7 +2,7 @@
 
 MLflow logs this file as the model's code ("models from code"): nothing is
 pickled. The model's artifacts are plain files written by
-``tasks.model_registry.log_theta_model``:
+``tasks.track.model_registry.log_theta_model``:
 
 - ``theta``: ``theta.safetensors`` with P (users x d) and Q (items x d);
 - ``description``: ``theta.json`` with the meta and task settings Θ was trained with;

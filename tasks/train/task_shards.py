@@ -26,10 +26,10 @@ from prefect import task
 
 from metarec.config import Config
 from metarec.meta_tasks import TaskArrays, count_tasks, iter_tasks
-from tasks.atomic import atomic_dir
-from tasks.logs import log_info
-from tasks.paths import prepared_dir, task_shards_dir
-from tasks.prepared import load_prepared
+from tasks.runtime.atomic import atomic_dir
+from tasks.runtime.logs import log_info
+from tasks.runtime.paths import prepared_dir, task_shards_dir
+from tasks.data.prepared import load_prepared
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from metarec.config import Config
 from metarec.features import NO_FEATURES, Features
 from metarec.interface import Interactions, RecentItems
 from metarec.models.common import sampled_metrics
-from metarec.models.registry import make_model
+from metarec.models.factory import make_model
 from metarec.neighbours import InteractionIndex
 
 VAL_BATCHES = 2

@@ -23,13 +23,13 @@ from prefect import task
 
 from metarec.config import Config
 from metarec.metrics import bootstrap_ci
-from metarec.models.registry import row_variant
+from metarec.models.factory import row_variant
 from metarec.protocol import Cases, CaseResults, evaluate_new_users, evaluate_stream
-from tasks.atomic import write_json, write_parquet
-from tasks.logs import log_info
-from tasks.models import load_model
-from tasks.paths import evaluation_key, prepared_dir, run_dir
-from tasks.prepared import PreparedData, load_prepared
+from tasks.runtime.atomic import write_json, write_parquet
+from tasks.runtime.logs import log_info
+from tasks.train.models import load_model
+from tasks.runtime.paths import evaluation_key, prepared_dir, run_dir
+from tasks.data.prepared import PreparedData, load_prepared
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def evaluate_model(name: str, model_path: Path, config: Config, prepared: Prepar
         "model": name,
         "model_path": str(model_path),
         "config_hash": config.hash_of(),
-        "evaluation_key": evaluation_key(config),  # the config and the evaluation code (tasks.paths)
+        "evaluation_key": evaluation_key(config),  # the config and the evaluation code (tasks.runtime.paths)
         "variant": row_variant(name, config),  # None when the row runs its faithful default
         "features": model.feature_report(),  # which side features it used, or its fallback to ids (summary.md says so)
         "metrics": summarise(new, stream_results, config),
@@ -154,7 +154,7 @@ def evaluate_model(name: str, model_path: Path, config: Config, prepared: Prepar
 def log_child_run(client: MlflowClient, experiment_id: str, parent_run_id: str, record: dict, tags: dict[str, str], params: dict,
                   started_ms: int | None = None, ended_ms: int | None = None) -> str:
     """One MLflow child run per model (thread-safe: explicit client) with the shared metric names. ``params``: the
-    hyperparameters the model actually ran with (``tasks.tracking.model_params``), so diff-only comparison shows what
+    hyperparameters the model actually ran with (``tasks.track.tracking.model_params``), so diff-only comparison shows what
     differs between models. ``started_ms``/``ended_ms`` (epoch ms) give the run the span of the work it stands for."""
     name = record["model"]
     run = client.create_run(experiment_id, start_time=started_ms, run_name=name,

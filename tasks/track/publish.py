@@ -25,9 +25,9 @@ from prefect.context import get_run_context
 from prefect.exceptions import MissingContextError
 
 from metarec.config import Config
-from tasks.logs import log_info
-from tasks.paths import dataset_slug
-from tasks.tracking import run_link
+from tasks.runtime.logs import log_info
+from tasks.runtime.paths import dataset_slug
+from tasks.track.tracking import run_link
 
 logger = logging.getLogger(__name__)
 

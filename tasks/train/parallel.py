@@ -3,7 +3,7 @@
 The calling process coordinates: it starts the workers (spawned, so CUDA and
 OpenMP start clean in each) with the current training state, and each epoch
 waits for rank 0's statistics and state, which it checkpoints and logs exactly
-as a single-process run would (``tasks/training.py``). The workers form one
+as a single-process run would (``tasks/train/training.py``). The workers form one
 process group (gloo on CPU, NCCL on GPUs; rendezvous through a file in a private
 temp folder) and split every batch between them (``metarec.distributed``).
 
@@ -50,7 +50,7 @@ class WorkerPlan:
 
 def _parts(source: Path | Sequence[TaskArrays]):
     if isinstance(source, Path):
-        from tasks.task_shards import iter_task_shards  # Prefect is imported only by workers that read shards
+        from tasks.train.task_shards import iter_task_shards  # Prefect is imported only by workers that read shards
 
         return iter_task_shards(source)
     return source

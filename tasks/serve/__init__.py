@@ -1,0 +1,7 @@
+"""The nightly deployment's end: a registered Θ loaded, re-scored on the current data, and serving recommendations.
+
+- ``serving``: load a registered version (the champion by default), adapt it to a user,
+  recommend; re-score a version on the current data for the champion comparison.
+
+May import: every other ``tasks`` package and ``metarec``.
+"""
