@@ -8,7 +8,7 @@ user with n shown items is asked for its (n+1)-th, an early item, and what users
 take first differs from what they take later (issue 22: on ml-100k, popularity
 over history positions < 5 scores NDCG@10 0.769 at n = 1 where all positions
 score 0.572).
-
+"""
 
 from __future__ import annotations
 
