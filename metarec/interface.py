@@ -29,9 +29,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Interactions:
-    """Positive interactions as columns, sorted by (ts, user, item).
+    """Positive interactions as columns, sorted by (ts, user).
 
     users, items: int64 dense ids; ts: int64 seconds. All of one length.
+    A user's rows of the same second are in their tie-break order (``data.tie_break``, decided in SQL when the
+    data is prepared): every consumer keeps the row order among them (stable sorts on (user, ts) only), never
+    re-sorts them by item.
     """
 
     users: np.ndarray
@@ -51,7 +54,7 @@ class Interactions:
         users = np.asarray(users, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
         ts = np.arange(len(users), dtype=np.int64) if ts is None else np.asarray(ts, dtype=np.int64)
-        order = np.lexsort((items, users, ts))
+        order = np.lexsort((users, ts))  # stable: same-second rows of a user keep the caller's order
         return cls(users[order], items[order], ts[order])
 
     def take(self, mask_or_index) -> "Interactions":

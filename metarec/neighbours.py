@@ -108,7 +108,7 @@ class InteractionIndex:
     n_users: int  # 1 + the largest user id seen
     n_items: int  # 1 + the largest item id seen
     uniq_ts_: np.ndarray  # (R,) distinct timestamps, sorted
-    # by user: (N,) sorted by (user, ts, item)
+    # by user: (N,) sorted by (user, ts), same-second rows in the given row order (the tie-break, see Interactions)
     user_ptr_: np.ndarray  # (n_users + 1,)
     user_items_: np.ndarray
     user_ts_: np.ndarray
@@ -122,7 +122,7 @@ class InteractionIndex:
     pair_ptr_: np.ndarray  # (n_users + 1,)
     pair_item_pos_: np.ndarray  # where the pair sits in the by-item arrays
     gap_key_: np.ndarray  # user << 32 | (item - rank of the item among the user's items)
-    # by pair in time: (P,) distinct pairs sorted by (user, first ts, item)
+    # by pair in time: (P,) distinct pairs sorted by (user, first ts, row of that first interaction)
     pair_time_key_: np.ndarray  # user * (R + 1) + ts_rank of the pair's first interaction
     pair_time_items_: np.ndarray
     bitmap_: np.ndarray | None  # bit u * n_items + v set iff (u, v) is a positive; None when too large
@@ -141,7 +141,7 @@ class InteractionIndex:
         if max(n_users, n_items) * int(stride) >= 2**62:
             raise ValueError(f"index too large for int64 keys: {n_users} users, {n_items} items, {len(uniq_ts)} timestamps")
 
-        by_user = _lexsort((items, rank, users), (n_items, int(stride), n_users))
+        by_user = _lexsort((rank, users), (int(stride), n_users))  # stable: ties keep the row order, not item order
         user_sorted = users[by_user]
 
         # distinct pairs at their earliest ts: a neighbour "has" an item from its first interaction with it
@@ -149,14 +149,14 @@ class InteractionIndex:
         pu, pv, pr = users[by_pair], items[by_pair], rank[by_pair]
         first = np.ones(len(pu), dtype=bool)
         first[1:] = (pu[1:] != pu[:-1]) | (pv[1:] != pv[:-1])
-        pu, pv, pr = pu[first], pv[first], pr[first]
+        pu, pv, pr, prow = pu[first], pv[first], pr[first], by_pair[first]
         pair_ptr = _offsets(pu, n_users)
         rank_in_user = np.arange(len(pu), dtype=np.int64) - pair_ptr[pu]
 
         by_item = _lexsort((pu, pr, pv), (n_users, int(stride), n_items))
         pair_item_pos = np.empty(len(pu), dtype=np.int64)
         pair_item_pos[by_item] = np.arange(len(pu), dtype=np.int64)
-        by_time = np.lexsort((pv, pr, pu))
+        by_time = np.lexsort((prow, pr, pu))
 
         return cls(
             interactions=Interactions(users, items, ts),

@@ -1,5 +1,6 @@
 -- Evaluation cases (METHOD.md §9): for each new user with >= $min_positives positives and each
 -- n in $ns, the positive at pos = n (the user has shown pos 0..n-1 first); and every stream row.
+-- Cases are numbered by (ts, user_id, pos): pos already holds the tie-break of same-second rows, never the item id.
 WITH nu AS (
     SELECT * FROM read_parquet($new_users)
 ), eligible AS (
@@ -14,7 +15,7 @@ WITH nu AS (
     SELECT 1, 'stream', CAST(-1 AS BIGINT), batch, user_id, item_id, pos, ts
     FROM read_parquet($stream)
 )
-SELECT row_number() OVER (ORDER BY kind_order, n, batch, ts, user_id, item_id) - 1 AS case_id,
+SELECT row_number() OVER (ORDER BY kind_order, n, batch, ts, user_id, pos) - 1 AS case_id,
        kind, n, batch, user_id, item_id, pos
 FROM cases
 ORDER BY case_id;

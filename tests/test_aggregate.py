@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import io
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from metarec.metrics import bootstrap_ci
-from tasks.evaluate.aggregate import RunFacts, case_values, comparisons, forest_plot, paired_verdict, table1_markdown, verdict_tables, write_report
+from tasks.evaluate.aggregate import (RunFacts, case_values, comparisons, forest_panels, forest_plot, paired_verdict, table1_markdown, verdict_tables,
+                             write_report)
 from tasks.evaluate.pooling import paired
 
 
@@ -86,6 +90,42 @@ def test_forest_plot_is_a_png(tmp_path):
     cases = {"responsive": _cases(list(range(50)), rng.random(50).tolist()), "pop": _cases(list(range(50)), rng.random(50).tolist())}
     path = forest_plot(comparisons(cases, (1,), 200, 0), tmp_path / "forest.png", "d")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verdicts_judge_new_user_ndcg_on_sampled_candidates_and_on_full_ranking(tmp_path):
+    """Ours wins on the sampled candidates and loses on full ranking: both verdicts are drawn, in the table, the CSV
+    and the forest plot's panels (sampled metrics can reorder models)."""
+    rng = np.random.default_rng(4)
+    users = list(range(200))
+    base = rng.random(200)
+
+    def with_full(ndcg, full):
+        table = _cases(users, ndcg)
+        return table.set_column(table.schema.get_field_index("full_ndcg"), "full_ndcg", pa.array(full))
+
+    cases = {"responsive": with_full((base + 0.1).tolist(), (base * 0.1).tolist()), "pop": with_full(base.tolist(), (base * 0.1 + 0.05).tolist())}
+    found = comparisons(cases, (1,), 300, 0)
+    by_metric = {c.metric: c for c in found if c.part == "new"}
+    assert by_metric["ndcg"].word == "wins" and by_metric["full_ndcg"].word == "loses"
+    table = "\n".join(verdict_tables(found))
+    assert "new users, NDCG@10 (sampled candidates)" in table and "new users, NDCG@10 (full ranking)" in table
+    panels = [(part, metric) for part, metric, _ in forest_panels(found)]
+    assert ("new", "ndcg") in panels and ("new", "full_ndcg") in panels
+    facts = RunFacts("d", 1, [], {"data.new_user_ns": [1], "data.stream_batches": 1, "eval.bootstrap": 300}, {})
+    metrics = {"new_n1_ndcg10": {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "cases": 200}}
+    results = {m: {"model": m, "metrics": metrics, "seconds": {}} for m in cases}
+    files = write_report(tmp_path, facts, results, cases, {0: results})
+    rows = list(csv.DictReader(io.StringIO(files["verdicts.csv"].read_text())))
+    assert {(r["metric"], r["verdict"]) for r in rows if r["part"] == "new" and r["metric"].endswith("ndcg")} == {("ndcg", "wins"), ("full_ndcg", "loses")}
+    assert files["forest.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_forest_panels_skip_full_ranking_when_it_was_not_computed():
+    rng = np.random.default_rng(5)
+    table = _cases(list(range(50)), rng.random(50).tolist())
+    nan = table.set_column(table.schema.get_field_index("full_ndcg"), "full_ndcg", pa.array([float("nan")] * 50))
+    found = comparisons({"responsive": nan, "pop": nan}, (1,), 100, 0)
+    assert ("new", "full_ndcg") not in [(p, m) for p, m, _ in forest_panels(found)] and not any(c.metric == "full_ndcg" for c in found)
 
 
 def test_table1_names_the_variant_a_row_runs():

@@ -17,7 +17,7 @@ from metarec.models.factory import make_model
 from metarec.synthetic import planted_interactions
 
 NEURAL_MODELS = ("melu", "mamo", "prototype")  # the meta-learning rows of issue 11 (more in test_zoo.py)
-MODELS = ("rkmf", "srec", "spmf", "mf_ft", "pop", *NEURAL_MODELS)
+MODELS = ("rkmf", "srec", "spmf", "mf_ft", "pop", "pop_early", *NEURAL_MODELS)
 FACTOR_MODELS = ("rkmf", "srec", "spmf", "mf_ft")
 N_NEG = 50
 

@@ -46,9 +46,9 @@ def tasks(history) -> TaskArrays:
 
 
 def timelines(history: Interactions) -> dict[int, list[tuple[int, int]]]:
-    """user -> [(ts, item)] in the order tasks use: by ts, ties by item."""
+    """user -> [(ts, item)] in the order tasks use: by ts, ties in row order (the prepared tie-break, data.tie_break)."""
     out: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for u, v, t in sorted(zip(history.users.tolist(), history.items.tolist(), history.ts.tolist()), key=lambda r: (r[0], r[2], r[1])):
+    for u, v, t in sorted(zip(history.users.tolist(), history.items.tolist(), history.ts.tolist()), key=lambda r: (r[0], r[2])):
         out[u].append((t, v))
     return out
 

@@ -117,7 +117,7 @@ def test_recent_items_match_brute_force():
     users = rng.integers(0, 45, 300)
     before = rng.integers(-5, 210, 300)
     items, ts = index.recent_items(users, 4, before)
-    order = np.lexsort((history.items, history.ts, history.users))
+    order = np.lexsort((history.ts, history.users))  # same-second rows in row order (the prepared tie-break)
     for row, (u, b) in enumerate(zip(users.tolist(), before.tolist())):
         rows = [r for r in order if history.users[r] == u and history.ts[r] < b][-4:]
         want = [int(history.items[r]) for r in rows]

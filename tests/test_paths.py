@@ -97,7 +97,8 @@ def test_a_prepare_change_moves_every_later_stage_with_the_prepared_folder(edite
     ({"eval": {"bootstrap": 10}}, ["evaluate"]),
     ({"eval": {"full_ranking": False}}, ["evaluate"]),
     ({"meta": {"inner_lr": 3.0}}, ["evaluate", "fit:mf_ft", "fit:responsive", "fit:responsive_plus", "train"]),  # MF-FT shares meta (dim, λs)
-    ({"tasks": {"K": 10}}, ["evaluate", "fit:responsive", "fit:responsive_plus", "tasks", "train"]),
+    # Pop (early) reads the tasks section (tasks.early_max): keyed on the whole section, as every row is (a refit costs ms)
+    ({"tasks": {"K": 10}}, ["evaluate", "fit:pop_early", "fit:responsive", "fit:responsive_plus", "tasks", "train"]),
     ({"baselines": {"srec_obs_var": 0.5}}, ["evaluate", "fit:mf_ft", "fit:rkmf", "fit:spmf", "fit:srec"]),
     ({"runtime": {"torch_threads": 1}}, []),
 ])

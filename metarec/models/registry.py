@@ -194,6 +194,8 @@ ROWS: dict[str, Row] = {
             passes=("baselines.epochs",),
         ),
         Row("pop", "metarec.models.pop:from_config", "Pop", {}, sections=()),
+        # popularity over users' first tasks.early_max interactions: what a new user's next item looks like (issue 22)
+        Row("pop_early", "metarec.models.pop:early_from_config", "Pop (early)", {}, sections=("tasks",)),
         Row(
             "responsive_fo", "metarec.models.responsive:from_config", "Ours (FOMAML)", dict(_OURS),
             fixed={"meta.first_order": True}, sections=("tasks", "meta"), family="ours", passes=("meta.epochs", "meta.pretrain_epochs"),

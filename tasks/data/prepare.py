@@ -152,7 +152,8 @@ def split(config: Config, out: Path) -> dict:
     data = config.data
     interactions = _parquet(out / "interactions.parquet")
     with duckdb_connection(config.runtime) as con:
-        run_sql(con, "positives", {"interactions": interactions, "threshold": data.rating_threshold})
+        run_sql(con, "positives", {"interactions": interactions, "threshold": data.rating_threshold, "tie_break": data.tie_break,
+                                   "seed": data.seed})
         run_sql(con, "split_new_users", {"seed": data.seed, "deals": data.deals, "fold": data.fold})
         run_sql(con, "split_history_stream", {"history_fraction": data.history_fraction, "batches": data.stream_batches})
         counts = dict(zip(("positives", "users", "new_users", "history", "stream"), run_sql(con, "split_counts").fetchall()[0]))

@@ -3,11 +3,13 @@
 Files in ``prepared_dir(config)`` (written by ``tasks/data/prepare.py``):
 
 - ``interactions.parquet``: every rating, dense ids. user_id, item_id (int64),
-  rating (double), ts (int64 seconds).
+  rating (double), ts (int64 seconds), seq (int64: the line's position in the
+  input, which seeds the tie-break of same-second positives, ``data.tie_break``).
 - ``users.parquet`` (user_id, raw_user), ``items.parquet`` (item_id, raw_item, title).
 - ``history.parquet``, ``stream.parquet``, ``new_users.parquet``: positives only,
   user_id, item_id, ts, pos (0-based chronological position of the row among
-  that user's rows in the same file); sorted by (ts, user_id, item_id).
+  that user's rows in the same file, same-second rows in the ``data.tie_break``
+  order); sorted by (ts, user_id, pos).
   ``stream.parquet`` also has batch (0 .. B-1, time-ordered).
 - ``candidates.parquet``: one row per evaluation case. case_id, kind ('new' or
   'stream'), n (new: interactions shown first; stream: -1), batch (stream:

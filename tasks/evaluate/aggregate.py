@@ -261,7 +261,10 @@ def _ci(cell: dict | None) -> tuple:
 
 STREAM_GROUPS = (("stream_auc_mean", "all stream cases", None), ("stream_seen_auc_mean", "users seen before the batch", True), ("stream_cold_auc_mean", "users first seen in the batch", False))
 QUICK_LABEL = "quick preset: a smoke run, not a comparison"
-VERDICT_METRICS = (("hr", "HR@10"), ("ndcg", "NDCG@10"), ("auc", "AUC"))
+# New-user NDCG@10 both on the stored candidates (1 + data.n_negatives) and on full ranking: sampled metrics can
+# reorder models (Krichene & Rendle, KDD 2020), so a verdict holds only where both agree.
+VERDICT_METRICS = (("hr", "HR@10"), ("ndcg", "NDCG@10 (sampled candidates)"), ("full_ndcg", "NDCG@10 (full ranking)"), ("auc", "AUC"))
+FOREST_METRICS = ("hr", "ndcg", "full_ndcg")  # the new-user panels of the forest plot, beside the stream's AUC
 
 
 def read_cases(run: Path, models) -> dict[str, pa.Table]:
@@ -366,10 +369,17 @@ def verdict_tables(found: list[Comparison]) -> list[str]:
     return lines
 
 
+def forest_panels(found: list[Comparison]) -> list[tuple[str, str, str]]:
+    """(part, metric, title) of each forest-plot panel that has comparisons: new users' HR@10 and NDCG@10 on the
+    sampled candidates and on full ranking, then the stream's AUC."""
+    panels = [("new", m, f"new users, {t}") for m, t in VERDICT_METRICS if m in FOREST_METRICS] + [("stream", "auc", "stream, AUC")]
+    return [p for p in panels if any(c.part == p[0] and c.metric == p[1] for c in found)] or panels[:1]
+
+
 def forest_plot(found: list[Comparison], path: Path, dataset: str) -> Path:
-    """One panel per metric: each of our rows minus each other model, with its paired 95% CI; filled = CI excludes 0."""
-    panels = [("new", m, f"new users, {t}") for m, t in VERDICT_METRICS[:2]] + [("stream", "auc", "stream, AUC")]
-    panels = [p for p in panels if any(c.part == p[0] and c.metric == p[1] for c in found)] or panels[:1]
+    """One panel per metric (``forest_panels``): each of our rows minus each other model, with its paired 95% CI;
+    filled = CI excludes 0."""
+    panels = forest_panels(found)
     ours_rows = list(dict.fromkeys(c.ours for c in found))
     lines = {p: list(dict.fromkeys((c.group, c.other) for c in found if (c.part, c.metric) == p[:2])) for p in panels}
     height = max(3.0, 0.28 * max((len(v) for v in lines.values()), default=1) + 1.5)
@@ -488,7 +498,9 @@ def summary_markdown(facts: RunFacts, rows: list[dict], results: dict[str, dict]
     if not facts.quick:
         lines += ["## Verdicts: each of our rows minus every other model", "",
                   "Difference of the means on the same cases, with the 95% paired-bootstrap CI (resampling users, pooled over folds). "
-                  "wins / loses only when the CI excludes 0, otherwise tie. Picture: forest.png.", *verdict_tables(found), ""]
+                  "wins / loses only when the CI excludes 0, otherwise tie. New users' NDCG@10 is judged twice: on the stored "
+                  "candidates (1 + data.n_negatives sampled) and on full ranking (every item the user never had), since "
+                  "sampled metrics can reorder models. Picture: forest.png.", *verdict_tables(found), ""]
     stream = [f"- {label}: " + ", ".join(f"{LABELS.get(m, m)} {r['metrics'][key]['mean']:.3f}" for m, r in results.items() if key in r["metrics"])
               for key, label, _ in STREAM_GROUPS]
     lines += ["## Stream, mean AUC", "", *stream, ""]

@@ -68,7 +68,7 @@ def _candidates(index: InteractionIndex, users: np.ndarray, items: np.ndarray, n
 
 def _new_user_cases(new: Interactions, index: InteractionIndex, config: Config, n_items: int, rng: np.random.Generator) -> dict[int, tuple]:
     ns = config.data.new_user_ns
-    order = np.lexsort((new.items, new.ts, new.users))
+    order = np.lexsort((new.ts, new.users))  # stable: same-second rows keep the prepared tie-break order
     users, items, ts = new.users[order], new.items[order], new.ts[order]
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     counts = np.diff(np.r_[starts, len(users)])
