@@ -16,7 +16,7 @@ import pytest
 
 from metarec.config import Config, DataConfig, RuntimeConfig
 from metarec.interface import Interactions
-from metarec.models.registry import make_model
+from metarec.models.factory import make_model
 from metarec.neighbours import InteractionIndex
 from tasks.data.prepare import run_steps
 
