@@ -404,7 +404,7 @@ def forest_plot(found: list[Comparison], path: Path, dataset: str) -> Path:
         ax.set_xlabel("ours minus other (paired 95% CI)")
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].legend(loc="best", fontsize=8)
-    fig.suptitle(f"Verdicts — {dataset} (filled: the CI excludes 0)")
+    fig.suptitle(f"Verdicts — {dataset} (filled: the CI excludes 0)", y=1.02)  # above the panel titles, however short the figure
     return _save_figure(fig, path)
 
 
