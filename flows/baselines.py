@@ -12,19 +12,19 @@ from prefect import flow
 from flows.prepare import prepare_flow
 from metarec.config import Config
 from tasks.train.models import fit_model_task
-from tasks.train.tuning import TUNABLE, apply_tuned, prefect_trials, tune
+from tasks.train.tuning import TUNABLE, apply_tuned, tune, tuned_source
 
 
 @flow(name="tune", validate_parameters=False)
 def tune_flow(config: Config, models: tuple[str, ...] = TUNABLE) -> Path:
-    """Prepare fold 0, then tune each row on its history; trials fan out on the configured task runner."""
+    """Prepare fold 0, then tune each row on its history; each row's trials run in runtime.max_workers processes."""
     prepare_flow(config.model_copy(update={"data": config.data.with_fold(0)}))
-    return tune(config, models, runner=prefect_trials, batch=config.runtime.max_workers)
+    return tune(config, models)
 
 
 @flow(name="fit-models", validate_parameters=False)
 def fit_flow(config: Config, models: tuple[str, ...], tuned: Path | None = None, force: bool = False) -> dict[str, Path]:
     prepare_flow(config)
-    config = apply_tuned(config, tuned) if tuned else config
+    config = apply_tuned(config, tuned) if tuned else tuned_source(config)[0]
     futures = {name: fit_model_task.submit(name, config, force) for name in models}
     return {name: future.result() for name, future in futures.items()}

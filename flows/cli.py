@@ -109,12 +109,18 @@ def tune(
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
     model: list[str] = typer.Option([], "--model", metavar="NAME", help="Row(s) to tune (repeatable; default: every row of eval.models with a search space)."),
+    budget: Optional[int] = typer.Option(None, "--budget", metavar="N", help="Trials per row (baselines.tune_budget, the same for every row); a larger budget continues the studies."),
+    workers: Optional[int] = typer.Option(None, "--workers", metavar="N", help="Processes running each row's trials, one torch thread each (runtime.max_workers)."),
 ) -> None:
     """Tune each row's hyperparameters.
 
-    A seeded Optuna search on fold 0's history, with the same budget for every row.
+    A seeded Optuna search on fold 0's history, with the same budget, objective and pruner for every row; writes
+    the data set's record tuned/<dataset>.json (runtime.tuned_dir) and resumes from its sqlite studies.
     """
-    cfg = _config(config, set_, dataset, data_dir)
+    overrides = {"baselines": {"tune_budget": budget}} if budget is not None else {}
+    if workers is not None:
+        overrides["runtime"] = {"max_workers": workers}
+    cfg = _config(config, set_, dataset, data_dir, **overrides)
     from flows.baselines import tune_flow
     from flows.runners import with_runner
     from tasks.train.tuning import TUNABLE

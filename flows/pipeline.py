@@ -39,7 +39,7 @@ from tasks.train.task_shards import build_task_shards_task
 from tasks.track.publish import log_mlflow_run, publish_run_report
 from tasks.track.tracking import model_params, parent_run, run_tags
 from tasks.train.training import meta_train_task
-from tasks.train.tuning import TUNABLE, load_record, prefect_trials, tune, tuned_source
+from tasks.train.tuning import TUNABLE, current_fingerprint, load_record, tune, tuned_source
 
 OURS = "responsive"  # the paper's row: its fold-0 model is the serving candidate
 
@@ -110,11 +110,12 @@ def _headline(results: dict[str, dict]) -> dict[str, float]:
 def _tuned(config: Config, tune_missing: bool) -> tuple[Config, str]:
     """This data set's tuned values (tuning the rows that lack them first, when asked), and where they came from."""
     record = load_record(config)
-    missing = [m for m in config.eval.models if m in TUNABLE and m not in (record or {}).get("models", {})]
+    missing = [m for m in config.eval.models if m in TUNABLE and (record is None or record.get("legacy") or m not in record.get("models", {}))]
+    fold0 = config.model_copy(update={"data": config.data.with_fold(0)})
+    prepare_flow(fold0)  # the record's data fingerprint is checked against fold 0's history
     if tune_missing and missing:
-        prepare_flow(config)
-        tune(config, tuple(missing), runner=prefect_trials, batch=config.runtime.max_workers)
-    return tuned_source(config)
+        tune(config, tuple(missing))
+    return tuned_source(config, current_fingerprint(config))
 
 
 @flow(name="pipeline", validate_parameters=False)  # Config is validated once, by load_config

@@ -167,23 +167,6 @@ class MetaConfig(Section):
         return self.model_copy(update=update) if update else self
 
 
-# Chosen by `metarec tune` on ml-100k (budget 8 per model, seed 1, last 10% of the history held out, objective =
-# mean of new-user and held-out NDCG@10); keyed by row, then section.field (``Config.tuned``).
-# They were tuned for the baselines' earlier variants (SPMF batch + reservoir draws, RKMF positives-only item update,
-# sRec over 3 passes without the other side's variance); srec_passes (a variant switch, not a hyperparameter) is
-# no longer among them, so a default run uses the faithful strategies. To be re-tuned.
-TUNED_ML100K: dict[str, dict[str, float | int | str]] = {
-    "rkmf": {"baselines.epochs": 40, "baselines.lr": 0.1, "baselines.reg": 0.01, "baselines.rkmf_kernel": "logistic", "baselines.rkmf_update_epochs": 10},
-    "srec": {"baselines.srec_drift_var": 1e-07, "baselines.srec_negatives": 4, "baselines.srec_obs_var": 0.3, "baselines.srec_prior_var": 0.03},
-    "spmf": {"baselines.epochs": 40, "baselines.lr": 0.01, "baselines.reg": 0.001, "baselines.spmf_reservoir": 1000, "baselines.spmf_samples": 250,
-             "baselines.spmf_temperature": 3.0, "baselines.spmf_update_epochs": 3},
-    "mf_ft": {"baselines.epochs": 20, "baselines.ft_epochs": 5, "baselines.ft_lr": 0.2, "baselines.lr": 0.02, "baselines.reg": 0.001},
-    # Ours+ (with tasks.support_neighbours = False fixed by the row): chosen among 15 variants on the validation split
-    # of ml-100k's fold-0 history (78 pseudo-new users; docs/findings.md, "Ours+"), the mean of new-user NDCG@10 over
-    # n = 1, 5, 10 as the objective.
-    "responsive_plus": {"tasks.k": 7, "tasks.serve_k": 10},
-}
-
 class BaselineConfig(Section):
     """Hyperparameters of the baselines (BASELINES.md); chosen by the validation search."""
 
@@ -330,6 +313,9 @@ class RuntimeConfig(Section):
                                      description="DuckDB's memory_limit in prepare (e.g. '4GB', '512MiB'); past it, DuckDB spills to duckdb_temp_dir.")
     duckdb_temp_dir: Path | None = Field(None, description="Where DuckDB spills and keeps its work database in prepare; None = a private folder under the system temp dir.")
     progress: bool = True
+    tuned_dir: Path | None = Field(
+        None, description="Where the tuning records (<dataset>.json) are read and written; None = the repository's tuned/ folder "
+        "(shipped with the code, so a run finds the values chosen for its data set).")
     preset: Literal["full", "quick"] = Field("full", description="Which preset made this config (set by --quick); tags runs and labels reports.")
 
     @field_serializer("mlflow_tracking_uri", "dask_address", when_used="json")
@@ -355,10 +341,11 @@ class Config(BaseSettings):
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tuned: dict[str, dict[str, float | int | str | bool]] = Field(
-        default_factory=lambda: {name: dict(values) for name, values in TUNED_ML100K.items()},
+        default_factory=dict,
         description="Per Table 1 row, tuned values by section.field, e.g. {'rkmf': {'baselines.lr': 0.02}}: shared fields "
         "like baselines.lr differ per row. They fill fields left at their class default (see for_row), so an explicit "
-        "setting is never silently replaced. Default: the values `metarec tune` chose on ml-100k (TUNED_ML100K).",
+        "setting is never silently replaced. Empty by default: a run fills it from its data set's tuning record "
+        "(tuned/<dataset>.json, see tasks/tuning.py), or a borrowed one.",
     )
 
     @field_validator("tuned")

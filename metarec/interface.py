@@ -17,9 +17,10 @@ Protocol (METHOD.md §9), as the evaluation drives it:
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import numpy as np
 
@@ -89,8 +90,14 @@ class StreamingRecommender(ABC):
     name: str = "base"
 
     @abstractmethod
-    def fit(self, history: Interactions) -> "StreamingRecommender":
-        """Train offline on the history. Returns self."""
+    def fit(self, history: Interactions, on_epoch: "OnEpoch | None" = None) -> "StreamingRecommender":
+        """Train offline on the history. Returns self.
+
+        ``on_epoch(passes, snapshot)`` is called after each full training pass (epoch) with the number of passes done
+        (1, 2, ...) and a zero-argument callable building a separate copy of the model finished as ``fit`` finishes it,
+        as if training had stopped there (the tuner scores it; see ``fitted_copy``). A model that trains in one go
+        (Pop) never calls it. An exception it raises (a pruned trial) ends the fit.
+        """
 
     @abstractmethod
     def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -130,3 +137,23 @@ class StreamingRecommender(ABC):
         return top[np.isfinite(scores[top])]
 
     n_items_: int = 0
+
+
+Model = TypeVar("Model", bound=StreamingRecommender)
+# (passes done, a callable building the model as if fit stopped after them) -> None
+OnEpoch = Callable[[int, Callable[[], StreamingRecommender]], None]
+
+
+def fitted_copy(model: Model, finish: Callable[[Model], None]) -> Callable[[], Model]:
+    """A callable that builds a deep copy of ``model`` mid-fit and applies ``finish`` (fit's steps after its last epoch) to it.
+
+    Lazy, so a pass nobody scores costs no copy; the copy shares nothing with the model, so scoring and observing it
+    leave the ongoing fit untouched.
+    """
+
+    def build() -> Model:
+        clone = copy.deepcopy(model)
+        finish(clone)
+        return clone
+
+    return build

@@ -282,6 +282,30 @@ class InteractionIndex:
         return (np.searchsorted(self.pair_key_, base + n_items) - np.searchsorted(self.pair_key_, base)).astype(np.int64)
 
     # ------------------------------------------------------------- negatives
+    def sample_distinct_negatives(self, users: np.ndarray, n: int, rng: np.random.Generator, n_items: int | None = None) -> np.ndarray:
+        """(len(users), n) distinct items per row, uniform without replacement over the items the row's user never had.
+
+        As the test's stored negatives are drawn (``tasks/prepare.py``): rows of iid uniform non-positives
+        (``sample_negatives``), the first n distinct of each kept, short rows drawn again wider. The first n distinct
+        values of an iid uniform stream are a uniform sample without replacement.
+        """
+        users = _as_ids(users, "users")
+        n_items = self.n_items if n_items is None else int(n_items)
+        free = n_items - self.positive_counts(users, n_items)
+        if len(users) and free.min() < n:
+            short = int(users[np.argmin(free)])
+            raise ValueError(f"user {short} has {int(free.min())} items it never had, fewer than the {n} distinct negatives asked for")
+        out = np.empty((len(users), n), dtype=np.int64)
+        todo, width = np.arange(len(users)), 2 * n + 16
+        while todo.size:
+            draws = self.sample_negatives(np.repeat(users[todo], width).reshape(todo.size, width), rng, n_items=n_items)
+            keep = _first_in_row(draws)
+            done = keep.sum(axis=1) >= n
+            keep &= np.cumsum(keep, axis=1) <= n
+            out[todo[done]] = draws[done][keep[done]].reshape(-1, n)
+            todo, width = todo[~done], width * 2
+        return out
+
     def sample_negatives(
         self,
         users: np.ndarray,
@@ -526,3 +550,14 @@ def _random_valid(own: np.ndarray, count: int, rng: np.random.Generator) -> np.n
     packed = np.take_along_axis(own, order, axis=1)
     out = np.take_along_axis(packed, np.minimum(r, packed.shape[1] - 1), axis=1)
     return np.where(n_valid[:, None] > 0, out, -1)
+
+
+def _first_in_row(values: np.ndarray) -> np.ndarray:
+    """(B, W) bool: the entry is the first occurrence of its value in its row."""
+    order = np.argsort(values, axis=1, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=1)
+    first = np.ones_like(ordered, dtype=bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    out = np.empty_like(first)
+    np.put_along_axis(out, order, first, axis=1)
+    return out

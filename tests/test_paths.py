@@ -130,9 +130,10 @@ def test_a_warm_run_is_recognised_until_config_tuning_or_code_change(edited, tmp
     assert len(keys) == config.data.new_user_folds and keys["0"] == paths.stage_keys(paths.fold_configs(config)[0])
     assert stages.cached_run(config, sweep=True) is None  # a run with the sweep was never recorded
     assert stages.cached_run(config.model_copy(update={"eval": config.eval.model_copy(update={"seed": 9})}), sweep=False) is None
-    tuning = paths.prepared_dir(paths.fold_configs(config)[0]) / "tuning"
-    tuning.mkdir(parents=True)
-    (tuning / "tuned-abc.json").write_text("{}")  # `metarec tune` chose values: the pipeline would run with them
+    config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"tuned_dir": tmp_path / "tuned"})})
+    _recorded(config, tmp_path)
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "ml-100k.json").write_text("{}")  # `metarec tune` chose values: the pipeline would run with them
     assert stages.cached_run(config, sweep=False) is None
     _recorded(config, tmp_path)
     assert stages.cached_run(config, sweep=False) is not None

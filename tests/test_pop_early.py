@@ -6,7 +6,8 @@ import numpy as np
 
 from metarec.config import Config, TaskConfig
 from metarec.interface import Interactions, RecentItems
-from metarec.models.registry import DEFAULT_MODELS, ROWS, make_model
+from metarec.models.registry import DEFAULT_MODELS, ROWS
+from metarec.models.factory import make_model
 
 N_USERS, PER_USER, N_ITEMS = 100, 20, 30
 EARLY, LATE = 3, 4  # the item most users take first, the item most users take later

@@ -27,7 +27,8 @@ from tasks.track.tracking import (  # noqa: E402
 
 @pytest.fixture()
 def config(artifacts: Path, monkeypatch) -> Config:
-    return Config(runtime={"artifacts_dir": str(artifacts)}, data={"dataset": "ml-100k", "download": False})
+    return Config(runtime={"artifacts_dir": str(artifacts)}, data={"dataset": "ml-100k", "download": False},
+                  tuned={"rkmf": {"baselines.lr": 0.1}, "spmf": {"baselines.lr": 0.01}})  # as a tuning record would set them
 
 
 @pytest.fixture(autouse=True)

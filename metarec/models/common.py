@@ -19,12 +19,13 @@ sequence of calls, and a model's state needs no RNG state to be saved.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterable, Literal
 
 import numpy as np
 import torch
 
-from metarec.interface import Interactions, StreamingRecommender
+from metarec.interface import Interactions, OnEpoch, StreamingRecommender, fitted_copy
 from metarec.neighbours import InteractionIndex
 
 # (w, h_i, h_j) rows (B, d) -> gradients of the per-triple loss w.r.t. each, (B, d) each
@@ -337,23 +338,35 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
         self.seen_ = Interactions.from_arrays([], [])
         self.index_: InteractionIndex | None = None
 
-    def fit_bpr(self, history: Interactions, init_std: float) -> np.random.Generator:
-        """Fresh W and H, then ``config.epochs`` of BPR-SGD over the history (RKMF, SPMF and MF-FT alike).
+    def fit_bpr(
+        self, history: Interactions, init_std: float, on_epoch: OnEpoch | None = None,
+        finish: Callable[["FactorBaseline", np.random.Generator], None] | None = None,
+    ) -> None:
+        """Fresh W and H, then ``config.epochs`` of BPR-SGD over the history (RKMF, SPMF and MF-FT alike), then the rows
+        training never made: ``finish(model, rng)`` draws the model's own (SPMF's reservoir) from the fit's generator.
 
-        Returns the fit's generator, for what a model draws after training (SPMF's reservoir).
+        ``on_epoch`` (``StreamingRecommender.fit``) gets, after each epoch, a copy finished the same way: every epoch
+        draws from its own generator, so the copy after e epochs is the model ``epochs = e`` would fit.
         """
         cfg = self.config
         rng = rng_for(self.seed, PURPOSE_FIT)
         self.W_ = gaussian(rng, history.n_users, self.dim, init_std)
         self.H_ = gaussian(rng, history.n_items, self.dim, init_std)
         self.seen_, self.index_, self.batches_ = history, InteractionIndex.build(history), 0
+
+        def finished(model: "FactorBaseline", fit_rng: np.random.Generator) -> None:
+            unseen = model.unseen_items()  # items with no positive: trained only as negatives, they start as new ones do
+            model.H_[unseen] = model.new_item_rows(rng_for(model.seed, PURPOSE_NEW_ROWS))(len(unseen))
+            if finish is not None:
+                finish(model, fit_rng)
+
         for epoch in range(cfg.epochs):
             epoch_rng = rng_for(self.seed, PURPOSE_FIT, epoch + 1)
             u, i, j = self.fit_triples(history, epoch_rng)
             sgd_epoch(self.W_, self.H_, u, i, j, self.grad_fn, cfg.lr, cfg.batch_size, epoch_rng)
-        unseen = self.unseen_items()  # items with no positive: trained only as negatives, they start as new ones do
-        self.H_[unseen] = self.new_item_rows(rng_for(self.seed, PURPOSE_NEW_ROWS))(len(unseen))
-        return rng
+            if on_epoch is not None:
+                on_epoch(epoch + 1, fitted_copy(self, lambda model: finished(model, copy.deepcopy(rng))))
+        finished(self, rng)
 
     @property
     def n_items_(self) -> int:  # type: ignore[override]

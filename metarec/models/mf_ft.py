@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from metarec.config import BaselineConfig, Config, MetaConfig
-from metarec.interface import Interactions, RecentItems
+from metarec.interface import Interactions, OnEpoch, RecentItems
 from metarec.models.mf import bpr_triple_loss
 
 from .common import (
@@ -55,11 +55,13 @@ class MFFineTune(FactorBaseline):
         self.grad_fn = autograd_bpr_grads(lambda w, hi, hj: bpr_triple_loss(w, hi, hj, m.lambda_p, m.lambda_q_pos, m.lambda_q_neg))
         self.new_row_std = m.new_row_std
 
-    def fit(self, history: Interactions) -> "MFFineTune":
-        rng = self.fit_bpr(history, self.meta.init_std)
+    def fit(self, history: Interactions, on_epoch: OnEpoch | None = None) -> "MFFineTune":
+        self.fit_bpr(history, self.meta.init_std, on_epoch, finish=MFFineTune._new_user_rows)
+        return self
+
+    def _new_user_rows(self, rng: np.random.Generator) -> None:
         unseen = self.unseen_users()  # their rows start as every new user's does (§7), not as untrained noise
         self.W_[unseen] = self._mean_plus_noise(self.trained_user_rows(), rng)(len(unseen))
-        return self
 
     def _mean_plus_noise(self, table, rng: np.random.Generator):
         mean = table.mean(0, keepdim=True)

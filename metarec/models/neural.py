@@ -43,7 +43,7 @@ from torch import nn
 
 from metarec.config import NeuralConfig, TaskConfig
 from metarec.features import NO_FEATURES, Features, FeatureTable
-from metarec.interface import Interactions, RecentItems, StreamingRecommender
+from metarec.interface import Interactions, OnEpoch, RecentItems, StreamingRecommender, fitted_copy
 from metarec.maml import DivergedError
 from metarec.meta_tasks import TaskArrays, build_tasks, fill_own, stream_tasks
 from metarec.models.common import check_ids
@@ -308,7 +308,7 @@ class EpisodicRecommender(StreamingRecommender):
         self.optimizer_ = torch.optim.Adam(self.net_.parameters(), lr=self.neural.outer_lr)
 
     # ---- training
-    def fit(self, history: Interactions) -> "EpisodicRecommender":
+    def fit(self, history: Interactions, on_epoch: OnEpoch | None = None) -> "EpisodicRecommender":
         """Episodes from the history's tasks; ``neural.epochs`` passes of global updates (DivergedError on NaN/Inf)."""
         self.index_ = InteractionIndex.build(history)
         user_table, item_table = self.features_.users, self.features_.items
@@ -325,6 +325,8 @@ class EpisodicRecommender(StreamingRecommender):
         for epoch in range(self.neural.epochs):
             loss = self.train_episodes(episodes, np.random.default_rng([self.neural.seed, epoch, 2]))
             logger.info("%s epoch %d: query loss %.4f over %d episodes", self.name, epoch, loss, len(episodes))
+            if on_epoch is not None:
+                on_epoch(epoch + 1, fitted_copy(self, lambda model: None))  # nothing to finish: every epoch ends complete
         return self
 
     def train_episodes(self, episodes: Episodes, rng: np.random.Generator | None) -> float:

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from metarec.models.common import check_ids
 from metarec.config import Config
-from metarec.interface import Interactions, RecentItems, StreamingRecommender
+from metarec.interface import Interactions, OnEpoch, RecentItems, StreamingRecommender
 
 
 class PopConfig(BaseModel):
@@ -31,7 +31,8 @@ class PopRecommender(StreamingRecommender):
         self.config = config or PopConfig()
         self.counts_ = np.zeros(0, dtype=np.int64)
 
-    def fit(self, history: Interactions) -> "PopRecommender":
+    def fit(self, history: Interactions, on_epoch: OnEpoch | None = None) -> "PopRecommender":
+        """Counts in one go: no epochs, so ``on_epoch`` is never called."""
         self.counts_ = np.bincount(history.items, minlength=history.n_items).astype(np.int64)
         self.n_items_ = len(self.counts_)
         return self

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from metarec.config import Config, MetaConfig, TaskConfig
-from metarec.interface import Interactions, RecentItems, StreamingRecommender
+from metarec.interface import Interactions, OnEpoch, RecentItems, StreamingRecommender, fitted_copy
 from metarec.device import resolve_device
 from metarec.distributed import DataParallel
 from metarec.maml import DivergedError, StepStats, TaskBatch, inner_adapt, localise, meta_step, support_ops
@@ -166,18 +166,24 @@ class ResponsiveMF(StreamingRecommender):
         self.index_ = InteractionIndex.build(Interactions(*(np.asarray(arrays[k], dtype=np.int64) for k in ("seen_users", "seen_items", "seen_ts"))))
 
     # --------------------------------------------------------------- training
-    def fit(self, history: Interactions) -> "ResponsiveMF":
+    def fit(self, history: Interactions, on_epoch: OnEpoch | None = None) -> "ResponsiveMF":
         """Index the history, build its tasks, optionally pre-train with BPR, meta-train (DivergedError on NaN/Inf);
-        then rows no training step touched get §7's new rows (``reset_untrained_rows``)."""
+        then rows no training step touched get §7's new rows (``reset_untrained_rows``).
+
+        ``on_epoch`` counts pre-training and meta-training epochs as one sequence of passes."""
         self.set_index(history)
         self.init_params(history.n_users, history.n_items)
         t = self.tasks
         tasks = build_tasks(history, t.k, t.support_size, t.seed, t.max_tasks_per_user, index=self.index_, negatives=t.negatives)
         for epoch in range(self.meta.pretrain_epochs):
             self.pretrain_epoch(history, epoch)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, fitted_copy(self, ResponsiveMF.reset_untrained_rows))
         for epoch in range(self.meta.epochs):
             stats = self.meta_train_epoch([tasks], epoch)
             logger.info("epoch %d: support %.4f query %.4f, %.0f tasks/s", epoch, stats.support_loss, stats.query_loss, stats.tasks_per_s)
+            if on_epoch is not None:
+                on_epoch(self.meta.pretrain_epochs + epoch + 1, fitted_copy(self, ResponsiveMF.reset_untrained_rows))
         self.reset_untrained_rows()
         return self
 

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from metarec.config import BaselineConfig, Config
-from metarec.interface import Interactions, RecentItems
+from metarec.interface import Interactions, OnEpoch, RecentItems
 from metarec.neighbours import InteractionIndex
 
 from .common import (
@@ -119,8 +119,8 @@ class RKMF(FactorBaseline):
         self.grad_fn = kernel_bpr_grads(self.kernel, self.scale, self.config.reg)
         self.new_row_std = self.config.new_row_std
 
-    def fit(self, history: Interactions) -> "RKMF":
-        self.fit_bpr(history, self.config.init_std)
+    def fit(self, history: Interactions, on_epoch: OnEpoch | None = None) -> "RKMF":
+        self.fit_bpr(history, self.config.init_std, on_epoch)
         return self
 
     def user_update(self, users: np.ndarray, rng: np.random.Generator) -> None:

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from metarec.config import BaselineConfig, Config
-from metarec.interface import Interactions, RecentItems
+from metarec.interface import Interactions, OnEpoch, RecentItems
 
 from .common import (
     PURPOSE_NEW_USERS,
@@ -139,11 +139,13 @@ class SPMF(FactorBaseline):
         self.res_items_ = np.zeros(0, dtype=np.int64)
         self.res_seen_ = 0
 
-    def fit(self, history: Interactions) -> "SPMF":
-        cfg = self.config
-        rng = self.fit_bpr(history, cfg.init_std)
-        empty = np.zeros(0, dtype=np.int64)
-        self.res_users_, self.res_items_, self.res_seen_ = reservoir_insert(empty, empty, 0, history.users, history.items, cfg.spmf_reservoir, rng)
+    def fit(self, history: Interactions, on_epoch: OnEpoch | None = None) -> "SPMF":
+        def fill_reservoir(model: "SPMF", rng: np.random.Generator) -> None:
+            empty = np.zeros(0, dtype=np.int64)
+            model.res_users_, model.res_items_, model.res_seen_ = reservoir_insert(
+                empty, empty, 0, history.users, history.items, model.config.spmf_reservoir, rng)
+
+        self.fit_bpr(history, self.config.init_std, on_epoch, finish=fill_reservoir)
         return self
 
     def reservoir_ranks(self) -> np.ndarray:

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from metarec.config import BaselineConfig, Config
-from metarec.interface import Interactions, RecentItems
+from metarec.interface import Interactions, OnEpoch, RecentItems, fitted_copy
 from metarec.neighbours import InteractionIndex
 
 from .common import (
@@ -194,7 +194,7 @@ class SRec(FactorBaseline):
             setattr(self, tau_name, grow(getattr(self, tau_name), rows, lambda k: torch.full((k,), NEVER, dtype=torch.int64)))
 
     # ---- the protocol
-    def fit(self, history: Interactions) -> "SRec":
+    def fit(self, history: Interactions, on_epoch: OnEpoch | None = None) -> "SRec":
         cfg = self.config
         rng = rng_for(self.seed, PURPOSE_FIT)
         self.W_ = gaussian(rng, history.n_users, self.dim, cfg.init_std)
@@ -209,13 +209,18 @@ class SRec(FactorBaseline):
             for start in range(0, len(history), SREC_CHUNK):
                 chunk = history.take(slice(start, start + SREC_CHUNK))
                 self.filter(*self.observations(chunk, pass_rng))
+            if on_epoch is not None:
+                on_epoch(p + 1, fitted_copy(self, SRec._unseen_rows_from_prior))
+        self._unseen_rows_from_prior()
+        return self
+
+    def _unseen_rows_from_prior(self) -> None:
         unseen = self.unseen_users()  # users first seen later enter with the population prior, as new ones do
         m, v = self.prior(self.trained_user_rows())
         self.W_[unseen], self.var_W_[unseen] = m, v
         unseen = self.unseen_items()  # so do items with no positive (only ever observed as negatives)
         m, v = self.prior(self.trained_item_rows())
         self.H_[unseen], self.var_H_[unseen], self.tau_H_[unseen] = m, v, NEVER
-        return self
 
     def _default_user(self) -> torch.Tensor:
         return self.prior(self.trained_user_rows())[0]

@@ -29,9 +29,12 @@ FLOW_CODE = ("flows.pipeline", "flows.lambda_sweep", "tasks.evaluate.aggregate",
 
 
 def _tuning_records(config: Config) -> str:
-    """Hash of the data set's tuning records (they change the tuned values the pipeline runs with)."""
+    """Hash of the tuning record the run uses, its own or a borrowed one (it sets the tuned values the pipeline runs with)."""
+    from tasks.tuning import record_in_use
+
     digest = hashlib.sha256()
-    for path in sorted((prepared_dir(fold_configs(config)[0]) / "tuning").glob("tuned-*.json")):
+    path, _ = record_in_use(config)
+    if path is not None:
         digest.update(path.name.encode() + b":" + path.read_bytes())
     return digest.hexdigest()[:12]
 
