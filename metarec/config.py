@@ -345,7 +345,7 @@ class Config(BaseSettings):
         description="Per Table 1 row, tuned values by section.field, e.g. {'rkmf': {'baselines.lr': 0.02}}: shared fields "
         "like baselines.lr differ per row. They fill fields left at their class default (see for_row), so an explicit "
         "setting is never silently replaced. Empty by default: a run fills it from its data set's tuning record "
-        "(tuned/<dataset>.json, see tasks/tuning.py), or a borrowed one.",
+        "(tuned/<dataset>.json, see tasks/train/tuning.py), or a borrowed one.",
     )
 
     @field_validator("tuned")

@@ -285,7 +285,7 @@ class InteractionIndex:
     def sample_distinct_negatives(self, users: np.ndarray, n: int, rng: np.random.Generator, n_items: int | None = None) -> np.ndarray:
         """(len(users), n) distinct items per row, uniform without replacement over the items the row's user never had.
 
-        As the test's stored negatives are drawn (``tasks/prepare.py``): rows of iid uniform non-positives
+        As the test's stored negatives are drawn (``tasks/data/prepare.py``): rows of iid uniform non-positives
         (``sample_negatives``), the first n distinct of each kept, short rows drawn again wider. The first n distinct
         values of an iid uniform stream are a uniform sample without replacement.
         """

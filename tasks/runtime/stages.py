@@ -20,6 +20,7 @@ from pathlib import Path
 
 from metarec.config import Config
 from metarec.models.registry import ROWS
+from tasks.runtime.tuned_records import record_in_use
 from tasks.runtime.paths import STAGE_CODE, code_hash, data_version, dataset_slug, fold_configs, model_code, prepared_dir, stage_keys
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,6 @@ FLOW_CODE = ("flows.pipeline", "flows.lambda_sweep", "tasks.evaluate.aggregate",
 
 def _tuning_records(config: Config) -> str:
     """Hash of the tuning record the run uses, its own or a borrowed one (it sets the tuned values the pipeline runs with)."""
-    from tasks.tuning import record_in_use
-
     digest = hashlib.sha256()
     path, _ = record_in_use(config)
     if path is not None:

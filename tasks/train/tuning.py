@@ -56,13 +56,13 @@ from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-import metarec
 from metarec.config import NOT_HASHED, SECTION_TYPES, Config
 from metarec.features import NO_FEATURES, Features
 from metarec.interface import Interactions
 from metarec.maml import DivergedError
 from metarec.models.registry import ROWS, Choice, Float, Int, Range, on_edge, widen
 from tasks.runtime.atomic import write_json
+from tasks.runtime.tuned_records import BORROWED_FROM, RECORDS_DIR, record_in_use, record_path, records_dir
 from tasks.runtime.locks import first_time_lock
 from tasks.runtime.logs import log_info
 from tasks.runtime.paths import dataset_slug, prepared_dir
@@ -76,8 +76,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 ROUNDS = 3  # the budget is spent in this many rounds; ranges are widened between them
 TUNABLE = tuple(name for name, row in ROWS.items() if row.space)
 PRUNER = {"kind": "hyperband", "min_resource": 1, "max_resource": "auto", "reduction_factor": 3}
-BORROWED_FROM = "ml-100k"  # the record a data set without its own uses
-RECORDS_DIR = Path(metarec.__file__).resolve().parent.parent / "tuned"
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 # (row name, values, report) -> metrics with "objective"; report(passes, metrics, final=False) may raise optuna.TrialPruned
@@ -404,15 +402,6 @@ def validation_trials(config: Config, split: dict) -> TrialFn:
 
 
 # ------------------------------------------------------------------ records
-def records_dir(config: Config) -> Path:
-    return Path(config.runtime.tuned_dir) if config.runtime.tuned_dir else RECORDS_DIR
-
-
-def record_path(config: Config, dataset: str | None = None) -> Path:
-    """The record of a data set (default: the config's): ``tuned/<dataset>.json``."""
-    return records_dir(config) / f"{dataset_slug(dataset or config.data.dataset)}.json"
-
-
 def tuning_dir(config: Config) -> Path:
     """The data set's Optuna store and plots: ``<artifacts>/tuning/<dataset>/`` (outside any code-hashed folder, so a
     study survives code changes that do not touch what it depends on)."""
@@ -584,15 +573,6 @@ def current_fingerprint(config: Config) -> str | None:
         return None
     prepared = load_prepared(folder)
     return data_fingerprint(prepared.history, prepared.features)
-
-
-def record_in_use(config: Config) -> tuple[Path | None, bool]:
-    """The record a run on this data set uses and whether it is borrowed (None: no record anywhere)."""
-    own = record_path(config)
-    if own.is_file():
-        return own, False
-    borrowed = record_path(config, BORROWED_FROM)
-    return (borrowed, True) if borrowed.is_file() else (None, False)
 
 
 def tuned_source(config: Config, fingerprint: str | None = None) -> tuple[Config, str]:
