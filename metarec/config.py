@@ -114,7 +114,7 @@ class TaskConfig(Section):
     early_share: float = Field(
         0.0, ge=0.0, lt=1.0, description="Share of each epoch's tasks that look like the test (an Ours+ option; 0 = the paper): "
         "'first n -> the (n+1)-th' of a training user for n in 1..early_max, the user's row starting where a new user's "
-        "starts (meta.learned_start), mixed with the paper's tasks. Why: the paper's tasks only ask for targets at history "
+        "starts (meta.learned_start), in place of that share of the paper's tasks (an epoch keeps its size). Why: the paper's tasks only ask for targets at history "
         "positions >= k, while a new user is asked for its 2nd..11th item, a different population (docs/findings.md).")
     seed: int = Field(7, ge=0, description="Seed of the task order and of the per-user position sample.")
 

@@ -383,21 +383,24 @@ class ResponsiveMF(StreamingRecommender):
         return self.early_pool_[1]
 
     def _with_early_tasks(self, part: TaskArrays, epoch: int, part_no: int, parallel) -> tuple[TaskArrays, np.ndarray | None]:
-        """The part plus early tasks at the share ``tasks.early_share`` of the result (a seeded draw from the pool, without
-        repetition while the pool lasts), and which tasks are early; the part itself and None at share 0."""
+        """The part with the share ``tasks.early_share`` of its tasks replaced by early tasks (seeded draws: which paper
+        tasks sit out this epoch, and which early tasks, without repetition while the pool lasts), and which tasks are
+        early; the part itself and None at share 0. The epoch keeps its size, so the share does not change how many
+        outer steps an epoch takes (more steps alone move the validation metric, docs/findings.md §3)."""
         share = self.tasks.early_share
         if share <= 0 or not len(part):
             return part, None
         if parallel is not None:
             raise ValueError("tasks.early_share > 0 is not supported with data-parallel workers yet; set runtime.workers = 1")
         pool = self._early_pool()
-        wanted = int(round(len(part) * share / (1.0 - share)))
+        wanted = min(int(round(len(part) * share)), len(part))
         if not len(pool) or not wanted:
             return part, None
         rng = np.random.default_rng([self.meta.seed, epoch, 5, part_no])
+        kept = np.sort(rng.choice(len(part), len(part) - wanted, replace=False))
         picks = rng.choice(len(pool), wanted, replace=wanted > len(pool))
-        fresh = np.r_[np.zeros(len(part), bool), np.ones(wanted, bool)]
-        return TaskArrays.concat([part, pool.take(picks)]), fresh
+        fresh = np.r_[np.zeros(len(kept), bool), np.ones(wanted, bool)]
+        return TaskArrays.concat([part.take(kept), pool.take(picks)]), fresh
 
     def _start_rows(self, fresh: np.ndarray | None, rows: np.ndarray, epoch: int, part_no: int, offset: int) -> StartRows | None:
         """Where the early tasks among ``rows`` start: the learned p0 (meta.learned_start) or the mean of the trained rows of
