@@ -314,7 +314,8 @@ def chunk_size(n_item_slots: int, dim: int, element_size: int, budget: int | Non
     return max(1, (CHUNK_BYTES if budget is None else budget) // max(1, n_item_slots * dim * element_size))
 
 
-def meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: InnerParams) -> tuple[torch.Tensor, torch.Tensor]:
+def meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: InnerParams,
+                   start: "StartRows | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(support loss, query loss), each the mean over tasks; the objective is support + λ_ML · query.
 
     P (n_users, d), Q (n_items, d). Support: L^K_t(Θ). Query: L^1_t(Θ^L_t).
@@ -326,6 +327,7 @@ def meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: Inner
     """
     loc = localise(batch)
     p_loc, q_loc = gather_rows(P, loc.user_rows), gather_rows(Q, loc.item_rows)
+    p_loc = with_start_rows(p_loc, loc, start)
     ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], hp, P.dtype)
     size = chunk_size(q_loc.shape[1], q_loc.shape[2], q_loc.element_size())
     size = -(-len(batch) // -(-len(batch) // size))  # the same number of chunks, of near-equal sizes
@@ -521,6 +523,26 @@ class _MetaObjective(torch.autograd.Function):
 
 
 @dataclass(frozen=True)
+class StartRows:
+    """Where some tasks' users start: ``fresh`` (T,) bool marks tasks that look like a new user's (``tasks.early_share``),
+    whose user row is ``rows`` (T, d) (a new user's start: mean of the trained rows + noise, or a learned vector + noise)
+    instead of the user's own row in P."""
+
+    fresh: torch.Tensor
+    rows: torch.Tensor
+
+
+def with_start_rows(p_loc: torch.Tensor, loc: LocalTasks, start: StartRows | None) -> torch.Tensor:
+    """p_loc with each fresh task's user slot replaced by its start row; gradients flow into ``start.rows``, not into P."""
+    if start is None or not bool(start.fresh.any()):
+        return p_loc
+    at = start.fresh.nonzero()[:, 0]
+    p_loc = p_loc.clone()
+    p_loc[at, loc.q_user[at]] = start.rows[at].to(p_loc.dtype)
+    return p_loc
+
+
+@dataclass(frozen=True)
 class StepStats:
     """One outer step: the two losses at Θ, the meta-gradient's norm *before* any clipping, and whether it was clipped."""
 
@@ -530,7 +552,8 @@ class StepStats:
     clipped: bool = False
 
 
-def meta_step(P: torch.Tensor, Q: torch.Tensor, optimizer: torch.optim.Optimizer, batch: TaskBatch, hp: InnerParams, parallel=None) -> StepStats:
+def meta_step(P: torch.Tensor, Q: torch.Tensor, optimizer: torch.optim.Optimizer, batch: TaskBatch, hp: InnerParams, parallel=None,
+              start: StartRows | None = None) -> StepStats:
     """One outer step on a batch of tasks; raises DivergedError (Θ untouched) on NaN/Inf.
 
     ``parallel`` (``metarec.distributed.DataParallel``): this worker computes its share of the batch and the
@@ -541,7 +564,10 @@ def meta_step(P: torch.Tensor, Q: torch.Tensor, optimizer: torch.optim.Optimizer
     ``hp.grad_clip`` None (no clipping) lets divergence show as it is.
     """
     optimizer.zero_grad(set_to_none=True)
-    support, query = (meta_objective if parallel is None else parallel.objective)(P, Q, batch, hp)
+    if parallel is None:
+        support, query = meta_objective(P, Q, batch, hp, start)
+    else:
+        support, query = parallel.objective(P, Q, batch, hp)
     total = support + hp.lambda_ml * query
     s_val, q_val = float(support.detach()), float(query.detach())
     if not math.isfinite(float(total.detach())):
@@ -590,3 +616,116 @@ def reference_meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch,
             bpr_triple_loss(p[u_idx[K]], q[i_idx[2 * K]], q[i_idx[2 * K + 1]], hp.lambda_p, hp.lambda_q_pos, hp.lambda_q_neg)
         )
     return torch.stack(supports).mean(), torch.stack(queries).mean()
+
+
+# ------------------------------------------------------------------ the flexible path: Θ's optional parameters
+#
+# Ours+'s options (meta.item_bias, learned_inner_lr, learned_prior, learned_start) add small parameters to Θ that the
+# hand-written backward pass above does not know. They train by plain autograd through the same closed-form inner
+# steps (``support_grads``), which is slower per task but exact (tests/test_maml.py checks it against the fast path
+# with every option off). The default path is untouched.
+
+@dataclass(frozen=True)
+class Extras:
+    """Θ's optional parameters (None when their option is off).
+
+    bias (n_items,): b_i in the score b_i + p·q (not adapted in the inner loop); log_lr (2, L, d): the inner rates of
+    user and item rows per step and dimension, as logarithms (so they stay positive); prior_mean (d,), prior_raw (d,):
+    μ and λ = softplus(raw) >= 0 of the adapted user's ½ (p − μ)ᵀ diag(λ) (p − μ); start (d,): a new user's learned row.
+    """
+
+    bias: torch.Tensor | None = None
+    log_lr: torch.Tensor | None = None
+    prior_mean: torch.Tensor | None = None
+    prior_raw: torch.Tensor | None = None
+    start: torch.Tensor | None = None
+
+    def rates(self, step: int, hp: InnerParams, scale: float = 1.0) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """(user rate, item rate) of inner step ``step``: the learned (d,) rates (steps past the learned ones reuse the
+        last), else α."""
+        if self.log_lr is None:
+            return hp.inner_lr * scale, hp.inner_lr * scale
+        rates = self.log_lr[:, min(step, self.log_lr.shape[1] - 1)].exp() * scale
+        return rates[0], rates[1]
+
+
+def _bias_margins(b_loc: torch.Tensor | None, loc: LocalTasks) -> torch.Tensor | float:
+    """b_j − b_k of each support triple (T, K), 0 without item biases."""
+    if b_loc is None:
+        return 0.0
+    return b_loc.gather(1, loc.s_pos) - b_loc.gather(1, loc.s_neg)
+
+
+def flex_support_grads(p, q, ops: SupportOps, loc: LocalTasks, extras: Extras, b_margin) -> tuple[torch.Tensor, torch.Tensor]:
+    """∇ of the inner objective w.r.t. the slots: ``support_grads`` with the item biases in the margins and, with a
+    learned prior, λ ∘ (p − μ) on the adapted user's slot."""
+    K = ops.pair_pos.shape[1]
+    coef = -torch.sigmoid(-(_margins(p, q, ops) + b_margin)) / K
+    mix = _mix(coef, ops, p.shape[1])
+    g_p = torch.bmm(mix, q) + 2.0 * ops.reg_user * p
+    g_q = torch.bmm(mix.transpose(1, 2), p) + 2.0 * ops.reg_item * q
+    if extras.prior_mean is not None:
+        user_slot = F.one_hot(loc.q_user, p.shape[1]).to(p.dtype)[..., None]  # (T, Su, 1)
+        g_p = g_p + user_slot * F.softplus(extras.prior_raw) * (p - extras.prior_mean)
+    return g_p, g_q
+
+
+def flex_inner_adapt(p, q, ops: SupportOps, loc: LocalTasks, hp: InnerParams, extras: Extras, b_loc: torch.Tensor | None = None,
+                     create_graph: bool = True, steps: int | None = None, scale: float = 1.0):
+    """``steps`` (default L) inner steps with the options of ``extras``. First order (``create_graph=False``)
+    detaches the inner gradients but not the learned rates that multiply them, so the rates still learn."""
+    b_margin = _bias_margins(b_loc, loc)
+    for step in range(hp.inner_steps if steps is None else steps):
+        g_p, g_q = flex_support_grads(p, q, ops, loc, extras, b_margin)
+        if not create_graph:
+            g_p, g_q = g_p.detach(), g_q.detach()
+        lr_p, lr_q = extras.rates(step, hp, scale)
+        p, q = p - lr_p * g_p, q - lr_q * g_q
+    return p, q
+
+
+def flex_meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: InnerParams, extras: Extras,
+                        start: StartRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``meta_objective`` with Θ's optional parameters, by autograd: (mean support loss at Θ, mean query loss after L steps)."""
+    loc = localise(batch)
+    p_loc, q_loc = gather_rows(P, loc.user_rows), gather_rows(Q, loc.item_rows)
+    p_loc = with_start_rows(p_loc, loc, start)
+    b_loc = None if extras.bias is None else extras.bias[loc.item_rows]
+    ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], hp, P.dtype)
+    x = _margins(p_loc, q_loc, ops) + _bias_margins(b_loc, loc)
+    l2 = (ops.reg_user * p_loc.pow(2)).sum((1, 2)) + (ops.reg_item * q_loc.pow(2)).sum((1, 2))
+    support = -F.logsigmoid(x).mean(1) + l2
+    p_ad, q_ad = flex_inner_adapt(p_loc, q_loc, ops, loc, hp, extras, b_loc, create_graph=not hp.first_order)
+    take = lambda table, index: _take(table, index[:, None])[:, 0]  # noqa: E731
+    p_u, q_j, q_n = take(p_ad, loc.q_user), take(q_ad, loc.q_pos), take(q_ad, loc.q_neg)
+    query = bpr_triple_loss(p_u, q_j, q_n, hp.lambda_p, hp.lambda_q_pos, hp.lambda_q_neg)
+    if b_loc is not None:  # -log σ(z + b_j − b_n) in place of -log σ(z)
+        z = (p_u * (q_j - q_n)).sum(-1)
+        b_z = b_loc.gather(1, loc.q_pos[:, None])[:, 0] - b_loc.gather(1, loc.q_neg[:, None])[:, 0]
+        query = query + F.logsigmoid(z) - F.logsigmoid(z + b_z)
+    return support.mean(), query.mean()
+
+
+def flex_meta_step(params: list[torch.Tensor], optimizers: list[torch.optim.Optimizer], batch: TaskBatch, hp: InnerParams,
+                   extras: Extras, start: StartRows | None = None) -> StepStats:
+    """``meta_step`` on ``flex_meta_objective``: params[0], params[1] are P and Q, the rest the extras' tensors, stepped
+    by ``optimizers`` (P and Q's own, then the extras'); the gradient norm and clipping span all of them."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    support, query = flex_meta_objective(params[0], params[1], batch, hp, extras, start)
+    total = support + hp.lambda_ml * query
+    s_val, q_val = float(support.detach()), float(query.detach())
+    if not math.isfinite(float(total.detach())):
+        raise DivergedError(f"meta-objective is not finite (support loss {s_val}, query loss {q_val})")
+    total.backward()
+    norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    if not math.isfinite(norm):
+        raise DivergedError(f"meta-gradient norm is {norm} (support loss {s_val}, query loss {q_val})")
+    clipped = hp.grad_clip is not None and norm > hp.grad_clip
+    if clipped:
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], hp.grad_clip, torch.tensor(norm))
+    for optimizer in optimizers:
+        optimizer.step()
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise DivergedError(f"Θ holds NaN/Inf after the outer step (gradient norm before clipping {norm:.4g})")
+    return StepStats(s_val, q_val, norm, clipped)

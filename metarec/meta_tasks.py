@@ -316,3 +316,44 @@ def stream_tasks(
     q_pos = np.asarray(batch.items, dtype=np.int64)[kept]
     q_neg = index.sample_negatives(users, rng, n_items, exclude=q_pos[:, None], until_ts=ts[kept] if past else None)
     return TaskArrays(s_users, s_pos, s_neg, users, q_pos, q_neg, ts[kept]), kept
+
+
+def early_tasks(
+    index: InteractionIndex,
+    early_max: int,
+    k: int,
+    K: int,
+    seed: int,
+    n_items: int | None = None,
+    negatives: Negatives = "past",
+) -> TaskArrays:
+    """Tasks that look like the test (``tasks.early_share``): for each user of the index and n in 1..early_max (while
+    the user has an (n+1)-th interaction), support = the user's first n interactions as serving builds a new user's
+    (the last k of them, drawn with repetition when n < k; ``fill_own``), plus K - k neighbour interactions when K > k,
+    negatives avoiding all n shown items; query = the (n+1)-th interaction.
+
+    The paper's tasks only ask for targets at positions >= k; a new user is asked for its 2nd ... (early_max+1)-th. The
+    caller starts these tasks' users where a new user starts (``metarec.maml.StartRows``). Vectorised over tasks;
+    same index and seed => the same arrays.
+    """
+    _check_negatives(negatives)
+    if not 1 <= k <= K:
+        raise ValueError(f"need 1 <= k <= K, got k={k}, K={K}")
+    rng = np.random.default_rng([seed, 11])
+    counts = np.minimum(np.diff(index.user_ptr_) - 1, early_max).clip(min=0)  # tasks per user: n = 1 .. min(early_max, m_u - 1)
+    owners = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    if not len(owners):
+        return TaskArrays.empty(K)
+    first = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+    n_shown = np.arange(len(owners), dtype=np.int64) - first[owners] + 1  # n of each task
+    start = index.user_ptr_[owners]
+    cols = np.arange(early_max)[None, :]
+    shown = np.where(cols < n_shown[:, None], index.user_items_[np.minimum(start[:, None] + cols, start[:, None] + n_shown[:, None] - 1)], -1)
+    queries = start + n_shown
+    cutoff = index.user_ts_[queries - 1]
+    query_ts = index.user_ts_[queries]
+    past = negatives == "past"
+    own = fill_own(shown, k, rng)
+    s_users, s_pos, s_neg = support_sets(index, owners, own, cutoff, K, rng, n_items, shown=shown, negatives_until=cutoff if past else None)
+    q_neg = index.sample_negatives(owners, rng, n_items, until_ts=query_ts if past else None)
+    return TaskArrays(s_users, s_pos, s_neg, owners, index.user_items_[queries], q_neg, query_ts)

@@ -118,23 +118,41 @@ _SGD: dict[str, Range] = {
     "baselines.epochs": Int(5, 80, log=True, limits=(1, 200)),
 }
 
-# Ours: second-order MAML (the method) throughout. α is on the mean loss over K triples (METHOD.md §11):
-# α = 10 here is α = 0.5 on the paper's sum with K = 20.
+# Ours (paper): second-order MAML (the method) throughout, searching only what the paper leaves open (METHOD.md §4-7):
+# k and K ("k = 5 (also 1 and 10), K = 20 ... tune and report"), d (32 or 64), L (1-3), α, λ_ML, the outer rate and
+# epochs, and the online update's rate and passes (§7 says Θ is updated with the §5 objective, not how far).
+# α is on the mean loss over K triples (METHOD.md §11): α = 10 here is α = 0.5 on the paper's sum with K = 20.
+# Hard limits: rates where Adam and the inner steps stay stable on unit-scale rows, counts bounded by wall time;
+# K >= 20 so that any k the tuner may widen to (<= 20) still fits in a support.
 _OURS: dict[str, Range] = {
     "meta.lambda_ml": Float(0.1, 10.0, log=True, limits=(1e-3, 1e3)),
     "meta.inner_lr": Float(0.5, 50.0, log=True, limits=(1e-2, 1e3)),
     "meta.inner_steps": Int(1, 5, limits=(1, 10)),
     "meta.outer_lr": Float(1e-3, 3e-2, log=True, limits=(1e-5, 0.3)),
-    "meta.pretrain_epochs": Int(0, 10, limits=(0, 100)),
     "meta.epochs": Int(3, 20, log=True, limits=(1, 200)),
+    "meta.dim": Choice((32, 64)),
+    "meta.online_lr": Float(1e-3, 5e-2, log=True, limits=(1e-5, 0.3)),
+    "meta.online_steps": Int(1, 10, log=True, limits=(1, 50)),
     "tasks.k": Int(1, 10, limits=(1, 20)),
+    "tasks.K": Int(20, 40, limits=(20, 100)),
 }
 
-# Ours+'s serving options (METHOD.md's serving uses training's k, α and L; see docs/findings.md).
+# Ours+: every option docs/findings.md and issue 22 add, beside the paper's open choices (less K: Ours+ fixes
+# tasks.support_neighbours = False, so K is unused). Serving's own k, α and L; BPR pre-training (not in the paper);
+# tasks that look like the test (share of early tasks, up to 0.9 so that some paper tasks stay); item biases; learned
+# adaptation (Meta-SGD rates, a learned prior, a learned start row); the kept online update of users' rows.
 _OURS_PLUS: dict[str, Range] = {
+    **{key: value for key, value in _OURS.items() if key != "tasks.K"},
+    "meta.pretrain_epochs": Int(0, 10, limits=(0, 100)),
     "tasks.serve_k": Int(1, 10, limits=(1, 50)),
     "meta.serve_inner_lr": Float(1.0, 100.0, log=True, limits=(1e-2, 1e3)),
     "meta.serve_inner_steps": Int(1, 6, limits=(0, 20)),
+    "tasks.early_share": Float(0.0, 0.5, limits=(0.0, 0.9)),
+    "meta.item_bias": Choice((False, True)),
+    "meta.learned_inner_lr": Choice((False, True)),
+    "meta.learned_prior": Choice((False, True)),
+    "meta.learned_start": Choice((False, True)),
+    "meta.online_adapt_steps": Int(0, 5, limits=(0, 20)),
 }
 
 # MeLU, MAMO and the prototype recommender (the [neural] section). Hard limits: Adam rates below 0.3, local rates
@@ -155,9 +173,9 @@ ROWS: dict[str, Row] = {
             passes=("meta.epochs", "meta.pretrain_epochs")),
         # Ours+: the same method and Θ, with the options docs/findings.md points to (chosen on the validation split
         # of the history, never on test cases): supports of the user's own interactions only (no neighbours), and
-        # serving's own k, α and L, tuned with the same budget as every row.
+        # every option of _OURS_PLUS searched by the same study, budget and objective as every row.
         Row(
-            "responsive_plus", "metarec.models.responsive:from_config", "Ours+", {**_OURS, **_OURS_PLUS},
+            "responsive_plus", "metarec.models.responsive:from_config", "Ours+", dict(_OURS_PLUS),
             fixed={"tasks.support_neighbours": False}, sections=("tasks", "meta"), family="ours",
             passes=("meta.epochs", "meta.pretrain_epochs"),
         ),

@@ -46,8 +46,9 @@ from metarec.config import Config, MetaConfig, TaskConfig
 from metarec.interface import Interactions, OnEpoch, RecentItems, StreamingRecommender, fitted_copy
 from metarec.device import resolve_device
 from metarec.distributed import DataParallel
-from metarec.maml import DivergedError, StepStats, TaskBatch, inner_adapt, localise, meta_step, support_ops
-from metarec.meta_tasks import TaskArrays, build_tasks, fill_own, stream_tasks, support_sets
+from metarec.maml import (DivergedError, Extras, StartRows, StepStats, TaskBatch, flex_inner_adapt, flex_meta_step, inner_adapt, localise,
+                          meta_step, support_ops)
+from metarec.meta_tasks import TaskArrays, build_tasks, early_tasks, fill_own, stream_tasks, support_sets
 from metarec.models.mf import bpr_triple_loss, init_table, mean_plus_noise
 from metarec.neighbours import InteractionIndex
 
@@ -102,6 +103,10 @@ class ResponsiveMF(StreamingRecommender):
         # rows some training step has touched (None: a model saved before they were recorded; see _trained_masks)
         self.trained_users_: torch.Tensor | None = None
         self.trained_items_: torch.Tensor | None = None
+        # Θ's optional parameters (Ours+ options, metarec.maml.Extras), with their own Adam so P and Q's is as it was
+        self.extra_: dict[str, torch.nn.Parameter] = {}
+        self.extra_optimizer_: torch.optim.Adam | None = None
+        self.early_pool_: tuple[int, TaskArrays] | None = None  # (id of the index it was built from, the early tasks)
 
     # ------------------------------------------------------------------ state
     @property
@@ -120,6 +125,29 @@ class ResponsiveMF(StreamingRecommender):
         self.optimizer_ = torch.optim.Adam([self.P_, self.Q_], lr=self.meta.outer_lr)
         self.trained_users_ = torch.zeros(n_users, dtype=torch.bool)
         self.trained_items_ = torch.zeros(n_items, dtype=torch.bool)
+        self._set_extras(self._fresh_extras(n_items))
+
+    def _fresh_extras(self, n_items: int) -> dict[str, torch.Tensor]:
+        """The optional parameters the options ask for, at a start that changes nothing: b = 0, every rate α, μ = 0 with
+        λ = softplus(-4) ≈ 0.018 (a weak pull), p0 = the mean of P's initial rows (0)."""
+        m, extras = self.meta, {}
+        if m.item_bias:
+            extras["bias"] = torch.zeros(n_items)
+        if m.learned_inner_lr:
+            extras["log_lr"] = torch.full((2, m.inner_steps, m.dim), float(np.log(m.inner_lr)))
+        if m.learned_prior:
+            extras["prior_mean"], extras["prior_raw"] = torch.zeros(m.dim), torch.full((m.dim,), -4.0)
+        if m.learned_start:
+            extras["start"] = torch.zeros(m.dim)
+        return extras
+
+    def _set_extras(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.extra_ = {name: torch.nn.Parameter(value.to(self.device, torch.float32, copy=True)) for name, value in tensors.items()}
+        self.extra_optimizer_ = torch.optim.Adam(list(self.extra_.values()), lr=self.meta.outer_lr) if self.extra_ else None
+
+    @property
+    def extras(self) -> Extras:
+        return Extras(**self.extra_)
 
     def set_index(self, history: Interactions) -> None:
         """Index what the model has seen (recent items, neighbours, negatives)."""
@@ -135,6 +163,10 @@ class ResponsiveMF(StreamingRecommender):
             for name, param in (("P", self.P_), ("Q", self.Q_)):
                 for key, value in self.optimizer_.state.get(param, {}).items():
                     state[f"adam.{name}.{key}"] = torch.as_tensor(value).cpu().clone()
+        for name, param in self.extra_.items():
+            state[f"extra.{name}"] = param.detach().cpu().clone()
+            for key, value in (self.extra_optimizer_.state.get(param, {}) if self.extra_optimizer_ is not None else {}).items():
+                state[f"extra_adam.{name}.{key}"] = torch.as_tensor(value).cpu().clone()
         return state
 
     def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -152,16 +184,24 @@ class ResponsiveMF(StreamingRecommender):
                        for key, value in state.items() if key.startswith(f"adam.{name}.")}
             if moments:
                 self.optimizer_.state[param] = moments
+        extras = {key.split(".", 1)[1]: value for key, value in state.items() if key.startswith("extra.")}
+        self._set_extras(extras if extras or not self.meta.flexible else self._fresh_extras(len(self.Q_)))  # none saved: the neutral start
+        for name, param in self.extra_.items():
+            moments = {key.split(".")[-1]: value.clone() if key.endswith(".step") else value.to(self.device, copy=True)
+                       for key, value in state.items() if key.startswith(f"extra_adam.{name}.")}
+            if moments and self.extra_optimizer_ is not None:
+                self.extra_optimizer_.state[param] = moments
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Numeric arrays only (saved by tasks.train.models without pickle): Θ, the trained-row masks, every interaction seen."""
         seen = self.index_.interactions if self.index_ is not None else Interactions.from_arrays([], [], [])
         users, items = self._trained_masks()
         return {"P": self.P_.detach().cpu().numpy().copy(), "Q": self.Q_.detach().cpu().numpy().copy(), "trained_users": users, "trained_items": items,
-                "seen_users": seen.users, "seen_items": seen.items, "seen_ts": seen.ts}
+                "seen_users": seen.users, "seen_items": seen.items, "seen_ts": seen.ts,
+                **{f"extra.{name}": param.detach().cpu().numpy().copy() for name, param in self.extra_.items()}}
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        state = {key: torch.as_tensor(np.asarray(arrays[key])) for key in ("P", "Q", "trained_users", "trained_items") if key in arrays}
+        state = {key: torch.as_tensor(np.asarray(arrays[key])) for key in arrays if key in ("P", "Q", "trained_users", "trained_items") or key.startswith("extra.")}
         self.load_training_state(state)
         self.index_ = InteractionIndex.build(Interactions(*(np.asarray(arrays[k], dtype=np.int64) for k in ("seen_users", "seen_items", "seen_ts"))))
 
@@ -199,13 +239,15 @@ class ResponsiveMF(StreamingRecommender):
             return np.zeros(self.n_users_, dtype=bool), np.zeros(self.n_items_, dtype=bool)
         return self.index_.has_user(np.arange(self.n_users_)), self.index_.has_item(np.arange(self.n_items_))
 
-    def _mark_trained(self, batch: TaskBatch) -> None:
-        """Record the rows an outer step touched: every triple's user, every positive item (negatives do not count)."""
+    def _mark_trained(self, batch: TaskBatch, start: StartRows | None = None) -> None:
+        """Record the rows an outer step touched: every triple's user, every positive item (negatives do not count).
+        An early task's user row is not touched (it started from a new user's row), unless another task touched it."""
         if self.trained_users_ is None or self.trained_items_ is None:
             users, items = self._trained_masks()
             self.trained_users_, self.trained_items_ = torch.as_tensor(users), torch.as_tensor(items)
-        self.trained_users_[batch.support_users.flatten().cpu()] = True  # the masks stay on the CPU, beside the index
-        self.trained_users_[batch.query_user.cpu()] = True
+        own = ~start.fresh.cpu() if start is not None else slice(None)
+        self.trained_users_[batch.support_users[own].flatten().cpu()] = True  # the masks stay on the CPU, beside the index
+        self.trained_users_[batch.query_user[own].cpu()] = True
         self.trained_items_[batch.support_pos.flatten().cpu()] = True
         self.trained_items_[batch.query_pos.cpu()] = True
 
@@ -229,10 +271,28 @@ class ResponsiveMF(StreamingRecommender):
             rows = torch.as_tensor(np.flatnonzero(fresh), device=self.device)
             with torch.no_grad():
                 base = table.detach()[torch.as_tensor(trained, device=self.device)] if trained.any() else table.detach()
+                if name == "P" and "start" in self.extra_:
+                    base = self.extra_["start"].detach()[None, :]
                 table.detach()[rows] = mean_plus_noise(base, len(rows), self.meta.new_row_std, self.generator_)
+                if name == "Q" and "bias" in self.extra_:
+                    self.extra_["bias"].detach()[rows] = self._mean_bias()
             for moment in (self.optimizer_.state.get(table, {}) if self.optimizer_ is not None else {}).values():
                 if torch.is_tensor(moment) and moment.dim() == 2:
                     moment[rows] = 0.0
+
+    def _mean_bias(self) -> torch.Tensor:
+        """The bias a new item gets (§7's mean, without noise): the mean of the trained items' biases."""
+        bias = self.extra_["bias"].detach()
+        trained = torch.as_tensor(self._trained_masks()[1][: len(bias)], device=bias.device)
+        return (bias[trained] if bool(trained.any()) else bias).mean()
+
+    def _item_bias(self, items: torch.Tensor) -> torch.Tensor:
+        """b of ``items`` (any shape; meta.item_bias), the mean of the trained biases for untrained items or ids beyond the table."""
+        bias = self.extra_["bias"].detach()
+        trained = np.zeros(max(len(bias), int(items.max()) + 1 if items.numel() else 0), dtype=bool)
+        trained[: len(bias)] = self._trained_masks()[1][: len(bias)]
+        known = torch.as_tensor(trained, device=bias.device)[items]
+        return torch.where(known, bias[torch.where(known, items, torch.zeros_like(items))], self._mean_bias())
 
     def pretrain_epoch(self, history: Interactions, epoch: int) -> float:
         """One epoch of plain BPR over the history (one sampled negative each), mean loss, its own Adam."""
@@ -280,10 +340,12 @@ class ResponsiveMF(StreamingRecommender):
 
         try:
             for part_no, part in enumerate(parts):
+                part, fresh = self._with_early_tasks(part, epoch, part_no, parallel)
                 order = np.random.default_rng([self.meta.seed, epoch, 2, part_no]).permutation(len(part))
                 for start in range(0, len(order), self.meta.batch_tasks):
-                    batch = TaskBatch.from_arrays(part, order[start : start + self.meta.batch_tasks], self.device)
-                    stats = self.meta_update(batch, parallel=parallel)
+                    rows = order[start : start + self.meta.batch_tasks]
+                    batch = TaskBatch.from_arrays(part, rows, self.device)
+                    stats = self.meta_update(batch, parallel=parallel, start=self._start_rows(fresh, rows, epoch, part_no, start))
                     n_tasks += len(batch)
                     support += stats.support_loss * len(batch)
                     query += stats.query_loss * len(batch)
@@ -296,15 +358,76 @@ class ResponsiveMF(StreamingRecommender):
             raise
         return so_far()
 
-    def meta_update(self, batch: TaskBatch, lr: float | None = None, parallel: DataParallel | None = None) -> StepStats:
-        """One Adam step on the meta-objective of ``batch`` (DivergedError on NaN/Inf)."""
+    def meta_update(self, batch: TaskBatch, lr: float | None = None, parallel: DataParallel | None = None, start: StartRows | None = None) -> StepStats:
+        """One Adam step on the meta-objective of ``batch`` (DivergedError on NaN/Inf); ``start``: tasks whose user starts
+        as a new user does (early tasks)."""
         if self.optimizer_ is None:
             raise RuntimeError("ResponsiveMF: call fit() or init_params() before training")
-        for group in self.optimizer_.param_groups:
-            group["lr"] = lr or self.meta.outer_lr
-        stats = meta_step(self.P_, self.Q_, self.optimizer_, batch, self.meta, parallel)
-        self._mark_trained(batch)
+        for optimizer in (self.optimizer_, self.extra_optimizer_):
+            for group in (optimizer.param_groups if optimizer is not None else []):
+                group["lr"] = lr or self.meta.outer_lr
+        if self.meta.flexible:
+            if parallel is not None:
+                raise ValueError("meta.item_bias / learned_inner_lr / learned_prior / learned_start train by autograd in one process; set runtime.workers = 1")
+            params = [self.P_, self.Q_, *self.extra_.values()]
+            optimizers = [self.optimizer_] + ([self.extra_optimizer_] if self.extra_optimizer_ is not None else [])
+            stats = flex_meta_step(params, optimizers, batch, self.meta, self.extras, start)
+        else:
+            stats = meta_step(self.P_, self.Q_, self.optimizer_, batch, self.meta, parallel, start)
+        self._mark_trained(batch, start)
         return stats
+
+    # ------------------------------------------------------------ early tasks
+    def _early_pool(self) -> TaskArrays:
+        """Every early task of the indexed history (``meta_tasks.early_tasks``), built once per index."""
+        if self.index_ is None:
+            raise RuntimeError("tasks.early_share needs the model's interaction index: call set_index(history) before meta-training")
+        if self.early_pool_ is None or self.early_pool_[0] != id(self.index_):
+            t = self.tasks
+            pool = early_tasks(self.index_, t.early_max, t.k, t.support_size, t.seed, max(self.n_items_, 1), t.negatives)
+            self.early_pool_ = (id(self.index_), pool)
+        return self.early_pool_[1]
+
+    def _with_early_tasks(self, part: TaskArrays, epoch: int, part_no: int, parallel) -> tuple[TaskArrays, np.ndarray | None]:
+        """The part with the share ``tasks.early_share`` of its tasks replaced by early tasks (seeded draws: which paper
+        tasks sit out this epoch, and which early tasks, without repetition while the pool lasts), and which tasks are
+        early; the part itself and None at share 0. The epoch keeps its size, so the share does not change how many
+        outer steps an epoch takes (more steps alone move the validation metric, docs/findings.md §3)."""
+        share = self.tasks.early_share
+        if share <= 0 or not len(part):
+            return part, None
+        if parallel is not None:
+            raise ValueError("tasks.early_share > 0 is not supported with data-parallel workers yet; set runtime.workers = 1")
+        pool = self._early_pool()
+        wanted = min(int(round(len(part) * share)), len(part))
+        if not len(pool) or not wanted:
+            return part, None
+        rng = np.random.default_rng([self.meta.seed, epoch, 5, part_no])
+        kept = np.sort(rng.choice(len(part), len(part) - wanted, replace=False))
+        picks = rng.choice(len(pool), wanted, replace=wanted > len(pool))
+        fresh = np.r_[np.zeros(len(kept), bool), np.ones(wanted, bool)]
+        return TaskArrays.concat([part.take(kept), pool.take(picks)]), fresh
+
+    def _start_rows(self, fresh: np.ndarray | None, rows: np.ndarray, epoch: int, part_no: int, offset: int) -> StartRows | None:
+        """Where the early tasks among ``rows`` start: the learned p0 (meta.learned_start) or the mean of the trained rows of
+        P (a constant here, as serving reads it), plus §7's noise drawn per batch from a seeded generator."""
+        if fresh is None:
+            return None
+        mask = fresh[rows]
+        if not mask.any():
+            return None
+        generator = torch.Generator().manual_seed(int(np.random.default_rng([self.meta.seed, epoch, 6, part_no, offset]).integers(2**62)))
+        noise = (torch.randn(len(rows), self.meta.dim, generator=generator) * self.meta.new_row_std).to(self.device)
+        return StartRows(torch.as_tensor(mask, device=self.device), self._new_user_mean()[None, :] + noise)
+
+    def _new_user_mean(self) -> torch.Tensor:
+        """(d,) the row a new user starts from before noise: p0 when learned (meta.learned_start), else the mean of the
+        trained rows of P (all rows before any is trained), detached."""
+        if "start" in self.extra_:
+            return self.extra_["start"]
+        trained = torch.as_tensor(self._trained_masks()[0], device=self.device)
+        P = self.P_.detach()
+        return (P[trained] if bool(trained.any()) else P).mean(0)
 
     # ---------------------------------------------------------------- serving
     def _rows(self, table: torch.Tensor, ids: torch.Tensor, generator: torch.Generator, new: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
@@ -321,7 +444,8 @@ class ResponsiveMF(StreamingRecommender):
             rows[fresh] = mean_plus_noise(table.detach() if base is None else base, n_new, self.meta.new_row_std, generator)
         return rows
 
-    def _untrained_rows(self, table: torch.Tensor, trained: np.ndarray, ids: np.ndarray, generator: torch.Generator, all_new: bool = False) -> torch.Tensor:
+    def _untrained_rows(self, table: torch.Tensor, trained: np.ndarray, ids: np.ndarray, generator: torch.Generator, all_new: bool = False,
+                        start: torch.Tensor | None = None) -> torch.Tensor:
         """table's rows of ``ids``; ids beyond it, untrained ones (or all, ``all_new``) get the mean of the trained rows
         + noise (§7, §11).
 
@@ -332,11 +456,14 @@ class ResponsiveMF(StreamingRecommender):
         inside = ids < len(trained)
         new = np.ones(len(ids), dtype=bool) if all_new else inside & ~trained[np.where(inside, ids, 0)]
         base = table.detach()[torch.as_tensor(trained, device=self.device)] if trained.any() else None
+        base = start if start is not None else base  # (1, d): its mean is itself
         return self._rows(table, torch.as_tensor(ids, device=self.device), generator, torch.as_tensor(new, device=self.device), base)
 
     def _user_rows(self, users: np.ndarray, generator: torch.Generator, all_new: bool = False) -> torch.Tensor:
-        """Θ's rows of ``users``; untrained users (or all, for new users) get the mean of the trained rows + noise."""
-        return self._untrained_rows(self.P_, self._trained_masks()[0], users, generator, all_new)
+        """Θ's rows of ``users``; untrained users (or all, for new users) get the mean of the trained rows + noise
+        (the learned start p0 + noise with meta.learned_start)."""
+        start = self.extra_["start"].detach()[None, :] if "start" in self.extra_ else None
+        return self._untrained_rows(self.P_, self._trained_masks()[0], users, generator, all_new, start)
 
     def _item_rows(self, items: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Θ's rows of ``items`` (any shape); items no training step had as a positive get the mean of the trained rows + noise."""
@@ -363,10 +490,12 @@ class ResponsiveMF(StreamingRecommender):
         return s, has
 
     @torch.no_grad()
-    def adapt_supports(self, support_users, support_pos, support_neg, generator: torch.Generator, start_rows: torch.Tensor | None = None) -> Adapted:
+    def adapt_supports(self, support_users, support_pos, support_neg, generator: torch.Generator, start_rows: torch.Tensor | None = None,
+                       steps: int | None = None) -> Adapted:
         """The L inner steps from Θ for B tasks at once (first column's user is the one adapted).
 
-        ``start_rows`` (B, d): the adapted user's row to start from (a new user's mean + noise), else Θ's."""
+        ``start_rows`` (B, d): the adapted user's row to start from (a new user's mean + noise), else Θ's;
+        ``steps``: that many steps instead of serving's L (the kept online update, meta.online_adapt_steps)."""
         zeros = np.zeros(len(support_users), dtype=np.int64)
         batch = TaskBatch.from_arrays(
             TaskArrays(support_users, support_pos, support_neg, support_users[:, 0], support_pos[:, 0], support_neg[:, 0], zeros), device=self.device
@@ -378,7 +507,14 @@ class ResponsiveMF(StreamingRecommender):
         q_loc = self._item_rows(loc.item_rows, generator)
         serving = self.meta.serving()  # the paper's α and L unless an Ours+ option sets serving's own
         ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], serving, p_loc.dtype)
-        p_ad, q_ad = inner_adapt(p_loc, q_loc, ops, serving, create_graph=False)
+        if self.meta.flexible:  # the options' own inner rule (biases, learned rates, prior), as trained
+            scale = serving.inner_lr / self.meta.inner_lr if self.meta.serve_inner_lr is not None else 1.0
+            extras = Extras(**{name: param.detach() for name, param in self.extra_.items()})
+            b_loc = self._item_bias(loc.item_rows) if "bias" in self.extra_ else None
+            p_ad, q_ad = flex_inner_adapt(p_loc, q_loc, ops, loc, self.meta, extras, b_loc, create_graph=False,
+                                          steps=serving.inner_steps if steps is None else steps, scale=scale)
+        else:
+            p_ad, q_ad = inner_adapt(p_loc, q_loc, ops, serving if steps is None else serving.model_copy(update={"inner_steps": steps}), create_graph=False)
         user = p_ad.gather(1, loc.q_user[:, None, None].expand(-1, 1, p_ad.shape[-1]))[:, 0]
         return Adapted(user, loc.item_rows, q_ad)
 
@@ -416,8 +552,12 @@ class ResponsiveMF(StreamingRecommender):
         the (B, C, d) gather, which at ML-1M's 3,700 items was 240 MB per 256 users."""
         cand = torch.as_tensor(np.asarray(candidates, dtype=np.int64), device=self.device)
         if 4 * cand.shape[1] >= max(self.n_items_, 1):
-            return self._score_by_product(adapted, cand, generator).cpu().numpy()
-        return self._score_gathered(adapted, cand, generator).cpu().numpy()
+            scores = self._score_by_product(adapted, cand, generator)
+        else:
+            scores = self._score_gathered(adapted, cand, generator)
+        if "bias" in self.extra_:  # b_i + p·q (meta.item_bias); b is not adapted, so one term serves both paths
+            scores = scores + self._item_bias(cand)
+        return scores.cpu().numpy()
 
     def _score_gathered(self, adapted: Adapted, cand: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         q = self._item_rows(cand, generator)
@@ -511,7 +651,9 @@ class ResponsiveMF(StreamingRecommender):
     # ------------------------------------------------------------- streaming
     def observe(self, batch: Interactions) -> None:
         """§7: new ids and the batch's untrained rows start at the mean of the trained rows + noise; index the batch;
-        one meta step per batch_tasks tasks of users with a past (R^K = their own k previous interactions)."""
+        one meta step per batch_tasks tasks of users with a past (R^K = their own k previous interactions), in
+        ``meta.online_steps`` passes; then (meta.online_adapt_steps > 0, an Ours+ option) the batch's users' rows take
+        that many steps of the adaptation rule from their current rows and keep them (``keep_adapted_rows``)."""
         if self.index_ is None or self.optimizer_ is None:
             raise RuntimeError("ResponsiveMF: call fit() before observe()")
         if not len(batch):
@@ -523,9 +665,32 @@ class ResponsiveMF(StreamingRecommender):
         rng = np.random.default_rng([self.meta.seed, 3, self.online_steps_])
         t = self.tasks
         tasks, _ = stream_tasks(self.index_, batch, t.k, t.support_size, rng, self.n_items_, neighbours=t.online_neighbours, negatives=t.negatives)
-        for start in range(0, len(tasks), self.meta.batch_tasks):
-            self.meta_update(TaskBatch.from_arrays(tasks, slice(start, start + self.meta.batch_tasks), self.device), self.meta.online_lr)
+        for _ in range(self.meta.online_steps):
+            for start in range(0, len(tasks), self.meta.batch_tasks):
+                self.meta_update(TaskBatch.from_arrays(tasks, slice(start, start + self.meta.batch_tasks), self.device), self.meta.online_lr)
+        if self.meta.online_adapt_steps:
+            self.keep_adapted_rows(np.unique(np.asarray(batch.users, dtype=np.int64)))
         self.online_steps_ += 1
+
+    @torch.no_grad()
+    def keep_adapted_rows(self, users: np.ndarray) -> None:
+        """Each user's row of P takes meta.online_adapt_steps steps of the adaptation rule (serving's α; learned rates,
+        biases and prior when on) on the support serving would build from its interactions so far, starting from its
+        current row, and keeps the result: the next batch starts from there, as RKMF's retrained user row does. Item
+        rows adapted on the way are dropped (Θ's items change only by the outer steps)."""
+        recent, recent_ts = self.index_.recent_items(users, self.tasks.serving_support()[0])
+        rng = np.random.default_rng([self.meta.seed, 4, self.online_steps_])
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        s, has = self.supports(users, recent, recent_ts, rng)
+        if s is None:
+            return
+        kept = users[has]
+        current = self.P_.detach()[torch.as_tensor(kept, device=self.device)]
+        adapted = self.adapt_supports(*s, generator, start_rows=current, steps=self.meta.online_adapt_steps)
+        self.P_.detach()[torch.as_tensor(kept, device=self.device)] = adapted.user_rows
+        if self.trained_users_ is None:
+            self.trained_users_ = torch.as_tensor(self._trained_masks()[0])
+        self.trained_users_[torch.as_tensor(kept)] = True  # a kept row is the user's own, no longer §7's new row
 
     def _grow(self, n_users: int, n_items: int) -> None:
         """New users/items get untrained rows = the mean of the trained rows + N(0, σ²I); Adam's moments for them start at zero."""
@@ -542,6 +707,11 @@ class ResponsiveMF(StreamingRecommender):
                 state[mask] = torch.cat([trained, torch.zeros(extra, dtype=torch.bool)])
                 for key in [k for k in state if k.startswith(f"adam.{name}.") and state[k].dim() == 2]:
                     state[key] = torch.cat([state[key], state[key].new_zeros(extra, state[key].shape[1])])
+                if name == "Q" and "extra.bias" in state:  # new items' biases: the mean of the trained ones; their moments 0
+                    bias = state["extra.bias"]
+                    state["extra.bias"] = torch.cat([bias, (bias[trained] if trained.any() else bias).mean().repeat(extra)])
+                    for key in [k for k in state if k.startswith("extra_adam.bias.") and state[k].dim() == 1]:
+                        state[key] = torch.cat([state[key], state[key].new_zeros(extra)])
         state["generator"] = self.generator_.get_state()
         self.load_training_state(state)
 

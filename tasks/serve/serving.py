@@ -82,7 +82,7 @@ def load_theta_model(version) -> ResponsiveMF:
         raise CorruptFileError(exc.path, f"registered version {version.version} of '{REGISTERED_MODEL}' ({version.source}): "
                                f"{str(exc).removeprefix(f'{exc.path}: ')}", "serve another version with --version N") from None
     model = ResponsiveMF(MetaConfig(**described["meta"]), TaskConfig(**described["tasks"]))
-    model.load_training_state({"P": P, "Q": Q, **described.get("masks", {})})
+    model.load_training_state({"P": P, "Q": Q, **described.get("masks", {}), **described.get("extras", {})})
     return model
 
 

@@ -68,7 +68,8 @@ def save_theta(model: ResponsiveMF, out: Path, config: Config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     users, items = model._trained_masks()
     tensors = {"P": model.P_.detach().cpu().contiguous(), "Q": model.Q_.detach().cpu().contiguous(),
-               "trained_users": torch.as_tensor(users), "trained_items": torch.as_tensor(items)}
+               "trained_users": torch.as_tensor(users), "trained_items": torch.as_tensor(items),
+               **{f"extra.{name}": param.detach().cpu().contiguous() for name, param in model.extra_.items()}}  # Ours+'s b, rates, prior, p0
     save_file(tensors, str(out / THETA_FILE))
     write_json(
         {"n_users": model.n_users_, "n_items": model.n_items_, "dim": model.meta.dim, "meta": config.meta.model_dump(mode="json"),
@@ -81,7 +82,7 @@ def save_theta(model: ResponsiveMF, out: Path, config: Config) -> Path:
 def load_theta(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(P, Q, description) from a folder written by ``save_theta``, or from a logged pyfunc model (its
     ``artifacts/``): safetensors and JSON, no pickle. The description's ``masks`` holds the trained-row masks
-    when the file has them (``ResponsiveMF.load_training_state`` takes them).
+    when the file has them and ``extras`` Θ's optional parameters (``ResponsiveMF.load_training_state`` takes both).
 
     Raises CorruptFileError, naming the file, when either file cannot be read.
     """
@@ -103,6 +104,7 @@ def load_theta(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     if missing:
         raise CorruptFileError(folder, f"Θ lacks {missing}")
     described["masks"] = {key: tensors[key] for key in ("trained_users", "trained_items") if key in tensors}
+    described["extras"] = {key: value for key, value in tensors.items() if key.startswith("extra.")}  # as load_training_state names them
     return tensors["P"], tensors["Q"], described
 
 

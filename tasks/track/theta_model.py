@@ -43,7 +43,8 @@ class ThetaModel(PythonModel):
         seen = load_file(context.artifacts["seen"])
         ids = json.loads(Path(context.artifacts["ids"]).read_text())
         self.model = ResponsiveMF(MetaConfig(**described["meta"]), TaskConfig(**described["tasks"]))
-        masks = {key: theta[key] for key in ("trained_users", "trained_items") if key in theta}  # untrained rows are new (§11)
+        masks = {key: theta[key] for key in theta if key in ("trained_users", "trained_items")  # untrained rows are new (§11)
+                 or key.startswith("extra.")}  # and Ours+'s optional parameters (item biases, learned rates, prior, start)
         self.model.load_training_state({"P": theta["P"], "Q": theta["Q"], **masks})
         self.model.set_index(Interactions(*(seen[key].numpy().astype(np.int64) for key in ("users", "items", "ts"))))
         self.users = {str(raw): i for i, raw in enumerate(ids["users"])}

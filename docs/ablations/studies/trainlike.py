@@ -1,0 +1,11 @@
+[Variant("Ours+ (k=7, serve k=10)", row="responsive_plus"),
+ Variant("+ item bias", row="responsive_plus", train={"meta.item_bias": True}),
+ Variant("+ learned inner rates", row="responsive_plus", train={"meta.learned_inner_lr": True}),
+ Variant("+ learned prior", row="responsive_plus", train={"meta.learned_prior": True}),
+ Variant("+ learned inner rates, serve L=4", row="responsive_plus", train={"meta.learned_inner_lr": True}, serve={"meta.serve_inner_steps": 4}),
+ Variant("+ online passes 3", row="responsive_plus", serve={"meta.online_steps": 3}),
+ Variant("+ kept online update S=2", row="responsive_plus", serve={"meta.online_adapt_steps": 2}),
+ Variant("+ kept online update S=5", row="responsive_plus", serve={"meta.online_adapt_steps": 5}),
+ Variant("early 0.2 + item bias + prior, S=2", row="responsive_plus",
+         train={"tasks.early_share": 0.2, "meta.item_bias": True, "meta.learned_prior": True}, serve={"meta.online_adapt_steps": 2}),
+]
