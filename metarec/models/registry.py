@@ -223,6 +223,15 @@ ROWS: dict[str, Row] = {
             | {"neural.pooling": Choice(("mean", "attention"))},
             sections=("tasks", "neural"), passes=("neural.epochs",), in_default=False,
         ),
+        Row(
+            "metahin", "metarec.models.metahin:from_config", "MetaHIN",
+            {**_NEURAL, "neural.semantic_lr": Float(0.05, 5.0, log=True, limits=(1e-4, 100.0))},
+            sections=("tasks", "neural"), passes=("neural.epochs",), in_default=False,
+        ),
+        Row(
+            "sequence_meta", "metarec.models.sequence_meta:from_config", "Sequence meta-learner",
+            dict(_NEURAL), sections=("tasks", "neural"), passes=("neural.epochs",), in_default=False,
+        ),
     )
 }
 KNOWN_MODELS: tuple[str, ...] = tuple(ROWS)
