@@ -20,7 +20,7 @@ from metarec.models.neural import Episodes
 from metarec.models.registry import ROWS, make_model
 from metarec.synthetic import planted_feature_interactions
 
-NEURAL = ("melu", "mamo", "prototype")
+NEURAL = ("melu", "mamo", "prototype", "metahin", "sequence_meta")
 
 
 @pytest.fixture(autouse=True)
