@@ -14,7 +14,8 @@ The model (``SequenceNet``):
 - f(i): the item's feature fields and id embedding (``FieldEncoder``, the
   same as MeLU's items), projected to d;
 - order: each shown item gets a learned position embedding by its recency
-  (the last shown is position 0), added to f(i); one self-attention layer
+  (the last shown is position 0; positions k - 1 and older share one, as
+  training's supports hold at most k items), added to f(i); one self-attention layer
   (masked to the shown items, residual, layer norm) mixes the sequence;
 - pooling: attention with a learned query over the mixed sequence gives h;
   a user who has shown nothing gets a learned start vector instead;
@@ -50,17 +51,17 @@ from torch import nn
 from metarec.config import Config
 from metarec.models.neural import EpisodicRecommender, Episodes, FieldEncoder, departures, masked_mean, pair_loss, query_loss, reset_linears, sgd_steps
 
-MAX_POSITIONS = 64  # recency positions with their own embedding; older items share the last one
 
 
 class SequenceNet(nn.Module):
     """items: FieldEncoder; project: fields -> d; position, attention, pooling and the user map W; head H_0."""
 
-    def __init__(self, items: FieldEncoder, dim: int, generator: torch.Generator) -> None:
+    def __init__(self, items: FieldEncoder, dim: int, positions: int, generator: torch.Generator) -> None:
         super().__init__()
         self.items = items
         self.project = nn.Linear(items.out_dim, dim)
-        self.position = nn.Parameter(torch.randn(MAX_POSITIONS, dim, generator=generator) * 0.02)
+        # one embedding per recency position training's supports reach (1..k items); older shown items share the last
+        self.position = nn.Parameter(torch.randn(positions, dim, generator=generator) * 0.02)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.norm = nn.LayerNorm(dim)
         self.pool_query = nn.Parameter(torch.zeros(dim))
@@ -76,7 +77,7 @@ class SequenceNet(nn.Module):
         """(B, S) items left-aligned in time order under mask (B, S) -> h (B, d)."""
         real = mask > 0
         count = real.sum(1, keepdim=True)
-        recency = (count - 1 - torch.arange(sequence.shape[1])[None, :]).clamp(0, MAX_POSITIONS - 1)
+        recency = (count - 1 - torch.arange(sequence.shape[1])[None, :]).clamp(0, self.position.shape[0] - 1)
         x = self.embed(sequence) + self.position[recency]
         q, k, v = self.qkv(x).chunk(3, -1)
         logits = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5
@@ -95,7 +96,7 @@ class SequenceMeta(EpisodicRecommender):
     def build_net(self, n_users: int, n_items: int) -> SequenceNet:
         n = self.neural
         items = FieldEncoder(self.side_table("items"), n_items, n.dim, with_ids=True, std=n.init_std, generator=self.generator_)
-        return reset_linears(SequenceNet(items, n.dim, self.generator_), self.generator_)
+        return reset_linears(SequenceNet(items, n.dim, self.tasks.k, self.generator_), self.generator_)
 
     def start_params(self, episodes: Episodes) -> dict[str, torch.Tensor]:
         """Each user's local parameters before adaptation: u = W h(support sequence), H = H_0."""
