@@ -27,7 +27,7 @@
   the index), runs the model's ``adapt`` for many users at once and scores with
   ``score_adapted``; the model never changes while serving. ``observe``
   (online rule, the papers have none): grow the id tables, index the batch —
-  so later scores adapt from each user's latest k interactions — and take one
+  so later scores adapt from each user's latest interactions — and take one
   global update per ``batch_tasks`` stream episodes (one per new interaction of
   a user with a past, ``meta_tasks.stream_tasks``), as our §7 does; an id
   seen for the first time starts from the known mean + noise.
