@@ -25,8 +25,9 @@ What we adapted, and why:
 - Episodes as MeLU samples them (``metarec.models.neural.split_episodes``): a
   seeded random split of all a user's interactions into a support of 1..k
   items and up to 10 query items, redrawn every epoch, several episodes per
-  user per epoch (MeLU: one fixed split per user, supports of 10..100 ratings;
-  ours reach down to one item because a new user at n = 1 has shown one).
+  user per epoch (MeLU: one fixed random split per user, 10 query items and
+  the rest, 3 to 90, the support; ours reach down to one item because a new
+  user at n = 1 has shown one).
   Serving adapts on every item the user has shown (MeLU adapts on the whole
   support set); ``neural.serve_k`` (searched) may keep only the last ones.
 - Items that had no positive in training are new items: their id embedding
