@@ -255,11 +255,11 @@ class BaselineConfig(Section):
 
 
 class NeuralConfig(Section):
-    """The neural meta-learning rows (MeLU, MAMO, the prototype recommender): their hyperparameters, field by field.
+    """The neural meta-learning rows (MeLU, MAMO, the prototype recommender, MetaHIN, sequence_meta), field by field.
 
-    All three learn episodically on the same tasks as ours (``[tasks]``: k, K, seed, cap), with the task
-    user's own k support interactions (the neighbour columns are our method's device, see each model's
-    docstring), the same sampled negatives, and Adam on the query loss.
+    All learn episodically on seeded random splits of each user's own interactions (supports of 1..tasks.k
+    items, as their papers' tasks; ``metarec.models.neural.split_episodes``), the same kind of sampled
+    negatives as ours, and Adam on the query loss; serving adapts on every item a new user has shown.
     """
 
     dim: int = Field(32, ge=1, description="Embedding size of each feature field and id embedding (MeLU: 32).")
@@ -273,7 +273,7 @@ class NeuralConfig(Section):
     first_order: bool = Field(False, description="Drop the second-order terms of the local update from the meta-gradient (MAMO's row fixes True, as its paper's global update).")
     outer_lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the global update (and of online updates).")
     epochs: int = Field(3, ge=0, description="Passes over all tasks.")
-    batch_tasks: int = Field(256, ge=1, description="Tasks (users' episodes) per global update.")
+    batch_tasks: int = Field(64, ge=1, description="Episodes per global update (each with up to query_items queries).")
     grad_clip: float | None = Field(10.0, gt=0.0, description="Gradient-norm clipping of the global update (None = off).")
     init_std: float = Field(0.1, gt=0.0, description="Std of the initial embedding entries.")
     item_ids: bool = Field(
@@ -288,6 +288,20 @@ class NeuralConfig(Section):
     memory_alpha: float = Field(0.5, ge=0.0, le=1.0, description="MAMO: α, the write rate of the profile memory M_P.")
     memory_beta: float = Field(0.05, ge=0.0, le=1.0, description="MAMO: β, the write rate of the user-embedding memory M_U.")
     memory_gamma: float = Field(0.1, ge=0.0, le=1.0, description="MAMO: γ, the write rate of the preference memory M_UI.")
+    episodes_per_user: int = Field(
+        8, ge=1, description="Training episodes per user and epoch, each a fresh seeded random split of all the user's interactions "
+        "into a support of 1..tasks.k items and a query of the next query_items (MeLU's and MAMO's tasks; one per user in the papers, "
+        "more here so an epoch takes enough global steps).")
+    query_items: int = Field(10, ge=1, description="Query items per episode (MeLU's and MAMO's data: 10); fewer when the user has fewer left.")
+    early_share: float | None = Field(
+        None, ge=0.0, le=1.0, description="Share of episodes whose support is the user's first s interactions and whose query is the "
+        "ones that follow (the new-user test's question) instead of a random split. None = the row's own default: 0 for MeLU, MAMO, "
+        "the prototype recommender and MetaHIN (their papers split at random), 0.5 for sequence_meta (a sequence has an order).")
+    serve_k: int | None = Field(
+        None, ge=1, description="Shown items a served user adapts on: None = all a new user has shown (the papers adapt on the whole "
+        "support set) and an existing user's last 50; else the last serve_k (searchable, like Ours+'s tasks.serve_k).")
+    semantic_lr: float = Field(0.5, gt=0.0, description="MetaHIN: the semantic-wise adaptation rate (its α) of the context aggregation; "
+                               "local_lr is the task-wise rate (its β).")
     seed: int = Field(0, ge=0, description="Seed of the neural rows' initialisation and sampling.")
 
 

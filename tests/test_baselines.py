@@ -16,7 +16,7 @@ from metarec.interface import Interactions, RecentItems
 from metarec.models.factory import make_model
 from metarec.synthetic import planted_interactions
 
-NEURAL_MODELS = ("melu", "mamo", "prototype")  # the meta-learning rows of issue 11 (more in test_zoo.py)
+NEURAL_MODELS = ("melu", "mamo", "prototype", "metahin", "sequence_meta")  # the meta-learning rows of issues 11 and 23 (more in test_zoo.py, test_meta_rows.py)
 MODELS = ("rkmf", "srec", "spmf", "mf_ft", "pop", "pop_early", *NEURAL_MODELS)
 FACTOR_MODELS = ("rkmf", "srec", "spmf", "mf_ft")
 N_NEG = 50

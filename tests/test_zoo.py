@@ -21,7 +21,7 @@ from metarec.models.factory import make_model
 from metarec.models.registry import ROWS
 from metarec.synthetic import planted_feature_interactions
 
-NEURAL = ("melu", "mamo", "prototype")
+NEURAL = ("melu", "mamo", "prototype", "metahin", "sequence_meta")
 
 
 @pytest.fixture(autouse=True)

@@ -45,8 +45,12 @@ What we adapted, and why:
 - The field embeddings are trained by the global update (the code never
   resets them and lets the local optimiser drift them).
 - Local steps are plain gradient descent (the paper's rule; the code uses
-  Adam within a user). Episodes, features, id fallback and the online rule are
-  those of ``metarec.models.neural``; a new user's profile (its features, or the
+  Adam within a user). Episodes are MAMO's (and MeLU's) random split of each
+  user's interactions into support and query sets, with supports down to one
+  item (``metarec.models.neural.split_episodes``); serving adapts on every
+  shown item. Features, id fallback (items without a training positive are
+  new items: the mean id row) and the online rule are those of
+  ``metarec.models.neural``; a new user's profile (its features, or the
   mean id row without features) reads the memories, which are never written
   while serving.
 """
@@ -59,7 +63,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from metarec.config import Config
-from metarec.models.neural import departures, EpisodicRecommender, Episodes, FieldEncoder, expand_params, masked_mean, pair_loss, reset_linears, sgd_steps
+from metarec.models.neural import departures, EpisodicRecommender, Episodes, FieldEncoder, expand_params, masked_mean, pair_loss, query_loss, reset_linears, sgd_steps
 
 MEMORY = "memory_weight"  # the key of M_{u,I} among a user's local parameters
 
@@ -158,8 +162,8 @@ class MAMO(EpisodicRecommender):
         fast = self.initial_params(attention, dict(net.scorer.named_parameters()))
         fast = self.local_update(fast, profiles, net.items(episodes.support_pos), net.items(episodes.support_neg),
                                  episodes.support_mask, create_graph=not self.neural.first_order)
-        s = self.scores(fast, profiles, net.items(torch.stack([episodes.query_pos, episodes.query_neg], 1)))
-        query = pair_loss(s[:, 0], s[:, 1], self.neural.loss)
+        s = self.scores(fast, profiles, net.items(torch.cat([episodes.query_pos, episodes.query_neg], 1)))
+        query = query_loss(s, episodes.query_mask, self.neural.loss)
         names = self._user_param_names()
         grads = torch.autograd.grad(query.sum(), [fast[n] for n in names], retain_graph=True)
         self._written = (attention.detach(), profiles.detach(), torch.cat([g.flatten(1) for g in grads], 1).detach(), fast[MEMORY].detach())

@@ -22,9 +22,16 @@ What we adapted, and why:
   (positive, negative) pairs with ``neural.loss`` over the same sampled
   negatives our model uses (default BPR: -log σ(s⁺ - s⁻); BCE as an option);
   the output layer's value is a ranking score.
-- Episodes are our tasks (``metarec.models.neural.Episodes``): support = the
-  user's own k interactions before the query, query = the next one (MeLU
-  samples support and query sets per user at random).
+- Episodes as MeLU samples them (``metarec.models.neural.split_episodes``): a
+  seeded random split of all a user's interactions into a support of 1..k
+  items and up to 10 query items, redrawn every epoch, several episodes per
+  user per epoch (MeLU: one fixed random split per user, 10 query items and
+  the rest, 3 to 90, the support; ours reach down to one item because a new
+  user at n = 1 has shown one).
+  Serving adapts on every item the user has shown (MeLU adapts on the whole
+  support set); ``neural.serve_k`` (searched) may keep only the last ones.
+- Items that had no positive in training are new items: their id embedding
+  is the mean of the trained ones (their content fields are theirs).
 - Items get an id embedding beside their content fields (``neural.item_ids``):
   our item features are genres and a year, not MeLU's rate/genre/director/actor.
   Without features on a side, that side is its id embedding (new users: the
@@ -42,7 +49,7 @@ What we adapted, and why:
   gradient. No Python loop per user.
 - Online (the paper has no stream): see ``EpisodicRecommender.observe``; at
   scoring time an existing user's local update runs on its last k
-  interactions, so the latest ones always count.
+  interactions (``neural.serve_k``, or 50), so the latest ones always count.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from metarec.config import Config
-from metarec.models.neural import departures, EpisodicRecommender, Episodes, FieldEncoder, expand_params, masked_mean, pair_loss, reset_linears, sgd_steps
+from metarec.models.neural import departures, EpisodicRecommender, Episodes, FieldEncoder, expand_params, masked_mean, pair_loss, query_loss, reset_linears, sgd_steps
 
 
 class MeLUNet(nn.Module):
@@ -99,9 +106,9 @@ class MeLU(EpisodicRecommender):
         theta2 = expand_params(dict(net.decision.named_parameters()), len(episodes))
         fast = self.local_update(theta2, user_vec, net.items(episodes.support_pos), net.items(episodes.support_neg),
                                  episodes.support_mask, create_graph=not self.neural.first_order)
-        query = torch.stack([episodes.query_pos, episodes.query_neg], 1)
+        query = torch.cat([episodes.query_pos, episodes.query_neg], 1)
         scores = self.decide(fast, user_vec, net.items(query))
-        return pair_loss(scores[:, 0], scores[:, 1], self.neural.loss).mean()
+        return query_loss(scores, episodes.query_mask, self.neural.loss).mean()
 
     def adapt(self, episodes: Episodes, new_users: bool):
         net, B = self.net_, len(episodes)

@@ -1,29 +1,36 @@
-"""What the neural meta-learning rows share (MeLU, MAMO, the prototype recommender).
+"""What the neural meta-learning rows share (MeLU, MAMO, the prototype recommender, MetaHIN, sequence_meta).
 
 - ``FieldEncoder``: an entity (user or item) as the concatenation of its
   feature fields' embeddings (each field the mean of its values' embeddings,
   so genres and age look alike), plus an optional id embedding. Ids the model
-  has not seen get the mean row of the seen ones (METHOD.md §7's rule, without
-  the noise, so scores are deterministic).
-- ``Episodes``: one task per row, reduced to what these models use: the task
-  user, its own k support interactions with their sampled negatives, and the
-  query triple. They come from the very tasks our model is meta-trained on
-  (``metarec.meta_tasks``, same k, K, seed, negatives); the K - k neighbour
-  columns are dropped, because MeLU's and MAMO's local update learns one
-  user's preference from that user's own items (a neighbour's triple would
-  carry the neighbour's profile), and a prototype is the pool of the user's
-  own items.
+  has not trained as a positive (users without history, items that were only
+  ever negatives, ids beyond the table) get the mean row of the known ones
+  (METHOD.md §7's rule, without the noise, so scores are deterministic; the
+  baselines score such rows the same way); their feature fields stay theirs.
+- ``Episodes`` and ``split_episodes``: the papers' tasks. Each epoch every
+  user with two or more interactions gives ``neural.episodes_per_user``
+  episodes, each a fresh seeded random split of all its interactions: a
+  support of s items, s uniform in 1..tasks.k (so one-item supports, the
+  n = 1 question, occur), and the next ``neural.query_items`` as queries, each
+  positive with a sampled negative the user never had. ``neural.early_share``
+  of them are "first s, then the next ones" in time instead (the new-user
+  test's question; 0 for the papers' rows). Supports keep the user's time
+  order. The stream's online episodes are ``Episodes.from_tasks`` of
+  ``meta_tasks.stream_tasks`` (the user's last k, then the new item).
 - ``pair_loss``: implicit feedback over the same sampled negatives, BPR or BCE.
 - ``EpisodicRecommender``: the ``StreamingRecommender`` shell. ``fit`` runs
   epochs of global updates (Adam on the mean query loss of a batch of
-  episodes, ``episode_loss``); serving builds each user's support from its
-  recent items (a new user's shown items; an existing user's last k in the
-  index), runs the model's ``adapt`` for many users at once and scores with
+  episodes, ``episode_loss``), calling ``on_epoch(epoch, model)`` after each
+  when given; serving builds each user's support from its shown items (all a
+  new user has shown, as the papers adapt on the whole support set, or the
+  last ``neural.serve_k``; an existing user's last ``neural.serve_k`` or 50 in
+  the index), runs the model's ``adapt`` for many users at once and scores with
   ``score_adapted``; the model never changes while serving. ``observe``
   (online rule, the papers have none): grow the id tables, index the batch —
-  so later scores adapt from each user's latest k interactions — and take one
+  so later scores adapt from each user's latest interactions — and take one
   global update per ``batch_tasks`` stream episodes (one per new interaction of
-  a user with a past, ``meta_tasks.stream_tasks``), as our §7 does.
+  a user with a past, ``meta_tasks.stream_tasks``), as our §7 does; an id
+  seen for the first time starts from the known mean + noise.
 
 Pure: no files; side features arrive through ``set_features`` and are kept
 in the saved state (``state_arrays``), so load → score needs nothing else.
@@ -34,7 +41,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,18 +52,23 @@ from metarec.config import NeuralConfig, TaskConfig
 from metarec.features import NO_FEATURES, Features, FeatureTable
 from metarec.interface import Interactions, OnEpoch, RecentItems, StreamingRecommender, fitted_copy
 from metarec.maml import DivergedError
-from metarec.meta_tasks import TaskArrays, build_tasks, fill_own, stream_tasks
+from metarec.meta_tasks import TaskArrays, stream_tasks
 from metarec.models.common import check_ids
 from metarec.neighbours import InteractionIndex
 
 logger = logging.getLogger(__name__)
 
+EXISTING_SUPPORT = 50  # an existing user's support when neural.serve_k is None: its last 50 interactions (a long history adds memory, not signal)
 SCORE_BUDGET = 1 << 16  # (user, candidate) pairs scored at once: bounds the (B, C, D) input of an MLP scorer
 
 
-def departures(neural: NeuralConfig, faithful_first_order: bool = False, pooling: bool = False) -> str | None:
+def departures(neural: NeuralConfig, faithful_first_order: bool = False, pooling: bool = False, faithful_early_share: float = 0.0) -> str | None:
     """Table 1's variant label for a neural row run away from its paper's setting (None: the row as documented)."""
     parts = []
+    if neural.early_share is not None and neural.early_share != faithful_early_share:
+        parts.append(f"{neural.early_share:.2g} early episodes")
+    if neural.serve_k is not None:
+        parts.append(f"serves on the last {neural.serve_k} shown")
     if neural.first_order != faithful_first_order:
         parts.append("first order" if neural.first_order else "second order")
     if neural.local_steps == 0 and not pooling:
@@ -174,11 +186,27 @@ def grow_encoder(encoder: FieldEncoder, n_ids: int, std: float, generator: torch
     encoder.known = torch.cat([encoder.known, torch.zeros(extra, dtype=torch.bool)])
 
 
+def renew_rows(encoder: FieldEncoder, ids: np.ndarray, std: float, generator: torch.Generator, optimizer) -> None:
+    """Ids seen for the first time (not yet ``known``) start from the known mean + N(0, std²) (§7) with fresh Adam
+    moments, not from a row left at its random start or pushed down as a negative; then they are known."""
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    ids = ids[(ids >= 0) & (ids < encoder.n_ids)]
+    fresh = ids[~encoder.known[ids]]
+    if len(fresh):
+        with torch.no_grad():
+            base = encoder.id_emb[encoder.known] if bool(encoder.known.any()) else encoder.id_emb
+            encoder.id_emb[fresh] = base.mean(0, keepdim=True) + torch.randn(len(fresh), encoder.dim, generator=generator) * std
+        for moment in (optimizer.state.get(encoder.id_emb, {}) if optimizer is not None else {}).values():
+            if torch.is_tensor(moment) and moment.dim() == 2:
+                moment[fresh] = 0.0
+    encoder.known[ids] = True
+
+
 # ---------------------------------------------------------------- episodes and loss
 @dataclass(frozen=True)
 class Episodes:
-    """B episodes: users (B,); support_pos, support_neg (B, k) the user's own items and negatives; support_mask (B, k)
-    1 for a real triple (0: the user has shown nothing); query_pos, query_neg (B,)."""
+    """B episodes. users (B,); support_pos, support_neg (B, S) the user's own items (chronological, left-aligned) and
+    their negatives, support_mask (B, S) 1 for a real triple; query_pos, query_neg (B, Q), query_mask (B, Q)."""
 
     users: torch.Tensor
     support_pos: torch.Tensor
@@ -186,19 +214,78 @@ class Episodes:
     support_mask: torch.Tensor
     query_pos: torch.Tensor
     query_neg: torch.Tensor
+    query_mask: torch.Tensor
 
     @classmethod
     def from_tasks(cls, tasks: TaskArrays, k: int) -> "Episodes":
-        """The task user's own k support columns (columns < k are its own, METHOD.md §4) and the query triple."""
+        """The task user's own k support columns (columns < k are its own, METHOD.md §4) and its one query triple."""
         as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int64)  # noqa: E731
         return cls(as_t(tasks.query_user), as_t(tasks.support_pos[:, :k]), as_t(tasks.support_neg[:, :k]),
-                   torch.ones(len(tasks), k), as_t(tasks.query_pos), as_t(tasks.query_neg))
+                   torch.ones(len(tasks), k), as_t(tasks.query_pos[:, None]), as_t(tasks.query_neg[:, None]), torch.ones(len(tasks), 1))
 
     def __len__(self) -> int:
         return int(self.users.shape[0])
 
     def take(self, index) -> "Episodes":
         return Episodes(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+def split_episodes(index: InteractionIndex, k: int, queries: int, per_user: int, early_share: float,
+                   rng: np.random.Generator, n_items: int) -> Episodes:
+    """``per_user`` episodes of every user with >= 2 interactions, each a seeded split of all its interactions.
+
+    As MeLU and MAMO build a user's task: the user's items in a random order, the first s the support
+    (s uniform in 1..min(k, m - 1), so one-item supports, a new user at n = 1, occur) and the next
+    min(queries, m - s) the query. An ``early_share`` of the episodes ask the test's question instead:
+    the support is the user's first s interactions and the query the ones that follow in time. The
+    support keeps the user's chronological order (sequence models read it). One negative per positive,
+    uniform over the items the user never had in the index (a random split has no "by then").
+    """
+    counts = np.diff(index.user_ptr_)
+    owners = np.repeat(np.flatnonzero(counts >= 2), per_user)
+    E, m = len(owners), counts[owners]
+    width = max(1, min(k, int(m.max()) - 1 if E else 1))
+    s = 1 + np.floor(rng.random(E) * np.minimum(k, m - 1)).astype(np.int64)
+    q = np.minimum(queries, m - s)
+    early = rng.random(E) < early_share
+    element_episode = np.repeat(np.arange(E), m)
+    first = np.cumsum(m) - m
+    position = np.arange(len(element_episode)) - first[element_episode]  # chronological position in the user's timeline
+    key = np.where(early[element_episode], position / m[element_episode], rng.random(len(element_episode)))
+    order = np.lexsort((key, element_episode))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - first[element_episode[order]]
+    item = index.user_items_[index.user_ptr_[owners][element_episode] + position]
+
+    def gather(chosen: np.ndarray, sizes: np.ndarray, cols: int, by: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        at = np.flatnonzero(chosen)
+        at = at[np.lexsort((by[at], element_episode[at]))]
+        episode = element_episode[at]
+        col = np.arange(len(at)) - (np.cumsum(sizes) - sizes)[episode]
+        out = np.zeros((E, cols), dtype=np.int64)
+        mask = np.zeros((E, cols), dtype=np.float32)
+        out[episode, col], mask[episode, col] = item[at], 1.0
+        return out, mask
+
+    s_pos, s_mask = gather(rank < s[element_episode], s, width, position)
+    q_pos, q_mask = gather((rank >= s[element_episode]) & (rank < (s + q)[element_episode]), q, max(1, queries), rank)
+    s_neg = index.sample_negatives(np.repeat(owners[:, None], width, 1), rng, n_items)
+    q_neg = index.sample_negatives(np.repeat(owners[:, None], q_pos.shape[1], 1), rng, n_items)
+    as_t = lambda a: torch.as_tensor(a)  # noqa: E731
+    return Episodes(as_t(owners), as_t(s_pos), as_t(s_neg), as_t(s_mask), as_t(q_pos), as_t(q_neg), as_t(q_mask))
+
+
+def pack_recent(recent: np.ndarray, width: int | None) -> np.ndarray:
+    """(B, j) items (-1 = padding) -> (B, w): each row's valid items in order, left-aligned, its last ``width`` of
+    them (None: all); w = the most any row keeps (at least 1)."""
+    recent = np.asarray(recent, dtype=np.int64)
+    packed = np.take_along_axis(recent, np.argsort(recent < 0, axis=1, kind="stable"), axis=1)
+    n_valid = (recent >= 0).sum(1)
+    keep = n_valid if width is None else np.minimum(n_valid, width)
+    w = max(1, int(keep.max()) if len(keep) else 1)
+    cols = (n_valid - keep)[:, None] + np.arange(w)[None, :]
+    out = np.take_along_axis(np.pad(packed, ((0, 0), (0, w))), np.minimum(cols, packed.shape[1] + w - 1), axis=1)
+    return np.where(np.arange(w)[None, :] < keep[:, None], out, -1)
 
 
 def pair_loss(s_pos: torch.Tensor, s_neg: torch.Tensor, kind: str) -> torch.Tensor:
@@ -211,6 +298,12 @@ def pair_loss(s_pos: torch.Tensor, s_neg: torch.Tensor, kind: str) -> torch.Tens
 def masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, k) -> (B,): the mean over each row's real triples (0 for a row without any)."""
     return (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def query_loss(scores: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, 2Q) scores of the query positives then their negatives -> (B,) each episode's mean pair loss."""
+    q = mask.shape[1]
+    return masked_mean(pair_loss(scores[:, :q], scores[:, q:], kind), mask)
 
 
 def expand_params(params: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
@@ -242,6 +335,7 @@ class EpisodicRecommender(StreamingRecommender):
 
     name = "episodic"
     feature_sides: tuple[str, ...] = ("users", "items")
+    default_early_share = 0.0  # the papers' random split; a row that reads order (sequence_meta) asks for early episodes
 
     def __init__(self, neural: NeuralConfig | None = None, tasks: TaskConfig | None = None) -> None:
         self.neural = neural or NeuralConfig()
@@ -308,8 +402,22 @@ class EpisodicRecommender(StreamingRecommender):
         self.optimizer_ = torch.optim.Adam(self.net_.parameters(), lr=self.neural.outer_lr)
 
     # ---- training
+    def early_share(self) -> float:
+        """The share of first-s-then-next episodes: ``neural.early_share``, else the row's own default."""
+        return self.neural.early_share if self.neural.early_share is not None else self.default_early_share
+
+    def training_episodes(self, epoch: int) -> Episodes:
+        """The epoch's episodes: a fresh seeded split of every user's interactions (``split_episodes``)."""
+        n, rng = self.neural, np.random.default_rng([self.neural.seed, epoch, 4])
+        return split_episodes(self.index_, self.tasks.k, n.query_items, n.episodes_per_user, self.early_share(), rng, self.n_items_)
+
     def fit(self, history: Interactions, on_epoch: OnEpoch | None = None) -> "EpisodicRecommender":
-        """Episodes from the history's tasks; ``neural.epochs`` passes of global updates (DivergedError on NaN/Inf)."""
+        """``neural.epochs`` passes of global updates, each over a fresh split into episodes (DivergedError on NaN/Inf).
+
+        ``on_epoch(passes, model)`` runs after each epoch with a lazy copy of the model as fit would return it then
+        (a tuner's pruning hook; it may raise to stop). Items without a positive in the history are new items
+        afterwards (``mark_known``).
+        """
         self.index_ = InteractionIndex.build(history)
         user_table, item_table = self.features_.users, self.features_.items
         n_users = max(history.n_users, user_table.n_entities if user_table is not None else 0)
@@ -319,15 +427,23 @@ class EpisodicRecommender(StreamingRecommender):
         if users is not None and users.with_ids:  # a user id row is trained only when the user has history
             users.known = torch.zeros(users.n_ids, dtype=torch.bool)
             users.known[torch.as_tensor(np.unique(history.users))] = True
-        t = self.tasks
-        tasks = build_tasks(history, t.k, t.K, t.seed, t.max_tasks_per_user, index=self.index_)
-        episodes = Episodes.from_tasks(tasks, t.k)
         for epoch in range(self.neural.epochs):
+            episodes = self.training_episodes(epoch)
             loss = self.train_episodes(episodes, np.random.default_rng([self.neural.seed, epoch, 2]))
             logger.info("%s epoch %d: query loss %.4f over %d episodes", self.name, epoch, loss, len(episodes))
             if on_epoch is not None:
-                on_epoch(epoch + 1, fitted_copy(self, lambda model: None))  # nothing to finish: every epoch ends complete
+                on_epoch(epoch + 1, fitted_copy(self, lambda model: model.mark_known(history)))
+        self.mark_known(history)
         return self
+
+    def mark_known(self, history: Interactions) -> None:
+        """Id rows trained as a positive (users: any interaction; items: a positive) are known; the others are
+        scored as the known rows' mean, as ours and the baselines score new ids (METHOD.md §7, §11)."""
+        for side, ids in (("users", history.users), ("items", history.items)):
+            encoder = self.encoders().get(side)
+            if encoder is not None and encoder.with_ids:
+                encoder.known = torch.zeros(encoder.n_ids, dtype=torch.bool)
+                encoder.known[torch.as_tensor(np.unique(ids))] = True
 
     def train_episodes(self, episodes: Episodes, rng: np.random.Generator | None) -> float:
         """One pass of global updates over ``episodes`` (shuffled by ``rng``); the mean query loss."""
@@ -365,19 +481,16 @@ class EpisodicRecommender(StreamingRecommender):
         return np.random.default_rng([self.neural.seed, tag, len(users), int(np.asarray(users, dtype=np.int64).sum()) & 0x7FFFFFFF])
 
     def support(self, users: np.ndarray, recent: np.ndarray, rng: np.random.Generator) -> Episodes:
-        """Episodes whose support is each user's recent items (B, n) (-1 = padding): k of them, drawn with repetition
-        when fewer (as our serving does, ``fill_own``), each with a negative the user never had nor was shown."""
-        k = self.tasks.k
-        recent = np.where(recent < self.n_items_, recent, -1)  # items never trained carry no signal here
-        has = (recent >= 0).any(axis=1)
-        pos = np.zeros((len(users), k), dtype=np.int64)
-        if has.any():
-            pos[has] = fill_own(recent[has], k, rng)
-        owners = np.repeat(np.asarray(users, dtype=np.int64)[:, None], k, axis=1)
-        neg = self.index_.sample_negatives(owners, rng, max(self.n_items_, 1), exclude=np.repeat(recent[:, None, :], k, axis=1))
-        mask = np.repeat(has[:, None], k, axis=1).astype(np.float32)
-        zeros = torch.zeros(len(users), dtype=torch.int64)
-        return Episodes(torch.as_tensor(users, dtype=torch.int64), torch.as_tensor(pos), torch.as_tensor(neg), torch.as_tensor(mask), zeros, zeros)
+        """Episodes whose support is each user's recent items (B, n) (-1 = padding), all of them or the last
+        ``neural.serve_k``, in order and masked, each with a negative the user never had nor was shown.
+        Items the model never trained on stay: they are new items (mean id row) with their features."""
+        pos = pack_recent(recent, self.neural.serve_k)
+        mask = (pos >= 0).astype(np.float32)
+        owners = np.repeat(np.asarray(users, dtype=np.int64)[:, None], pos.shape[1], axis=1)
+        neg = self.index_.sample_negatives(owners, rng, max(self.n_items_, 1), exclude=np.repeat(recent[:, None, :], pos.shape[1], axis=1))
+        zeros = torch.zeros(len(users), 1, dtype=torch.int64)
+        return Episodes(torch.as_tensor(users, dtype=torch.int64), torch.as_tensor(np.maximum(pos, 0)), torch.as_tensor(neg),
+                        torch.as_tensor(mask), zeros, zeros, torch.zeros(len(users), 1))
 
     def _score_users(self, users: np.ndarray, recent: np.ndarray, candidates: np.ndarray, tag: int, new_users: bool) -> np.ndarray:
         self._require_fitted()
@@ -399,10 +512,11 @@ class EpisodicRecommender(StreamingRecommender):
         return out
 
     def score(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        """Each user adapted from its last k interactions in the index (none: the population start), then scored."""
+        """Each user adapted from its last ``neural.serve_k`` interactions in the index (None: the last
+        ``EXISTING_SUPPORT``), none: the population start; then scored."""
         self._require_fitted()
         users = check_ids(self, "users", users)
-        recent, _ = self.index_.recent_items(users, self.tasks.k)
+        recent, _ = self.index_.recent_items(users, self.neural.serve_k or EXISTING_SUPPORT)
         return self._score_users(users, recent, candidates, 2, new_users=False)
 
     def score_new_users(self, recent: RecentItems, candidates: np.ndarray) -> np.ndarray:
@@ -417,9 +531,10 @@ class EpisodicRecommender(StreamingRecommender):
             return
         self._grow(max(self.n_users_, batch.n_users), max(self.n_items_, batch.n_items))
         self.index_ = self.index_.extend(batch)
-        users = self.encoders().get("users")
-        if users is not None and users.with_ids:
-            users.known[torch.as_tensor(np.unique(batch.users))] = True
+        for side, ids in (("users", batch.users), ("items", batch.items)):
+            encoder = self.encoders().get(side)
+            if encoder is not None and encoder.with_ids:
+                renew_rows(encoder, np.unique(ids), self.neural.init_std * 0.1, self.generator_, self.optimizer_)
         rng = np.random.default_rng([self.neural.seed, 3, self.online_steps_])
         tasks, _ = stream_tasks(self.index_, batch, self.tasks.k, self.tasks.K, rng, self.n_items_)
         if len(tasks):

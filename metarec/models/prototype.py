@@ -12,10 +12,12 @@ items (w_j = 1/k, the mean, by default; ``neural.pooling = "attention"`` learns
 w = softmax_j vᵀ tanh(A f(i_j)), a permutation-invariant attention pool); items
 are scored by the inner product c_u · f(i) (the paper's squared Euclidean
 distance is an inner product plus a norm term, which for ranking items against
-one prototype would only favour short vectors); f is learned episodically on
-the same tasks as ours: support = the user's own k interactions before the
-query, the loss ``neural.loss`` (default BPR) of the query positive against its
-sampled negative.
+one prototype would only favour short vectors); f is learned episodically, as
+prototypical networks are, on episodes shaped like the test: a seeded random
+split of a user's interactions into a support of 1..k items and up to
+``neural.query_items`` queries (``metarec.models.neural.split_episodes``), the
+loss ``neural.loss`` (default BPR) of each query positive against its sampled
+negative.
 
 f(i) is an item id embedding, plus a linear map of the item's feature fields
 when the data set has item features. c_0 is one learned vector shared by all
@@ -23,8 +25,12 @@ users (our addition: the population's taste, which is what a user who has
 shown nothing yet — a stream user's first interaction — is scored by; without
 it such a user's prototype is zero and every item ties). There is no local update: adapting to a
 user is computing its prototype, so serving is one pooling per user. A new
-user's prototype is the pool of the items it has shown; an existing user's,
-the pool of its last k interactions. Online rule: ``EpisodicRecommender.observe``
+user's prototype is the pool of every item it has shown (or of the last
+``neural.serve_k``); an existing user's, the pool of its last ``neural.serve_k``
+(else 50) interactions. Items without a positive in training are new items (the
+mean id row, their own features). Deviations: implicit feedback with BPR over
+sampled negatives instead of a softmax over classes; the inner product instead
+of the squared distance; c_0. Online rule: ``EpisodicRecommender.observe``
 (index the batch, so prototypes follow the latest items; global updates of f on
 the batch's stream episodes).
 """
@@ -35,7 +41,7 @@ import torch
 from torch import nn
 
 from metarec.config import Config
-from metarec.models.neural import departures, EpisodicRecommender, Episodes, FieldEncoder, pair_loss, reset_linears
+from metarec.models.neural import departures, EpisodicRecommender, Episodes, FieldEncoder, query_loss, reset_linears
 
 
 class PrototypeNet(nn.Module):
@@ -74,9 +80,9 @@ class PrototypeRecommender(EpisodicRecommender):
 
     def episode_loss(self, episodes: Episodes) -> torch.Tensor:
         c = self.prototypes(self.net_.embed(episodes.support_pos), episodes.support_mask)
-        query = self.net_.embed(torch.stack([episodes.query_pos, episodes.query_neg], 1))
+        query = self.net_.embed(torch.cat([episodes.query_pos, episodes.query_neg], 1))
         s = (c[:, None, :] * query).sum(-1)
-        return pair_loss(s[:, 0], s[:, 1], self.neural.loss).mean()
+        return query_loss(s, episodes.query_mask, self.neural.loss).mean()
 
     @torch.no_grad()
     def adapt(self, episodes: Episodes, new_users: bool) -> torch.Tensor:

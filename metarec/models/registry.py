@@ -155,10 +155,16 @@ _OURS_PLUS: dict[str, Range] = {
     "meta.online_adapt_steps": Int(0, 5, limits=(0, 20)),
 }
 
-# MeLU, MAMO and the prototype recommender (the [neural] section). Hard limits: Adam rates below 0.3, local rates
-# below 100 on the mean support loss, epochs at most 100 (wall time).
+# MeLU, MAMO, the prototype recommender, MetaHIN, sequence_meta (the [neural] section). Hard limits: Adam rates below
+# 0.3, local rates below 100 on the mean support loss, epochs at most 100 (wall time). The episode options
+# (episodes_per_user, query_items, early_share) and serving's serve_k (n <= 10 at test, so 10 = all shown) are
+# searched like every row's own knobs.
 _NEURAL: dict[str, Range] = {
     "neural.local_lr": Float(0.05, 5.0, log=True, limits=(1e-4, 100.0)),
+    "neural.episodes_per_user": Int(4, 32, log=True, limits=(1, 256)),
+    "neural.query_items": Int(2, 20, log=True, limits=(1, 100)),
+    "neural.early_share": Float(0.0, 1.0, limits=(0.0, 1.0)),
+    "neural.serve_k": Int(1, 10, limits=(1, 50)),
     "neural.local_steps": Int(1, 3, limits=(1, 10)),
     "neural.outer_lr": Float(3e-4, 1e-2, log=True, limits=(1e-5, 0.3)),
     "neural.epochs": Int(1, 10, log=True, limits=(1, 100)),
@@ -231,6 +237,15 @@ ROWS: dict[str, Row] = {
             {key: value for key, value in _NEURAL.items() if key not in ("neural.local_lr", "neural.local_steps")}
             | {"neural.pooling": Choice(("mean", "attention"))},
             sections=("tasks", "neural"), passes=("neural.epochs",), in_default=False,
+        ),
+        Row(
+            "metahin", "metarec.models.metahin:from_config", "MetaHIN",
+            {**_NEURAL, "neural.semantic_lr": Float(0.05, 5.0, log=True, limits=(1e-4, 100.0))},
+            sections=("tasks", "neural"), passes=("neural.epochs",), in_default=False,
+        ),
+        Row(
+            "sequence_meta", "metarec.models.sequence_meta:from_config", "Sequence meta-learner",
+            dict(_NEURAL), sections=("tasks", "neural"), passes=("neural.epochs",), in_default=False,
         ),
     )
 }
