@@ -1,4 +1,4 @@
--- Positives: ratings >= $threshold; a repeated (user, item) keeps its earliest time (METHOD.md §1).
+-- Positives: ratings >= $threshold; a repeated (user, item) keeps its earliest time (docs/method.md §1).
 CREATE TABLE positives AS
 SELECT user_id, item_id, min(ts) AS ts
 FROM read_parquet($interactions)

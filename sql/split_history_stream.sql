@@ -1,4 +1,4 @@
--- History and stream (METHOD.md §2.2-3): the positives of the remaining users, ordered by
+-- History and stream (docs/method.md §2.2-3): the positives of the remaining users, ordered by
 -- (ts, user_id, item_id), cut at row round($history_fraction * n); the stream is cut into
 -- $batches time-ordered batches of equal row counts (they differ by at most one row).
 CREATE TABLE remaining AS

@@ -3,7 +3,7 @@
 - ``FieldEncoder``: an entity (user or item) as the concatenation of its
   feature fields' embeddings (each field the mean of its values' embeddings,
   so genres and age look alike), plus an optional id embedding. Ids the model
-  has not seen get the mean row of the seen ones (METHOD.md §7's rule, without
+  has not seen get the mean row of the seen ones (docs/method.md §7's rule, without
   the noise, so scores are deterministic).
 - ``Episodes``: one task per row, reduced to what these models use: the task
   user, its own k support interactions with their sampled negatives, and the
@@ -189,7 +189,7 @@ class Episodes:
 
     @classmethod
     def from_tasks(cls, tasks: TaskArrays, k: int) -> "Episodes":
-        """The task user's own k support columns (columns < k are its own, METHOD.md §4) and the query triple."""
+        """The task user's own k support columns (columns < k are its own, docs/method.md §4) and the query triple."""
         as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int64)  # noqa: E731
         return cls(as_t(tasks.query_user), as_t(tasks.support_pos[:, :k]), as_t(tasks.support_neg[:, :k]),
                    torch.ones(len(tasks), k), as_t(tasks.query_pos), as_t(tasks.query_neg))

@@ -118,7 +118,7 @@ _SGD: dict[str, Range] = {
     "baselines.epochs": Int(5, 80, log=True, limits=(1, 200)),
 }
 
-# Ours: second-order MAML (the method) throughout. α is on the mean loss over K triples (METHOD.md §11):
+# Ours: second-order MAML (the method) throughout. α is on the mean loss over K triples (docs/method.md §11):
 # α = 10 here is α = 0.5 on the paper's sum with K = 20.
 _OURS: dict[str, Range] = {
     "meta.lambda_ml": Float(0.1, 10.0, log=True, limits=(1e-3, 1e3)),
@@ -130,7 +130,7 @@ _OURS: dict[str, Range] = {
     "tasks.k": Int(1, 10, limits=(1, 20)),
 }
 
-# Ours+'s serving options (METHOD.md's serving uses training's k, α and L; see docs/findings.md).
+# Ours+'s serving options (docs/method.md's serving uses training's k, α and L; see docs/findings.md).
 _OURS_PLUS: dict[str, Range] = {
     "tasks.serve_k": Int(1, 10, limits=(1, 50)),
     "meta.serve_inner_lr": Float(1.0, 100.0, log=True, limits=(1e-2, 1e3)),
