@@ -1,4 +1,4 @@
-"""Task construction speed (METHOD.md §4): tasks built per second, and peak memory.
+"""Task construction speed (docs/method.md §4): tasks built per second, and peak memory.
 
 Two histories: ml-100k (ratings >= 3, read straight from u.data) and a synthetic
 one of 1M interactions with ML-1M's shape (6k users, 3.7k items, skewed

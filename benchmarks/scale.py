@@ -17,7 +17,7 @@ stage's alone (``os.wait4``'s rusage of the child):
 - ``prepare``: the whole file through ``tasks.data.prepare.prepare_data`` (DuckDB with
   ``runtime.duckdb_memory_limit`` and a spill folder, ``--memory-limit``), streaming
   every line; at 100M it must stay under 8 GB;
-- ``tasks``: the task shards (METHOD.md §4) of the prepared history of a seeded
+- ``tasks``: the task shards (docs/method.md §4) of the prepared history of a seeded
   sample of ``--sample-users`` users (all users when there are fewer);
 - ``meta``: one meta-training epoch on at most ``--max-tasks`` of those tasks, with
   Θ sized for every user and item of the data set (Adam updates all of it);

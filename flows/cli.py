@@ -289,7 +289,7 @@ def recommend(
 ) -> None:
     """Recommend items from the champion.
 
-    Top-n items, adapted to the user's most recent interactions (METHOD.md §6).
+    Top-n items, adapted to the user's most recent interactions (docs/method.md §6).
     """
     cfg = _config(config, set_)
     from tasks.serve.serving import ServingError, load_served

@@ -1,6 +1,6 @@
 """The `lambda_sweep` flow: meta-train and evaluate ours for each λ_ML -> the λ_ML curve (paper Fig. 4).
 
-Per METHOD.md §11: the sweep clips no gradient (``meta.grad_clip`` is set to
+Per docs/method.md §11: the sweep clips no gradient (``meta.grad_clip`` is set to
 None for its points whatever the configuration says), so that it can show
 where training explodes; every point's training logs the gradient norm before
 clipping per epoch. The curve and the table put λ on the paper's scale

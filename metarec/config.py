@@ -34,7 +34,7 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    """Ingestion and the temporal split (METHOD.md §1-2, §9)."""
+    """Ingestion and the temporal split (docs/method.md §1-2, §9)."""
 
     dataset: str = Field("ml-100k", description="A known name (ml-100k, ml-1m, ml-latest, ml-latest-small, netflix, synthetic-drift: "
                          "generated on first use, see tasks/data/generated.py) or a path to a CSV/Parquet file.")
@@ -98,7 +98,7 @@ class DataConfig(Section):
 
 
 class TaskConfig(Section):
-    """Offline task construction (METHOD.md §4)."""
+    """Offline task construction (docs/method.md §4)."""
 
     k: int = Field(5, ge=1, description="The user's own consecutive interactions in a support set.")
     K: int = Field(20, ge=1, description="Support set size: k own + K-k neighbour interactions.")
@@ -107,9 +107,9 @@ class TaskConfig(Section):
     shuffle: bool = Field(True, description="Store tasks in a seeded random order, so each shard is a uniform sample (False = user, position order).")
     negatives: Literal["past", "history"] = Field(
         "past", description="What a task's sampled negatives avoid: 'past' = the positives its user had by the task's time (no task "
-        "sees its future, as serving cannot); 'history' = every positive of the whole history (METHOD.md §3 read literally).")
+        "sees its future, as serving cannot); 'history' = every positive of the whole history (docs/method.md §3 read literally).")
     online_neighbours: bool = Field(
-        False, description="Online tasks (§7) add K - k neighbour interactions to the user's own k (a variant; METHOD.md §11: "
+        False, description="Online tasks (§7) add K - k neighbour interactions to the user's own k (a variant; docs/method.md §11: "
         "R^K is the user's own k previous interactions only).")
     support_neighbours: bool = Field(
         True, description="Support sets hold K - k neighbour interactions beside the user's own k (the paper). False (an Ours+ "
@@ -145,7 +145,7 @@ class TaskConfig(Section):
 
 
 class MetaConfig(Section):
-    """The MF model, BPR loss and MAML meta-training (METHOD.md §3, §5-7)."""
+    """The MF model, BPR loss and MAML meta-training (docs/method.md §3, §5-7)."""
 
     dim: int = Field(64, ge=1, description="Latent dimension d.")
     lambda_p: float = Field(1e-4, ge=0.0, description="L2 weight on user vectors.")
@@ -201,7 +201,7 @@ class MetaConfig(Section):
 
 
 class BaselineConfig(Section):
-    """Hyperparameters of the baselines (BASELINES.md); chosen by the validation search."""
+    """Hyperparameters of the baselines (docs/baselines.md); chosen by the validation search."""
 
     dim: int = Field(64, ge=1)
     epochs: int = Field(20, ge=1)
@@ -209,7 +209,7 @@ class BaselineConfig(Section):
     reg: float = Field(1e-4, ge=0.0)
     batch_size: int = Field(128, ge=1, description="Triples per SGD minibatch (small, so a row rarely repeats in one).")
     init_std: float = Field(0.1, gt=0.0, description="Std of initial (and new, where the paper draws them) factor entries.")
-    new_row_std: float = Field(0.01, ge=0.0, description="sigma of the noise on a new item's row, the mean of the trained rows + noise (METHOD.md §7, §11; MF-FT uses meta.new_row_std).")
+    new_row_std: float = Field(0.01, ge=0.0, description="sigma of the noise on a new item's row, the mean of the trained rows + noise (docs/method.md §7, §11; MF-FT uses meta.new_row_std).")
     # RKMF
     rkmf_kernel: Literal["linear", "logistic"] = Field("logistic", description="RKMF kernel on <w, h> (the paper's polynomial and RBF kernels are not offered).")
     rkmf_scale: float = Field(4.0, gt=0.0, description="Logistic kernel c = r_max - r_min (the 1-5 rating range).")
@@ -306,7 +306,7 @@ class NeuralConfig(Section):
 
 
 class EvalConfig(Section):
-    """The protocol (METHOD.md §9) and what the pipeline runs."""
+    """The protocol (docs/method.md §9) and what the pipeline runs."""
 
     models: tuple[str, ...] = Field(DEFAULT_MODELS, description="Models (Table 1 rows) to fit and evaluate; every row of "
                                     "metarec.models.registry.ROWS may be named, the opt-in ones only when listed here.")

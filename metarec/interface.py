@@ -6,7 +6,7 @@ share one id space), so a model meets ids it has never seen: in the stream
 with an unseen id is its own paper's rule (mean + noise for ours, the
 population prior for sRec, ...).
 
-Protocol (METHOD.md §9), as the evaluation drives it:
+Protocol (docs/method.md §9), as the evaluation drives it:
 - ``fit(history)`` once, offline.
 - New users: ``score_new_users(recent, candidates)`` for each n: the model sees
   each new user's first n interactions and scores that user's candidates. It

@@ -1,4 +1,4 @@
-"""MAML over BPR matrix factorisation, batched over tasks (METHOD.md §3, §5).
+"""MAML over BPR matrix factorisation, batched over tasks (docs/method.md §3, §5).
 
 The two loops, named plainly:
 
@@ -27,7 +27,7 @@ is a few batched matmuls. ``first_order`` detaches them (FOMAML). For speed,
 ``reference_meta_objective`` is the same objective as a plain per-task loop
 with torch.autograd, for tests and the benchmark.
 
-Reduction (METHOD.md §3 allows a mean if documented): L_R is the **mean** over
+Reduction (docs/method.md §3 allows a mean if documented): L_R is the **mean** over
 the triples of R, in the inner loop, in the outer objective and in BPR
 pre-training alike, so the inner rate α does not scale with K; the outer
 objective is the mean over the tasks of a batch, so Adam's rate does not
@@ -560,7 +560,7 @@ def meta_step(P: torch.Tensor, Q: torch.Tensor, optimizer: torch.optim.Optimizer
     gradients are summed over the workers before the step, so every worker takes the whole batch's step.
 
     The gradient norm is measured before clipping and always returned, so that a
-    run with clipping still shows how large its gradients grew (METHOD.md §11);
+    run with clipping still shows how large its gradients grew (docs/method.md §11);
     ``hp.grad_clip`` None (no clipping) lets divergence show as it is.
     """
     optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""Meta-learning tasks from the history (METHOD.md §4), and the same support sets for serving (§6) and updates (§7).
+"""Meta-learning tasks from the history (docs/method.md §4), and the same support sets for serving (§6) and updates (§7).
 
 A task t of user u at chronological position i > k (1-based, v_1 ... v_m):
 
@@ -18,11 +18,11 @@ thus sees no future, neither through its positives (§4's decision) nor its
 negatives: avoiding the user's later positives too would tell the model which
 items the user will come to like, something serving can never know (a new
 user's negatives avoid only the items shown so far). ``negatives="history"``
-avoids every positive of the whole history (METHOD.md §3 read literally, the
+avoids every positive of the whole history (docs/method.md §3 read literally, the
 behaviour before this option existed).
 
 Online tasks (§7, ``stream_tasks``) have R^K = the user's own k previous
-interactions only (METHOD.md §11); adding neighbour interactions online is an
+interactions only (docs/method.md §11); adding neighbour interactions online is an
 option (``neighbours=True``, ``tasks.online_neighbours``).
 
 Everything is vectorised over tasks; the only Python loop is over fixed-size
@@ -99,7 +99,7 @@ class TaskArrays:
 
 def fill_own(own_items: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """(B, k) own items: the valid (>= 0) entries in order, then -1 slots filled by draws with repetition
-    from the row's valid entries (METHOD.md §7: "sampled with repetition when u has fewer than k").
+    from the row's valid entries (docs/method.md §7: "sampled with repetition when u has fewer than k").
 
     own_items: (B, j), left-aligned as ``InteractionIndex.recent_items`` returns them; the last k valid
     entries are kept when j > k. Rows without any valid entry raise (no task can be formed).
@@ -188,7 +188,7 @@ def build_tasks(
     index: InteractionIndex | None = None,
     negatives: Negatives = "past",
 ) -> TaskArrays:
-    """Every task of METHOD.md §4 from the history, in memory (see ``iter_tasks`` for the arguments).
+    """Every task of docs/method.md §4 from the history, in memory (see ``iter_tasks`` for the arguments).
 
     Count: sum over users of max(0, m_u - k) (or the cap).
     """
@@ -289,7 +289,7 @@ def stream_tasks(
     neighbours: bool = False,
     negatives: Negatives = "past",
 ) -> tuple[TaskArrays, np.ndarray]:
-    """Tasks for online updates (METHOD.md §7): one per new interaction (u, v, t) of a user with a past.
+    """Tasks for online updates (docs/method.md §7): one per new interaction (u, v, t) of a user with a past.
 
     R^1 = (u, v); R^K = u's last k positives in ``index`` with ts < t (drawn with repetition when
     fewer): k triples (§7, §11). ``neighbours=True`` (a variant) adds K - k neighbour interactions

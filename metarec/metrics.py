@@ -1,4 +1,4 @@
-"""Leave-one-out ranking metrics of METHOD.md §9, per test case, and bootstrap CIs.
+"""Leave-one-out ranking metrics of docs/method.md §9, per test case, and bootstrap CIs.
 
 A case is one row of a score matrix whose column 0 is the true next item and
 the other columns its sampled negatives. With g negatives scored strictly

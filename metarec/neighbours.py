@@ -4,7 +4,7 @@
 arrays, ``np.searchsorted`` and gathers (no Python loop over users or positions;
 the only loops run over a fixed number of sampling rounds):
 
-- ``recent_items``: a user's last k positives before a time (METHOD.md §6, §7);
+- ``recent_items``: a user's last k positives before a time (docs/method.md §6, §7);
 - ``sample_negatives``: a uniform item the user never had as a positive (§3),
   optionally by a time: its positives after that time do not count (a task
   sees no future);

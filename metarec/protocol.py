@@ -1,4 +1,4 @@
-"""The evaluation protocol of METHOD.md §9, driving any ``StreamingRecommender``.
+"""The evaluation protocol of docs/method.md §9, driving any ``StreamingRecommender``.
 
 - New users: for each n, every model sees each new user's first n interactions
   and ranks the (n+1)-th against its stored negatives; the same users for every

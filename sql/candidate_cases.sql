@@ -1,4 +1,4 @@
--- Evaluation cases (METHOD.md §9): for each new user with >= $min_positives positives and each
+-- Evaluation cases (docs/method.md §9): for each new user with >= $min_positives positives and each
 -- n in $ns, the positive at pos = n (the user has shown pos 0..n-1 first); and every stream row.
 -- Cases are numbered by (ts, user_id, pos): pos already holds the tie-break of same-second rows, never the item id.
 WITH nu AS (

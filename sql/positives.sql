@@ -1,4 +1,4 @@
--- Positives: ratings >= $threshold; a repeated (user, item) keeps its earliest time (METHOD.md §1), and of
+-- Positives: ratings >= $threshold; a repeated (user, item) keeps its earliest time (docs/method.md §1), and of
 -- copies at that time the first in the input.
 -- tie orders a user's positives of the same second (data.tie_break): 'random' = a seeded hash of the row's
 -- input position ($seed), independent of the item's label; 'item_id' = the dense item id (ascending; the old order).

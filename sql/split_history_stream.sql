@@ -1,4 +1,4 @@
--- History and stream (METHOD.md §2.2-3): the positives of the remaining users, ordered by
+-- History and stream (docs/method.md §2.2-3): the positives of the remaining users, ordered by
 -- (ts, user_id, tie, seq) (tie: positives.sql), cut at row round($history_fraction * n); the stream is
 -- cut into $batches time-ordered batches of equal row counts (they differ by at most one row).
 -- Ties at the cut: rows of the cut's second go to the history in that order until the count is reached,

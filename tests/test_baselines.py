@@ -288,7 +288,7 @@ def test_a_user_with_nothing_seen_is_scored_with_the_default_row(name: str, spli
 
 @pytest.mark.parametrize("name", FACTOR_MODELS)
 def test_an_item_with_no_positive_is_new_for_every_model(name: str, split: Split) -> None:
-    """METHOD.md §11, for every model alike: ids are dense, so an item with no positive in the history has a row inside
+    """docs/method.md §11, for every model alike: ids are dense, so an item with no positive in the history has a row inside
     H_ (its random start, pushed down as a negative). It is scored with the mean of the trained item rows (as an id
     beyond H_ is), its row is reset to that mean + noise, and its first positive starts it from there."""
     held = np.array([7, 23, 41])

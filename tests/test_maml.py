@@ -163,7 +163,7 @@ def test_chunks_of_a_batch_give_the_whole_batch_objective(monkeypatch):
 
 @pytest.mark.parametrize("clip", [None, 1e-3])
 def test_meta_step_reports_the_gradient_norm_before_clipping_and_clips_only_when_asked(clip):
-    """METHOD.md §11: clipping, if used, is reported with the norm before it; without it the step is the plain one."""
+    """docs/method.md §11: clipping, if used, is reported with the norm before it; without it the step is the plain one."""
     batch = _tasks(T=16, K=6, n_users=12, n_items=20, seed=3)
     hp = HP.model_copy(update={"grad_clip": clip})
     P, Q = _params(12, 20, 4)

@@ -1,4 +1,4 @@
-"""Offline tasks (METHOD.md §4) checked against the user timelines they come from."""
+"""Offline tasks (docs/method.md §4) checked against the user timelines they come from."""
 
 from __future__ import annotations
 

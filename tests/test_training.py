@@ -159,7 +159,7 @@ def test_fomaml_row_trains_through_the_same_path_in_its_own_folder(planted_csv, 
 
 
 def test_the_pipelines_saved_model_treats_untrained_users_and_items_as_new(trained):
-    """METHOD.md §11 on the pipeline's path (meta_train -> save -> load), not only fit(): rows no training step
+    """docs/method.md §11 on the pipeline's path (meta_train -> save -> load), not only fit(): rows no training step
     touched are the mean of the trained rows + noise, in the saved Θ, at serving, and still after observe() has
     indexed such a user; rows grown online average the trained rows only."""
     from tasks.data.prepared import load_prepared

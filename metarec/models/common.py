@@ -238,7 +238,7 @@ def gaussian(rng: np.random.Generator, rows: int, dim: int, std: float) -> torch
 
 
 def sampled_metrics(scores: np.ndarray) -> dict[str, float]:
-    """HR@10, NDCG@10 and AUC of (B, 1 + negatives) scores whose column 0 is the true item (METHOD.md §9)."""
+    """HR@10, NDCG@10 and AUC of (B, 1 + negatives) scores whose column 0 is the true item (docs/method.md §9)."""
     scores = np.asarray(scores, dtype=np.float64)
     pos, neg = scores[:, :1], scores[:, 1:]
     # a tie counts half, as in the AUC; the rank is pessimistic on ties so ties never help HR
@@ -313,7 +313,7 @@ class FactorBaseline(ArrayStateMixin, StreamingRecommender):
     Subclasses set ``grad_fn`` and implement ``fit``/``observe``; scoring,
     unseen ids, new-user adaptation and state are shared. A user the model has
     seen no interaction of, an item it has seen no positive of, and an id
-    beyond a table are new (METHOD.md §11: "new" means untrained; ids are dense,
+    beyond a table are new (docs/method.md §11: "new" means untrained; ids are dense,
     so such rows exist inside the tables, at their random start or, for an item
     drawn as a negative, pushed down). They are scored with the model's default
     row: the mean of the trained rows of the table (sRec: its population prior,

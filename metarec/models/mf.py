@@ -1,4 +1,4 @@
-"""Matrix factorisation scored by inner products and trained with BPR (METHOD.md §3).
+"""Matrix factorisation scored by inner products and trained with BPR (docs/method.md §3).
 
 Shared by the meta-learned model and the MF-FT baseline so the ablation
 differs from ours only in the meta loss.
@@ -37,7 +37,7 @@ def init_table(rows: int, dim: int, std: float, generator: torch.Generator) -> t
 
 
 def mean_plus_noise(table: torch.Tensor, count: int, std: float, generator: torch.Generator) -> torch.Tensor:
-    """Rows for new users or items: the mean of the existing rows plus N(0, std^2 I) (METHOD.md §7)."""
+    """Rows for new users or items: the mean of the existing rows plus N(0, std^2 I) (docs/method.md §7)."""
     mean = table.mean(0, keepdim=True) if len(table) else table.new_zeros(1, table.shape[1])
     # drawn on the generator's device (the CPU), so a seed gives the same rows wherever the table lives
     return mean + (torch.randn(count, table.shape[1], generator=generator) * std).to(table.device)

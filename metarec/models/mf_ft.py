@@ -1,6 +1,6 @@
 """MF-FT: our MF and BPR without the meta loss (λ_ML = 0), updated online by plain fine-tuning.
 
-The decisive ablation (BASELINES.md): the same model f (METHOD.md §3: score
+The decisive ablation (docs/baselines.md): the same model f (docs/method.md §3: score
 p_iᵀq_j, per-triple loss ``metarec.models.mf.bpr_triple_loss`` with the meta
 section's λ_P, λ_Q⁺, λ_Q⁻, dimension d and initial std) as the meta-learned
 model, so the two differ only in how they learn:
@@ -8,7 +8,7 @@ model, so the two differ only in how they learn:
 - offline: plain BPR by minibatch SGD over the history (``baselines.epochs``,
   ``baselines.lr``), one uniform negative per positive per epoch;
 - stream batch: new ids, and items whose first positive arrives, get the mean
-  of the trained rows plus N(0, σ²I) (METHOD.md §7, §11, σ =
+  of the trained rows plus N(0, σ²I) (docs/method.md §7, §11, σ =
   ``meta.new_row_std``), then ``baselines.ft_epochs`` SGD
   passes (rate ``baselines.ft_lr``) over the batch's interactions with fresh
   negatives, updating every touched user and item row — plain fine-tuning,

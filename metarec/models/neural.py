@@ -5,7 +5,7 @@
   so genres and age look alike), plus an optional id embedding. Ids the model
   has not trained as a positive (users without history, items that were only
   ever negatives, ids beyond the table) get the mean row of the known ones
-  (METHOD.md §7's rule, without the noise, so scores are deterministic; the
+  (docs/method.md §7's rule, without the noise, so scores are deterministic; the
   baselines score such rows the same way); their feature fields stay theirs.
 - ``Episodes`` and ``split_episodes``: the papers' tasks. Each epoch every
   user with two or more interactions gives ``neural.episodes_per_user``
@@ -218,7 +218,7 @@ class Episodes:
 
     @classmethod
     def from_tasks(cls, tasks: TaskArrays, k: int) -> "Episodes":
-        """The task user's own k support columns (columns < k are its own, METHOD.md §4) and its one query triple."""
+        """The task user's own k support columns (columns < k are its own, docs/method.md §4) and its one query triple."""
         as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int64)  # noqa: E731
         return cls(as_t(tasks.query_user), as_t(tasks.support_pos[:, :k]), as_t(tasks.support_neg[:, :k]),
                    torch.ones(len(tasks), k), as_t(tasks.query_pos[:, None]), as_t(tasks.query_neg[:, None]), torch.ones(len(tasks), 1))
@@ -438,7 +438,7 @@ class EpisodicRecommender(StreamingRecommender):
 
     def mark_known(self, history: Interactions) -> None:
         """Id rows trained as a positive (users: any interaction; items: a positive) are known; the others are
-        scored as the known rows' mean, as ours and the baselines score new ids (METHOD.md §7, §11)."""
+        scored as the known rows' mean, as ours and the baselines score new ids (docs/method.md §7, §11)."""
         for side, ids in (("users", history.users), ("items", history.items)):
             encoder = self.encoders().get(side)
             if encoder is not None and encoder.with_ids:

@@ -118,10 +118,10 @@ _SGD: dict[str, Range] = {
     "baselines.epochs": Int(5, 80, log=True, limits=(1, 200)),
 }
 
-# Ours (paper): second-order MAML (the method) throughout, searching only what the paper leaves open (METHOD.md §4-7):
+# Ours (paper): second-order MAML (the method) throughout, searching only what the paper leaves open (docs/method.md §4-7):
 # k and K ("k = 5 (also 1 and 10), K = 20 ... tune and report"), d (32 or 64), L (1-3), α, λ_ML, the outer rate and
 # epochs, and the online update's rate and passes (§7 says Θ is updated with the §5 objective, not how far).
-# α is on the mean loss over K triples (METHOD.md §11): α = 10 here is α = 0.5 on the paper's sum with K = 20.
+# α is on the mean loss over K triples (docs/method.md §11): α = 10 here is α = 0.5 on the paper's sum with K = 20.
 # Hard limits: rates where Adam and the inner steps stay stable on unit-scale rows, counts bounded by wall time;
 # K >= 20 so that any k the tuner may widen to (<= 20) still fits in a support.
 _OURS: dict[str, Range] = {

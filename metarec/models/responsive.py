@@ -1,4 +1,4 @@
-"""The meta-learned responsive MF (METHOD.md §3-7) behind ``StreamingRecommender``.
+"""The meta-learned responsive MF (docs/method.md §3-7) behind ``StreamingRecommender``.
 
 Θ = {P, Q} is meta-trained with MAML (``metarec.maml``) on tasks built from the
 history (``metarec.meta_tasks``). Serving (§6) builds each user's support set
@@ -9,7 +9,7 @@ once, and scores with the adapted rows; Θ is never changed by serving.
 batch, forms one task per new interaction of a user with a past (R^K = its own
 k previous interactions) and takes meta-objective Adam steps on them.
 
-"New" means untrained (METHOD.md §11): ids are dense over the whole data set,
+"New" means untrained (docs/method.md §11): ids are dense over the whole data set,
 so new users, stream-only users and items with no positive in the history have
 rows that no training step touched. The model records which rows training has
 touched (``trained_users_``, ``trained_items_``: a user as a triple's user, an
@@ -60,7 +60,7 @@ SCORE_CHUNK = 4096  # users adapted and scored at once (bounds memory of the can
 @dataclass(frozen=True)
 class EpochStats:
     """Means over the tasks of an epoch (weighted by batch size), and the meta-gradient's norm before clipping over its
-    outer steps (max and mean; METHOD.md §11: clipping, when on, must not hide how large the gradients grew)."""
+    outer steps (max and mean; docs/method.md §11: clipping, when on, must not hide how large the gradients grew)."""
 
     support_loss: float
     query_loss: float

@@ -43,7 +43,7 @@ How often each side is trained (``baselines.rkmf_item_update``):
   the positive of each of its users, so it is only ever pulled up, which
   inflates item norms.
 
-Adaptations to our implicit, pairwise setting (BASELINES.md):
+Adaptations to our implicit, pairwise setting (docs/baselines.md):
 - the squared loss on ratings becomes BPR: −log σ(r̂_ui − r̂_uj) over u's
   positives i and uniform negatives j, offline and in both updates; the
   constant a (and r_min) cancels in the difference, and we fix b = 0 (with a

@@ -23,7 +23,7 @@ its strategy 1); ``baselines.spmf_strategy = "exact"``, the default:
   weight among those left, as pandas' ``sample(weights=..., replace=False)``
   in the source), done at once with the Gumbel-top-k trick.
 
-Adaptations and choices (BASELINES.md):
+Adaptations and choices (docs/baselines.md):
 - BPR instead of the source's pointwise log loss (its base model is a CTR
   model over stored labelled negatives): each trained positive gets
   ``baselines.spmf_negatives`` uniform negatives among the items its user
@@ -32,7 +32,7 @@ Adaptations and choices (BASELINES.md):
   pointwise loss, and in BPR k triples per positive would scale the
   positive's step by k, which the tuned learning rate already sets;
 - a temperature τ (``baselines.spmf_temperature``): weight exp(rank / (τ |R ∪ W|));
-  τ = 1 is the source's form; BASELINES.md lists the sampling temperature
+  τ = 1 is the source's form; docs/baselines.md lists the sampling temperature
   among the tuned hyperparameters, so the search may move it;
 - the ranking pools all users' positives by raw score, as the source does,
   though BPR scores are calibrated per user only;
@@ -43,7 +43,7 @@ Adaptations and choices (BASELINES.md):
   items the model ranks above i for u;
 - users first seen in a batch get rows from the PMF prior N(0, σ²); an item
   whose first positive arrives gets the mean of the trained item rows +
-  N(0, ``baselines.new_row_std``²) (METHOD.md §11, for every model alike); a
+  N(0, ``baselines.new_row_std``²) (docs/method.md §11, for every model alike); a
   user or item never trained (an item with no positive, ids being dense) is
   scored with the mean of its table's trained rows; a new user's vector
   starts at the prior mean 0 and is trained by SGD on its first n
@@ -53,8 +53,7 @@ Adaptations and choices (BASELINES.md):
   seeded by (seed, batch count).
 
 The paper's full text was not reachable while writing this; the exact
-strategy follows the ASMG code cited above (BASELINES.md, "Checked against
-public sources").
+strategy follows the ASMG code cited above (docs/baselines.md, SPMF).
 """
 
 from __future__ import annotations
@@ -189,7 +188,7 @@ class SPMF(FactorBaseline):
         cfg = self.config
         rng = rng_for(self.seed, PURPOSE_OBSERVE, self.batches_)
         fill = lambda k: gaussian(rng, k, self.dim, cfg.init_std)  # noqa: E731 - the PMF prior
-        new_items = self.new_item_rows(rng)  # METHOD.md §11: a new item starts as every model's does
+        new_items = self.new_item_rows(rng)  # docs/method.md §11: a new item starts as every model's does
         self._grow(max(len(self.W_), batch.n_users), max(len(self.H_), batch.n_items), fill, new_items)
         self.renew_untrained_items(batch, new_items)
         if cfg.spmf_strategy == "exact":

@@ -2,8 +2,8 @@
 
 Chang, Zhang, Tang, Yin, Chang & Huang, "Streaming Recommender Systems", WWW 2017.
 
-Followed from the paper (as restated in BASELINES.md, "Checked against
-public sources"; its full text was not reachable while writing this):
+Followed from the paper (as restated in docs/baselines.md; its full text was not
+reachable while writing this):
 - each user and item vector is a Gaussian random process that drifts between
   observations (a random walk: the variance of every coordinate grows by
   s²·Δt with the time Δt since that vector was last updated, s² =
@@ -31,7 +31,7 @@ public sources"; its full text was not reachable while writing this):
 Adaptations and choices:
 - implicit feedback with a Gaussian likelihood: an observed positive is
   y = 1, and each positive comes with ``baselines.srec_negatives`` uniform
-  non-positive items observed as y = 0 at the same time. BASELINES.md names
+  non-positive items observed as y = 0 at the same time. docs/baselines.md names
   a probit/logistic likelihood (the paper's ordinal thresholds reduced to
   binary data) as the faithful reduction; this module keeps the Gaussian one;
 - diagonal (mean-field) covariance per vector: O(d) per update, so it scales

@@ -148,7 +148,7 @@ def features(config: Config, out: Path) -> dict:
 
 
 def split(config: Config, out: Path) -> dict:
-    """interactions.parquet -> positives -> new_users / history / stream Parquet files (METHOD.md §2)."""
+    """interactions.parquet -> positives -> new_users / history / stream Parquet files (docs/method.md §2)."""
     data = config.data
     interactions = _parquet(out / "interactions.parquet")
     with duckdb_connection(config.runtime) as con:
@@ -182,7 +182,7 @@ def _check_split(config: Config, counts: dict, rating_range: tuple) -> None:
 
 
 def candidates(config: Config, out: Path) -> dict:
-    """Evaluation cases + n_negatives stored negatives each -> candidates.parquet (METHOD.md §9)."""
+    """Evaluation cases + n_negatives stored negatives each -> candidates.parquet (docs/method.md §9)."""
     data = config.data
     n_items = pq.read_metadata(out / "items.parquet").num_rows
     parts = [_parquet(out / f"{name}.parquet") for name in ("history", "stream", "new_users")]
@@ -206,7 +206,7 @@ def candidates(config: Config, out: Path) -> dict:
 
 
 def _check_evaluable_new_users(config: Config, cases: pa.Table, new_users: str) -> None:
-    """Evaluation needs at least one new user with max(new_user_ns) + 1 positives (METHOD.md §9): fail here, not there."""
+    """Evaluation needs at least one new user with max(new_user_ns) + 1 positives (docs/method.md §9): fail here, not there."""
     kinds = cases.column("kind").to_numpy(zero_copy_only=False)
     if (kinds == "new").any():
         return

@@ -32,7 +32,7 @@ OURS = "responsive"
 LABELS = {name: row.label for name, row in ROWS.items()}
 PAPER_BASELINES = ("rkmf", "srec", "spmf")
 
-# METHOD.md §10: the paper's Table 1 (HR@10, NDCG@10) on ML-1M and Netflix
+# docs/method.md §10: the paper's Table 1 (HR@10, NDCG@10) on ML-1M and Netflix
 PAPER_TABLE1 = {
     (1, "rkmf"): (0.487, 0.346, 0.466, 0.340), (1, "srec"): (0.530, 0.392, 0.498, 0.365),
     (1, "spmf"): (0.543, 0.444, 0.541, 0.368), (1, "responsive"): (0.599, 0.512, 0.617, 0.499),
@@ -159,7 +159,7 @@ def stream_auc_plot(results: dict[str, dict], n_batches: int, path: Path, datase
 
 
 def paper_lambda(lambda_ours: float, K: int) -> float:
-    """METHOD.md §11: with L^K a mean over its K triples, λ_paper = K · λ_ours (the paper sums over the K triples)."""
+    """docs/method.md §11: with L^K a mean over its K triples, λ_paper = K · λ_ours (the paper sums over the K triples)."""
     return K * lambda_ours
 
 
@@ -238,7 +238,7 @@ def lambda_markdown(points: list[dict], K: int, ns: tuple[int, ...] = (1, 5, 10)
             else f"No point diverged; the largest λ tried is λ_paper = {c['largest_tried']:g}.")
     lines = [
         f"## λ_ML sweep\n\nλ on the paper's scale: λ_paper = K·λ_ours with K = {K} (our L^K is a mean over its K triples, "
-        f"the paper's a sum; METHOD.md §11). Gradient clipping: {'none' if clip is None else f'at norm {clip:g}'}. {said} "
+        f"the paper's a sum; docs/method.md §11). Gradient clipping: {'none' if clip is None else f'at norm {clip:g}'}. {said} "
         "NDCG@10 and HR@10 of new users, 95% bootstrap CI of the mean over the same cases in brackets.\n",
         "| λ_paper | λ_ours | status | max gradient norm (before clipping) | "
         + " | ".join(f"NDCG@10 n={n}" for n in ns) + " | HR@10 n=5 |",

@@ -12,7 +12,7 @@ pickled. The model's artifacts are plain files written by
 
 Input: a DataFrame with ``user`` and ``item`` (raw ids as strings, one row per candidate) and optionally
 ``recent`` (the user's latest items, comma-separated raw ids, oldest first). Output: ``score`` per row; higher is
-better, comparable among one user's candidates. A user with ``recent`` items is adapted to them (METHOD.md §6),
+better, comparable among one user's candidates. A user with ``recent`` items is adapted to them (docs/method.md §6),
 a known user without them to their stored interactions, and an unknown user without them starts from the mean
 row (§7). The model imports only the pure ``metarec`` package, which is logged with it as code.
 """

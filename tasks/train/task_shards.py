@@ -6,7 +6,7 @@ manifest is complete):
 - ``shard-00000.parquet`` ...: one row per task. support_users, support_pos,
   support_neg: fixed_size_list<int64>[K]; query_user, query_pos, query_neg,
   query_ts: int64. Columns 0..k-1 of the support lists are the task user's own
-  interactions (METHOD.md §4, ``metarec.meta_tasks``).
+  interactions (docs/method.md §4, ``metarec.meta_tasks``).
 - ``manifest.json``: n_tasks, n_shards, shards [{file, rows}], k, K, seed,
   config_hash, format_version, plus what the caller adds (dataset, counts).
 """
@@ -149,7 +149,7 @@ def shards_complete(task_dir: Path, config_hash: str | None = None) -> bool:
 
 
 def build_task_shards(config: Config) -> Path:
-    """Tasks of the prepared history (METHOD.md §4) into ``task_shards_dir(config)``; skipped when already complete."""
+    """Tasks of the prepared history (docs/method.md §4) into ``task_shards_dir(config)``; skipped when already complete."""
     out = task_shards_dir(config)
     config_hash = config.hash_of("data", "tasks")
     if shards_complete(out, config_hash):

@@ -23,7 +23,7 @@
    written (the checkpoint is removed);
 4. at the end the rows no training step touched (users absent from the tasks,
    items never a positive) are reset to the mean of the trained rows + noise
-   (METHOD.md §11); Θ (with the trained-row masks) is logged on the run as an
+   (docs/method.md §11); Θ (with the trained-row masks) is logged on the run as an
    MLflow pyfunc model (``tasks.track.model_registry``: safetensors + JSON,
    ``load_theta`` reads it back without unpickling), and the whole model (Θ,
    the masks, what it has seen) is saved with ``tasks.train.models.save_model``

@@ -6,7 +6,7 @@ Protocol, on the history only (the stream and the new users are never seen):
    become pseudo-new users (their interactions leave the training part); the
    rest of the history is cut by time at the (1 − ``baselines.tune_holdout``)
    quantile into a training part and a held-out tail.
-2. Cases, as the test's (METHOD.md §9, ``tasks/data/prepare.py``): the true item plus
+2. Cases, as the test's (docs/method.md §9, ``tasks/data/prepare.py``): the true item plus
    ``data.n_negatives`` distinct items drawn uniformly from those the user never
    had anywhere in the history (seeded).
    - pseudo-new users with at least max(n) + 1 interactions: shown their first
