@@ -41,7 +41,7 @@ from prefect.cache_policies import NO_CACHE
 
 from metarec.config import SECTION_TYPES, Config
 from metarec.interface import Interactions
-from metarec.models.registry import ROWS, Choice, Float, Int, Range, on_edge, widen
+from metarec.models.registry import NONE_MEANS, ROWS, Choice, Float, Int, Range, on_edge, widen
 from tasks.atomic import write_json
 from tasks.locks import first_time_lock
 from tasks.logs import log_info
@@ -82,7 +82,8 @@ def with_values(config: Config, name: str, values: dict) -> Config:
 def current_values(config: Config, name: str) -> dict:
     """The values row ``name`` runs with today, for every key of its space."""
     row_config = config.for_row(name)
-    return {key: getattr(getattr(row_config, key.split(".")[0]), key.split(".")[1]) for key in ROWS[name].space}
+    read = lambda key: getattr(getattr(row_config, key.split(".")[0]), key.split(".")[1])  # noqa: E731
+    return {key: read(NONE_MEANS[key]) if read(key) is None and key in NONE_MEANS else read(key) for key in ROWS[name].space}
 
 
 def suggest(trial: optuna.Trial, space: dict[str, Range]) -> dict:

@@ -243,3 +243,13 @@ def test_online_steps_are_passes_over_the_batch_and_the_default_is_one(planted, 
         model.observe(_stream(planted, 0, [40, 41], int(planted.ts.max()) + 1))
         calls[passes] = count[0]
     assert calls[1] == 1 and calls[3] == 3
+
+
+def test_todays_values_of_every_ours_row_fit_its_space_with_none_read_as_what_it_stands_for():
+    from tasks.tuning import _clamp_into, current_values
+
+    for name in ("responsive", "responsive_plus"):
+        values = current_values(Config(), name)
+        assert None not in values.values()
+        assert values["meta.online_lr"] == Config().meta.outer_lr  # None = outer_lr
+        _clamp_into(values, ROWS[name].space)  # a None here raised TypeError before
