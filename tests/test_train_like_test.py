@@ -140,8 +140,10 @@ def test_item_biases_survive_the_checkpoint_the_saved_model_and_theta_files(plan
     assert torch.equal(again.extra_["bias"].detach(), model.extra_["bias"].detach())
     assert torch.equal(again.extra_["log_lr"].detach(), model.extra_["log_lr"].detach())
     assert again.extra_optimizer_.state  # Adam's moments of the extras come back too
-    loaded = ResponsiveMF(model.meta, model.tasks)
-    loaded.load_state_arrays(model.state_arrays())
+    from tasks.models import load_model, save_model
+
+    loaded = load_model(save_model(model, "responsive", Config(meta=model.meta, tasks=model.tasks, tuned={}), tmp_path / "saved"))
+    assert torch.equal(loaded.extra_["bias"].detach(), model.extra_["bias"].detach())
     cands = np.tile(np.arange(20), (4, 1))
     assert np.allclose(loaded.score(np.arange(4), cands), model.score(np.arange(4), cands))
     from tasks.model_registry import THETA_FILE, load_theta, save_theta
