@@ -140,8 +140,10 @@ def test_item_biases_survive_the_checkpoint_the_saved_model_and_theta_files(plan
     assert torch.equal(again.extra_["bias"].detach(), model.extra_["bias"].detach())
     assert torch.equal(again.extra_["log_lr"].detach(), model.extra_["log_lr"].detach())
     assert again.extra_optimizer_.state  # Adam's moments of the extras come back too
-    loaded = ResponsiveMF(model.meta, model.tasks)
-    loaded.load_state_arrays(model.state_arrays())
+    from tasks.train.models import load_model, save_model
+
+    loaded = load_model(save_model(model, "responsive", Config(meta=model.meta, tasks=model.tasks, tuned={}), tmp_path / "saved"))
+    assert torch.equal(loaded.extra_["bias"].detach(), model.extra_["bias"].detach())
     cands = np.tile(np.arange(20), (4, 1))
     assert np.allclose(loaded.score(np.arange(4), cands), model.score(np.arange(4), cands))
     from tasks.track.model_registry import THETA_FILE, load_theta, save_theta
@@ -243,3 +245,13 @@ def test_online_steps_are_passes_over_the_batch_and_the_default_is_one(planted, 
         model.observe(_stream(planted, 0, [40, 41], int(planted.ts.max()) + 1))
         calls[passes] = count[0]
     assert calls[1] == 1 and calls[3] == 3
+
+
+def test_todays_values_of_every_ours_row_fit_its_space_with_none_read_as_what_it_stands_for():
+    from tasks.train.tuning import _clamp_into, current_values
+
+    for name in ("responsive", "responsive_plus"):
+        values = current_values(Config(), name)
+        assert None not in values.values()
+        assert values["meta.online_lr"] == Config().meta.outer_lr  # None = outer_lr
+        _clamp_into(values, ROWS[name].space)  # a None here raised TypeError before

@@ -172,6 +172,15 @@ _NEURAL: dict[str, Range] = {
     "tasks.k": Int(1, 10, limits=(1, 20)),
 }
 
+# Fields whose None means "the value of another field" (serving's α, L and k, the online rate): a tuner's first trial,
+# "today's values", reads that other field for them, since a range has no None.
+NONE_MEANS: dict[str, str] = {
+    "meta.online_lr": "meta.outer_lr",
+    "meta.serve_inner_lr": "meta.inner_lr",
+    "meta.serve_inner_steps": "meta.inner_steps",
+    "tasks.serve_k": "tasks.k",
+}
+
 ROWS: dict[str, Row] = {
     row.name: row
     for row in (

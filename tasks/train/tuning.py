@@ -60,7 +60,7 @@ from metarec.config import NOT_HASHED, SECTION_TYPES, Config
 from metarec.features import NO_FEATURES, Features
 from metarec.interface import Interactions
 from metarec.maml import DivergedError
-from metarec.models.registry import ROWS, Choice, Float, Int, Range, on_edge, widen
+from metarec.models.registry import NONE_MEANS, ROWS, Choice, Float, Int, Range, on_edge, widen
 from tasks.runtime.atomic import write_json
 from tasks.runtime.tuned_records import BORROWED_FROM, RECORDS_DIR, record_in_use, record_path, records_dir
 from tasks.runtime.locks import first_time_lock
@@ -102,7 +102,9 @@ def with_values(config: Config, name: str, values: dict) -> Config:
 def current_values(config: Config, name: str) -> dict:
     """The values row ``name`` runs with today, for every key of its space."""
     row_config = config.for_row(name)
-    return {key: getattr(getattr(row_config, key.split(".")[0]), key.split(".")[1]) for key in ROWS[name].space}
+    read = lambda key: getattr(getattr(row_config, key.split(".")[0]), key.split(".")[1])  # noqa: E731
+    # a None field stands for another (serving's α, L, k; the online rate): a range has no None, so read that one
+    return {key: read(NONE_MEANS[key]) if read(key) is None and key in NONE_MEANS else read(key) for key in ROWS[name].space}
 
 
 def suggest(trial: optuna.Trial, space: dict[str, Range]) -> dict:
