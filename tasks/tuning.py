@@ -72,6 +72,7 @@ from tasks.validation import OBJECTIVE, evaluate_trial, validation_split
 
 logger = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # constant_liar, the matplotlib plots
 
 ROUNDS = 3  # the budget is spent in this many rounds; ranges are widened between them
 TUNABLE = tuple(name for name, row in ROWS.items() if row.space)
@@ -120,10 +121,13 @@ def suggest(trial: optuna.Trial, space: dict[str, Range]) -> dict:
 
 
 def _clamp_into(values: dict, space: dict[str, Range]) -> dict:
-    """Today's values as a first trial: a value outside its range is moved to the nearest bound (and reported)."""
+    """Today's values as a first trial: a value outside its range is moved to the nearest bound (and reported); a field
+    left at None (it inherits another, e.g. tasks.serve_k = tasks.k) is left to the sampler."""
     out = {}
     for key, value in values.items():
         dist = space[key]
+        if value is None:
+            continue
         if isinstance(dist, Choice):
             out[key] = value if value in dist.options else dist.options[0]
         else:
@@ -376,6 +380,9 @@ def _start_worker(split: dict) -> None:
     torch.set_num_threads(1)  # two trials on two cores: one thread each
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # no Prefect run here: the trial lines go to the inherited stderr, beside the flow's log
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | INFO    | tuning worker %(process)d - %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("metarec").setLevel(logging.WARNING)  # not every epoch's loss
 
 
 def _worker_trials(name: str, config: Config, storage: str, fingerprint: str, worker: int) -> None:
@@ -463,8 +470,11 @@ def tune(config: Config, models: tuple[str, ...], history: Interactions | None =
                 if not ROWS[name].space:  # nothing to search: scored once, for reference
                     record["models"][name] = _scored_once(name, config, split, fingerprint)
                 else:
-                    record["models"][name] = tune_row(name, config, trial_fn, storage, fingerprint, pool)
+                    record["models"][name] = entry = tune_row(name, config, trial_fn, storage, fingerprint, pool)
                     report_row(open_study(name, config, storage, fingerprint), name, config, folder, tuning_run)
+                    log_info(logger, "tuned %s: %d trials (%d pruned, %d failed), best objective %s, %.0f s wall; on an edge: %s",
+                             name, entry["n_trials"], entry["n_pruned"], entry["n_failed"], entry["best_objective"], entry["seconds"],
+                             entry["on_edge"] or "none")
                 write_json(record, out)  # after every row: a later failure keeps the rows already tuned
     finally:
         if pool is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metarec.config import SECTION_TYPES, BaselineConfig, Config, MetaConfig
+from metarec.config import SECTION_TYPES, BaselineConfig, Config, MetaConfig, NeuralConfig, TaskConfig
 from metarec.synthetic import planted_interactions
 from metarec.interface import StreamingRecommender
 from metarec.models.registry import ROWS, Choice, Float, Int, on_edge, widen
@@ -76,6 +76,15 @@ def test_the_first_trial_is_the_rows_current_values_and_the_budget_is_the_same(t
     assert result["n_trials"] == 5 == len(seen) == result["n_complete"]
     assert seen[0] == current_values(config, "rkmf") and seen[0]["baselines.lr"] == 0.03
     assert all(set(v) == set(ROWS["rkmf"].space) for v in seen)
+
+
+def test_a_field_that_inherits_another_is_drawn_in_the_first_trial(tmp_path) -> None:
+    """Ours+'s serving options default to None (= training's k, α, L): the first trial keeps today's other values."""
+    seen = []
+    result = tune_row("responsive_plus", tiny_config().model_copy(update={"baselines": BaselineConfig(tune_budget=2)}),
+                      lambda name, values, report: seen.append(values) or {"objective": 0.5, "seconds": 0.0}, f"sqlite:///{tmp_path / 'o.db'}")
+    assert result["n_trials"] == 2 and seen[0]["tasks.k"] == tiny_config().tasks.k and seen[0]["tasks.serve_k"] is not None
+    assert None not in result["chosen"].values()
 
 
 def test_tuning_is_reproducible_with_the_seed(tmp_path) -> None:
@@ -210,18 +219,25 @@ def test_the_study_depends_on_every_section_its_row_reads_and_on_nothing_else() 
     assert study_name("rkmf", base, "0" * 16) != study_name("rkmf", base, fp)  # other data content
 
 
-def test_a_partial_fit_is_scored_as_the_shorter_fit_would_be(history) -> None:
-    """The copy scored after pass 1 of a 3-epoch fit is the model a 1-epoch fit makes: the same score."""
-    split = validation_split(history, tiny_config())
-    for name in ("mf_ft", "spmf"):
-        long = tiny_config().model_copy(update={"baselines": BaselineConfig(dim=8, epochs=3, spmf_reservoir=200)})
-        short = tiny_config().model_copy(update={"baselines": BaselineConfig(dim=8, epochs=1, spmf_reservoir=200)})
-        reported = {}
-        final = evaluate_trial(name, long, split, report=lambda passes, metrics, final=False: reported.setdefault(passes, (metrics, final)))
-        assert sorted(reported) == [1, 2, 3] and final["passes"] == 3 and [reported[p][1] for p in (1, 2, 3)] == [False, False, True]
-        assert reported[3][0]["objective"] == final["objective"]
-        reported = {passes: metrics for passes, (metrics, _) in reported.items()}
-        assert reported[1]["objective"] == evaluate_trial(name, short, split)["objective"], name
+def passes_config(passes: int) -> Config:
+    """Every family's pass counts at ``passes`` (ours: one pre-training epoch, then meta-training epochs)."""
+    return tiny_config().model_copy(update={
+        "baselines": BaselineConfig(dim=8, epochs=passes, srec_passes=passes, spmf_reservoir=200),
+        "meta": MetaConfig(dim=8, pretrain_epochs=1, epochs=passes - 1, batch_tasks=64),
+        "neural": NeuralConfig(dim=8, hidden=8, epochs=passes, batch_tasks=64),
+        "tasks": TaskConfig(k=3, K=6),
+    })
+
+
+@pytest.mark.parametrize("name", ["mf_ft", "spmf", "srec", "responsive", "melu"])
+def test_a_partial_fit_is_scored_as_the_shorter_fit_would_be(history, name) -> None:
+    """The copy scored after pass 2 of a 3-pass fit is the model a 2-pass fit makes: the same score (one per family)."""
+    split = validation_split(history, passes_config(3))
+    reported = {}
+    final = evaluate_trial(name, passes_config(3), split, report=lambda passes, metrics, final=False: reported.setdefault(passes, (metrics, final)))
+    assert sorted(reported) == [1, 2, 3] and final["passes"] == 3 and [reported[p][1] for p in (1, 2, 3)] == [False, False, True]
+    assert reported[3][0]["objective"] == final["objective"]
+    assert reported[2][0]["objective"] == evaluate_trial(name, passes_config(2), split)["objective"]
 
 
 # ------------------------------------------------------------------ records
