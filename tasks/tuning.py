@@ -240,7 +240,9 @@ def open_study(name: str, config: Config, storage: str, fingerprint: str, worker
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
     # the first create_study on a new file makes its schema: one process at a time (tasks/locks.py)
     with first_time_lock(Path(storage.removeprefix("sqlite:///")), "setting up the Optuna study store"):
-        return optuna.create_study(study_name=study_name(name, config, fingerprint), storage=storage, sampler=sampler,
+        # two workers write to one sqlite file: wait for its lock rather than fail after sqlite's default 5 s
+        rdb = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 120}})
+        return optuna.create_study(study_name=study_name(name, config, fingerprint), storage=rdb, sampler=sampler,
                                    pruner=_pruner(), direction="maximize", load_if_exists=True)
 
 
