@@ -382,9 +382,12 @@ def _start_worker(split: dict) -> None:
     torch.set_num_threads(1)  # two trials on two cores: one thread each
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    # no Prefect run here: the trial lines go to the inherited stderr, beside the flow's log
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | INFO    | tuning worker %(process)d - %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("metarec").setLevel(logging.WARNING)  # not every epoch's loss
+    # no Prefect run here (and Prefect's logging config on the root): the trial lines go to the inherited stderr
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s | INFO    | tuning worker %(process)d - %(message)s", datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _worker_trials(name: str, config: Config, storage: str, fingerprint: str, worker: int) -> None:
