@@ -349,6 +349,8 @@ def summarise(study: optuna.Study, name: str, config: Config, fingerprint: str) 
         "best_trial": best.number if best else None,
         "best_objective": best.value if best else None,
         "best_metrics": {k: v for k, v in (best.user_attrs if best else {}).items()},
+        "budget": config.baselines.tune_budget,
+        "code_version": code_version(),
         "n_trials": len(trials),
         "n_complete": states.count(optuna.trial.TrialState.COMPLETE),
         "n_pruned": states.count(optuna.trial.TrialState.PRUNED),
@@ -629,6 +631,9 @@ def tuned_source(config: Config, fingerprint: str | None = None) -> tuple[Config
         notes.append("stale rows, whose values are still used: " + "; ".join(f"{name}: {why}" for name, why in stale.items()))
         for name, why in stale.items():
             logger.warning("tuning record %s: row %s is stale (%s); its values are still used", path, name, why)
+    budgets = {entry.get("n_trials") for name, entry in record.get("models", {}).items() if name in config.eval.models and name in TUNABLE}
+    if len(budgets) > 1:
+        notes.append(f"rows were tuned with unequal trial counts {sorted(budgets, key=str)}")
     untuned = [m for m in config.eval.models if m in TUNABLE and m not in record.get("models", {})]
     if untuned:
         notes.append(f"rows without tuned values (class defaults): {', '.join(untuned)}")

@@ -134,6 +134,21 @@ def test_edges_and_widening_of_ranges() -> None:
     assert on_edge("linear", Choice(("linear", "logistic"))) is None
 
 
+def test_a_diverging_trial_fails_and_counts_without_stopping_the_search(tmp_path) -> None:
+    config = tiny_config().model_copy(update={"baselines": BaselineConfig(dim=8, tune_budget=4)})
+    calls = []
+
+    def diverging_second(name, values, report):
+        calls.append(values)
+        if len(calls) == 2:
+            score_split(NaNScores(), {"new": {}, "tail": [(None, np.zeros(1, dtype=np.int64), np.zeros((1, 3), dtype=np.int64))]})
+        return {"objective": 0.5, "seconds": 0.0}
+
+    result = tune_row("rkmf", config, diverging_second, f"sqlite:///{tmp_path / 'o.db'}")
+    assert result["n_trials"] == 4 == len(calls) and result["n_failed"] == 1
+    assert "diverged" in result["trials"][1]["metrics"]["error"]
+
+
 def test_an_interrupted_tuning_resumes_its_study(tmp_path) -> None:
     config = tiny_config().model_copy(update={"baselines": BaselineConfig(dim=8, tune_budget=4)})
     storage = f"sqlite:///{tmp_path / 'o.db'}"
@@ -182,6 +197,11 @@ class Constant(StreamingRecommender):
 
     def observe(self, batch):
         pass
+
+
+class NaNScores(Constant):
+    def score(self, users, candidates):
+        return np.full(np.shape(candidates), np.nan)
 
 
 def test_validation_counts_ties_at_their_expected_rank_as_the_test_does(history) -> None:
