@@ -555,7 +555,9 @@ def save_plots(study: optuna.Study, name: str, folder: Path) -> list[Path]:
             except (RuntimeError, ValueError) as exc:  # e.g. zero variance in every fANOVA tree
                 log_info(logger, "tuning %s: no %s plot (%s)", name, kind, exc)
                 continue
-            axes.set_title(f"{ROWS[name].label}: {axes.get_title()}")
+            title = axes.get_title(loc="left") or axes.get_title()  # Optuna titles on the left
+            axes.set_title("")
+            axes.set_title(f"{ROWS[name].label}: {title}", loc="left")
             path = folder / f"{name}-{kind}.png"
             axes.figure.savefig(path, dpi=80, bbox_inches="tight")
             plt.close(axes.figure)
