@@ -180,18 +180,23 @@ def data_fingerprint(history: Interactions, features: Features | None = None) ->
     return digest.hexdigest()[:16]
 
 
+# what the validation split reads besides the history's content (the data fingerprint): the same on every data set
+VALIDATION_FIELDS = ("data.new_user_fraction", "data.n_negatives", "data.new_user_ns", "baselines.seed", "baselines.tune_holdout",
+                     "eval.training_fraction")
+
+
 def row_settings(name: str, config: Config) -> dict:
-    """Every setting a row's trials read besides its searched values: the sections it depends on (``Row.sections``),
-    the validation split's (data, baselines.seed/tune_holdout) and the training-pass fraction. Not the budget."""
+    """Every setting a row's trials read besides its searched values and the data: the sections it depends on
+    (``Row.sections``), the validation split's settings and the training-pass fraction. Not the budget, and not which
+    data set (its content is the data fingerprint), so a borrowed record's rows are compared on what they share."""
     row = ROWS[name]
     row_config = config.model_copy(update={"tuned": {}, "data": config.data.with_fold(0)}).for_row(name)
     out: dict[str, dict] = {}
-    for section in sorted({"data", *row.sections}):
+    for section in sorted(set(row.sections) - {"data"}):
         dump = getattr(row_config, section).model_dump(mode="json", exclude=NOT_HASHED.get(section))
         out[section] = {k: v for k, v in dump.items() if f"{section}.{k}" not in row.space and f"{section}.{k}" != "baselines.tune_budget"}
-    out["validation"] = {"seed": row_config.baselines.seed, "tune_holdout": row_config.baselines.tune_holdout,
-                         "training_fraction": row_config.eval.training_fraction}
-    return out
+    out["validation"] = {key: getattr(getattr(row_config, key.split(".")[0]), key.split(".")[1]) for key in VALIDATION_FIELDS}
+    return json.loads(json.dumps(out, default=str))
 
 
 def settings_hash(name: str, config: Config) -> str:

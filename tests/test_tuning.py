@@ -237,6 +237,8 @@ def test_the_study_depends_on_every_section_its_row_reads_and_on_nothing_else() 
     holdout = base.model_copy(update={"baselines": base.baselines.model_copy(update={"tune_holdout": 0.2})})
     assert study_name("responsive", holdout, fp) != study_name("responsive", base, fp)  # the validation split changed
     assert study_name("rkmf", base, "0" * 16) != study_name("rkmf", base, fp)  # other data content
+    negatives = base.model_copy(update={"data": base.data.model_copy(update={"n_negatives": 50})})
+    assert study_name("rkmf", negatives, fp) != study_name("rkmf", base, fp)  # other validation cases
 
 
 def passes_config(passes: int) -> Config:
@@ -307,7 +309,7 @@ def test_a_data_set_without_a_record_borrows_ml100ks_and_says_so(history, artifa
     other = config.model_copy(update={"data": config.data.model_copy(update={"dataset": "synthetic-drift"})})
     used, note = tuned_source(other, "1" * 16)
     assert "borrowed from ml-100k" in note and str(tmp_path / "tuned" / "ml-100k.json") in note
-    assert "tuned on other data" not in note  # borrowed: other data by definition, not stale for it
+    assert "stale" not in note  # borrowed: other data by definition, not stale for it; its settings are the same
     assert used.tuned["rkmf"] == json.loads((tmp_path / "tuned" / "ml-100k.json").read_text())["models"]["rkmf"]["chosen"]
     empty = other.model_copy(update={"runtime": other.runtime.model_copy(update={"tuned_dir": tmp_path / "none"})})
     assert "no tuning record" in tuned_source(empty)[1] and tuned_source(empty)[0].tuned == {}
