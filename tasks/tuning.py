@@ -635,7 +635,10 @@ def tuned_source(config: Config, fingerprint: str | None = None) -> tuple[Config
         notes.append("the data fingerprint was not checked (fold 0 not prepared)")
     stale = {name: why for name, why in stale_rows(record, config, fingerprint, borrowed).items() if name in config.eval.models}
     if stale:
-        notes.append("stale rows, whose values are still used: " + "; ".join(f"{name}: {why}" for name, why in stale.items()))
+        by_reason: dict[str, list[str]] = {}
+        for name, why in stale.items():
+            by_reason.setdefault(why, []).append(name)
+        notes.append("stale rows, whose values are still used: " + "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items()))
         for name, why in stale.items():
             logger.warning("tuning record %s: row %s is stale (%s); its values are still used", path, name, why)
     budgets = {entry.get("n_trials") for name, entry in record.get("models", {}).items() if name in config.eval.models and name in TUNABLE}
