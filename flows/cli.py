@@ -108,7 +108,7 @@ def tune(
     set_: list[str] = SetOpt,
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    model: list[str] = typer.Option([], "--model", metavar="NAME", help="Row(s) to tune (repeatable; default: every row of eval.models with a search space)."),
+    model: list[str] = typer.Option([], "--model", metavar="NAME", help="Row(s) to tune (repeatable; default: every row of eval.models; a row without a search space, Pop, is scored once)."),
     budget: Optional[int] = typer.Option(None, "--budget", metavar="N", help="Trials per row (baselines.tune_budget, the same for every row); a larger budget continues the studies."),
     workers: Optional[int] = typer.Option(None, "--workers", metavar="N", help="Processes running each row's trials, one torch thread each (runtime.max_workers)."),
 ) -> None:
@@ -123,11 +123,10 @@ def tune(
     cfg = _config(config, set_, dataset, data_dir, **overrides)
     from flows.baselines import tune_flow
     from flows.runners import with_runner
-    from tasks.train.tuning import TUNABLE
 
     try:
         with _prefect_api():
-            out = with_runner(tune_flow, cfg)(cfg, tuple(model) or tuple(m for m in cfg.eval.models if m in TUNABLE))
+            out = with_runner(tune_flow, cfg)(cfg, tuple(model) or cfg.eval.models)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     typer.echo(f"tuning record in {out}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metarec.config import SECTION_TYPES, BaselineConfig, Config, MetaConfig
+from metarec.config import SECTION_TYPES, BaselineConfig, Config, MetaConfig, NeuralConfig, TaskConfig
 from metarec.synthetic import planted_interactions
 from metarec.interface import StreamingRecommender
 from metarec.models.registry import ROWS, Choice, Float, Int, on_edge, widen
@@ -78,6 +78,15 @@ def test_the_first_trial_is_the_rows_current_values_and_the_budget_is_the_same(t
     assert all(set(v) == set(ROWS["rkmf"].space) for v in seen)
 
 
+def test_a_field_that_inherits_another_is_drawn_in_the_first_trial(tmp_path) -> None:
+    """Ours+'s serving options default to None (= training's k, α, L): the first trial keeps today's other values."""
+    seen = []
+    result = tune_row("responsive_plus", tiny_config().model_copy(update={"baselines": BaselineConfig(tune_budget=2)}),
+                      lambda name, values, report: seen.append(values) or {"objective": 0.5, "seconds": 0.0}, f"sqlite:///{tmp_path / 'o.db'}")
+    assert result["n_trials"] == 2 and seen[0]["tasks.k"] == tiny_config().tasks.k and seen[0]["tasks.serve_k"] is not None
+    assert None not in result["chosen"].values()
+
+
 def test_tuning_is_reproducible_with_the_seed(tmp_path) -> None:
     config = tiny_config().model_copy(update={"baselines": BaselineConfig(dim=8, tune_budget=6)})
     objective = planted(lambda v: -abs(np.log(v["baselines.lr"] / 0.03)) - v["baselines.reg"])
@@ -123,6 +132,21 @@ def test_edges_and_widening_of_ranges() -> None:
     assert wider.high == 2.0 and widen(wider, "high") is None  # clipped to its hard limit, then no further
     assert widen(Int(1, 5, limits=(1, 10)), "low") is None and widen(Int(1, 5, limits=(1, 10)), "high").high == 7
     assert on_edge("linear", Choice(("linear", "logistic"))) is None
+
+
+def test_a_diverging_trial_fails_and_counts_without_stopping_the_search(tmp_path) -> None:
+    config = tiny_config().model_copy(update={"baselines": BaselineConfig(dim=8, tune_budget=4)})
+    calls = []
+
+    def diverging_second(name, values, report):
+        calls.append(values)
+        if len(calls) == 2:
+            score_split(NaNScores(), {"new": {}, "tail": [(None, np.zeros(1, dtype=np.int64), np.zeros((1, 3), dtype=np.int64))]})
+        return {"objective": 0.5, "seconds": 0.0}
+
+    result = tune_row("rkmf", config, diverging_second, f"sqlite:///{tmp_path / 'o.db'}")
+    assert result["n_trials"] == 4 == len(calls) and result["n_failed"] == 1
+    assert "diverged" in result["trials"][1]["metrics"]["error"]
 
 
 def test_an_interrupted_tuning_resumes_its_study(tmp_path) -> None:
@@ -175,6 +199,11 @@ class Constant(StreamingRecommender):
         pass
 
 
+class NaNScores(Constant):
+    def score(self, users, candidates):
+        return np.full(np.shape(candidates), np.nan)
+
+
 def test_validation_counts_ties_at_their_expected_rank_as_the_test_does(history) -> None:
     split = validation_split(history, tiny_config())
     metrics = score_split(Constant(), split)
@@ -208,20 +237,29 @@ def test_the_study_depends_on_every_section_its_row_reads_and_on_nothing_else() 
     holdout = base.model_copy(update={"baselines": base.baselines.model_copy(update={"tune_holdout": 0.2})})
     assert study_name("responsive", holdout, fp) != study_name("responsive", base, fp)  # the validation split changed
     assert study_name("rkmf", base, "0" * 16) != study_name("rkmf", base, fp)  # other data content
+    negatives = base.model_copy(update={"data": base.data.model_copy(update={"n_negatives": 50})})
+    assert study_name("rkmf", negatives, fp) != study_name("rkmf", base, fp)  # other validation cases
 
 
-def test_a_partial_fit_is_scored_as_the_shorter_fit_would_be(history) -> None:
-    """The copy scored after pass 1 of a 3-epoch fit is the model a 1-epoch fit makes: the same score."""
-    split = validation_split(history, tiny_config())
-    for name in ("mf_ft", "spmf"):
-        long = tiny_config().model_copy(update={"baselines": BaselineConfig(dim=8, epochs=3, spmf_reservoir=200)})
-        short = tiny_config().model_copy(update={"baselines": BaselineConfig(dim=8, epochs=1, spmf_reservoir=200)})
-        reported = {}
-        final = evaluate_trial(name, long, split, report=lambda passes, metrics, final=False: reported.setdefault(passes, (metrics, final)))
-        assert sorted(reported) == [1, 2, 3] and final["passes"] == 3 and [reported[p][1] for p in (1, 2, 3)] == [False, False, True]
-        assert reported[3][0]["objective"] == final["objective"]
-        reported = {passes: metrics for passes, (metrics, _) in reported.items()}
-        assert reported[1]["objective"] == evaluate_trial(name, short, split)["objective"], name
+def passes_config(passes: int) -> Config:
+    """Every family's pass counts at ``passes`` (ours: one pre-training epoch, then meta-training epochs)."""
+    return tiny_config().model_copy(update={
+        "baselines": BaselineConfig(dim=8, epochs=passes, srec_passes=passes, spmf_reservoir=200),
+        "meta": MetaConfig(dim=8, pretrain_epochs=1, epochs=passes - 1, batch_tasks=64),
+        "neural": NeuralConfig(dim=8, hidden=8, epochs=passes, batch_tasks=64),
+        "tasks": TaskConfig(k=3, K=6),
+    })
+
+
+@pytest.mark.parametrize("name", ["mf_ft", "spmf", "srec", "responsive", "melu"])
+def test_a_partial_fit_is_scored_as_the_shorter_fit_would_be(history, name) -> None:
+    """The copy scored after pass 2 of a 3-pass fit is the model a 2-pass fit makes: the same score (one per family)."""
+    split = validation_split(history, passes_config(3))
+    reported = {}
+    final = evaluate_trial(name, passes_config(3), split, report=lambda passes, metrics, final=False: reported.setdefault(passes, (metrics, final)))
+    assert sorted(reported) == [1, 2, 3] and final["passes"] == 3 and [reported[p][1] for p in (1, 2, 3)] == [False, False, True]
+    assert reported[3][0]["objective"] == final["objective"]
+    assert reported[2][0]["objective"] == evaluate_trial(name, passes_config(2), split)["objective"]
 
 
 # ------------------------------------------------------------------ records
@@ -256,7 +294,7 @@ def test_a_record_tuned_on_other_data_or_another_space_is_named_stale_and_still_
     tune(config, ("rkmf", "srec"), history=history, trial_fn=planted(lambda v: 0.5))
     chosen = json.loads((tmp_path / "tuned" / "ml-100k.json").read_text())["models"]["rkmf"]["chosen"]
     used, note = tuned_source(config, "0" * 16)
-    assert "stale" in note and "rkmf: tuned on other data" in note and "srec: tuned on other data" in note
+    assert "stale" in note and "rkmf, srec: tuned on other data" in note
     assert used.for_row("rkmf").baselines.rkmf_kernel == chosen["baselines.rkmf_kernel"]  # still used
     wider = {**ROWS["rkmf"].space, "baselines.lr": Float(0.001, 0.5, log=True, limits=(1e-4, 1.0))}
     monkeypatch.setitem(ROWS, "rkmf", dataclasses.replace(ROWS["rkmf"], space=wider))
@@ -271,7 +309,7 @@ def test_a_data_set_without_a_record_borrows_ml100ks_and_says_so(history, artifa
     other = config.model_copy(update={"data": config.data.model_copy(update={"dataset": "synthetic-drift"})})
     used, note = tuned_source(other, "1" * 16)
     assert "borrowed from ml-100k" in note and str(tmp_path / "tuned" / "ml-100k.json") in note
-    assert "tuned on other data" not in note  # borrowed: other data by definition, not stale for it
+    assert "stale" not in note  # borrowed: other data by definition, not stale for it; its settings are the same
     assert used.tuned["rkmf"] == json.loads((tmp_path / "tuned" / "ml-100k.json").read_text())["models"]["rkmf"]["chosen"]
     empty = other.model_copy(update={"runtime": other.runtime.model_copy(update={"tuned_dir": tmp_path / "none"})})
     assert "no tuning record" in tuned_source(empty)[1] and tuned_source(empty)[0].tuned == {}

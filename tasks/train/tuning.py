@@ -72,6 +72,7 @@ from tasks.train.validation import OBJECTIVE, evaluate_trial, validation_split
 
 logger = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # constant_liar, the matplotlib plots
 
 ROUNDS = 3  # the budget is spent in this many rounds; ranges are widened between them
 TUNABLE = tuple(name for name, row in ROWS.items() if row.space)
@@ -120,10 +121,13 @@ def suggest(trial: optuna.Trial, space: dict[str, Range]) -> dict:
 
 
 def _clamp_into(values: dict, space: dict[str, Range]) -> dict:
-    """Today's values as a first trial: a value outside its range is moved to the nearest bound (and reported)."""
+    """Today's values as a first trial: a value outside its range is moved to the nearest bound (and reported); a field
+    left at None (it inherits another, e.g. tasks.serve_k = tasks.k) is left to the sampler."""
     out = {}
     for key, value in values.items():
         dist = space[key]
+        if value is None:
+            continue
         if isinstance(dist, Choice):
             out[key] = value if value in dist.options else dist.options[0]
         else:
@@ -176,18 +180,23 @@ def data_fingerprint(history: Interactions, features: Features | None = None) ->
     return digest.hexdigest()[:16]
 
 
+# what the validation split reads besides the history's content (the data fingerprint): the same on every data set
+VALIDATION_FIELDS = ("data.new_user_fraction", "data.n_negatives", "data.new_user_ns", "baselines.seed", "baselines.tune_holdout",
+                     "eval.training_fraction")
+
+
 def row_settings(name: str, config: Config) -> dict:
-    """Every setting a row's trials read besides its searched values: the sections it depends on (``Row.sections``),
-    the validation split's (data, baselines.seed/tune_holdout) and the training-pass fraction. Not the budget."""
+    """Every setting a row's trials read besides its searched values and the data: the sections it depends on
+    (``Row.sections``), the validation split's settings and the training-pass fraction. Not the budget, and not which
+    data set (its content is the data fingerprint), so a borrowed record's rows are compared on what they share."""
     row = ROWS[name]
     row_config = config.model_copy(update={"tuned": {}, "data": config.data.with_fold(0)}).for_row(name)
     out: dict[str, dict] = {}
-    for section in sorted({"data", *row.sections}):
+    for section in sorted(set(row.sections) - {"data"}):
         dump = getattr(row_config, section).model_dump(mode="json", exclude=NOT_HASHED.get(section))
         out[section] = {k: v for k, v in dump.items() if f"{section}.{k}" not in row.space and f"{section}.{k}" != "baselines.tune_budget"}
-    out["validation"] = {"seed": row_config.baselines.seed, "tune_holdout": row_config.baselines.tune_holdout,
-                         "training_fraction": row_config.eval.training_fraction}
-    return out
+    out["validation"] = {key: getattr(getattr(row_config, key.split(".")[0]), key.split(".")[1]) for key in VALIDATION_FIELDS}
+    return json.loads(json.dumps(out, default=str))
 
 
 def settings_hash(name: str, config: Config) -> str:
@@ -236,7 +245,9 @@ def open_study(name: str, config: Config, storage: str, fingerprint: str, worker
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
     # the first create_study on a new file makes its schema: one process at a time (tasks/runtime/locks.py)
     with first_time_lock(Path(storage.removeprefix("sqlite:///")), "setting up the Optuna study store"):
-        return optuna.create_study(study_name=study_name(name, config, fingerprint), storage=storage, sampler=sampler,
+        # two workers write to one sqlite file: wait for its lock rather than fail after sqlite's default 5 s
+        rdb = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 120}})
+        return optuna.create_study(study_name=study_name(name, config, fingerprint), storage=rdb, sampler=sampler,
                                    pruner=_pruner(), direction="maximize", load_if_exists=True)
 
 
@@ -343,6 +354,8 @@ def summarise(study: optuna.Study, name: str, config: Config, fingerprint: str) 
         "best_trial": best.number if best else None,
         "best_objective": best.value if best else None,
         "best_metrics": {k: v for k, v in (best.user_attrs if best else {}).items()},
+        "budget": config.baselines.tune_budget,
+        "code_version": code_version(),
         "n_trials": len(trials),
         "n_complete": states.count(optuna.trial.TrialState.COMPLETE),
         "n_pruned": states.count(optuna.trial.TrialState.PRUNED),
@@ -376,6 +389,12 @@ def _start_worker(split: dict) -> None:
     torch.set_num_threads(1)  # two trials on two cores: one thread each
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # no Prefect run here (and Prefect's logging config on the root): the trial lines go to the inherited stderr
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s | INFO    | tuning worker %(process)d - %(message)s", datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _worker_trials(name: str, config: Config, storage: str, fingerprint: str, worker: int) -> None:
@@ -454,8 +473,11 @@ def tune(config: Config, models: tuple[str, ...], history: Interactions | None =
                 if not ROWS[name].space:  # nothing to search: scored once, for reference
                     record["models"][name] = _scored_once(name, config, split, fingerprint)
                 else:
-                    record["models"][name] = tune_row(name, config, trial_fn, storage, fingerprint, pool)
+                    record["models"][name] = entry = tune_row(name, config, trial_fn, storage, fingerprint, pool)
                     report_row(open_study(name, config, storage, fingerprint), name, config, folder, tuning_run)
+                    log_info(logger, "tuned %s: %d trials (%d pruned, %d failed), best objective %s, %.0f s wall; on an edge: %s",
+                             name, entry["n_trials"], entry["n_pruned"], entry["n_failed"], entry["best_objective"], entry["seconds"],
+                             entry["on_edge"] or "none")
                 write_json(record, out)  # after every row: a later failure keeps the rows already tuned
     finally:
         if pool is not None:
@@ -529,7 +551,9 @@ def save_plots(study: optuna.Study, name: str, folder: Path) -> list[Path]:
             except (RuntimeError, ValueError) as exc:  # e.g. zero variance in every fANOVA tree
                 log_info(logger, "tuning %s: no %s plot (%s)", name, kind, exc)
                 continue
-            axes.set_title(f"{ROWS[name].label}: {axes.get_title()}")
+            title = axes.get_title(loc="left") or axes.get_title()  # Optuna titles on the left
+            axes.set_title("")
+            axes.set_title(f"{ROWS[name].label}: {title}", loc="left")
             path = folder / f"{name}-{kind}.png"
             axes.figure.savefig(path, dpi=80, bbox_inches="tight")
             plt.close(axes.figure)
@@ -593,9 +617,15 @@ def tuned_source(config: Config, fingerprint: str | None = None) -> tuple[Config
         notes.append("the data fingerprint was not checked (fold 0 not prepared)")
     stale = {name: why for name, why in stale_rows(record, config, fingerprint, borrowed).items() if name in config.eval.models}
     if stale:
-        notes.append("stale rows, whose values are still used: " + "; ".join(f"{name}: {why}" for name, why in stale.items()))
+        by_reason: dict[str, list[str]] = {}
+        for name, why in stale.items():
+            by_reason.setdefault(why, []).append(name)
+        notes.append("stale rows, whose values are still used: " + "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items()))
         for name, why in stale.items():
             logger.warning("tuning record %s: row %s is stale (%s); its values are still used", path, name, why)
+    budgets = {entry.get("n_trials") for name, entry in record.get("models", {}).items() if name in config.eval.models and name in TUNABLE}
+    if len(budgets) > 1:
+        notes.append(f"rows were tuned with unequal trial counts {sorted(budgets, key=str)}")
     untuned = [m for m in config.eval.models if m in TUNABLE and m not in record.get("models", {})]
     if untuned:
         notes.append(f"rows without tuned values (class defaults): {', '.join(untuned)}")

@@ -32,6 +32,7 @@ import numpy as np
 from metarec.config import Config
 from metarec.features import NO_FEATURES, Features
 from metarec.interface import Interactions, RecentItems, StreamingRecommender
+from metarec.maml import DivergedError
 from metarec.metrics import case_metrics
 from metarec.models.registry import ROWS
 from metarec.models.factory import make_model
@@ -93,7 +94,10 @@ def _new_user_cases(new: Interactions, index: InteractionIndex, config: Config, 
 # ------------------------------------------------------------------ scoring
 def case_scores(scores: np.ndarray) -> dict[str, float]:
     """Mean HR@10, NDCG@10 and AUC of (B, 1 + negatives) scores, ties at their expected rank (as the test's)."""
-    per_case = case_metrics(np.asarray(scores, dtype=np.float64))
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():  # an SGD rate too large: a bad trial, not a broken tuning
+        raise DivergedError("the model scores candidates with NaN or Inf: its training diverged")
+    per_case = case_metrics(scores)
     return {"hr@10": float(per_case["hr"].mean()), "ndcg@10": float(per_case["ndcg"].mean()), "auc": float(per_case["auc"].mean()),
             "cases": int(len(per_case["hr"]))}
 
