@@ -17,7 +17,16 @@ the tasks' slot tensors, not arithmetic.
 Serving: adapt + score of 101 candidates for one user (p50, p99) and users/s
 when 1,024 users are adapted and scored at once.
 
+Scale: the cost of one outer step when Θ is Netflix-sized (--scale-users
+480,000 users × --scale-items 17,770 items, d = 64), with the same tasks (their
+ids spread over the tables), under meta.optimizer "adam" (dense: every step
+reads and writes all of P, Q and both moment tables, and the gradient is a
+dense table) and "lazy_adam" (row-sparse gradient and step: the batch's rows
+only), in interleaved rounds of the same run; printed: ms per step and the
+ratio. --scale-users 0 skips it.
+
     .venv/bin/python benchmarks/meta_train.py [--tasks 4096] [--reference-tasks 128] [--rounds 5] [--batch 1024]
+                                              [--scale-users 480000] [--scale-items 17770] [--scale-steps 4]
 """
 
 from __future__ import annotations
@@ -66,6 +75,62 @@ def time_reference(model: ResponsiveMF, tasks, start: int, n: int, batch: int) -
         torch.nn.utils.clip_grad_norm_([P, Q], hp.grad_clip)
         opt.step()
     return n / (time.perf_counter() - started)
+
+
+def spread_ids(tasks, n_users: int, n_items: int, seed: int):
+    """The tasks with user and item ids mapped one-to-one onto random rows of (n_users, n_items) tables."""
+    rng = np.random.default_rng(seed)
+    users = rng.permutation(n_users)[: int(max(tasks.support_users.max(), tasks.query_user.max())) + 1]
+    items = rng.permutation(n_items)[: int(max(tasks.support_pos.max(), tasks.support_neg.max(), tasks.query_pos.max(), tasks.query_neg.max())) + 1]
+    mapped = {name: (users if "user" in name else items)[getattr(tasks, name)]
+              for name in ("support_users", "support_pos", "support_neg", "query_user", "query_pos", "query_neg")}
+    return type(tasks)(**mapped, query_ts=tasks.query_ts)
+
+
+def scale_models(meta: MetaConfig, task_config: TaskConfig, n_users: int, n_items: int) -> dict[str, ResponsiveMF]:
+    """One model per outer optimiser, each with a fresh Θ of n_users × n_items rows."""
+    models = {}
+    for name in ("adam", "lazy_adam"):
+        model = ResponsiveMF(meta.model_copy(update={"optimizer": name}), task_config)
+        model.init_params(n_users, n_items)
+        models[name] = model
+    return models
+
+
+def ms_per_step(model: ResponsiveMF, tasks, start: int, steps: int, batch: int) -> tuple[float, float]:
+    """(wall ms, process CPU ms) of one meta_step (objective, backward, clip, optimiser step), mean over ``steps``
+    batches from ``start``. The CPU time is what other processes' load does not inflate (summed over threads)."""
+    started, cpu = time.perf_counter(), time.process_time()
+    for s in range(start, start + steps * batch, batch):
+        meta_step(model.P_, model.Q_, model.optimizer_, TaskBatch.from_arrays(tasks, slice(s, s + batch)), model.meta)
+    return (time.perf_counter() - started) * 1000 / steps, (time.process_time() - cpu) * 1000 / steps
+
+
+def scale_case(tasks, meta: MetaConfig, task_config: TaskConfig, args) -> None:
+    """Dense against lazy Adam at a Netflix-sized Θ, interleaved rounds on fresh batches."""
+    spread = spread_ids(tasks, args.scale_users, args.scale_items, seed=2)
+    models = scale_models(meta, task_config, args.scale_users, args.scale_items)
+    for model in models.values():
+        ms_per_step(model, spread, 0, 1, args.batch)  # warm-up: allocates the moments
+    wall: dict[str, list[float]] = {name: [] for name in models}
+    cpu: dict[str, list[float]] = {name: [] for name in models}
+    cursor = args.batch
+    for _ in range(args.rounds):
+        if cursor + args.scale_steps * args.batch > len(spread):
+            cursor = args.batch
+        for name, model in models.items():
+            w, c = ms_per_step(model, spread, cursor, args.scale_steps, args.batch)
+            wall[name].append(w)
+            cpu[name].append(c)
+        cursor += args.scale_steps * args.batch
+    ratios = np.array(wall["adam"]) / np.array(wall["lazy_adam"])
+    print(f"scale: Θ {args.scale_users:,} users x {args.scale_items:,} items, d={meta.dim}, {args.batch} tasks per step, "
+          f"{args.rounds} interleaved rounds of {args.scale_steps} steps each:")
+    for name in models:
+        ms = np.median(wall[name])
+        print(f"  {name:<10}  median {ms:8.1f} ms per step wall ({args.batch / ms * 1000:6.0f} tasks/s), {np.median(cpu[name]):8.1f} ms CPU")
+    print(f"  adam/lazy   wall: median of rounds {np.median(ratios):.2f}x (rounds: {', '.join(f'{r:.2f}' for r in ratios)}); "
+          f"CPU: {np.median(cpu['adam']) / np.median(cpu['lazy_adam']):.2f}x")
 
 
 def flops_per_task(model: ResponsiveMF, tasks, batch: int) -> float:
@@ -123,6 +188,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--items", type=int, default=1700)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scale-users", type=int, default=480_000, help="users of the scale case's Θ (Netflix: 480k; 0 = skip)")
+    parser.add_argument("--scale-items", type=int, default=17_770, help="items of the scale case's Θ (Netflix: 17,770)")
+    parser.add_argument("--scale-steps", type=int, default=4, help="outer steps per optimiser and round in the scale case")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -157,6 +225,8 @@ def main() -> None:
 
     p50, p99, users_per_s = serving(model, history, args.items, repeats=300, seed=1)
     print(f"serving (adapt L=2 + score 101 candidates): one user p50 {p50:.2f} ms, p99 {p99:.2f} ms; 1,024 users at once {users_per_s:.0f} users/s")
+    if args.scale_users:
+        scale_case(tasks, meta, task_config, args)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
