@@ -541,6 +541,10 @@ def meta_step(P: torch.Tensor, Q: torch.Tensor, optimizer: torch.optim.Optimizer
     ``parallel`` (``metarec.distributed.DataParallel``): this worker computes its share of the batch and the
     gradients are summed over the workers before the step, so every worker takes the whole batch's step.
 
+    An optimiser that takes row-sparse gradients (``metarec.sparse_adam.RowSparseAdam``, meta.optimizer
+    "lazy_adam") gets P's and Q's gradients as sparse COO tensors over the batch's rows, so that the
+    gradient, its norm, the clipping, the step and the finiteness check all cost the batch, not the tables.
+
     The gradient norm is measured before clipping and always returned, so that a
     run with clipping still shows how large its gradients grew (METHOD.md §11);
     ``hp.grad_clip`` None (no clipping) lets divergence show as it is.
