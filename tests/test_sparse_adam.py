@@ -9,7 +9,7 @@ import torch
 
 from metarec.config import MetaConfig, TaskConfig
 from metarec.interface import Interactions
-from metarec.maml import TaskBatch, meta_step
+from metarec.maml import DivergedError, TaskBatch, _all_finite, meta_step
 from metarec.meta_tasks import build_tasks
 from metarec.models.common import kernel_bpr_grads, sgd_epoch, sgd_item_rounds, sgd_rounds
 from metarec.models.responsive import ResponsiveMF
@@ -115,7 +115,8 @@ def planted():
 
 
 def _model(history, optimizer: str, **meta) -> ResponsiveMF:
-    model = ResponsiveMF(MetaConfig(dim=8, epochs=1, batch_tasks=20, outer_lr=0.01, inner_lr=1.0, optimizer=optimizer, **meta), TaskConfig(k=3, K=6))
+    settings = {"dim": 8, "epochs": 1, "batch_tasks": 20, "outer_lr": 0.01, "inner_lr": 1.0, **meta}
+    model = ResponsiveMF(MetaConfig(optimizer=optimizer, **settings), TaskConfig(k=3, K=6))
     model.init_params(history.n_users, history.n_items)
     model.set_index(history)
     return model
@@ -226,3 +227,27 @@ def test_sgd_rounds_change_only_the_rows_of_their_side():
     sgd_item_rounds(W, H, u, i, j, retrained, grads, 0.1, np.random.default_rng(0))
     keep = _untouched(len(H), retrained)
     assert torch.equal(H[keep], H0[keep]) and not torch.equal(H[np.unique(retrained)], H0[np.unique(retrained)])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])
+def test_a_step_that_leaves_theta_non_finite_raises(planted, optimizer, monkeypatch):
+    history = planted.interactions
+    model = _model(history, optimizer)
+    batch = TaskBatch.from_arrays(build_tasks(history, 3, 6, seed=1), slice(0, 20))
+    step = model.optimizer_.step
+
+    def overflowing_step():  # as a step that overflows float32 would leave one of the batch's rows
+        step()
+        model.Q_.data[batch.query_pos[0]] = float("inf")
+
+    monkeypatch.setattr(model.optimizer_, "step", overflowing_step)
+    with pytest.raises(DivergedError, match="NaN/Inf after the outer step"):
+        meta_step(model.P_, model.Q_, model.optimizer_, batch, model.meta)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_finiteness_check_finds_any_nan_or_inf(bad):
+    table = torch.randn(50, 4)
+    assert _all_finite(table) and _all_finite(table[:0])
+    table[17, 2] = bad
+    assert not _all_finite(table)
