@@ -158,6 +158,15 @@ class MetaConfig(Section):
     epochs: int = Field(5, ge=0, description="Meta-training epochs over all tasks.")
     batch_tasks: int = Field(1024, ge=1, description="Tasks per outer step.")
     outer_lr: float = Field(0.005, gt=0.0, description="Adam learning rate.")
+    optimizer: Literal["adam", "lazy_adam"] = Field(
+        "adam",
+        description="Outer (meta and online) optimiser of Θ. 'adam' (default, the paper row): torch.optim.Adam over the whole P "
+        "and Q, as a framework's Adam steps an embedding table; a row no task of the batch touched still moves by its "
+        "decaying first moment, and every step costs the whole tables. 'lazy_adam' (a variant, for scale): "
+        "metarec.sparse_adam.RowSparseAdam, torch.optim.SparseAdam's semantics: the gradient is row-sparse and only the "
+        "batch's rows and their moments change (global step count for the bias correction), so a step costs the batch, "
+        "not the table; a row touched at every step follows 'adam' exactly.",
+    )
     grad_clip: float | None = Field(10.0, gt=0.0, description="Gradient-norm clipping (None = off).")
     pretrain_epochs: int = Field(0, ge=0, description="Plain BPR epochs over the history before meta-training.")
     init_std: float = Field(0.1, gt=0.0, description="Std of the initial P and Q entries.")

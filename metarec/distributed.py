@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from metarec.maml import InnerParams, TaskBatch, meta_objective
+from metarec.maml import InnerParams, TaskBatch, gather_rows, meta_objective
 
 
 def backend_for(device: torch.device) -> str:
@@ -42,16 +42,19 @@ class DataParallel:
         lo, hi = (self.rank * len(batch)) // self.world_size, ((self.rank + 1) * len(batch)) // self.world_size
         return TaskBatch(*(getattr(batch, name)[lo:hi] for name in TaskBatch.__dataclass_fields__))
 
-    def objective(self, P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: InnerParams) -> tuple[torch.Tensor, torch.Tensor]:
+    def objective(self, P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: InnerParams, sparse_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(support, query) means over the whole batch as values, with this worker's share as gradient.
 
         Same signature as ``meta_objective``, so ``meta_step`` takes either.
         """
         mine = self.share(batch)
         if len(mine):
-            support, query = meta_objective(P, Q, mine, hp)
+            support, query = meta_objective(P, Q, mine, hp, sparse_grad)
             weight = len(mine) / len(batch)
             support, query = support * weight, query * weight
+        elif sparse_grad:  # a row-sparse gradient with no rows, so that every worker's gradient has one layout
+            none = torch.zeros(0, 1, dtype=torch.int64, device=P.device)
+            support = query = (gather_rows(P, none, True).sum() + gather_rows(Q, none, True).sum()) * 0.0
         else:  # nothing to do here, but the gradient must exist for the sum over workers
             support = query = (P.sum() + Q.sum()) * 0.0
         totals = torch.stack([support.detach(), query.detach()])
@@ -60,7 +63,8 @@ class DataParallel:
         return support + (totals[0] - support.detach()), query + (totals[1] - query.detach())
 
     def reduce_gradients(self, params: tuple[torch.Tensor, ...]) -> None:
-        """Sum each parameter's gradient over the workers, in place (one all_reduce per parameter)."""
+        """Sum each parameter's gradient over the workers, in place (one all_reduce per parameter; gloo sums a
+        row-sparse gradient as one, over the union of the workers' rows)."""
         for param in params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from metarec.models.mf import bpr_triple_loss
+from metarec.sparse_adam import coalesced, grad_values, takes_row_sparse
 
 # Bytes of one (tasks, item slots, d) tensor per chunk of meta_objective. Measured on this machine's 2 MB L2
 # (K = 20, d = 64, so about 190 tasks a chunk): 1,024 tasks per step ran 1.2-1.3x faster in chunks of 128-256
@@ -304,8 +305,11 @@ def query_loss(p_loc: torch.Tensor, q_loc: torch.Tensor, loc: LocalTasks, hp: In
     return bpr_triple_loss(take(p_loc, loc.q_user), take(q_loc, loc.q_pos), take(q_loc, loc.q_neg), hp.lambda_p, hp.lambda_q_pos, hp.lambda_q_neg)
 
 
-def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """table (n, d), rows (T, S) -> (T, S, d); the outer gradient flows back through it (index_add)."""
+def gather_rows(table: torch.Tensor, rows: torch.Tensor, sparse_grad: bool = False) -> torch.Tensor:
+    """table (n, d), rows (T, S) -> (T, S, d); the outer gradient flows back through it: a dense (n, d) table
+    (index_add into zeros), or with ``sparse_grad`` a sparse COO gradient holding the gathered rows only."""
+    if sparse_grad:
+        return F.embedding(rows, table, sparse=True)
     return table.index_select(0, rows.flatten()).view(*rows.shape, table.shape[1])
 
 
@@ -315,18 +319,19 @@ def chunk_size(n_item_slots: int, dim: int, element_size: int, budget: int | Non
 
 
 def meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: InnerParams,
-                   start: "StartRows | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   start: "StartRows | None" = None, sparse_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(support loss, query loss), each the mean over tasks; the objective is support + λ_ML · query.
 
     P (n_users, d), Q (n_items, d). Support: L^K_t(Θ). Query: L^1_t(Θ^L_t).
     The rows are gathered once for the whole batch (one index_select per
-    table, so one dense gradient per table in the backward pass). The rest is
+    table, so one gradient per table in the backward pass: dense, or with
+    ``sparse_grad`` row-sparse over the batch's rows, for ``RowSparseAdam``). The rest is
     ``_MetaObjective``: the computation of ``_chunk_losses`` with a hand-written
     backward pass, over chunks of ``chunk_size`` tasks, so that a chunk's slot
     tensors stay in cache between the passes over them.
     """
     loc = localise(batch)
-    p_loc, q_loc = gather_rows(P, loc.user_rows), gather_rows(Q, loc.item_rows)
+    p_loc, q_loc = gather_rows(P, loc.user_rows, sparse_grad), gather_rows(Q, loc.item_rows, sparse_grad)
     p_loc = with_start_rows(p_loc, loc, start)
     ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], hp, P.dtype)
     size = chunk_size(q_loc.shape[1], q_loc.shape[2], q_loc.element_size())
@@ -559,15 +564,20 @@ def meta_step(P: torch.Tensor, Q: torch.Tensor, optimizer: torch.optim.Optimizer
     ``parallel`` (``metarec.distributed.DataParallel``): this worker computes its share of the batch and the
     gradients are summed over the workers before the step, so every worker takes the whole batch's step.
 
+    An optimiser that takes row-sparse gradients (``metarec.sparse_adam.RowSparseAdam``, meta.optimizer
+    "lazy_adam") gets P's and Q's gradients as sparse COO tensors over the batch's rows, so that the
+    gradient, its norm, the clipping, the step and the finiteness check all cost the batch, not the tables.
+
     The gradient norm is measured before clipping and always returned, so that a
     run with clipping still shows how large its gradients grew (docs/method.md §11);
     ``hp.grad_clip`` None (no clipping) lets divergence show as it is.
     """
     optimizer.zero_grad(set_to_none=True)
+    sparse = takes_row_sparse(optimizer)
     if parallel is None:
-        support, query = meta_objective(P, Q, batch, hp, start)
-    else:
-        support, query = parallel.objective(P, Q, batch, hp)
+        support, query = meta_objective(P, Q, batch, hp, start, sparse_grad=sparse)
+    else:  # start rows are single-process only (config rejects them with runtime.workers > 1)
+        support, query = parallel.objective(P, Q, batch, hp, sparse_grad=True) if sparse else parallel.objective(P, Q, batch, hp)
     total = support + hp.lambda_ml * query
     s_val, q_val = float(support.detach()), float(query.detach())
     if not math.isfinite(float(total.detach())):
@@ -576,16 +586,35 @@ def meta_step(P: torch.Tensor, Q: torch.Tensor, optimizer: torch.optim.Optimizer
     if parallel is not None:
         parallel.reduce_gradients((P, Q))
     params = [P, Q]
-    norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    for param in params:  # a row-sparse gradient once per row, so that its norm and the step see summed duplicates
+        if param.grad is not None:
+            param.grad = coalesced(param.grad)
+    norm = float(torch.nn.utils.get_total_norm([grad_values(p.grad) for p in params if p.grad is not None]))
     if not math.isfinite(norm):
         raise DivergedError(f"meta-gradient norm is {norm} (support loss {s_val}, query loss {q_val})")
     clipped = hp.grad_clip is not None and norm > hp.grad_clip
     if clipped:
         torch.nn.utils.clip_grads_with_norm_(params, hp.grad_clip, torch.tensor(norm))
     optimizer.step()
-    if not (torch.isfinite(P).all() and torch.isfinite(Q).all()):
+    if not all(_all_finite(_stepped_rows(p)) for p in params):
         raise DivergedError(f"P or Q holds NaN/Inf after the outer step (gradient norm before clipping {norm:.4g})")
     return StepStats(s_val, q_val, norm, clipped)
+
+
+def _all_finite(table: torch.Tensor) -> bool:
+    """No NaN or ±Inf in ``table``: its min and max are finite (NaN propagates through both). One reduction pass,
+    where ``isfinite(table).all()`` makes four (measured 9x faster on a 480k x 64 table; it was 30% of a dense step)."""
+    if not table.numel():
+        return True
+    low, high = torch.aminmax(table)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _stepped_rows(param: torch.Tensor) -> torch.Tensor:
+    """The part of a table an optimiser step can have changed: the rows of a row-sparse gradient, else all of it
+    (so the finiteness check after a lazy step costs the batch, not the table)."""
+    grad = param.grad
+    return param.detach().index_select(0, grad._indices()[0]) if grad is not None and grad.is_sparse else param.detach()
 
 
 def reference_meta_objective(P: torch.Tensor, Q: torch.Tensor, batch: TaskBatch, hp: InnerParams) -> tuple[torch.Tensor, torch.Tensor]:

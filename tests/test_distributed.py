@@ -39,9 +39,10 @@ def test_shares_cover_a_batch_once_in_order():
     assert [len(DataParallel(rank, 4).share(TaskBatch(*(t[:2] for t in (batch.support_users,) * 3 + (batch.query_user,) * 3)))) for rank in range(4)] == [0, 1, 0, 1]
 
 
-def test_two_processes_end_with_the_parameters_of_one():
+@pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])  # lazy_adam: the workers sum row-sparse gradients
+def test_two_processes_end_with_the_parameters_of_one(optimizer):
     history, parts = _parts()
-    single = _model(history)
+    single = _model(history, optimizer=optimizer)
     start = single.training_state()
     expected = [single.meta_train_epoch(parts, epoch) for epoch in range(2)]
     plan = WorkerPlan(single.meta, TASK_CONFIG, parts, 0, 2, threads=1, device="cpu", state=start)

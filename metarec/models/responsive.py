@@ -51,6 +51,7 @@ from metarec.maml import (DivergedError, Extras, StartRows, StepStats, TaskBatch
 from metarec.meta_tasks import TaskArrays, build_tasks, early_tasks, fill_own, stream_tasks, support_sets
 from metarec.models.mf import bpr_triple_loss, init_table, mean_plus_noise
 from metarec.neighbours import InteractionIndex
+from metarec.sparse_adam import make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class ResponsiveMF(StreamingRecommender):
         self.generator_ = torch.Generator().manual_seed(self.meta.seed)
         self.P_ = torch.zeros(0, self.meta.dim, device=self.device)
         self.Q_ = torch.zeros(0, self.meta.dim, device=self.device)
-        self.optimizer_: torch.optim.Adam | None = None
+        self.optimizer_: torch.optim.Optimizer | None = None
         self.index_: InteractionIndex | None = None
         self.online_steps_ = 0
         # rows some training step has touched (None: a model saved before they were recorded; see _trained_masks)
@@ -122,7 +123,7 @@ class ResponsiveMF(StreamingRecommender):
         std = self.meta.init_std
         self.P_ = torch.nn.Parameter(init_table(n_users, self.meta.dim, std, self.generator_).to(self.device))
         self.Q_ = torch.nn.Parameter(init_table(n_items, self.meta.dim, std, self.generator_).to(self.device))
-        self.optimizer_ = torch.optim.Adam([self.P_, self.Q_], lr=self.meta.outer_lr)
+        self.optimizer_ = make_optimizer(self.meta.optimizer, [self.P_, self.Q_], self.meta.outer_lr)
         self.trained_users_ = torch.zeros(n_users, dtype=torch.bool)
         self.trained_items_ = torch.zeros(n_items, dtype=torch.bool)
         self._set_extras(self._fresh_extras(n_items))
@@ -172,7 +173,7 @@ class ResponsiveMF(StreamingRecommender):
     def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
         self.P_ = torch.nn.Parameter(state["P"].to(self.device, copy=True))
         self.Q_ = torch.nn.Parameter(state["Q"].to(self.device, copy=True))
-        self.optimizer_ = torch.optim.Adam([self.P_, self.Q_], lr=self.meta.outer_lr)
+        self.optimizer_ = make_optimizer(self.meta.optimizer, [self.P_, self.Q_], self.meta.outer_lr)
         if "generator" in state:
             self.generator_.set_state(state["generator"])
         has_masks = "trained_users" in state and "trained_items" in state
