@@ -49,7 +49,7 @@ class DataParallel:
         """
         mine = self.share(batch)
         if len(mine):
-            support, query = meta_objective(P, Q, mine, hp, sparse_grad)
+            support, query = meta_objective(P, Q, mine, hp, sparse_grad=sparse_grad)
             weight = len(mine) / len(batch)
             support, query = support * weight, query * weight
         elif sparse_grad:  # a row-sparse gradient with no rows, so that every worker's gradient has one layout
