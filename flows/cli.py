@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 
 import typer
 
+from metarec.config import DataConfig
 from tasks.runtime.settings import ConfigError, load_config
 
 # A batch tool runs offline too: Prefect's server telemetry would only log a failed lookup on every run.
@@ -24,12 +25,35 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 # Plain help (no rich markup): rich reads "[data]" as a style tag and drops it, and shows flags as "<bool>".
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
-ConfigOpt = typer.Option(None, "--config", metavar="FILE", help="TOML file with [data], [tasks], [meta], [baselines], [eval], [runtime] sections.")
-SetOpt = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override one value: section.field=value (repeatable).")
-DatasetOpt = typer.Option(None, "--dataset", metavar="NAME|PATH", help="ml-100k, ml-1m, ml-latest, ml-latest-small, netflix, synthetic-drift (generated), or a CSV/Parquet path.")
-DataDirOpt = typer.Option(None, "--data-dir", metavar="DIR", help="Folder holding raw datasets (else METAREC_DATA_DIR, ./data, ../shared/datasets).")
+
+def shown(text: str, default: str) -> str:
+    """Help text ending in click's "[default: ...]" for options whose default click would hide (None, a False flag)."""
+    return f"{text}  [default: {default}]"
+
+
+def config_sections() -> list[str]:
+    """The sections a --config file may hold, read off the Config model so the help cannot go stale."""
+    from metarec.config import Config, Section
+
+    return [name for name, field in Config.model_fields.items() if isinstance(field.annotation, type) and issubclass(field.annotation, Section)]
+
+
+def _config_help() -> str:
+    return "TOML file with " + ", ".join(f"[{name}]" for name in config_sections()) + " sections."
+
+
+_DATA_DEFAULTS = DataConfig()
+ConfigOpt = typer.Option(None, "--config", metavar="FILE", help=shown(_config_help(), "none: defaults and METAREC_* variables"))
+SetOpt = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help=shown("Override one value: section.field=value (repeatable).", "none"))
+DatasetOpt = typer.Option(None, "--dataset", metavar="NAME|PATH", help=shown(
+    "ml-100k, ml-1m, ml-latest, ml-latest-small, netflix, synthetic-drift (generated), or a CSV/Parquet path.",
+    f"data.dataset, {_DATA_DEFAULTS.dataset}"))
+DataDirOpt = typer.Option(None, "--data-dir", metavar="DIR", help=shown(
+    "Folder holding raw datasets.", "METAREC_DATA_DIR, else ./data, else ../shared/datasets"))
+QuickOpt = typer.Option(False, "--quick", help=shown("Fewer epochs, tasks and resamples: minutes, for tests and a first look.", "off, the full preset"))
 
 
 def _config(config: Optional[Path], sets: list[str], dataset: Optional[str] = None, data_dir: Optional[Path] = None, **sections):
@@ -62,7 +86,7 @@ def prepare(
     set_: list[str] = SetOpt,
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    sample_users: Optional[int] = typer.Option(None, "--sample-users", metavar="N", help="Keep a seeded sample of N users."),
+    sample_users: Optional[int] = typer.Option(None, "--sample-users", metavar="N", help=shown("Keep a seeded sample of N users.", "data.sample_users, every user")),
 ) -> None:
     """Prepare a data set for the pipeline.
 
@@ -108,7 +132,7 @@ def tune(
     set_: list[str] = SetOpt,
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    model: list[str] = typer.Option([], "--model", metavar="NAME", help="Row(s) to tune (repeatable; default: every row of eval.models with a search space)."),
+    model: list[str] = typer.Option([], "--model", metavar="NAME", help=shown("Row(s) to tune (repeatable).", "every row of eval.models with a search space")),
 ) -> None:
     """Tune each row's hyperparameters.
 
@@ -133,9 +157,9 @@ def fit(
     set_: list[str] = SetOpt,
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    model: list[str] = typer.Option([], "--model", metavar="NAME", help="Model(s) to fit (repeatable; default: the baselines among eval.models)."),
-    tuned: Optional[Path] = typer.Option(None, "--tuned", metavar="FILE", help="A tuning record (metarec tune) whose chosen values to use."),
-    force: bool = typer.Option(False, "--force", help="Refit even if a saved model with the same config exists."),
+    model: list[str] = typer.Option([], "--model", metavar="NAME", help=shown("Model(s) to fit (repeatable).", "the baselines among eval.models")),
+    tuned: Optional[Path] = typer.Option(None, "--tuned", metavar="FILE", help=shown("A tuning record (metarec tune) whose chosen values to use.", "none: the config's tuned values")),
+    force: bool = typer.Option(False, "--force", help=shown("Refit even if a saved model with the same config exists.", "off")),
 ) -> None:
     """Fit models and save them.
 
@@ -160,8 +184,8 @@ def train(
     set_: list[str] = SetOpt,
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    epochs: Optional[int] = typer.Option(None, "--epochs", metavar="N", help="Meta-training epochs (meta.epochs)."),
-    lambda_ml: Optional[float] = typer.Option(None, "--lambda-ml", metavar="X", help="Weight of the meta-learning loss (meta.lambda_ml)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", metavar="N", help=shown("Meta-training epochs.", "meta.epochs, 5")),
+    lambda_ml: Optional[float] = typer.Option(None, "--lambda-ml", metavar="X", help=shown("Weight of the meta-learning loss.", "meta.lambda_ml, 1.0")),
 ) -> None:
     """Meta-train our model.
 
@@ -217,18 +241,19 @@ def run(
     set_: list[str] = SetOpt,
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    quick: bool = typer.Option(False, "--quick", help="Fewer epochs, tasks and resamples: minutes, for tests and a first look."),
+    quick: bool = QuickOpt,
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also run the λ_ML sweep (paper Fig. 4)."),
-    tune_first: bool = typer.Option(False, "--tune", help="Tune every row on this data set first when it has no tuned values yet (metarec tune)."),
-    folds: Optional[int] = typer.Option(None, "--folds", metavar="F", help="New-user folds to pool (data.new_user_folds)."),
-    allow_divergence: bool = typer.Option(False, "--allow-divergence", help="Exit 0 even if our model's meta-training diverges (the report says so either way)."),
+    tune_first: bool = typer.Option(False, "--tune", help=shown("Tune every row on this data set first when it has no tuned values yet (metarec tune).", "off")),
+    folds: Optional[int] = typer.Option(None, "--folds", metavar="F", min=1, help=shown(
+        "New-user folds to pool (at least 1).", f"data.new_user_folds, {_DATA_DEFAULTS.new_user_folds}; 1 with --quick")),
+    allow_divergence: bool = typer.Option(False, "--allow-divergence", help=shown("Exit 0 even if our model's meta-training diverges (the report says so either way).", "off: exit 3")),
 ) -> None:
     """Run the whole pipeline, with the λ_ML sweep.
 
     Prepares, builds tasks, trains ours and fits the baselines, evaluates all in parallel over the new-user folds,
     writes Table 1 and the curves, registers our model and moves the champion alias if it is at least as good.
     """
-    cfg = _run_config(config, [*set_, *([f"data.new_user_folds={folds}"] if folds else [])], dataset, data_dir, quick)
+    cfg = _run_config(config, [*set_, *([f"data.new_user_folds={folds}"] if folds is not None else [])], dataset, data_dir, quick)
     if not tune_first and _print_cached(cfg, sweep):
         return
     from flows.pipeline import pipeline
@@ -261,8 +286,8 @@ def evaluate(
     set_: list[str] = SetOpt,
     dataset: Optional[str] = DatasetOpt,
     data_dir: Optional[Path] = DataDirOpt,
-    quick: bool = typer.Option(False, "--quick", help="Fewer epochs, tasks and resamples: minutes, for tests and a first look."),
-    allow_divergence: bool = typer.Option(False, "--allow-divergence", help="Exit 0 even if our model's meta-training diverges."),
+    quick: bool = QuickOpt,
+    allow_divergence: bool = typer.Option(False, "--allow-divergence", help=shown("Exit 0 even if our model's meta-training diverges.", "off: exit 3")),
 ) -> None:
     """Run the pipeline without the λ_ML sweep.
 
@@ -275,9 +300,11 @@ def evaluate(
 @app.command()
 def recommend(
     user: str = typer.Option(..., "--user", metavar="ID", help="The user's id as in the raw data (e.g. 196 for ml-100k)."),
-    recent: Optional[str] = typer.Option(None, "--recent", metavar="ITEM,ITEM,...", help="Comma-separated raw item ids, oldest first; default: the user's stored ones."),
+    recent: Optional[str] = typer.Option(None, "--recent", metavar="ITEM,ITEM,...", help=shown("Comma-separated raw item ids, oldest first.", "the user's stored ones")),
     n: int = typer.Option(10, "-n", metavar="N", help="How many items."),
-    version: Optional[str] = typer.Option(None, "--version", metavar="VERSION", help="A registered version of responsive-mf (default: the champion)."),
+    version: Optional[str] = typer.Option(None, "--version", metavar="VERSION", help=shown("A registered version of responsive-mf.", "the champion (of --dataset when given)")),
+    dataset: Optional[str] = typer.Option(None, "--dataset", metavar="NAME|PATH", help=shown(
+        "Serve this data set's champion (and check that --version was trained on it).", "the champion, whatever its data set")),
     config: Optional[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
@@ -285,7 +312,7 @@ def recommend(
 
     Top-n items, adapted to the user's most recent interactions (METHOD.md §6).
     """
-    cfg = _config(config, set_)
+    cfg = _config(config, set_, dataset)
     from tasks.serve.serving import ServingError, load_served
     from tasks.serve.serving import recommend as recommend_items
 
@@ -293,7 +320,7 @@ def recommend(
     if recent is not None and not items:
         _fail(ValueError("--recent is empty: give at least one item id, e.g. --recent 50,172"))
     try:
-        served = load_served(cfg, version)
+        served = load_served(cfg, version, dataset=dataset)
         rows = recommend_items(served, user, items, n)
     except (ServingError, FileNotFoundError, ValueError) as exc:  # ValueError: a damaged file or store, named
         _fail(exc)
@@ -312,17 +339,31 @@ def _prefect_home(cfg) -> Path:
     return home
 
 
+def _valid_cron(cron: str) -> str:
+    """Checked before the server starts: Prefect would reject a bad schedule only after, with a long traceback."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron)
+    except ValidationError:
+        raise typer.BadParameter(f"{cron!r} is not a valid cron schedule: five fields, minute (0-59) hour (0-23) "
+                                 "day of month (1-31) month (1-12) weekday (0-6), e.g. '0 2 * * *' (02:00 every day)")
+    return cron
+
+
 @app.command()
 def deploy(
-    port: int = typer.Option(4200, "--port", metavar="PORT", help="Port of the local Prefect server (127.0.0.1)."),
-    cron: str = typer.Option("0 2 * * *", "--cron", metavar="CRON", help="Schedule of the nightly retraining."),
+    port: int = typer.Option(4200, "--port", metavar="PORT", min=1, max=65535, help="Port of the local Prefect server (127.0.0.1), 1-65535."),
+    cron: str = typer.Option("0 2 * * *", "--cron", metavar="CRON", callback=_valid_cron,
+                             help="Schedule of the nightly retraining (five cron fields: minute hour day month weekday)."),
     dataset: str = typer.Option("ml-100k", "--dataset", metavar="NAME|PATH", help="The data set each nightly run retrains on."),
-    quick: bool = typer.Option(False, "--quick", help="Retrain with the --quick preset."),
+    quick: bool = typer.Option(False, "--quick", help=shown("Retrain with the --quick preset.", "off")),
     set_: list[str] = SetOpt,
     server: bool = typer.Option(True, "--server/--no-server", help="Start a Prefect server here (else use PREFECT_API_URL)."),
     ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the Prefect web UI from the started server."),
-    paused: bool = typer.Option(False, "--paused", help="Register the schedule paused: runs start only by hand "
-                                "(`prefect deployment run`) until it is resumed in the UI or with `prefect deployment resume`."),
+    paused: bool = typer.Option(False, "--paused", help=shown("Register the schedule paused: runs start only by hand "
+                                "(`prefect deployment run`) until it is resumed in the UI or with `prefect deployment resume`.", "off")),
 ) -> None:
     """Serve the nightly retraining on a local Prefect server.
 

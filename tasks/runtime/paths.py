@@ -49,9 +49,12 @@ CONFIG_MODULES = frozenset({"metarec.config", "metarec.models.registry", "metare
 
 
 def dataset_slug(dataset: str) -> str:
-    """A known name as it is; a file path by its stem, made safe for a folder name."""
+    """A known name as it is; a file path by its stem, made safe for a folder name.
+
+    Never ``.``, ``..`` or empty (``--dataset ..``, a file named ``...csv``): the data-version folders must stay
+    inside the artifacts folder."""
     name = Path(dataset).stem if ("/" in dataset or "." in dataset) else dataset
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "dataset"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "dataset"
 
 
 def source_fingerprint(config: Config) -> str:

@@ -193,11 +193,13 @@ def child_run(run_name: str, tags: dict[str, str] | None = None, run_id: str | N
 
 
 def ui_url(config: Config | None = None) -> str:
-    """Base URL of the MLflow UI for links: the configured one, a tracking server, or README's `mlflow ui`."""
+    """Base URL of the MLflow UI for links: the configured one, a tracking server, or README's `mlflow ui`.
+
+    Links land in logs, Prefect artifacts and the terminal: credentials in either address are masked."""
     if config is not None and config.runtime.mlflow_ui_url:
-        return config.runtime.mlflow_ui_url.rstrip("/")
+        return redact(config.runtime.mlflow_ui_url.rstrip("/"))
     uri = tracking_uri(config) if config is not None else mlflow.get_tracking_uri()
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
+    return redact(uri.rstrip("/")) if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
 
 
 def run_link(run_id: str, config: Config | None = None) -> str:

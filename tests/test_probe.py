@@ -1,0 +1,156 @@
+"""The hostile probe's cases of issue 19: each failed (silently, with a traceback, or leaking a secret) before its fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import flows.cli as cli
+from metarec.config import Config, MetaConfig, TaskConfig, SECTION_TYPES, RuntimeConfig
+from metarec.models.responsive import ResponsiveMF
+from tasks.runtime.integrity import CorruptFileError
+from tasks.runtime.paths import dataset_slug
+from tasks.runtime.settings import ConfigError, load_config
+from tasks.track.model_registry import THETA_FILE, THETA_HASH, THETA_META, load_theta, save_theta
+from tasks.track.tracking import ui_url
+
+
+# ------------------------------------------------------------------ silent wrong results
+@pytest.fixture
+def theta_dir(tmp_path) -> Path:
+    model = ResponsiveMF(MetaConfig(dim=4), TaskConfig())
+    model.init_params(5, 6)
+    return save_theta(model, tmp_path / "theta", Config())
+
+
+def _poison_q(folder: Path) -> None:
+    """Θ's Q set to NaN in place: the same shapes, so the same file size."""
+    tensors = load_file(str(folder / THETA_FILE))
+    before = (folder / THETA_FILE).stat().st_size
+    tensors["Q"] = torch.full_like(tensors["Q"], float("nan"))
+    save_file(tensors, str(folder / THETA_FILE))
+    assert (folder / THETA_FILE).stat().st_size == before
+
+
+def test_theta_records_its_hash_and_a_nan_q_is_refused_naming_the_file(theta_dir):
+    assert THETA_HASH in json.loads((theta_dir / THETA_META).read_text())
+    load_theta(theta_dir)  # whole: loads
+    _poison_q(theta_dir)
+    with pytest.raises(CorruptFileError, match=rf"{THETA_FILE}.*SHA-256"):
+        load_theta(theta_dir)
+
+
+def test_a_nan_theta_without_a_recorded_hash_is_still_refused(theta_dir):
+    described = json.loads((theta_dir / THETA_META).read_text())
+    del described[THETA_HASH]  # as a version registered before hashes were recorded
+    (theta_dir / THETA_META).write_text(json.dumps(described))
+    _poison_q(theta_dir)
+    with pytest.raises(CorruptFileError, match=rf"{THETA_FILE}.*Q holds NaN"):
+        load_theta(theta_dir)
+
+
+def test_a_damaged_theta_json_names_the_file(theta_dir):
+    described = json.loads((theta_dir / THETA_META).read_text())
+    described["meta"]["dim"] = "sixty-four"
+    (theta_dir / THETA_META).write_text(json.dumps(described))
+    with pytest.raises(CorruptFileError, match=rf"{THETA_META}.*meta.dim"):
+        load_theta(theta_dir)
+
+
+def test_folds_zero_is_rejected_with_exit_2(monkeypatch):
+    def ran(*args, **kwargs):
+        raise AssertionError("--folds 0 reached the pipeline")
+
+    monkeypatch.setattr(cli, "_run_config", ran)
+    result = CliRunner().invoke(cli.app, ["run", "--folds", "0"])
+    assert result.exit_code == 2, result.output
+    assert "--folds" in result.output
+
+
+@pytest.mark.parametrize("override, roles", [("data.ts_col=rating", ("rating_col", "ts_col")),
+                                             ("data.item_col=user_id", ("user_col", "item_col"))])
+def test_one_column_plays_one_role(override, roles):
+    with pytest.raises(ConfigError, match=rf"data.{roles[0]} and data.{roles[1]} both name the column"):
+        load_config(None, [override])
+
+
+def _float_fields():
+    sections = {**SECTION_TYPES, "runtime": RuntimeConfig}
+    for section, model in sections.items():
+        for name, field in model.model_fields.items():
+            text = str(field.annotation)
+            if "float" in text:
+                yield section, name, "tuple" in text
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_and_inf_are_rejected_in_every_float_field(value):
+    fields = list(_float_fields())
+    assert ("eval", "lambda_sweep", True) in fields and ("meta", "inner_lr", False) in fields
+    accepted = []
+    for section, name, is_tuple in fields:
+        try:
+            load_config(None, [f"{section}.{name}={'[' + value + ']' if is_tuple else value}"])
+            accepted.append(f"{section}.{name}")
+        except ConfigError as exc:
+            assert f"{section}.{name}" in str(exc)
+    assert not accepted, f"{value} accepted in {accepted}"
+
+
+# ------------------------------------------------------------------ security
+SECRET = "hunter2"
+
+
+def test_credentials_in_the_mlflow_ui_url_are_masked_everywhere(tmp_path):
+    config = load_config(None, [f'runtime.mlflow_ui_url="https://alice:{SECRET}@mlflow.example:5000/"',
+                                f'runtime.artifacts_dir="{tmp_path}"'])
+    assert SECRET not in config.model_dump_json()  # Prefect stores flow parameters as JSON
+    assert SECRET not in json.dumps(config.to_record()) and SECRET not in json.dumps(config.to_flat_dict())
+    assert SECRET not in ui_url(config) and ui_url(config).startswith("https://alice:***@mlflow.example:5000")
+
+
+def test_credentials_in_a_tracking_server_uri_are_masked_in_links(tmp_path):
+    config = load_config(None, [f'runtime.mlflow_tracking_uri="https://bob:{SECRET}@tracking.example"',
+                                f'runtime.artifacts_dir="{tmp_path}"'])
+    assert SECRET not in ui_url(config) and "tracking.example" in ui_url(config)
+
+
+@pytest.mark.parametrize("dataset", ["..", ".", "...csv", "data/...csv", "../..", "/", "..parquet", "-"])
+def test_dataset_slug_stays_inside_the_artifacts_folder(dataset, tmp_path):
+    slug = dataset_slug(dataset)
+    assert slug not in ("", ".", "..") and "/" not in slug
+    assert (tmp_path / slug / "version").resolve().parent.parent == tmp_path.resolve()
+
+
+def test_known_names_keep_their_slug():
+    assert [dataset_slug(name) for name in ("ml-100k", "ml-1m-first2999", "/data/my.ratings.csv")] == ["ml-100k", "ml-1m-first2999", "my.ratings"]
+
+
+# ------------------------------------------------------------------ deploy's options, before anything starts
+@pytest.fixture
+def no_server(monkeypatch):
+    import flows.deploy as deploy
+
+    def started(*args, **kwargs):
+        raise AssertionError("a server was started")
+
+    monkeypatch.setattr(deploy, "local_server", started)
+    monkeypatch.setattr(deploy, "serve_nightly", started)
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "0"])
+def test_deploy_rejects_a_port_outside_1_to_65535(port, no_server):
+    result = CliRunner().invoke(cli.app, ["deploy", "--port", port])
+    assert result.exit_code == 2, result.output
+    assert "--port" in result.output and "Traceback" not in result.output
+
+
+def test_deploy_rejects_a_bad_cron_before_the_server_starts(no_server):
+    result = CliRunner().invoke(cli.app, ["deploy", "--cron", "61 25 * * *"])
+    assert result.exit_code == 2, result.output
+    assert "not a valid cron schedule" in result.output and "Traceback" not in result.output
