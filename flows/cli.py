@@ -53,6 +53,7 @@ DatasetOpt = typer.Option(None, "--dataset", metavar="NAME|PATH", help=shown(
     f"data.dataset, {_DATA_DEFAULTS.dataset}"))
 DataDirOpt = typer.Option(None, "--data-dir", metavar="DIR", help=shown(
     "Folder holding raw datasets.", "METAREC_DATA_DIR, else ./data, else ../shared/datasets"))
+VerboseOpt = typer.Option(False, "--verbose", "-v", help=shown("Also show Prefect's per-task log lines on the terminal (they always go to the run's log file).", "off"))
 QuickOpt = typer.Option(False, "--quick", help=shown("Fewer epochs, tasks and resamples: minutes, for tests and a first look.", "off, the full preset"))
 
 
@@ -229,10 +230,20 @@ def _print_cached(cfg, sweep: bool) -> bool:
         return False
     table = Path(record["files"]["table1.md"])
     typer.echo(table.read_text())
-    typer.echo(f"every step cached (same config, data, tuning and code): results, plots and summary in {table.parent}")
-    if "sweep_plot" in record["files"]:
-        typer.echo(f"λ_ML curve: {record['files']['sweep_plot']}")
+    typer.echo("every step cached (same config, data, tuning and code): nothing was run")
+    _where(cfg, record["files"], record["files"].get("sweep_plot"), None)
     return True
+
+
+def _where(cfg, files: dict, sweep_plot: Optional[str], log: Optional[Path]) -> None:
+    """The run's last lines: where Table 1, the plots and the log are, and how to open the MLflow UI on this store."""
+    from flows.progress import mlflow_ui_hint
+
+    plots = [str(path) for name, path in files.items() if str(name).endswith(".png")] + ([str(sweep_plot)] if sweep_plot else [])
+    typer.echo(f"Table 1: {files['table1.md']} (summary, CSVs and plots beside it)")
+    typer.echo("plots: " + (", ".join(plots) if plots else "none"))
+    typer.echo(f"log: {log}" if log else "log: none (nothing ran)")
+    typer.echo(mlflow_ui_hint(cfg))
 
 
 @app.command()
@@ -247,32 +258,40 @@ def run(
     folds: Optional[int] = typer.Option(None, "--folds", metavar="F", min=1, help=shown(
         "New-user folds to pool (at least 1).", f"data.new_user_folds, {_DATA_DEFAULTS.new_user_folds}; 1 with --quick")),
     allow_divergence: bool = typer.Option(False, "--allow-divergence", help=shown("Exit 0 even if our model's meta-training diverges (the report says so either way).", "off: exit 3")),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Run the whole pipeline, with the λ_ML sweep.
 
     Prepares, builds tasks, trains ours and fits the baselines, evaluates all in parallel over the new-user folds,
     writes Table 1 and the curves, registers our model and moves the champion alias if it is at least as good.
+    One progress display shows the stages done and the time left; Prefect's log goes to artifacts/logs/.
     """
     cfg = _run_config(config, [*set_, *([f"data.new_user_folds={folds}"] if folds is not None else [])], dataset, data_dir, quick)
     if not tune_first and _print_cached(cfg, sweep):
         return
     from flows.pipeline import pipeline
+    from flows.progress import log_path, run_display
     from flows.runners import with_runner
 
+    # the run's display replaces meta-training's own per-epoch bar: one live display at a time
+    cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"progress": False})})
+    log = log_path(cfg)
     diverged = None
     try:
-        with _prefect_api():
+        with _prefect_api(), run_display(cfg, sweep, log, verbose):
             result = with_runner(pipeline, cfg)(cfg, sweep=sweep, tune_first=tune_first)
-            typer.echo((Path(result["run_dir"]) / "table1.md").read_text())
+            promotion = None
             if (result["training"] or {}).get("status") == "finished":
                 from flows.nightly import promote_result
 
-                typer.echo("champion: " + promote_result(cfg, result)[1]["reason"])
-            typer.echo(f"results, plots and summary in {result['run_dir']}")
-            if result["sweep"]:
-                typer.echo(f"λ_ML curve: {result['sweep']['plot']}")
+                promotion = promote_result(cfg, result)[1]["reason"]
+        typer.echo((Path(result["run_dir"]) / "table1.md").read_text())
+        if promotion:
+            typer.echo("champion: " + promotion)
+        _where(cfg, result["files"], (result["sweep"] or {}).get("plot"), log)
         diverged = result.get("warnings") or None
     except (ValueError, FileNotFoundError) as exc:
+        typer.secho(f"log: {log}", err=True)
         _fail(exc)
     for warning in diverged or []:
         typer.secho(f"{'warning' if allow_divergence else 'error'}: {warning}", fg=typer.colors.YELLOW if allow_divergence else typer.colors.RED, err=True)
@@ -288,13 +307,14 @@ def evaluate(
     data_dir: Optional[Path] = DataDirOpt,
     quick: bool = QuickOpt,
     allow_divergence: bool = typer.Option(False, "--allow-divergence", help=shown("Exit 0 even if our model's meta-training diverges.", "off: exit 3")),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Run the pipeline without the λ_ML sweep.
 
     Evaluates the models of eval.models (fitting what is missing) and renders Table 1: the same as
     `run --no-sweep`.
     """
-    run(config, set_, dataset, data_dir, quick, sweep=False, tune_first=False, folds=None, allow_divergence=allow_divergence)
+    run(config, set_, dataset, data_dir, quick, sweep=False, tune_first=False, folds=None, allow_divergence=allow_divergence, verbose=verbose)
 
 
 @app.command()
