@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import typer
 
 from metarec.config import DataConfig
-from tasks.runtime.settings import ConfigError, load_config
+from tasks.runtime.settings import ConfigError, check_artifacts_dir, load_config
 
 # A batch tool runs offline too: Prefect's server telemetry would only log a failed lookup on every run.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -61,7 +61,9 @@ def _config(config: Optional[Path], sets: list[str], dataset: Optional[str] = No
     data = {k: v for k, v in {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None}.items() if v is not None}
     data.update(sections.pop("data", {}))
     try:
-        return load_config(config, sets, data=data, **sections)
+        cfg = load_config(config, sets, data=data, **sections)
+        check_artifacts_dir(cfg.runtime.artifacts_dir)
+        return cfg
     except ConfigError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
@@ -70,6 +72,17 @@ def _config(config: Optional[Path], sets: list[str], dataset: Optional[str] = No
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1) from exc
+
+
+def _checked_input(cfg) -> Path:
+    """The prepared folder of the input (resolving and hashing it): a missing path, a folder without ratings, a
+    symlink loop or a FIFO is named here, before Prefect starts, not in a flow's traceback."""
+    from tasks.runtime.paths import prepared_dir
+
+    try:
+        return prepared_dir(cfg)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
 
 
 @contextmanager
@@ -97,8 +110,9 @@ def prepare(
     from tasks.runtime.paths import prepared_dir
     from tasks.data.prepare import is_prepared
 
-    if is_prepared(prepared_dir(cfg)):  # skip starting Prefect (~15 s) for nothing
-        typer.echo(f"already prepared: {prepared_dir(cfg)}")
+    where = _checked_input(cfg)
+    if is_prepared(where):  # skip starting Prefect (~15 s) for nothing
+        typer.echo(f"already prepared: {where}")
         return
     from flows.prepare import prepare_flow
 
@@ -224,8 +238,8 @@ def _print_cached(cfg, sweep: bool) -> bool:
 
     try:
         record = cached_run(cfg, sweep)
-    except DataError:
-        return False  # the flow reports it properly
+    except (DataError, OSError) as exc:  # a missing path, a folder, a symlink loop, a FIFO: named before Prefect starts
+        _fail(exc)
     if record is None:
         return False
     table = Path(record["files"]["table1.md"])
@@ -267,6 +281,7 @@ def run(
     One progress display shows the stages done and the time left; Prefect's log goes to artifacts/logs/.
     """
     cfg = _run_config(config, [*set_, *([f"data.new_user_folds={folds}"] if folds is not None else [])], dataset, data_dir, quick)
+    _checked_input(cfg)
     if not tune_first and _print_cached(cfg, sweep):
         return
     from flows.pipeline import pipeline

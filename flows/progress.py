@@ -148,7 +148,12 @@ def log_path(config: Config) -> Path:
 
 
 def _is_terminal_handler(handler: logging.Handler) -> bool:
-    """A handler writing to stdout/stderr (MLflow's writes through a stream object of its own that forwards there)."""
+    """A handler writing to the terminal: Prefect's console handlers (bound to whatever stderr was when Prefect was
+    imported), MLflow's (a stream object of its own forwarding there), or any other on stdout/stderr."""
+    from prefect.logging.handlers import PrefectConsoleHandler, _SafeStreamHandler
+
+    if isinstance(handler, (PrefectConsoleHandler, _SafeStreamHandler)):
+        return True
     if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
         return False
     stream = getattr(handler, "stream", None)

@@ -154,3 +154,83 @@ def test_deploy_rejects_a_bad_cron_before_the_server_starts(no_server):
     result = CliRunner().invoke(cli.app, ["deploy", "--cron", "61 25 * * *"])
     assert result.exit_code == 2, result.output
     assert "not a valid cron schedule" in result.output and "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------ tracebacks instead of errors
+@pytest.fixture
+def clean_tracking():
+    import os
+
+    from tasks.track import tracking
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    tracking._READY.clear()
+    yield tracking
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    tracking._READY.clear()
+
+
+@pytest.mark.parametrize("name", ["missing.csv", "folder", "loop.csv", "fifo.csv"])
+@pytest.mark.parametrize("command", ["prepare", "run"])
+def test_a_bad_ratings_path_is_named_before_prefect_starts(name, command, tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "loop.csv").symlink_to(tmp_path / "loop2.csv")
+    (tmp_path / "loop2.csv").symlink_to(tmp_path / "loop.csv")
+    os.mkfifo(tmp_path / "fifo.csv")
+
+    def started(*args, **kwargs):
+        raise AssertionError("Prefect was started for a path that cannot be read")
+
+    monkeypatch.setattr(cli, "_prefect_api", started)
+    monkeypatch.setenv("METAREC_RUNTIME__ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    result = CliRunner().invoke(cli.app, [command, "--dataset", str(tmp_path / name)])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # an error message, not an exception's traceback
+    assert str(tmp_path / name) in result.output and result.output.startswith("error: ")
+
+
+def test_an_artifacts_path_that_is_a_file_or_too_long_is_rejected(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    for path, expected in ((tmp_path / "a-file" / "artifacts", "is a file, not a folder"),
+                           (tmp_path / ("x" * 300), "longer than the 255"),
+                           (tmp_path.joinpath(*["y" * 200] * 20), "path limit")):
+        monkeypatch.setenv("METAREC_RUNTIME__ARTIFACTS_DIR", str(path))
+        result = CliRunner().invoke(cli.app, ["prepare", "--dataset", "ml-100k"])
+        assert result.exit_code == 2 and expected in result.output, result.output
+
+
+def test_a_zero_byte_mlflow_store_is_named_not_recreated(tmp_path, clean_tracking):
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    (root / "mlflow.db").write_bytes(b"")
+    with pytest.raises(clean_tracking.TrackingStoreError, match=r"mlflow.db: the MLflow store is empty \(0 bytes\)"):
+        clean_tracking.setup_mlflow(Config(runtime=RuntimeConfig(artifacts_dir=root)))
+    assert (root / "mlflow.db").stat().st_size == 0
+
+
+def test_a_set_up_store_is_read_without_the_write_lock(tmp_path, monkeypatch, clean_tracking):
+    """A read-only artifacts folder: the set-up lock file cannot be created, and reading needs none."""
+    config = Config(runtime=RuntimeConfig(artifacts_dir=tmp_path / "artifacts"))
+    clean_tracking.setup_mlflow(config)
+    clean_tracking._READY.clear()  # a new process
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "artifacts" / ".mlflow-setup.lock"))
+
+    monkeypatch.setattr(clean_tracking, "first_time_lock", read_only)
+    clean_tracking.setup_mlflow(config)
+
+
+def test_a_moved_artifacts_folder_is_named(tmp_path, clean_tracking):
+    import mlflow
+
+    old = tmp_path / "old"
+    clean_tracking.setup_mlflow(Config(runtime=RuntimeConfig(artifacts_dir=old)))
+    with mlflow.start_run():
+        mlflow.log_text("x", "x.txt")
+    old.rename(tmp_path / "new")
+    clean_tracking._READY.clear()
+    with pytest.raises(clean_tracking.TrackingStoreError, match=rf"records its artifacts in {old / 'mlruns'}, which no longer exists"):
+        clean_tracking.setup_mlflow(Config(runtime=RuntimeConfig(artifacts_dir=tmp_path / "new")))

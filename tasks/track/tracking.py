@@ -98,22 +98,64 @@ def setup_mlflow(config: Config) -> str:
     try:
         with _READY_GUARD:
             ready = (uri, name) in _READY
+        if not ready and _already_set_up(uri, name):  # reading needs no write lock (a read-only artifacts folder serves)
+            with _READY_GUARD:
+                _READY.add((uri, name))
+            ready = True
         if not ready:
             with first_time_lock(Path(config.runtime.artifacts_dir) / "mlflow-setup", f"setting up the MLflow store {redact(uri)}"):
                 _create_experiment(uri, name)
             with _READY_GUARD:
                 _READY.add((uri, name))
+        _check_not_moved(uri, name)
         mlflow.set_experiment(name)
     except (DatabaseError, sqlite3.DatabaseError) as exc:
         raise _store_error(uri, exc) from None
     return uri
 
 
+def _already_set_up(uri: str, name: str) -> bool:
+    """A sqlite store that exists, is not empty and holds the experiment: nothing to create, so no lock to take."""
+    if not uri.startswith("sqlite:///"):
+        return False
+    path = Path(uri.removeprefix("sqlite:///"))
+    try:
+        if path.stat().st_size == 0:
+            return False  # being created by another process, or truncated: decided under the lock
+    except OSError:
+        return False
+    return mlflow.get_experiment_by_name(name) is not None
+
+
+def _check_not_moved(uri: str, name: str) -> None:
+    """A sqlite store records its artifacts folder by absolute path: after the artifacts folder moved, runs would
+    find no artifacts ("No such artifact: ''") and new ones would write into the old place."""
+    expected = _artifact_root(uri)
+    if expected is None:
+        return
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None or not experiment.artifact_location.startswith("file://"):
+        return
+    recorded = Path(experiment.artifact_location.removeprefix("file://"))
+    here = Path(expected.removeprefix("file://"))
+    if recorded != here and not recorded.exists():
+        raise TrackingStoreError(
+            f"{uri.removeprefix('sqlite:///')}: the MLflow store records its artifacts in {recorded}, which no longer exists: "
+            f"the artifacts folder was moved (its artifacts are now in {here}?). Move it back to {recorded.parent}, or start "
+            "from a new store (move mlflow.db aside)")
+
+
 def _create_experiment(uri: str, name: str) -> None:
     """Create the store if it is new (MLflow creates or migrates its schema here) and the experiment if it is missing."""
     root = _artifact_root(uri)
-    if root is not None and not Path(uri.removeprefix("sqlite:///")).exists():
-        _create_store(uri, root)
+    if root is not None:
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.exists():
+            _create_store(uri, root)
+        elif path.stat().st_size == 0:  # sqlite would silently make it a new, empty store: every run and version lost
+            raise TrackingStoreError(
+                f"{path}: the MLflow store is empty (0 bytes), so its runs and registered models are gone (a full disk, or a "
+                "copy that failed?). It is not re-created silently: restore it from a backup, or delete it to start a new store")
     if mlflow.get_experiment_by_name(name) is None:
         mlflow.create_experiment(name, artifact_location=root)
 
