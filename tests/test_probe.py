@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,65 @@ def test_a_moved_artifacts_folder_is_named(tmp_path, clean_tracking):
     clean_tracking._READY.clear()
     with pytest.raises(clean_tracking.TrackingStoreError, match=rf"records its artifacts in {old / 'mlruns'}, which no longer exists"):
         clean_tracking.setup_mlflow(Config(runtime=RuntimeConfig(artifacts_dir=tmp_path / "new")))
+
+
+# ------------------------------------------------------------------ unclear or silent
+def test_runs_of_a_killed_process_are_marked_killed_on_the_next_start(tmp_path, clean_tracking):
+    import subprocess
+    import sys
+
+    import mlflow
+
+    config = Config(runtime=RuntimeConfig(artifacts_dir=tmp_path / "artifacts"))
+    clean_tracking.setup_mlflow(config)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("metarec").experiment_id
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = f"{clean_tracking.socket.gethostname()}:{gone.stdout.strip()}:1"  # a pid that ended (or was reused since)
+    killed = client.create_run(experiment, run_name="evaluation", tags={clean_tracking.PROCESS_TAG: dead}).info.run_id
+    child = client.create_run(experiment, run_name="trial", tags={"mlflow.parentRunId": killed}).info.run_id
+    alive = client.create_run(experiment, run_name="ours", tags=clean_tracking.process_tags()).info.run_id
+    elsewhere = client.create_run(experiment, run_name="other host", tags={clean_tracking.PROCESS_TAG: "another-host:1:1"}).info.run_id
+    clean_tracking._READY.clear()  # the next start
+    clean_tracking.setup_mlflow(config)
+    status = {run_id: client.get_run(run_id).info.status for run_id in (killed, child, alive, elsewhere)}
+    assert status == {killed: "KILLED", child: "KILLED", alive: "RUNNING", elsewhere: "RUNNING"}
+
+
+def test_a_resumed_tuning_counts_trials_by_completed_ones_and_fails_abandoned_ones(tmp_path):
+    import logging
+
+    import optuna
+
+    from metarec.config import BaselineConfig
+    from tasks.train.tuning import tune_row
+
+    config = Config(baselines=BaselineConfig(dim=8, tune_budget=3), meta=MetaConfig(dim=8), tuned={})
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    calls = []
+
+    def killed_after_one(batch):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as kill -9 between ask and tell: the trial stays RUNNING
+        return [{"objective": 0.1, "seconds": 0.0} for _ in batch]
+
+    with pytest.raises(KeyboardInterrupt):
+        tune_row("mf_ft", config, killed_after_one, storage)
+    messages: list[str] = []
+    listener = logging.Handler(logging.INFO)
+    listener.emit = lambda record: messages.append(record.getMessage())
+    tuning_logger = logging.getLogger("tasks.train.tuning")
+    tuning_logger.addHandler(listener)
+    level = tuning_logger.level
+    tuning_logger.setLevel(logging.INFO)
+    try:
+        result = tune_row("mf_ft", config, lambda batch: [{"objective": 0.2, "seconds": 0.0} for _ in batch], storage)
+    finally:
+        tuning_logger.removeHandler(listener)
+        tuning_logger.setLevel(level)
+    assert result["n_trials"] == 3
+    study = optuna.load_study(study_name=result["study"], storage=storage)
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    counted = [int(m.group(1)) for m in re.finditer(r"trial (\d+)/3:", "\n".join(messages))]
+    assert counted == [2, 3], messages  # never "4/3"

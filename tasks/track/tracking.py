@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -102,6 +103,7 @@ def setup_mlflow(config: Config) -> str:
             with _READY_GUARD:
                 _READY.add((uri, name))
             ready = True
+            close_runs_of_dead_processes(name)
         if not ready:
             with first_time_lock(Path(config.runtime.artifacts_dir) / "mlflow-setup", f"setting up the MLflow store {redact(uri)}"):
                 _create_experiment(uri, name)
@@ -189,6 +191,61 @@ def run_tags(config: Config, **extra: str) -> dict[str, str]:
     }
 
 
+# ------------------------------------------------------------------------ runs of killed processes
+PROCESS_TAG = "metarec.process"  # host:pid:start time of the process that opened the run
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a reused pid from the original."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_tags() -> dict[str, str]:
+    return {PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid()) or ''}"}
+
+
+def _process_dead(tag: str) -> bool:
+    """True when the process named by a PROCESS_TAG value ran on this host and is gone (its pid unused or reused)."""
+    host, _, rest = tag.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's runs are not ours to judge
+    now = _start_time(int(pid))
+    if now is not None:
+        return bool(started) and now != started
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def close_runs_of_dead_processes(experiment: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process died (kill -9, a crash), and their RUNNING children: else a killed
+    evaluation or tuning stays RUNNING in the UI for ever. Returns their ids."""
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    running = client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+    dead = {r.info.run_id for r in running if _process_dead(r.data.tags.get(PROCESS_TAG, ""))}
+    grew = True
+    while grew:  # children opened without the tag (a trial, a model child) die with their parent
+        more = {r.info.run_id for r in running if r.info.run_id not in dead and PROCESS_TAG not in r.data.tags
+                and r.data.tags.get("mlflow.parentRunId") in dead}
+        dead |= more
+        grew = bool(more)
+    for run_id in sorted(dead):
+        client.set_tag(run_id, "killed", "its process died while it was RUNNING; marked KILLED by the next start")
+        client.set_terminated(run_id, "KILLED")
+    return sorted(dead)
+
+
 # ------------------------------------------------------------------------ the run tree
 _PARENT: ContextVar[str | None] = ContextVar("metarec_mlflow_parent", default=None)
 
@@ -211,7 +268,7 @@ def parent_run(config: Config, name: str, kind: str, parent_run_id: str | None =
     """
     setup_mlflow(config)
     parent = current_parent_id(parent_run_id)
-    with mlflow.start_run(run_name=name, tags=run_tags(config, kind=kind, **tags), nested=True, parent_run_id=parent) as run:
+    with mlflow.start_run(run_name=name, tags={**run_tags(config, kind=kind, **tags), **process_tags()}, nested=True, parent_run_id=parent) as run:
         token = _PARENT.set(run.info.run_id)
         try:
             yield run.info.run_id
@@ -230,7 +287,7 @@ def child_run(run_name: str, tags: dict[str, str] | None = None, run_id: str | N
         with mlflow.start_run(run_id=run_id, nested=True) as run:
             yield run.info.run_id
         return
-    with mlflow.start_run(run_name=run_name, nested=True, parent_run_id=current_parent_id(parent_run_id), tags=tags) as run:
+    with mlflow.start_run(run_name=run_name, nested=True, parent_run_id=current_parent_id(parent_run_id), tags={**(tags or {}), **process_tags()}) as run:
         yield run.info.run_id
 
 

@@ -151,6 +151,15 @@ def _study(name: str, config: Config, storage: str) -> optuna.Study:
         return optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True)
 
 
+def _fail_abandoned(study: optuna.Study) -> None:
+    """Trials left RUNNING by a killed tuning are FAIL: never told, they would stay RUNNING in the study for ever.
+
+    One tuning of a study runs at a time (the CLI's), so a RUNNING trial at the start of one is abandoned."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        logger.warning("tuning: trial %d was left unfinished by a killed run; marked failed", trial.number + 1)
+
+
 def tune_row(name: str, config: Config, run_trials: RunTrials, storage: str, batch: int = 1) -> dict:
     """The whole search of one row; resumes a study of the same row, base config, budget and seed."""
     started = time.perf_counter()
@@ -160,6 +169,7 @@ def tune_row(name: str, config: Config, run_trials: RunTrials, storage: str, bat
     stretched_all: list[str] = list(study.user_attrs.get("widened", []))
     if not study.trials:
         study.enqueue_trial(_clamp_into(current_values(config, name), space))
+    _fail_abandoned(study)
     per_round = -(-budget // ROUNDS)
     while (done := len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])) < budget:
         if done and done % per_round == 0 and study.user_attrs.get("widened_at") != done:
@@ -174,7 +184,9 @@ def tune_row(name: str, config: Config, run_trials: RunTrials, storage: str, bat
             for key, value in metrics.items():
                 trial.set_user_attr(key, value)
             study.tell(trial, metrics["objective"])
-            log_info(logger, "tuning %s trial %d/%d: objective %.4f (%.0f s) %s", name, trial.number + 1, budget, metrics["objective"], metrics["seconds"], vals)
+            # counted by completed trials: a trial's number also counts those a killed run left unfinished ("11/10")
+            done += 1
+            log_info(logger, "tuning %s trial %d/%d: objective %.4f (%.0f s) %s", name, done, budget, metrics["objective"], metrics["seconds"], vals)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = study.best_trial
     chosen = {**current_values(config, name), **best.params}
