@@ -63,10 +63,11 @@ def _config(config: Optional[Path], sets: list[str], dataset: Optional[str] = No
     try:
         cfg = load_config(config, sets, data=data, **sections)
         check_artifacts_dir(cfg.runtime.artifacts_dir)
-        return cfg
     except ConfigError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
+    ensure_prefect_home(cfg)
+    return cfg
 
 
 def _fail(exc: Exception) -> None:
@@ -87,11 +88,37 @@ def _checked_input(cfg) -> Path:
 
 @contextmanager
 def _prefect_api() -> Iterator[None]:
-    """Flows need a Prefect API: the configured one, else a temporary local server that dies with this process."""
+    """Flows need a Prefect API: the configured one, else a temporary local server that dies with this process.
+
+    Losing it mid-run (the server killed or stopped) is one short error, not Prefect's traceback: the stages
+    finished so far are kept, so running the command again resumes."""
+    import httpx
+
     from flows.deploy import temporary_server
 
-    with temporary_server():
-        yield
+    try:
+        with temporary_server():
+            yield
+    except httpx.HTTPError as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        typer.secho(f"error: lost the Prefect API ({type(exc).__name__}: {first}): its server stopped or was killed. "
+                    "The stages finished so far are kept; run the command again to resume.", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+
+def ensure_prefect_home(cfg, environ=os.environ) -> None:
+    """Prefect keeps its database and settings in $PREFECT_HOME (~/.prefect): with a read-only or missing HOME,
+    use artifacts/prefect instead (as `metarec deploy` does). Only before Prefect is imported, which reads it once."""
+    if environ.get("PREFECT_HOME"):
+        return
+    try:
+        home = Path.home() / ".prefect"
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return
+    except (OSError, RuntimeError):  # RuntimeError: no home directory at all
+        pass
+    environ["PREFECT_HOME"] = str((Path(cfg.runtime.artifacts_dir) / "prefect").resolve())
 
 
 @app.command()

@@ -297,3 +297,59 @@ def test_a_resumed_tuning_counts_trials_by_completed_ones_and_fails_abandoned_on
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
     counted = [int(m.group(1)) for m in re.finditer(r"trial (\d+)/3:", "\n".join(messages))]
     assert counted == [2, 3], messages  # never "4/3"
+
+
+def test_a_theta_too_large_for_memory_is_refused_naming_the_field(monkeypatch):
+    from tasks.train import training
+
+    monkeypatch.setattr(training, "_available_memory", lambda: 8 * 2**30)
+    huge = load_config(None, ["meta.dim=100000"])
+    with pytest.raises(ValueError, match=r"meta.dim = 100000 .* needs at least .* GiB .* lower meta.dim"):
+        training.check_memory(huge, 943, 1682)
+    training.check_memory(load_config(None, []), 943, 1682)  # the default fits
+
+
+def test_an_allocation_failure_names_the_fields():
+    from tasks.train.training import _out_of_memory
+
+    config = load_config(None, ["meta.dim=100000"])
+    failure = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+    assert "meta.dim = 100000" in str(_out_of_memory(config, failure))
+    other = RuntimeError("shape mismatch")
+    assert _out_of_memory(config, other) is other
+
+
+def test_losing_the_prefect_server_mid_run_is_a_short_error(monkeypatch):
+    import contextlib
+
+    import httpx
+
+    import flows.deploy as deploy
+
+    monkeypatch.setattr(deploy, "temporary_server", contextlib.nullcontext)
+    monkeypatch.setattr(cli, "_checked_input", lambda cfg: None)
+    monkeypatch.setattr(cli, "_print_cached", lambda cfg, sweep: False)
+
+    def server_gone(*args, **kwargs):
+        raise httpx.ConnectError("All connection attempts failed")
+
+    import flows.pipeline
+
+    monkeypatch.setattr(flows.pipeline, "pipeline", type("Flow", (), {"with_options": lambda self, **kw: server_gone})())
+    result = CliRunner().invoke(cli.app, ["run", "--no-sweep"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "error: lost the Prefect API (ConnectError: All connection attempts failed)" in result.output
+    assert "Traceback" not in result.output and len(result.output.splitlines()) <= 3
+
+
+def test_a_read_only_home_moves_prefect_home_into_the_artifacts(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("HOME", str(tmp_path / "a-file" / "home"))  # cannot be created: as a read-only HOME
+    config = load_config(None, [f'runtime.artifacts_dir="{tmp_path / "artifacts"}"'])
+    environ: dict[str, str] = {}
+    cli.ensure_prefect_home(config, environ)
+    assert environ == {"PREFECT_HOME": str(tmp_path / "artifacts" / "prefect")}
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    environ = {}
+    cli.ensure_prefect_home(config, environ)
+    assert environ == {}  # a writable HOME keeps Prefect's default
