@@ -9,6 +9,7 @@ value; 3 meta-training diverged (`metarec run` without --allow-divergence, `meta
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,11 +100,36 @@ def _prefect_api() -> Iterator[None]:
     try:
         with temporary_server():
             yield
-    except httpx.HTTPError as exc:
+    except Exception as exc:
+        full = disk_full(exc)
+        if full is None and not isinstance(exc, httpx.HTTPError):
+            raise
+        if full is not None:
+            where = f" writing {full.filename}" if full.filename else ""
+            typer.secho(f"error: no space left on the device (OSError ENOSPC{where}; {full.strerror}). Free some space "
+                        "there (or point runtime.artifacts_dir elsewhere) and run the command again: the stages finished so "
+                        "far are kept.", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
         typer.secho(f"error: lost the Prefect API ({type(exc).__name__}: {first}): its server stopped or was killed. "
                     "The stages finished so far are kept; run the command again to resume.", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
+
+
+def disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC OSError behind ``exc``, however deep in its causes and contexts (MLflow and Prefect wrap it, and
+    their own failing writes on the full disk pile on top of it), else None."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return current
+        todo += [current.__cause__, current.__context__]
+    return None
 
 
 def ensure_prefect_home(cfg, environ=os.environ) -> None:
@@ -320,7 +346,7 @@ def run(
     log = log_path(cfg)
     diverged = None
     try:
-        with _prefect_api(), run_display(cfg, sweep, log, verbose):
+        with run_display(cfg, sweep, log, verbose), _prefect_api():  # the server's start and last flush logged too
             result = with_runner(pipeline, cfg)(cfg, sweep=sweep, tune_first=tune_first)
             promotion = None
             if (result["training"] or {}).get("status") == "finished":

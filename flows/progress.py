@@ -147,6 +147,14 @@ def log_path(config: Config) -> Path:
     return Path(config.runtime.artifacts_dir).resolve() / "logs" / f"run-{stamp}-{dataset_slug(config.data.dataset)}.log"
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """The run's log file; a failed write (a full disk) must not print a logging traceback per line on the terminal:
+    the run's own error says what happened."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def _is_terminal_handler(handler: logging.Handler) -> bool:
     """A handler writing to the terminal: Prefect's console handlers (bound to whatever stderr was when Prefect was
     imported), MLflow's (a stream object of its own forwarding there), or any other on stdout/stderr."""
@@ -169,7 +177,7 @@ def run_display(config: Config, sweep: bool, log_file: Path, verbose: bool = Fal
 
     out = out or sys.stderr
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    to_file = logging.FileHandler(log_file, encoding="utf-8")
+    to_file = _QuietFileHandler(log_file, encoding="utf-8")
     to_file.setFormatter(PrefectFormatter(
         format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s",
         flow_run_fmt="%(asctime)s | %(levelname)-7s | Flow run %(flow_run_name)r - %(message)s",

@@ -353,3 +353,49 @@ def test_a_read_only_home_moves_prefect_home_into_the_artifacts(tmp_path, monkey
     environ = {}
     cli.ensure_prefect_home(config, environ)
     assert environ == {}  # a writable HOME keeps Prefect's default
+
+
+def test_recommend_dataset_serves_only_a_version_trained_on_it():
+    from types import SimpleNamespace
+
+    from tasks.serve.serving import ServingError, version_to_serve
+
+    champion = SimpleNamespace(version="2", tags={"dataset": "ml-1m"})
+    other = SimpleNamespace(version="1", tags={"dataset": "ml-100k"})
+    client = SimpleNamespace(get_model_version_by_alias=lambda name, alias: champion,
+                             get_model_version=lambda name, version: {"1": other, "2": champion}[version])
+    assert version_to_serve(client) is champion  # no --dataset: the champion, as before
+    assert version_to_serve(client, dataset="ml-1m") is champion
+    with pytest.raises(ServingError, match=r"version 2 of 'responsive-mf' was trained on 'ml-1m', not on 'ml-100k'"):
+        version_to_serve(client, dataset="ml-100k")
+    assert version_to_serve(client, "1", dataset="ml-100k") is other
+    with pytest.raises(ServingError, match="trained on 'ml-100k', not on 'ml-1m'"):
+        version_to_serve(client, "1", dataset="ml-1m")
+
+
+def test_a_full_disk_is_named_behind_the_errors_it_causes(monkeypatch, tmp_path):
+    import contextlib
+    import errno
+
+    import flows.deploy as deploy
+    import flows.pipeline
+
+    monkeypatch.setattr(deploy, "temporary_server", contextlib.nullcontext)
+    monkeypatch.setattr(cli, "_checked_input", lambda cfg: None)
+    monkeypatch.setattr(cli, "_print_cached", lambda cfg, sweep: False)
+    monkeypatch.setenv("METAREC_RUNTIME__ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+
+    def disk_fills(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "artifacts" / "forest.png"))
+        except OSError:
+            try:
+                raise RuntimeError("sqlite3.OperationalError: database or disk is full")  # MLflow's failing tag on top
+            except RuntimeError as wrapped:
+                raise LookupError("UnfinishedRun: Run is in PENDING state") from wrapped
+
+    monkeypatch.setattr(flows.pipeline, "pipeline", type("Flow", (), {"with_options": lambda self, **kw: disk_fills})())
+    result = CliRunner().invoke(cli.app, ["run", "--no-sweep"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"error: no space left on the device (OSError ENOSPC writing {tmp_path / 'artifacts' / 'forest.png'}" in result.output
+    assert "PENDING" not in result.output
