@@ -154,6 +154,18 @@ class _QuietFileHandler(logging.FileHandler):
     def handleError(self, record: logging.LogRecord) -> None:
         pass
 
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the buffered lines that did not fit: the run's error names the full disk
+            pass
+
 
 def _is_terminal_handler(handler: logging.Handler) -> bool:
     """A handler writing to the terminal: Prefect's console handlers (bound to whatever stderr was when Prefect was

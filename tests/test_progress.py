@@ -114,3 +114,20 @@ def test_a_run_shows_progress_not_prefect_lines_and_ends_saying_where_everything
     log = Path(last[2].removeprefix("log: "))
     assert log.is_file() and log.is_relative_to(artifacts.resolve()) and "Finished in state Completed()" in log.read_text()
     assert last[3].startswith(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{artifacts.resolve() / 'mlflow.db'}")
+
+
+def test_a_log_file_on_a_full_disk_neither_prints_tracebacks_nor_fails_on_close(tmp_path, capsys):
+    from flows.progress import _QuietFileHandler
+
+    handler = _QuietFileHandler(tmp_path / "run.log")
+
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        flush = close = lambda self: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+
+    handler.stream = FullDisk()
+    handler.emit(logging.LogRecord("x", logging.INFO, __file__, 1, "a line", None, None))
+    handler.close()
+    assert capsys.readouterr().err == ""
