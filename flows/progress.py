@@ -216,10 +216,14 @@ def run_display(config: Config, sweep: bool, log_file: Path, verbose: bool = Fal
     for logger in quiet_loggers:
         logger.addHandler(to_file)
     logging.captureWarnings(True)
+    raising = logging.raiseExceptions
+    if not verbose:  # else Prefect writes "--- Error logging to API ---" on the terminal when its server is gone
+        logging.raiseExceptions = False
     try:
         yield progress
     finally:
         progress.close()
+        logging.raiseExceptions = raising
         logging.captureWarnings(False)
         for logger in quiet_loggers:
             logger.removeHandler(to_file)

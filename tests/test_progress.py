@@ -73,11 +73,13 @@ def test_without_verbose_prefect_lines_go_to_the_log_file_only(tmp_path):
     log = tmp_path / "logs" / "run.log"
     with run_display(config, False, log, verbose=False, out=io.StringIO()):
         assert not [h for h in root.handlers if type(h).__name__ == "PrefectConsoleHandler"]
+        assert not logging.raiseExceptions  # Prefect prints "--- Error logging to API ---" only when it is set
         logging.getLogger("prefect.task_runs").info("Finished in state Completed()", extra={"task_run_name": "fit-pop-fold0", "task_name": "fit-model"})
         logging.getLogger("mlflow").warning("an MLflow warning")
     assert root.handlers == before  # restored
     text = log.read_text()
     assert "Finished in state Completed()" in text and "an MLflow warning" in text
+    assert logging.raiseExceptions  # restored
     with run_display(config, False, tmp_path / "verbose.log", verbose=True, out=io.StringIO()):
         assert all(h in root.handlers for h in before)
 
