@@ -221,7 +221,17 @@ def test_a_set_up_store_is_read_without_the_write_lock(tmp_path, monkeypatch, cl
         raise PermissionError(13, "Permission denied", str(tmp_path / "artifacts" / ".mlflow-setup.lock"))
 
     monkeypatch.setattr(clean_tracking, "first_time_lock", read_only)
-    clean_tracking.setup_mlflow(config)
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("metarec").experiment_id
+    client.create_run(experiment, tags={clean_tracking.PROCESS_TAG: f"{clean_tracking.socket.gethostname()}:999999999:1"})
+
+    def readonly_database(*args, **kwargs):
+        raise RuntimeError("(sqlite3.OperationalError) attempt to write a readonly database")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_tag", readonly_database)
+    clean_tracking.setup_mlflow(config)  # neither the lock nor closing a killed process's run may stop a reader
 
 
 def test_a_moved_artifacts_folder_is_named(tmp_path, clean_tracking):

@@ -19,6 +19,7 @@ threads of its task runner; MLflow's own active-run stack is per thread.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -37,6 +38,8 @@ from metarec.models.registry import ROWS
 from metarec.redaction import redact, redact_value
 from tasks.runtime.locks import first_time_lock
 from tasks.runtime.paths import prepared_dir
+
+logger = logging.getLogger(__name__)
 
 REGISTERED_MODEL = "responsive-mf"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -240,9 +243,13 @@ def close_runs_of_dead_processes(experiment: str) -> list[str]:
                 and r.data.tags.get("mlflow.parentRunId") in dead}
         dead |= more
         grew = bool(more)
-    for run_id in sorted(dead):
-        client.set_tag(run_id, "killed", "its process died while it was RUNNING; marked KILLED by the next start")
-        client.set_terminated(run_id, "KILLED")
+    try:
+        for run_id in sorted(dead):
+            client.set_tag(run_id, "killed", "its process died while it was RUNNING; marked KILLED by the next start")
+            client.set_terminated(run_id, "KILLED")
+    except Exception as exc:  # noqa: BLE001 - a read-only store (recommend) still serves; the next writer closes them
+        logger.warning("could not mark %d run(s) of killed processes KILLED: %s", len(dead), str(exc).splitlines()[0][:200])
+        return []
     return sorted(dead)
 
 
