@@ -189,12 +189,28 @@ def temporary_server() -> Iterator[str]:
         os.environ["PREFECT_API_URL"] = url
         try:
             with temporary_settings({PREFECT_API_URL: url}):
-                yield url
+                try:
+                    yield url
+                finally:
+                    flush_to_api()
         finally:
             if before is None:
                 os.environ.pop("PREFECT_API_URL", None)
             else:
                 os.environ["PREFECT_API_URL"] = before
+
+
+def flush_to_api(timeout: float = 10.0) -> None:
+    """Send the logs and events still queued to the server before it stops; else Prefect's exit hook finds it gone and
+    prints "Error logging to API - All connection attempts failed" after every command."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - a log that cannot be sent must not fail the command
+            logger.debug("could not flush %s: %s", worker.__name__, exc)
 
 
 def allow_parameters(parameters: dict) -> None:

@@ -30,7 +30,8 @@ NOT_HASHED: dict[str, set[str]] = {"data": {"data_dir", "download", "new_user_fo
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and inf are never a meaningful setting, and NaN passes every bound check (NaN >= 0 is False, so is NaN < 0)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -76,6 +77,16 @@ class DataConfig(Section):
     def deals(self) -> int:
         """Groups the users are dealt into: each split holds out one group (about new_user_fraction of the users)."""
         return max(2, round(1.0 / self.new_user_fraction))
+
+    @model_validator(mode="after")
+    def _one_column_one_role(self) -> "DataConfig":
+        roles = {"user_col": self.user_col, "item_col": self.item_col, "rating_col": self.rating_col, "ts_col": self.ts_col}
+        for role, column in roles.items():
+            others = [other for other, name in roles.items() if other != role and name == column]
+            if others:
+                raise ValueError(f"data.{role} and data.{others[0]} both name the column {column!r}: each column plays one role "
+                                 "(user, item, rating, timestamp); name the file's own column for each")
+        return self
 
     @model_validator(mode="after")
     def _folds_fit_the_deal(self) -> "DataConfig":
@@ -374,7 +385,7 @@ class RuntimeConfig(Section):
         "(shipped with the code, so a run finds the values chosen for its data set).")
     preset: Literal["full", "quick"] = Field("full", description="Which preset made this config (set by --quick); tags runs and labels reports.")
 
-    @field_serializer("mlflow_tracking_uri", "dask_address", when_used="json")
+    @field_serializer("mlflow_tracking_uri", "mlflow_ui_url", "dask_address", when_used="json")
     def _without_credentials(self, value: str | None) -> str | None:
         """In every JSON dump (records, Prefect's stored flow parameters), addresses lose their credentials."""
         return None if value is None else redact(value)

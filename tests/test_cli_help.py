@@ -10,9 +10,12 @@ import typer
 from typer.testing import CliRunner
 
 from flows.cli import app
+from metarec.config import Config, Section
 
 COMMAND = typer.main.get_command(app)
-SECTIONS = ("[data]", "[tasks]", "[meta]", "[baselines]", "[eval]", "[runtime]")
+# every section of the Config model, as a --config file spells it: a section added to Config must appear in the help
+SECTIONS = tuple(f"[{name}]" for name, field in Config.model_fields.items()
+                 if isinstance(field.annotation, type) and issubclass(field.annotation, Section))
 
 
 def _help(*args: str) -> str:
@@ -57,3 +60,33 @@ def test_top_level_help_lists_every_command_and_wraps_sentences_only_at_the_widt
         if line.startswith("  ") and following.startswith("  ") and following.strip() and not following.lstrip().startswith("-"):
             if line.strip() and not re.match(r"^\s+\S+\s{2,}", following):
                 assert len(line) + 1 + len(following.split()[0]) > 80, f"sentence broken early:\n{line}\n{following}"
+
+
+def test_sections_include_every_config_section():
+    assert SECTIONS == ("[data]", "[tasks]", "[meta]", "[baselines]", "[neural]", "[eval]", "[runtime]")
+
+
+@pytest.mark.parametrize("name", ["", *sorted(COMMAND.commands)])
+def test_dash_h_is_help_everywhere(name):
+    args = [name] if name else []
+    short = CliRunner().invoke(app, [*args, "-h"], terminal_width=80)
+    assert short.exit_code == 0, short.output
+    assert short.output == _help(*args)
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND.commands))
+def test_every_option_shows_its_default(name):
+    command = COMMAND.commands[name]
+    ctx = click.Context(command, info_name=name)
+    for param in command.params:
+        if not isinstance(param, click.Option) or param.name == "help":
+            continue
+        record = param.get_help_record(ctx)
+        assert record is not None, f"`metarec {name}`: {param.opts[0]} is hidden"
+        assert "[default:" in record[1] or "[required]" in record[1], f"`metarec {name}`: {param.opts[0]} hides its default: {record[1]!r}"
+
+
+def test_recommend_takes_a_dataset():
+    assert "--dataset" in _flat(_help("recommend"))
+    params = {p.name for p in COMMAND.commands["recommend"].params}
+    assert "dataset" in params

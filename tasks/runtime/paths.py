@@ -24,6 +24,7 @@ import ast
 import functools
 import hashlib
 import re
+import threading
 from pathlib import Path
 
 from metarec.config import Config
@@ -49,9 +50,12 @@ CONFIG_MODULES = frozenset({"metarec.config", "metarec.models.registry", "metare
 
 
 def dataset_slug(dataset: str) -> str:
-    """A known name as it is; a file path by its stem, made safe for a folder name."""
+    """A known name as it is; a file path by its stem, made safe for a folder name.
+
+    Never ``.``, ``..`` or empty (``--dataset ..``, a file named ``...csv``): the data-version folders must stay
+    inside the artifacts folder."""
     name = Path(dataset).stem if ("/" in dataset or "." in dataset) else dataset
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "dataset"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "dataset"
 
 
 def source_fingerprint(config: Config) -> str:
@@ -94,13 +98,17 @@ def _source(path: Path) -> bytes:
     return path.read_bytes()
 
 
+_PARSE_LOCK = threading.Lock()
+
+
 @functools.cache
 def _imports(module: str, path: Path) -> frozenset[str]:
     """Every module named by an import statement of ``path``, at any depth (relative imports resolved;
     ``from a import b`` yields a.b too, in case b is a module)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    statements = list(ast.parse(_source(path), str(path)).body)
+    with _PARSE_LOCK:  # CPython 3.11.7's ast.parse fails in concurrent threads ("AST constructor recursion depth mismatch")
+        statements = list(ast.parse(_source(path), str(path)).body)
     while statements:  # statements only: imports never sit inside expressions
         node = statements.pop()
         if isinstance(node, ast.Import):

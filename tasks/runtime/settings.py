@@ -92,6 +92,28 @@ def load_config(path: Path | None = None, overrides: Iterable[str] = (), **secti
         raise ConfigError(f"invalid configuration{where}: {problems}") from exc
 
 
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits on one name and a whole path, in bytes
+
+
+def check_artifacts_dir(path: Path) -> None:
+    """runtime.artifacts_dir must be a folder (or not exist yet) with room below it for the stages' folders; only
+    reads, so a read-only artifacts folder still serves."""
+    path = Path(path)
+    absolute = path.absolute()
+    too_long = [part for part in absolute.parts if len(os.fsencode(part)) > NAME_MAX]
+    if too_long:
+        raise ConfigError(f"runtime.artifacts_dir {path}: the name {too_long[0][:40]!r}... is {len(os.fsencode(too_long[0]))} bytes, "
+                          f"longer than the {NAME_MAX} a file system allows")
+    if len(os.fsencode(str(absolute))) > PATH_MAX - 512:  # the stages add ~200 bytes of folders and file names below it
+        raise ConfigError(f"runtime.artifacts_dir {str(path)[:60]}...: {len(os.fsencode(str(absolute)))} bytes long, leaving no room "
+                          f"below the {PATH_MAX}-byte path limit for the stages' folders; choose a shorter path")
+    for parent in (absolute, *absolute.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"runtime.artifacts_dir {path}: {parent} is a file, not a folder")
+            break
+
+
 # `--quick`: the same pipeline as a smoke run (minutes on 2 cores). One rule for every model: each trains for
 # half of its full passes over the history (eval.training_fraction, Row.passes); one new-user fold; fewer
 # resamples and λ points. Reports are labelled and draw no verdicts (runtime.preset). Half, not a quarter: at a

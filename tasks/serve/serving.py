@@ -47,9 +47,24 @@ class Served:
     titles: np.ndarray
 
 
-def version_to_serve(client: MlflowClient, version: str | None = None):
-    if version is not None:
-        return _registered_version(client, str(version).strip())
+def version_to_serve(client: MlflowClient, version: str | None = None, dataset: str | None = None):
+    """The version asked for, else the champion (of ``dataset`` when given); a version trained on another data set
+    than ``dataset`` is refused rather than served on ids it never saw."""
+    chosen = _registered_version(client, str(version).strip()) if version is not None else champion_version(client, dataset)
+    trained_on = chosen.tags.get("dataset")
+    if dataset is not None and trained_on is not None and dataset_slug(trained_on) != dataset_slug(dataset):
+        raise ServingError(f"version {chosen.version} of '{REGISTERED_MODEL}' was trained on {trained_on!r}, not on {dataset!r}: "
+                           f"serve a {dataset!r} version with --version N, or run `metarec run --dataset {dataset}` first")
+    return chosen
+
+
+def champion_version(client: MlflowClient, dataset: str | None = None):
+    """The champion version served for ``dataset`` (None: whatever the champion is).
+
+    The one place to switch to a champion per data set (``tasks.track.champion.champion_uri(dataset)``) once the
+    registry has one: today the alias is global, and ``version_to_serve`` refuses it when it was trained on
+    another data set.
+    """
     champion = current_champion(client)
     if champion is None:
         raise ServingError(f"no '{CHAMPION}' version of model '{REGISTERED_MODEL}' in the registry yet: run `metarec run` or the nightly deployment first")
@@ -93,9 +108,10 @@ def prepared_for(version, config: Config) -> PreparedData:
     return load_prepared(root)
 
 
-def load_served(config: Config, version: str | None = None) -> Served:
+def load_served(config: Config, version: str | None = None, dataset: str | None = None) -> Served:
+    """The version (or champion) ready to recommend; ``dataset``: serve that data set's champion, refuse another's."""
     setup_mlflow(config)
-    chosen = version_to_serve(MlflowClient(), version)
+    chosen = version_to_serve(MlflowClient(), version, dataset)
     model = load_theta_model(chosen)
     prepared = prepared_for(chosen, config)
     seen = Interactions.from_arrays(

@@ -36,7 +36,7 @@ from metarec.config import Config
 from metarec.models.responsive import ResponsiveMF
 from tasks.runtime.atomic import write_json
 from tasks.track.champion import DATA_TAG, SCORE_TAG
-from tasks.runtime.integrity import CorruptFileError
+from tasks.runtime.integrity import CorruptFileError, file_sha256
 from tasks.data.prepared import PreparedData
 from tasks.track.tracking import PROJECT_ROOT, REGISTERED_MODEL, run_tags
 
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = "model"  # the logged model's name in its run
 MODEL_CODE = Path(__file__).with_name("theta_model.py")
 THETA_FILE, THETA_META, SEEN_FILE, IDS_FILE = "theta.safetensors", "theta.json", "seen.safetensors", "ids.json"
+THETA_HASH = "theta_sha256"  # in theta.json: Θ's bytes as written, so damage that keeps the file's size is caught on load
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "user"), ColSpec("string", "item"), ColSpec("string", "recent", required=False)]),
     outputs=Schema([ColSpec("double", "score")]),
@@ -73,7 +74,7 @@ def save_theta(model: ResponsiveMF, out: Path, config: Config) -> Path:
     save_file(tensors, str(out / THETA_FILE))
     write_json(
         {"n_users": model.n_users_, "n_items": model.n_items_, "dim": model.meta.dim, "meta": config.meta.model_dump(mode="json"),
-         "tasks": config.tasks.model_dump(mode="json"), "config_hash": config.hash_of()},
+         "tasks": config.tasks.model_dump(mode="json"), "config_hash": config.hash_of(), THETA_HASH: file_sha256(out / THETA_FILE)},
         out / THETA_META,
     )
     return out
@@ -84,7 +85,9 @@ def load_theta(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     ``artifacts/``): safetensors and JSON, no pickle. The description's ``masks`` holds the trained-row masks
     when the file has them and ``extras`` Θ's optional parameters (``ResponsiveMF.load_training_state`` takes both).
 
-    Raises CorruptFileError, naming the file, when either file cannot be read.
+    Raises CorruptFileError, naming the file, when either file cannot be read, Θ differs from the hash its
+    description recorded, holds a NaN or infinite entry (it would be served as "recommends nothing"), or the
+    description's settings are not valid.
     """
     path = Path(path)
     folder = next((p for p in (path, path / "artifacts") if (p / THETA_FILE).is_file()), None)
@@ -100,12 +103,35 @@ def load_theta(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
         raise FileNotFoundError(f"no {THETA_META} in {folder}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptFileError(folder / THETA_META, f"Θ's description is not valid JSON ({exc})") from None
+    if not isinstance(described, dict):
+        raise CorruptFileError(folder / THETA_META, "Θ's description is not a JSON object")
     missing = [key for key in ("P", "Q") if key not in tensors] + [key for key in ("meta", "tasks") if key not in described]
     if missing:
         raise CorruptFileError(folder, f"Θ lacks {missing}")
+    _check_settings(folder / THETA_META, described)
+    recorded = described.get(THETA_HASH)
+    if recorded is not None and file_sha256(folder / THETA_FILE) != recorded:
+        raise CorruptFileError(folder / THETA_FILE, f"Θ differs from the SHA-256 recorded in {THETA_META} (overwritten or damaged)")
+    for key in ("P", "Q"):
+        if not torch.isfinite(tensors[key]).all():
+            raise CorruptFileError(folder / THETA_FILE, f"Θ's {key} holds NaN or infinite entries: it cannot rank items")
     described["masks"] = {key: tensors[key] for key in ("trained_users", "trained_items") if key in tensors}
     described["extras"] = {key: value for key, value in tensors.items() if key.startswith("extra.")}  # as load_training_state names them
     return tensors["P"], tensors["Q"], described
+
+
+def _check_settings(path: Path, described: dict) -> None:
+    """The meta and task settings Θ was trained with must still validate; a damaged file is named, not a pydantic model."""
+    from pydantic import ValidationError
+
+    from metarec.config import MetaConfig, TaskConfig
+
+    for key, section in (("meta", MetaConfig), ("tasks", TaskConfig)):
+        try:
+            section(**described[key])
+        except (ValidationError, TypeError) as exc:
+            problems = "; ".join(f"{key}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+            raise CorruptFileError(path, f"Θ's description holds invalid settings ({problems})") from None
 
 
 def theta_files(model: ResponsiveMF, config: Config, prepared: PreparedData, out: Path) -> dict[str, str]:

@@ -40,6 +40,9 @@ class ThetaModel(PythonModel):
     def load_context(self, context) -> None:
         described = json.loads(Path(context.artifacts["description"]).read_text())
         theta = load_file(context.artifacts["theta"])
+        for key in ("P", "Q"):
+            if not torch.isfinite(theta[key]).all():  # would score every item NaN and recommend nothing, silently
+                raise ValueError(f"{context.artifacts['theta']}: Θ's {key} holds NaN or infinite entries")
         seen = load_file(context.artifacts["seen"])
         ids = json.loads(Path(context.artifacts["ids"]).read_text())
         self.model = ResponsiveMF(MetaConfig(**described["meta"]), TaskConfig(**described["tasks"]))

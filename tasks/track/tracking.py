@@ -19,7 +19,9 @@ threads of its task runner; MLflow's own active-run stack is per thread.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -36,6 +38,8 @@ from metarec.models.registry import ROWS
 from metarec.redaction import redact, redact_value
 from tasks.runtime.locks import first_time_lock
 from tasks.runtime.paths import prepared_dir
+
+logger = logging.getLogger(__name__)
 
 REGISTERED_MODEL = "responsive-mf"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -98,22 +102,65 @@ def setup_mlflow(config: Config) -> str:
     try:
         with _READY_GUARD:
             ready = (uri, name) in _READY
+        if not ready and _already_set_up(uri, name):  # reading needs no write lock (a read-only artifacts folder serves)
+            with _READY_GUARD:
+                _READY.add((uri, name))
+            ready = True
+            close_runs_of_dead_processes(name)
         if not ready:
             with first_time_lock(Path(config.runtime.artifacts_dir) / "mlflow-setup", f"setting up the MLflow store {redact(uri)}"):
                 _create_experiment(uri, name)
             with _READY_GUARD:
                 _READY.add((uri, name))
+        _check_not_moved(uri, name)
         mlflow.set_experiment(name)
     except (DatabaseError, sqlite3.DatabaseError) as exc:
         raise _store_error(uri, exc) from None
     return uri
 
 
+def _already_set_up(uri: str, name: str) -> bool:
+    """A sqlite store that exists, is not empty and holds the experiment: nothing to create, so no lock to take."""
+    if not uri.startswith("sqlite:///"):
+        return False
+    path = Path(uri.removeprefix("sqlite:///"))
+    try:
+        if path.stat().st_size == 0:
+            return False  # being created by another process, or truncated: decided under the lock
+    except OSError:
+        return False
+    return mlflow.get_experiment_by_name(name) is not None
+
+
+def _check_not_moved(uri: str, name: str) -> None:
+    """A sqlite store records its artifacts folder by absolute path: after the artifacts folder moved, runs would
+    find no artifacts ("No such artifact: ''") and new ones would write into the old place."""
+    expected = _artifact_root(uri)
+    if expected is None:
+        return
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None or not experiment.artifact_location.startswith("file://"):
+        return
+    recorded = Path(experiment.artifact_location.removeprefix("file://"))
+    here = Path(expected.removeprefix("file://"))
+    if recorded != here and not recorded.exists():
+        raise TrackingStoreError(
+            f"{uri.removeprefix('sqlite:///')}: the MLflow store records its artifacts in {recorded}, which no longer exists: "
+            f"the artifacts folder was moved (its artifacts are now in {here}?). Move it back to {recorded.parent}, or start "
+            "from a new store (move mlflow.db aside)")
+
+
 def _create_experiment(uri: str, name: str) -> None:
     """Create the store if it is new (MLflow creates or migrates its schema here) and the experiment if it is missing."""
     root = _artifact_root(uri)
-    if root is not None and not Path(uri.removeprefix("sqlite:///")).exists():
-        _create_store(uri, root)
+    if root is not None:
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.exists():
+            _create_store(uri, root)
+        elif path.stat().st_size == 0:  # sqlite would silently make it a new, empty store: every run and version lost
+            raise TrackingStoreError(
+                f"{path}: the MLflow store is empty (0 bytes), so its runs and registered models are gone (a full disk, or a "
+                "copy that failed?). It is not re-created silently: restore it from a backup, or delete it to start a new store")
     if mlflow.get_experiment_by_name(name) is None:
         mlflow.create_experiment(name, artifact_location=root)
 
@@ -147,6 +194,65 @@ def run_tags(config: Config, **extra: str) -> dict[str, str]:
     }
 
 
+# ------------------------------------------------------------------------ runs of killed processes
+PROCESS_TAG = "metarec.process"  # host:pid:start time of the process that opened the run
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a reused pid from the original."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_tags() -> dict[str, str]:
+    return {PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid()) or ''}"}
+
+
+def _process_dead(tag: str) -> bool:
+    """True when the process named by a PROCESS_TAG value ran on this host and is gone (its pid unused or reused)."""
+    host, _, rest = tag.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's runs are not ours to judge
+    now = _start_time(int(pid))
+    if now is not None:
+        return bool(started) and now != started
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def close_runs_of_dead_processes(experiment: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process died (kill -9, a crash), and their RUNNING children: else a killed
+    evaluation or tuning stays RUNNING in the UI for ever. Returns their ids."""
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    running = client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+    dead = {r.info.run_id for r in running if _process_dead(r.data.tags.get(PROCESS_TAG, ""))}
+    grew = True
+    while grew:  # children opened without the tag (a trial, a model child) die with their parent
+        more = {r.info.run_id for r in running if r.info.run_id not in dead and PROCESS_TAG not in r.data.tags
+                and r.data.tags.get("mlflow.parentRunId") in dead}
+        dead |= more
+        grew = bool(more)
+    try:
+        for run_id in sorted(dead):
+            client.set_tag(run_id, "killed", "its process died while it was RUNNING; marked KILLED by the next start")
+            client.set_terminated(run_id, "KILLED")
+    except Exception as exc:  # noqa: BLE001 - a read-only store (recommend) still serves; the next writer closes them
+        logger.warning("could not mark %d run(s) of killed processes KILLED: %s", len(dead), str(exc).splitlines()[0][:200])
+        return []
+    return sorted(dead)
+
+
 # ------------------------------------------------------------------------ the run tree
 _PARENT: ContextVar[str | None] = ContextVar("metarec_mlflow_parent", default=None)
 
@@ -169,7 +275,7 @@ def parent_run(config: Config, name: str, kind: str, parent_run_id: str | None =
     """
     setup_mlflow(config)
     parent = current_parent_id(parent_run_id)
-    with mlflow.start_run(run_name=name, tags=run_tags(config, kind=kind, **tags), nested=True, parent_run_id=parent) as run:
+    with mlflow.start_run(run_name=name, tags={**run_tags(config, kind=kind, **tags), **process_tags()}, nested=True, parent_run_id=parent) as run:
         token = _PARENT.set(run.info.run_id)
         try:
             yield run.info.run_id
@@ -188,16 +294,18 @@ def child_run(run_name: str, tags: dict[str, str] | None = None, run_id: str | N
         with mlflow.start_run(run_id=run_id, nested=True) as run:
             yield run.info.run_id
         return
-    with mlflow.start_run(run_name=run_name, nested=True, parent_run_id=current_parent_id(parent_run_id), tags=tags) as run:
+    with mlflow.start_run(run_name=run_name, nested=True, parent_run_id=current_parent_id(parent_run_id), tags={**(tags or {}), **process_tags()}) as run:
         yield run.info.run_id
 
 
 def ui_url(config: Config | None = None) -> str:
-    """Base URL of the MLflow UI for links: the configured one, a tracking server, or README's `mlflow ui`."""
+    """Base URL of the MLflow UI for links: the configured one, a tracking server, or README's `mlflow ui`.
+
+    Links land in logs, Prefect artifacts and the terminal: credentials in either address are masked."""
     if config is not None and config.runtime.mlflow_ui_url:
-        return config.runtime.mlflow_ui_url.rstrip("/")
+        return redact(config.runtime.mlflow_ui_url.rstrip("/"))
     uri = tracking_uri(config) if config is not None else mlflow.get_tracking_uri()
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
+    return redact(uri.rstrip("/")) if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
 
 
 def run_link(run_id: str, config: Config | None = None) -> str:

@@ -217,6 +217,49 @@ def _start(config: Config, model: ResponsiveMF, ckpt: Path, history) -> tuple[in
     return 0, [], None
 
 
+# Θ's bytes are held ~4 times while training: P and Q, their gradients, Adam's two moments. A batch's adapted
+# copies (second order, L inner steps) hold batch_tasks x K rows of d for every step, a few times over.
+THETA_COPIES, BATCH_COPIES = 4, 8
+
+
+def memory_needed(config: Config, n_users: int, n_items: int) -> int:
+    """A lower estimate of meta-training's memory in bytes (float32)."""
+    meta = config.meta
+    theta = (n_users + n_items) * meta.dim * 4 * THETA_COPIES
+    batch = meta.batch_tasks * config.tasks.K * meta.dim * 4 * BATCH_COPIES * (meta.inner_steps + 1)
+    return theta + batch
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None (then nothing is checked up front)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(config: Config, n_users: int, n_items: int) -> None:
+    """Refuse, naming the fields, a configuration whose Θ cannot fit: else the kernel kills the run or torch fails
+    deep inside an allocation."""
+    needed, available = memory_needed(config, n_users, n_items), _available_memory()
+    if available is not None and needed > available:
+        raise ValueError(f"meta.dim = {config.meta.dim} (with meta.batch_tasks = {config.meta.batch_tasks}) needs at least "
+                         f"{needed / 2**30:.1f} GiB to meta-train on {n_users} users and {n_items} items, more than the "
+                         f"{available / 2**30:.1f} GiB available: lower meta.dim or meta.batch_tasks")
+
+
+def _out_of_memory(config: Config, exc: BaseException) -> BaseException:
+    """An allocation failure as a clear error naming the fields that size it; any other error as it is."""
+    text = str(exc)
+    if isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower():
+        return ValueError(f"meta-training ran out of memory with meta.dim = {config.meta.dim} and meta.batch_tasks = "
+                          f"{config.meta.batch_tasks} ({text.splitlines()[0][:200] if text else type(exc).__name__}): lower them")
+    return exc
+
+
 def _readable_checkpoint(ckpt: Path, config_hash: str) -> tuple[dict[str, torch.Tensor], dict] | None:
     """The checkpoint, or None; an unreadable one is moved aside (its MLflow run marked FAILED) so training starts afresh."""
     try:
@@ -265,7 +308,11 @@ def meta_train(
     work = training_dir(config)
     ckpt = work / "checkpoint"
     setup_mlflow(config)
-    first_epoch, records, run_id = _start(config, model, ckpt, history)
+    check_memory(config, history.n_users, history.n_items)
+    try:
+        first_epoch, records, run_id = _start(config, model, ckpt, history)
+    except (MemoryError, RuntimeError) as exc:
+        raise _out_of_memory(config, exc) from None
     last = config.meta.epochs if max_epochs is None else min(config.meta.epochs, max_epochs)
     tags = run_tags(config, kind="training", model=row, status="running", fold=str(config.data.fold))
     name = run_name or f"train {row} fold {config.data.fold} λ={config.meta.lambda_ml:g}"
@@ -278,6 +325,8 @@ def meta_train(
                 stats = run_epoch(epoch)
             except DivergedError as exc:
                 return _diverged(config, work, run_id, epoch, records, str(exc), getattr(exc, "epoch_stats", None))
+            except (MemoryError, RuntimeError) as exc:
+                raise _out_of_memory(config, exc) from None
             epoch_record = {"epoch": epoch, **_epoch_metrics(stats)}
             records.append(epoch_record)
             mlflow.log_metrics({k: v for k, v in epoch_record.items() if k != "epoch"}, step=epoch)
