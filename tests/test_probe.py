@@ -270,7 +270,7 @@ def test_runs_of_a_killed_process_are_marked_killed_on_the_next_start(tmp_path, 
     assert status == {killed: "KILLED", child: "KILLED", alive: "RUNNING", elsewhere: "RUNNING"}
 
 
-def test_a_resumed_tuning_counts_trials_by_completed_ones_and_fails_abandoned_ones(tmp_path):
+def test_a_resumed_tuning_counts_trials_by_counted_ones_and_fails_abandoned_ones(tmp_path):
     import logging
 
     import optuna
@@ -282,14 +282,14 @@ def test_a_resumed_tuning_counts_trials_by_completed_ones_and_fails_abandoned_on
     storage = f"sqlite:///{tmp_path / 'o.db'}"
     calls = []
 
-    def killed_after_one(batch):
-        calls.append(batch)
+    def killed_in_the_second(name, values, report):
+        calls.append(values)
         if len(calls) == 2:
             raise KeyboardInterrupt  # as kill -9 between ask and tell: the trial stays RUNNING
-        return [{"objective": 0.1, "seconds": 0.0} for _ in batch]
+        return {"objective": 0.1, "seconds": 0.0}
 
     with pytest.raises(KeyboardInterrupt):
-        tune_row("mf_ft", config, killed_after_one, storage)
+        tune_row("mf_ft", config, killed_in_the_second, storage)
     messages: list[str] = []
     listener = logging.Handler(logging.INFO)
     listener.emit = lambda record: messages.append(record.getMessage())
@@ -298,15 +298,15 @@ def test_a_resumed_tuning_counts_trials_by_completed_ones_and_fails_abandoned_on
     level = tuning_logger.level
     tuning_logger.setLevel(logging.INFO)
     try:
-        result = tune_row("mf_ft", config, lambda batch: [{"objective": 0.2, "seconds": 0.0} for _ in batch], storage)
+        result = tune_row("mf_ft", config, lambda name, values, report: {"objective": 0.2, "seconds": 0.0}, storage)
     finally:
         tuning_logger.removeHandler(listener)
         tuning_logger.setLevel(level)
     assert result["n_trials"] == 3
     study = optuna.load_study(study_name=result["study"], storage=storage)
-    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))  # the abandoned one is FAIL
     counted = [int(m.group(1)) for m in re.finditer(r"trial (\d+)/3:", "\n".join(messages))]
-    assert counted == [2, 3], messages  # never "4/3"
+    assert counted == [2, 3], messages  # never "4/3", though the study holds 4 trials
 
 
 def test_a_theta_too_large_for_memory_is_refused_naming_the_field(monkeypatch):

@@ -284,6 +284,12 @@ def _ask(study: optuna.Study, name: str, budget: int, lock: FileLock) -> tuple[o
     return trial, suggest(trial, space)
 
 
+def _done(study: optuna.Study) -> int:
+    """Trials the budget has counted so far: the "k" of "trial k/budget" (a trial's number also counts the ones an
+    interruption cut off, which would read "11/10")."""
+    return len(_finished(study.get_trials(deepcopy=False)))
+
+
 def run_trials(name: str, config: Config, storage: str, fingerprint: str, trial_fn: TrialFn, worker: int = 0) -> None:
     """One worker's share of a row's search: ask, run (reporting each scored pass), tell, until the budget is spent."""
     study = open_study(name, config, storage, fingerprint, worker)
@@ -303,17 +309,17 @@ def run_trials(name: str, config: Config, storage: str, fingerprint: str, trial_
         except optuna.TrialPruned as pruned:
             trial.set_user_attr("seconds", time.perf_counter() - started)
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            log_info(logger, "tuning %s trial %d/%d: %s (%.0f s) %s", name, trial.number + 1, budget, pruned, time.perf_counter() - started, values)
+            log_info(logger, "tuning %s trial %d/%d: %s (%.0f s) %s", name, _done(study), budget, pruned, time.perf_counter() - started, values)
             continue
         except DivergedError as exc:  # a diverging setting is a bad trial, not a broken tuning
             trial.set_user_attr("error", str(exc))
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            log_info(logger, "tuning %s trial %d/%d: diverged (%s) %s", name, trial.number + 1, budget, exc, values)
+            log_info(logger, "tuning %s trial %d/%d: diverged (%s) %s", name, _done(study), budget, exc, values)
             continue
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
         study.tell(trial, metrics["objective"])
-        log_info(logger, "tuning %s trial %d/%d: objective %.4f (%.0f s) %s", name, trial.number + 1, budget, metrics["objective"], metrics["seconds"], values)
+        log_info(logger, "tuning %s trial %d/%d: objective %.4f (%.0f s) %s", name, _done(study), budget, metrics["objective"], metrics["seconds"], values)
 
 
 def _mark_interrupted(study: optuna.Study) -> None:
