@@ -239,10 +239,8 @@ def run(
         with _prefect_api():
             result = with_runner(pipeline, cfg)(cfg, sweep=sweep, tune_first=tune_first)
             typer.echo((Path(result["run_dir"]) / "table1.md").read_text())
-            if (result["training"] or {}).get("status") == "finished":
-                from flows.nightly import promote_result
-
-                typer.echo("champion: " + promote_result(cfg, result)[1]["reason"])
+            if result.get("champion"):
+                typer.echo("champion: " + result["champion"]["reason"])
             typer.echo(f"results, plots and summary in {result['run_dir']}")
             if result["sweep"]:
                 typer.echo(f"λ_ML curve: {result['sweep']['plot']}")

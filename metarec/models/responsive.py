@@ -161,7 +161,7 @@ class ResponsiveMF(StreamingRecommender):
                 "seen_users": seen.users, "seen_items": seen.items, "seen_ts": seen.ts}
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        state = {key: torch.as_tensor(np.asarray(arrays[key])) for key in ("P", "Q", "trained_users", "trained_items") if key in arrays}
+        state = {key: torch.as_tensor(np.array(arrays[key])) for key in ("P", "Q", "trained_users", "trained_items") if key in arrays}
         self.load_training_state(state)
         self.index_ = InteractionIndex.build(Interactions(*(np.asarray(arrays[k], dtype=np.int64) for k in ("seen_users", "seen_items", "seen_ts"))))
 
@@ -408,7 +408,7 @@ class ResponsiveMF(StreamingRecommender):
         Few candidates a user: their rows are gathered (B, C, d). Many (full ranking, C of the order of the
         catalogue): one product with every item row instead (``_score_by_product``), the same scores without
         the (B, C, d) gather, which at ML-1M's 3,700 items was 240 MB per 256 users."""
-        cand = torch.as_tensor(np.asarray(candidates, dtype=np.int64), device=self.device)
+        cand = torch.as_tensor(np.array(candidates, dtype=np.int64), device=self.device)  # a copy: stored candidates are read-only (memory-mapped)
         if 4 * cand.shape[1] >= max(self.n_items_, 1):
             return self._score_by_product(adapted, cand, generator).cpu().numpy()
         return self._score_gathered(adapted, cand, generator).cpu().numpy()

@@ -63,6 +63,7 @@ from safetensors.torch import load_file, save_file
 from metarec.config import Config
 from metarec.distributed import backend_for
 from metarec.maml import DivergedError
+from metarec.models.registry import ROWS
 from metarec.models.responsive import EpochStats, ResponsiveMF, from_config
 from tasks.runtime.atomic import atomic_dir, write_json
 from tasks.runtime.integrity import CorruptFileError, quarantine
@@ -99,6 +100,11 @@ class TrainResult:
 def training_dir(config: Config) -> Path:
     """prepared_dir/training/responsive-<key of data, tasks, meta and the code (``tasks.runtime.paths.train_key``)>."""
     return prepared_dir(config) / "training" / f"responsive-{train_key(config)}"
+
+
+def training_run_name(row: str, fold: int) -> str:
+    """``Ours+ · fold 0 · train``: row and fold first, what the UI's narrow name column must show."""
+    return f"{ROWS[row].label} · fold {fold} · train"
 
 
 def cached_training(config: Config, row: str = "responsive") -> TrainResult | None:
@@ -268,7 +274,7 @@ def meta_train(
     first_epoch, records, run_id = _start(config, model, ckpt, history)
     last = config.meta.epochs if max_epochs is None else min(config.meta.epochs, max_epochs)
     tags = run_tags(config, kind="training", model=row, status="running", fold=str(config.data.fold))
-    name = run_name or f"train {row} fold {config.data.fold} λ={config.meta.lambda_ml:g}"
+    name = run_name or training_run_name(row, config.data.fold)
     with _epoch_runner(config, model, task_dir, first_epoch, last, n_tasks) as run_epoch, \
             child_run(name, tags, run_id=run_id, parent_run_id=parent_run_id) as run_id:
         if first_epoch == 0 and not records:
@@ -317,7 +323,8 @@ def _finish(config: Config, model: ResponsiveMF, work: Path, run_id: str, record
 
     Nothing is registered here: only serving candidates are, after their evaluation (``tasks.track.model_registry``)."""
     model.reset_untrained_rows()
-    model_uri = log_theta_model(model, config, prepared)
+    final = {key: value for key, value in records[-1].items() if key != "epoch"} if records else {}
+    model_uri = log_theta_model(model, config, prepared, row, final)
     out = save_model(model, row, config, model_dir(config, row), {"run_id": run_id, "history_interactions": len(prepared.history)})
     mlflow.set_tag("status", "finished")
     write_json({"status": "finished", "epochs": len(records), "run_id": run_id, "model_uri": model_uri, "history": records}, work / STATUS_FILE)
