@@ -275,7 +275,7 @@ def recommend(
     user: str = typer.Option(..., "--user", metavar="ID", help="The user's id as in the raw data (e.g. 196 for ml-100k)."),
     recent: Optional[str] = typer.Option(None, "--recent", metavar="ITEM,ITEM,...", help="Comma-separated raw item ids, oldest first; default: the user's stored ones."),
     n: int = typer.Option(10, "-n", metavar="N", help="How many items."),
-    version: Optional[str] = typer.Option(None, "--version", metavar="VERSION", help="A registered version of responsive-mf (default: the champion)."),
+    version: Optional[str] = typer.Option(None, "--version", metavar="VERSION", help="A registered version of the data set's responsive-mf-<data set> (default: its champion)."),
     config: Optional[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
@@ -295,7 +295,7 @@ def recommend(
         rows = recommend_items(served, user, items, n)
     except (ServingError, FileNotFoundError, ValueError) as exc:  # ValueError: a damaged file or store, named
         _fail(exc)
-    typer.echo(f"responsive-mf v{served.version}, user {user}" + (f", adapted to {len(items)} recent item(s)" if items else ", adapted to its stored recent items"))
+    typer.echo(f"{served.name} v{served.version}, user {user}" + (f", adapted to {len(items)} recent item(s)" if items else ", adapted to its stored recent items"))
     for row in rows:
         typer.echo(f"{row['rank']:>3}  {row['item']:>8}  {row['title']}")
 

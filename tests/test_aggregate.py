@@ -233,3 +233,12 @@ def test_the_lambda_plot_names_every_series_and_the_divergence_note_is_in_its_le
         assert _overlaps(fig) == []
     finally:
         plt.close(fig)
+
+
+def test_the_improvement_table_names_each_row_of_ours():
+    cells = {k: None for m in ("hr", "ndcg", "auc", "full_hr", "full_ndcg") for k in (m, f"{m}_ci")}
+    rows = [{"n": 5, "model": m, "variant": None, "cases": 3, "paper_ml1m_hr": None, "paper_ml1m_ndcg": None, **cells, "hr": v, "ndcg": v}
+            for m, v in (("responsive", 0.5), ("responsive_plus", 0.6), ("rkmf", 0.4))]
+    tail = table1_markdown(rows, "d").split("### Relative improvement")[1]
+    assert "| n | HR@10 (Ours (paper)) | NDCG@10 (Ours (paper)) | HR@10 (Ours+) | NDCG@10 (Ours+) |" in tail
+    assert "| 5 | +25.0% | +25.0% | +50.0% | +50.0% |" in tail

@@ -171,6 +171,9 @@ def test_a_quick_run_after_a_full_run_leaves_the_full_run_s_champion_in_place(pr
     assert version.tags["preset"] == "full" and version.tags["row"] == "responsive" and version.tags["fold"] == "0"
     assert len(version.tags["new_n5_ndcg10"].split(".")[1]) == 3  # rounded to 3 decimals, as the page shows it
     assert "**Ours (paper)** (row `responsive`), fold 0 of 1" in version.description and "new users" in version.description
+    logged = client.search_logged_models([client.get_run(first["training"]["run_id"]).info.experiment_id],
+                                         f"source_run_id = '{first['training']['run_id']}'")
+    assert [m.name for m in logged] == ["responsive-fold0"] and "new_n5_ndcg10" in {m.key for m in logged[0].metrics}
     parent = client.get_run(first["training"]["run_id"]).data.tags["mlflow.parentRunId"]  # the row's pooled run
     pipeline_run = client.get_run(client.get_run(parent).data.tags["mlflow.parentRunId"])
     assert pipeline_run.data.tags["champion_decision"] == first["champion"]["reason"] and pipeline_run.data.tags["promoted"] == "true"

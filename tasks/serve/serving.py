@@ -41,6 +41,7 @@ class ServingError(LookupError):
 class Served:
     model: ResponsiveMF
     version: str
+    name: str  # the registered model: responsive-mf-<data set>
     prepared: PreparedData
     raw_users: np.ndarray  # dense id -> raw id (as text)
     raw_items: np.ndarray
@@ -111,6 +112,7 @@ def load_served(config: Config, version: str | None = None) -> Served:
     return Served(
         model=model,
         version=chosen.version,
+        name=chosen.name,
         prepared=prepared,
         raw_users=np.asarray(users.column("raw_user").to_pylist(), dtype=object),
         raw_items=np.asarray(items.column("raw_item").to_pylist(), dtype=object),

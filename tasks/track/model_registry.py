@@ -5,8 +5,8 @@
 safetensors, the rest JSON, with a signature, and the pure ``metarec`` package
 as its code path.
 
-``register_candidate`` registers a run's model as a version of
-``responsive-mf``: called by the pipeline (``metarec run``) and the nightly
+``register_candidate`` registers a run's model as a version of its data set's
+``responsive-mf-<data set>``: called by the pipeline (``metarec run``) and the nightly
 run after evaluation, never by the λ_ML sweep or ``metarec train``. A run is
 registered at most once; the version carries a description and tags (data set,
 score, kind of run, preset).
@@ -133,10 +133,9 @@ def logged_model_name(row: str, fold: int) -> str:
     return f"{row}-fold{fold}"
 
 
-def log_theta_model(model: ResponsiveMF, config: Config, prepared: PreparedData, row: str = "responsive",
-                    metrics: dict[str, float] | None = None) -> str:
-    """Log Θ as a pyfunc model named ``<row>-fold<fold>`` on the active run, with ``metrics`` (the final epoch's)
-    linked to it; returns its model URI (``models:/m-...``)."""
+def log_theta_model(model: ResponsiveMF, config: Config, prepared: PreparedData, row: str = "responsive") -> str:
+    """Log Θ as a pyfunc model named ``<row>-fold<fold>`` on the active run; returns its model URI (``models:/m-...``).
+    Its metrics, the fold's evaluation, are linked once it is evaluated (``log_model_metrics``)."""
     with tempfile.TemporaryDirectory() as tmp:
         info = mlflow.pyfunc.log_model(
             name=logged_model_name(row, config.data.fold),
@@ -148,13 +147,12 @@ def log_theta_model(model: ResponsiveMF, config: Config, prepared: PreparedData,
             pip_requirements=_requirements(),
             tags={"row": row, "fold": str(config.data.fold)},
         )
-    if metrics:
-        mlflow.log_metrics(metrics, model_id=info.model_id)
     return info.model_uri
 
 
 def log_model_metrics(run_id: str, model_uri: str | None, metrics: dict[str, float]) -> None:
-    """Link evaluation metrics to a logged model (``models:/m-...``) of run ``run_id``, as its final metrics."""
+    """Link evaluation metrics to a logged model (``models:/m-...``) of run ``run_id``, as its final metrics (the run
+    shows them too: a model's metrics are logged on its run)."""
     if not model_uri or not model_uri.startswith("models:/m-"):
         return
     finite = {key: float(value) for key, value in metrics.items() if np.isfinite(value)}

@@ -321,4 +321,7 @@ def run_description(config: Config) -> str:
 def main_params(config: Config) -> dict[str, str]:
     """The main config values, for a flow's parent run (those of ``MAIN_PARAMS`` the config has)."""
     flat = config.to_flat_dict()
-    return {key: _param_value(flat[key]) for key in MAIN_PARAMS if key in flat}
+    out = {key: _param_value(flat[key]) for key in MAIN_PARAMS if key in flat}
+    if "meta.lambda_ml" in out:  # λ as the paper, README and findings give it
+        out["meta.lambda_paper"] = _param_value(paper_lambda(config.meta.lambda_ml, config.tasks.K))
+    return out

@@ -74,7 +74,7 @@ from tasks.runtime.paths import prepared_dir, task_shards_dir, train_key
 from tasks.data.prepared import PreparedData, load_prepared
 from tasks.train.task_shards import iter_task_shards, read_manifest
 from tasks.track.model_registry import log_theta_model
-from tasks.track.tracking import child_run, model_params, run_tags, setup_mlflow
+from tasks.track.tracking import child_run, model_params, paper_lambda, run_tags, setup_mlflow
 
 logger = logging.getLogger(__name__)
 
@@ -314,7 +314,8 @@ def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list
     mlflow.end_run(status="FAILED")  # the `with start_run` around us then leaves it as it is
     shutil.rmtree(work / "checkpoint", ignore_errors=True)
     write_json({"status": "diverged", "epoch": epoch, "run_id": run_id, "message": message, "history": records}, work / STATUS_FILE)
-    _log("meta-training diverged in epoch %d (lambda_ml=%s): %s", epoch, config.meta.lambda_ml, message)
+    _log("meta-training diverged in epoch %d (λ_paper=%g, λ_ML=%g): %s", epoch, paper_lambda(config.meta.lambda_ml, config.tasks.K),
+         config.meta.lambda_ml, message)
     return TrainResult("diverged", epoch, run_id, records, message=message)
 
 
@@ -323,8 +324,7 @@ def _finish(config: Config, model: ResponsiveMF, work: Path, run_id: str, record
 
     Nothing is registered here: only serving candidates are, after their evaluation (``tasks.track.model_registry``)."""
     model.reset_untrained_rows()
-    final = {key: value for key, value in records[-1].items() if key != "epoch"} if records else {}
-    model_uri = log_theta_model(model, config, prepared, row, final)
+    model_uri = log_theta_model(model, config, prepared, row)  # its metrics: the fold's evaluation, linked when it is done
     out = save_model(model, row, config, model_dir(config, row), {"run_id": run_id, "history_interactions": len(prepared.history)})
     mlflow.set_tag("status", "finished")
     write_json({"status": "finished", "epochs": len(records), "run_id": run_id, "model_uri": model_uri, "history": records}, work / STATUS_FILE)
