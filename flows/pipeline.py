@@ -8,9 +8,17 @@ skips work already done for the same inputs (its output folder is named by
 their hash), so a re-run is cheap and a failed step can be retried alone.
 
 One MLflow parent run spans the whole flow (opened first, closed last, so its
-duration is true); training runs, the model children and the λ_ML sweep nest under it.
+duration is true); under it one run per row (``<row> · pooled``, opened before the
+row's fits and evaluations start, closed when its pooled results are logged), our
+rows' trainings per fold under their row's run, and the λ_ML sweep.
 A meta-training that did not finish is stated at the top of table1.md and summary.md,
 and the parent run ends FAILED with it as a tag.
+
+Then the run's candidate (Ours+ if the run has it, else Ours (paper); fold 0's Θ) is
+registered and challenges this data set's champion (``tasks.serve.candidate``,
+``tasks.track.champion``), as task runs of this flow; the decision is a Prefect
+artifact and tags on the parent run. The Prefect flow run is named
+``pipeline <data set> F=<folds> <preset>`` and tagged with them.
 """
 
 from __future__ import annotations
