@@ -171,7 +171,7 @@ def test_the_registry_holds_one_described_quick_candidate_never_champion_that_lo
     version = versions[0]
     assert str(version["version"]) == str(quick_run.promotion["version"]) and not version.get("aliases")  # quick: never champion
     alias = httpx.get(f"{mlflow_ui}/api/2.0/mlflow/registered-models/alias", params={"name": name, "alias": CHAMPION}, timeout=30)
-    assert alias.status_code == 404
+    assert alias.status_code in (400, 404) and "error_code" in alias.json()  # the server: no such alias
     tags = {t["key"]: t["value"] for t in version["tags"]}
     assert {"dataset": "ml-100k", "kind": "pipeline", "preset": "quick", "row": "responsive_plus", "fold": "0"}.items() <= tags.items()
     assert tags["new_n5_ndcg10"] == f"{quick_run.score:.3f}" and "pyfunc.load_model" in version["description"]
