@@ -353,14 +353,9 @@ def run(
     try:
         with run_display(cfg, sweep, log, verbose), _prefect_api():  # the server's start and last flush logged too
             result = with_runner(pipeline, cfg)(cfg, sweep=sweep, tune_first=tune_first)
-            promotion = None
-            if (result["training"] or {}).get("status") == "finished":
-                from flows.nightly import promote_result
-
-                promotion = promote_result(cfg, result)[1]["reason"]
         typer.echo((Path(result["run_dir"]) / "table1.md").read_text())
-        if promotion:
-            typer.echo("champion: " + promotion)
+        if result.get("champion"):
+            typer.echo("champion: " + result["champion"]["reason"])
         _where(cfg, result["files"], (result["sweep"] or {}).get("plot"), log)
         diverged = result.get("warnings") or None
     except (ValueError, FileNotFoundError) as exc:
@@ -395,9 +390,10 @@ def recommend(
     user: str = typer.Option(..., "--user", metavar="ID", help="The user's id as in the raw data (e.g. 196 for ml-100k)."),
     recent: Optional[str] = typer.Option(None, "--recent", metavar="ITEM,ITEM,...", help=shown("Comma-separated raw item ids, oldest first.", "the user's stored ones")),
     n: int = typer.Option(10, "-n", metavar="N", help="How many items."),
-    version: Optional[str] = typer.Option(None, "--version", metavar="VERSION", help=shown("A registered version of responsive-mf.", "the champion (of --dataset when given)")),
+    version: Optional[str] = typer.Option(None, "--version", metavar="VERSION", help=shown(
+        "A registered version of the data set's model responsive-mf-<data set>.", "its champion")),
     dataset: Optional[str] = typer.Option(None, "--dataset", metavar="NAME|PATH", help=shown(
-        "Serve this data set's champion (and check that --version was trained on it).", "the champion, whatever its data set")),
+        "Serve this data set's champion (each data set has its own registered model).", "the configured data set, ml-100k")),
     config: Optional[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
 ) -> None:
@@ -417,7 +413,7 @@ def recommend(
         rows = recommend_items(served, user, items, n)
     except (ServingError, FileNotFoundError, ValueError) as exc:  # ValueError: a damaged file or store, named
         _fail(exc)
-    typer.echo(f"responsive-mf v{served.version}, user {user}" + (f", adapted to {len(items)} recent item(s)" if items else ", adapted to its stored recent items"))
+    typer.echo(f"{served.name} v{served.version}, user {user}" + (f", adapted to {len(items)} recent item(s)" if items else ", adapted to its stored recent items"))
     for row in rows:
         typer.echo(f"{row['rank']:>3}  {row['item']:>8}  {row['title']}")
 

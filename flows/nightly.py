@@ -1,11 +1,11 @@
 """The nightly retraining flow behind the `nightly` deployment.
 
 prepare on the latest data -> build tasks -> meta-train -> evaluate against the
-baselines (the `pipeline` flow) -> register Θ (done by meta-training) -> move
-the `champion` alias only if the new version's new-user NDCG@10 at n = 5 is at
-least the champion's on the same evaluation data. A run that fails anywhere
-raises before the promotion step, so the champion is untouched, and the MLflow
-runs it opened are marked FAILED with the error.
+baselines -> register the candidate's Θ -> move this data set's `champion` alias only
+if it beats the champion by the paired CI on the same cases (all inside the `pipeline`
+flow; the rule: ``tasks.track.champion``). A run that fails anywhere raises before the
+promotion step, so the champion is untouched, and the MLflow runs it opened are
+marked FAILED with the error. A quick nightly run registers its version but never promotes it.
 
 Run by the served deployment, the flow takes its parameters from whoever can reach
 the Prefect API, which has no authentication. So it first checks them against what
@@ -20,19 +20,17 @@ import json
 import os
 
 import mlflow
-from mlflow import MlflowClient
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
 from flows.pipeline import pipeline
 from flows.runners import with_runner
 from metarec.config import Config
-from tasks.track.champion import promote_if_better
-from tasks.track.model_registry import register_candidate
-from tasks.runtime.paths import prepared_dir
-from tasks.track.publish import log_mlflow_run, publish_markdown
-from tasks.serve.serving import rescore_version
+from metarec.redaction import redact
+from tasks.track.champion import registered_model_name
+from tasks.runtime.paths import dataset_slug
+from tasks.track.publish import log_mlflow_run, run_tags_of, tag_flow_run
 from tasks.runtime.settings import QUICK_OVERRIDES, load_config
-from tasks.track.tracking import main_params, parent_run, setup_mlflow
+from tasks.track.tracking import main_params, parent_run
 
 SCORE = "new_n5_ndcg10"
 # What a deployment run may ask for, set by `metarec deploy` in its own environment (not reachable through the API;
@@ -74,53 +72,36 @@ def check_deployment_parameters(dataset: str, quick: bool, overrides: list[str],
                                        ". A deployment run accepts only the data set and overrides `metarec deploy` was started with")
 
 
-@task(name="promote-champion")
-def promote_task(config: Config, version: str, score: float) -> dict:
-    setup_mlflow(config)
-    decision = promote_if_better(MlflowClient(), version, score, prepared_dir(config).name, lambda v: rescore_version(v, config))
-    return decision.__dict__
-
-
-@task(name="register-candidate")
-def register_task(config: Config, run_id: str, kind: str, score: float) -> str:
-    """Register the training run's Θ as a serving candidate (once per run: a re-run gets the same version)."""
-    setup_mlflow(config)
-    return register_candidate(config, run_id, kind, score, prepared_dir(config).name)
-
-
-def promote_result(config: Config, result: dict, kind: str = "pipeline") -> tuple[float, dict]:
-    """(score, decision) for a pipeline run's model, fold 0's, scored on fold 0's new users: registered as a
-    serving candidate, then promoted if at least as good. ``kind``: the run that asks, recorded on the version
-    (pipeline for `metarec run`, or nightly)."""
-    training = result["training"]
-    score = result["fold0"]["responsive"]["metrics"][SCORE]["mean"]
-    version = register_task(config, training["run_id"], kind, score)
-    training["model_version"] = version
-    return score, promote_task(config, version, score)
-
-
 def nightly_config(dataset: str, quick: bool, overrides: list[str], config_file: str | None) -> Config:
     sets = [*(QUICK_OVERRIDES if quick else ()), *overrides, "eval.lambda_sweep=[1.0]"]
     return load_config(config_file, sets, data={"dataset": dataset})
 
 
-@flow(name="nightly-retrain")
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    parameters = flow_run.parameters
+    return f"nightly {dataset_slug(redact(parameters.get('dataset', 'ml-100k')))} {'quick' if parameters.get('quick') else 'full'}"
+
+
+@flow(name="nightly-retrain", flow_run_name=_flow_run_name)
 def nightly_retrain(dataset: str = "ml-100k", quick: bool = False, overrides: list[str] | None = None, config_file: str | None = None) -> dict:
     logger = get_run_logger()
     check_deployment_parameters(dataset, quick, overrides or [], config_file)
     config = nightly_config(dataset, quick, overrides or [], config_file)
     # the run fails (FAILED, with the error as a tag) if anything below raises; nothing is promoted then
-    with parent_run(config, f"nightly {config.data.dataset} {config.hash_of()}", "nightly") as run_id:
+    with parent_run(config, f"nightly {redact(config.data.dataset)} {config.runtime.preset}", "nightly") as run_id:
         mlflow.log_params(main_params(config))  # quick or full, the data set, the main settings
         log_mlflow_run(config, run_id)
-        result = with_runner(pipeline, config)(config)
-        training = result["training"]
-        if training is None or training["status"] != "finished":
+        tag_flow_run(*run_tags_of(config, "nightly"))
+        # registration and the champion decision run inside the pipeline (its logs, its artifact on this run)
+        result = with_runner(pipeline, config)(config, kind="nightly")
+        training, decision = result["training"], result["champion"]
+        if training is None or training["status"] != "finished" or decision is None:
             status = "missing" if training is None else training["status"]
             raise RetrainingFailed(f"meta-training {status}: {training and training.get('message')}; champion left as it was")
-        score, decision = promote_result(config, result, kind="nightly")
-        mlflow.set_tags({"promotion": decision["reason"], "model_version": training["model_version"]})
-        mlflow.log_metric(SCORE, score)
-    publish_markdown("champion", config.data.dataset, f"**responsive-mf v{training['model_version']}**: {decision['reason']}", "champion decision")
-    logger.info("v%s: %s", training["model_version"], decision["reason"])
-    return {"run_id": run_id, "version": training["model_version"], "score": score, "promotion": decision}
+        mlflow.set_tags({"champion_decision": decision["reason"][:5000], "model_version": str(decision["version"]),
+                         "registered_model": registered_model_name(config.data.dataset)})
+        mlflow.log_metric(SCORE, decision["score"])
+    logger.info("v%s: %s", decision["version"], decision["reason"])
+    return {"run_id": run_id, "version": decision["version"], "score": decision["score"], "promotion": decision}

@@ -12,17 +12,27 @@ from pathlib import Path
 from prefect import flow
 
 from metarec.config import Config
-from tasks.runtime.paths import prepared_dir
+from metarec.redaction import redact
+from tasks.runtime.paths import dataset_slug, prepared_dir
 from tasks.data.prepare import build_once, candidates_task, features_task, ingest_task, split_task, stats_task
 
 
-@flow(name="prepare", validate_parameters=False)
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters["config"]
+    return f"prepare {dataset_slug(redact(config.data.dataset))} · fold {config.data.fold}"
+
+
+@flow(name="prepare", flow_run_name=_flow_run_name, validate_parameters=False)
 def prepare_flow(config: Config) -> Path:
+    fold = f" · fold {config.data.fold}"
+
     def steps(work: Path) -> None:
-        ingested = ingest_task(config, work)
-        ingested["features"] = features_task(config, work)
-        split_task(config, work)
-        candidates_task(config, work)
-        stats_task(config, work, ingested)
+        ingested = ingest_task.with_options(task_run_name="ingest" + fold)(config, work)
+        ingested["features"] = features_task.with_options(task_run_name="features" + fold)(config, work)
+        split_task.with_options(task_run_name="split" + fold)(config, work)
+        candidates_task.with_options(task_run_name="candidates" + fold)(config, work)
+        stats_task.with_options(task_run_name="stats" + fold)(config, work, ingested)
 
     return build_once(prepared_dir(config), steps)

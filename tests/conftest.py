@@ -43,11 +43,11 @@ def ml100k_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def quick_run(prefect_harness, tmp_path_factory, ml100k_dir):
-    """One quick run on ml-100k as `metarec run --quick` does it (the pipeline with its λ_ML sweep, registration and
-    promotion of our model), then the pipeline and the promotion once more; shared by the pipeline and UI tests."""
+    """One quick run on ml-100k as `metarec run --quick` does it (the pipeline with its λ_ML sweep, and the
+    registration of our candidate, which a quick run never promotes), then the pipeline once more; shared by the
+    pipeline and UI tests."""
     from types import SimpleNamespace
 
-    from flows.nightly import promote_result
     from flows.pipeline import pipeline
     from tasks.evaluate.evaluation import METRICS_FILE, eval_dir
     from tasks.runtime.settings import QUICK_OVERRIDES, load_config
@@ -58,8 +58,7 @@ def quick_run(prefect_harness, tmp_path_factory, ml100k_dir):
                          runtime={"artifacts_dir": str(root / "artifacts")})
     first = pipeline(config, sweep=True)
     stamps = {m: (eval_dir(config, m) / METRICS_FILE).stat().st_mtime_ns for m in first["results"]}
-    score, promotion = promote_result(config, first)
     second = pipeline(config)
-    _, promotion_again = promote_result(config, second)
-    return SimpleNamespace(config=config, first=first, second=second, stamps=stamps, score=score, promotion=promotion,
+    promotion, promotion_again = first["champion"], second["champion"]
+    return SimpleNamespace(config=config, first=first, second=second, stamps=stamps, score=promotion["score"], promotion=promotion,
                            promotion_again=promotion_again, swept=first["sweep"])

@@ -183,3 +183,102 @@ def test_lambda_table_and_plot_say_the_scale_and_where_training_diverged(tmp_pat
     assert "No point diverged; the largest λ tried is λ_paper = 20." in finished_only
     png = lambda_plot(points, tmp_path / "lambda.png", "planted", K=20)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ the plots: every series in a legend, nothing overlaps
+def _legend_texts(fig) -> set[str]:
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    return {text.get_text() for legend in legends for text in legend.get_texts()}
+
+
+def _overlaps(fig) -> list[str]:
+    """Every visible text (titles, labels, tick labels, legends, notes) whose box, as rendered, reaches into an axes
+    other than its own: a label over another panel."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = {ax: ax.get_window_extent(renderer) for ax in fig.axes}
+    found = []
+    for text in fig.findobj(lambda a: hasattr(a, "get_text") and hasattr(a, "get_window_extent")):
+        if not text.get_visible() or not text.get_text().strip():
+            continue
+        box = text.get_window_extent(renderer)
+        own = text.axes
+        for ax, other in boxes.items():
+            if ax is not own and box.overlaps(other):
+                found.append(f"{text.get_text()!r} over the panel {ax.get_title()!r}")
+    return found
+
+
+def _stream_part(new: pa.Table, rng) -> pa.Table:
+    """Stream cases for the new cases' users (seen and first-time), numbered after them."""
+    size = new.num_rows
+    return pa.table({"part": ["stream"] * size, "n": [-1] * size, "batch": [0] * size, "seen": [u % 2 == 0 for u in range(size)],
+                     "user_id": new["user_id"].to_pylist(), "hr": [1.0] * size, "ndcg": [0.5] * size, "auc": rng.random(size).tolist(),
+                     "full_hr": [0.0] * size, "full_ndcg": [0.0] * size, "fold": [0] * size, "case": list(range(size, 2 * size))})
+
+
+def _stream_results() -> dict[str, dict]:
+    rng = np.random.default_rng(4)
+    return {m: {"model": m, "metrics": {f"stream_b{b}_{k}": {"mean": float(rng.uniform(0.6, 0.9))} for b in range(5) for k in ("auc", "seen_auc")}}
+            for m in ("responsive", "responsive_plus", "mf_ft", "rkmf", "srec", "spmf", "pop")}
+
+
+def test_the_forest_plot_names_both_rows_of_ours_and_no_label_runs_into_another_panel():
+    import matplotlib.pyplot as plt
+
+    from tasks.evaluate.aggregate import forest_figure
+
+    rng = np.random.default_rng(3)
+    users = list(range(60))
+    cases = {m: _cases(users, rng.random(60).tolist()) for m in ("responsive", "responsive_plus", "mf_ft", "rkmf", "spmf", "pop")}
+    cases = {m: pa.concat_tables([t, _stream_part(t, rng)]) for m, t in cases.items()}
+    found = comparisons(cases, (1,), 100, 0)
+    assert {c.part for c in found} == {"new", "stream"}
+    fig = forest_figure(found, "ml-100k")
+    try:
+        assert {"Ours (paper)", "Ours+"} <= _legend_texts(fig)
+        assert len(fig.axes) == 3 and _overlaps(fig) == []
+    finally:
+        plt.close(fig)
+
+
+def test_the_stream_plot_has_every_row_in_its_legend_outside_the_panels():
+    import matplotlib.pyplot as plt
+
+    from tasks.evaluate.aggregate import LABELS, stream_auc_figure
+
+    results = _stream_results()
+    fig = stream_auc_figure(results, 5, "ml-100k")
+    try:
+        assert _legend_texts(fig) == {LABELS[m] for m in results}
+        assert _overlaps(fig) == []
+        fig.canvas.draw()
+        legend = fig.legends[0].get_window_extent(fig.canvas.get_renderer())
+        assert not any(legend.overlaps(ax.get_window_extent(fig.canvas.get_renderer())) for ax in fig.axes)  # covers no point
+    finally:
+        plt.close(fig)
+
+
+def test_the_lambda_plot_names_every_series_and_the_divergence_note_is_in_its_legend():
+    import matplotlib.pyplot as plt
+
+    from tasks.evaluate.aggregate import lambda_figure
+
+    fig = lambda_figure(_sweep_points(), "planted", K=20)
+    try:
+        texts = _legend_texts(fig)
+        assert {"HR@10 (n=5), 95% CI band", "NDCG@10 (n=5), 95% CI band"} <= texts
+        assert any(t.startswith("training diverged (NaN/Inf) from λ_paper = 200") for t in texts)
+        assert {"λ_paper = 0", "λ_paper = 20", "λ_paper = 200 (diverged)", "λ_paper = 2000 (diverged)"} <= texts
+        assert _overlaps(fig) == []
+    finally:
+        plt.close(fig)
+
+
+def test_the_improvement_table_names_each_row_of_ours():
+    cells = {k: None for m in ("hr", "ndcg", "auc", "full_hr", "full_ndcg") for k in (m, f"{m}_ci")}
+    rows = [{"n": 5, "model": m, "variant": None, "cases": 3, "paper_ml1m_hr": None, "paper_ml1m_ndcg": None, **cells, "hr": v, "ndcg": v}
+            for m, v in (("responsive", 0.5), ("responsive_plus", 0.6), ("rkmf", 0.4))]
+    tail = table1_markdown(rows, "d").split("### Relative improvement")[1]
+    assert "| n | HR@10 (Ours (paper)) | NDCG@10 (Ours (paper)) | HR@10 (Ours+) | NDCG@10 (Ours+) |" in tail
+    assert "| 5 | +25.0% | +25.0% | +50.0% | +50.0% |" in tail

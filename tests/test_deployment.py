@@ -19,12 +19,13 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.deploy import api_url, stop_process_group, wait_until_healthy
-from tasks.track.champion import CHAMPION, SCORE_TAG
-from tasks.track.tracking import REGISTERED_MODEL
+from tasks.track.champion import CHAMPION, SCORE_TAG, registered_model_name
 
 BIN = Path(sys.executable).parent
 DEPLOYMENT = "nightly-retrain/nightly"
-SMALL = ["--set", "eval.models=['responsive','pop']", "--set", "eval.bootstrap=50"]
+# a full-preset run (a quick one never promotes), kept to a few minutes by the same cuts --quick makes
+SMALL = ["--set", "eval.models=['responsive','pop']", "--set", "eval.bootstrap=50", "--set", "data.new_user_folds=1",
+         "--set", "eval.training_fraction=0.5"]
 
 
 def _free_port() -> int:
@@ -77,6 +78,15 @@ def _check_the_top_flow_run_page(api: str, top: str) -> None:
     assert "| Ours (paper)" in table1 and "](data:image/png;base64," in table1
     logs = _prefect(api, "logs/filter", {"logs": {"flow_run_id": {"any_": [top]}}, "limit": 200})
     assert any("MLflow run" in log["message"] and "/#/experiments/" in log["message"] for log in logs)
+    assert any("mlflow ui --backend-store-uri sqlite:///" in log["message"] for log in logs)  # how to open the link
+    # named and tagged flow runs; every task run of the pipeline named by what it does, row and fold, once
+    assert runs[0]["name"] == "nightly ml-100k full" and "kind:nightly" in runs[0]["tags"]
+    pipeline = [r for r in _prefect(api, "flow_runs/filter", {"flows": {"name": {"any_": ["pipeline"]}}, "limit": 10})]
+    assert [r["name"] for r in pipeline] == ["pipeline ml-100k F=1 full"]
+    assert {"dataset:ml-100k", "preset:full", "kind:pipeline"} <= set(pipeline[0]["tags"])
+    tasks = [t["name"] for t in _prefect(api, "task_runs/filter", {"flow_runs": {"id": {"any_": [pipeline[0]["id"]]}}, "limit": 200})]
+    assert len(tasks) == len(set(tasks)) and {"tasks · fold 0", "train Ours (paper) · fold 0", "fit Pop · fold 0",
+                                              "evaluate Pop · fold 0", "register Ours (paper) · fold 0", "promote Ours (paper) · fold 0"} <= set(tasks)
 
 
 @pytest.mark.deployment
@@ -98,7 +108,7 @@ def test_deployment_run_retrains_registers_promotes_and_serves(tmp_path: Path, m
     try:
         # `metarec deploy` as a user starts it: its own server, its Prefect home and server log under artifacts/
         deploy_env = {**{k: v for k, v in env.items() if k != "PREFECT_HOME"}, "PREFECT_LOGGING_LEVEL": "INFO"}  # what the UI shows
-        serve = subprocess.Popen([BIN / "metarec", "deploy", "--port", str(port), "--no-ui", "--paused", "--quick", *SMALL],
+        serve = subprocess.Popen([BIN / "metarec", "deploy", "--port", str(port), "--no-ui", "--paused", *SMALL],
                                  env=deploy_env, stdout=open(logs / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         started.append(serve)
         wait_until_healthy(api_url(port), timeout=240, process=serve)
@@ -114,12 +124,14 @@ def test_deployment_run_retrains_registers_promotes_and_serves(tmp_path: Path, m
         assert "Completed" in run.stdout, run.stdout
 
         uri = f"sqlite:///{tmp_path / 'artifacts' / 'mlflow.db'}"
-        champion = MlflowClient(uri, uri).get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+        name = registered_model_name("ml-100k")
+        champion = MlflowClient(uri, uri).get_model_version_by_alias(name, CHAMPION)
         assert champion.tags["dataset"] == "ml-100k" and 0.0 <= float(champion.tags[SCORE_TAG]) <= 1.0
-        assert {"kind": "nightly", "preset": "quick"}.items() <= champion.tags.items() and champion.description
-        assert len(MlflowClient(uri, uri).search_model_versions(f"name = '{REGISTERED_MODEL}'")) == 1
+        assert {"kind": "nightly", "preset": "full", "row": "responsive"}.items() <= champion.tags.items() and champion.description
+        assert len(MlflowClient(uri, uri).search_model_versions(f"name = '{name}'")) == 1
 
         _check_the_top_flow_run_page(api_url(port), _triggered_run_id(run.stdout))
+        assert "not writable" not in (logs / "serve.log").read_text()  # no avoidable warning in the served run's output
 
         rec = subprocess.run([BIN / "metarec", "recommend", "--user", "196", "-n", "5"], env=env, capture_output=True, text=True, timeout=300)
         assert rec.returncode == 0, rec.stderr

@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 from metarec.models.registry import DEFAULT_MODELS
 from tasks.evaluate.evaluation import METRICS_FILE, eval_dir, new_user_metric
 from tasks.runtime.paths import prepared_dir
-from tasks.track.tracking import REGISTERED_MODEL, tracking_uri
+from tasks.track.champion import current_champion, registered_model_name
+from tasks.track.tracking import tracking_uri
 
 BIN = Path(sys.executable).parent
 
@@ -95,11 +96,14 @@ def test_a_run_registers_one_candidate_once_and_never_a_sweep_point(quick_run):
     config = quick_run.config
     uri = tracking_uri(config)
     client = MlflowClient(uri, uri)
-    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+    name = registered_model_name(config.data.dataset)
+    versions = client.search_model_versions(f"name = '{name}'")
     assert [str(v.version) for v in versions] == [str(quick_run.promotion["version"])] == [str(quick_run.promotion_again["version"])]
     assert versions[0].run_id == quick_run.first["training"]["run_id"] == quick_run.second["training"]["run_id"]
-    assert {"kind": "pipeline", "preset": "quick", "dataset": "ml-100k"}.items() <= versions[0].tags.items()
-    assert quick_run.promotion_again["reason"] == "already champion"
+    assert {"kind": "pipeline", "preset": "quick", "dataset": "ml-100k", "row": "responsive_plus", "fold": "0"}.items() <= versions[0].tags.items()
+    # a quick run never promotes: the version is there to serve with --version, the data set has no champion
+    assert not quick_run.promotion["promoted"] and not quick_run.promotion_again["promoted"] and "quick" in quick_run.promotion["reason"]
+    assert current_champion(client, name) is None
 
 
 @pytest.mark.parametrize("override, words", [

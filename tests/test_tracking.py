@@ -156,3 +156,52 @@ def test_artifacts_go_on_the_top_flow_run_and_each_flow_logs_its_mlflow_run(pref
     assert found and "| ours |" in found[0]["data"]
     links = [a for a in artifacts if a["key"] == "mlflow-run-ml-100k"]
     assert links and "/#/experiments/" in links[0]["data"] and links[0]["flow_run_id"] != top
+
+
+def test_a_row_shows_only_the_fields_it_reads_and_a_pooled_run_no_fold(config):
+    mf_ft, rkmf, srec, ours = (model_params(config, name, pooled=True) for name in ("mf_ft", "rkmf", "srec", "responsive"))
+    assert "data.fold" not in rkmf and "data.fold" in model_params(config, "rkmf")
+    assert not [k for k in rkmf if k.startswith(("baselines.srec_", "baselines.spmf_", "baselines.ft_", "baselines.tune_"))]
+    assert "baselines.rkmf_kernel" in rkmf and "baselines.srec_obs_var" in srec and "baselines.lr" not in srec
+    meta = sorted(k for k in mf_ft if k.startswith("meta."))  # MF-FT is our f without the meta loss: no inner loop, no λ_ML
+    assert meta == ["meta.dim", "meta.init_std", "meta.lambda_p", "meta.lambda_q_neg", "meta.lambda_q_pos", "meta.new_row_std"]
+    assert float(ours["meta.lambda_paper"]) == config.for_row("responsive").tasks.K * float(ours["meta.lambda_ml"])
+
+
+def test_each_row_s_run_is_opened_before_its_work_and_closed_after_it(config):
+    import time
+
+    from tasks.track.tracking import close_model_run, open_model_runs, pooled_run_name
+
+    setup_mlflow(config)
+    client = MlflowClient()
+    record = {"model": "pop", "metrics": {"new_n5_ndcg10": {"mean": 0.5}}, "seconds": {"new_users": 0.3}}
+    with parent_run(config, "pipeline ml-100k F=1 full", "pipeline") as parent:
+        with open_model_runs(config, parent, ["pop", "rkmf"]) as runs:
+            time.sleep(0.3)  # the row's work
+            close_model_run(client, runs["pop"], record, {}, model_params(config, "pop", pooled=True))
+        with pytest.raises(RuntimeError), open_model_runs(config, parent, ["srec"]) as failing:
+            raise RuntimeError("the fit failed")
+    pop = client.get_run(runs["pop"])
+    assert pop.info.run_name == pooled_run_name("pop") == "Pop · pooled" and pop.data.tags["mlflow.parentRunId"] == parent
+    assert pop.info.end_time - pop.info.start_time >= 300 and pop.info.status == "FINISHED"
+    assert pop.data.metrics["new_n5_ndcg10"] == 0.5 and "data.fold" not in pop.data.params
+    assert client.get_run(failing["srec"]).info.status == "FAILED"
+    assert pop.data.tags.get("mlflow.source.name") == client.get_run(parent).data.tags.get("mlflow.source.name")
+
+
+def test_the_parent_description_explains_the_metric_names(config):
+    from tasks.track.tracking import GLOSSARY, run_description
+
+    text = run_description(config)
+    assert GLOSSARY in text and all(word in GLOSSARY for word in ("**new**", "**full**", "**seen**", "**cold**", "hr10", "ndcg10", "auc", "ours_plus_"))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert all(word in readme for word in ("**new**", "**full**", "**seen**", "**cold**", "**hr10**", "**ndcg10**", "**auc**"))
+
+
+def test_the_ui_link_follows_the_tracking_uri(config, monkeypatch):
+    from tasks.track.tracking import ui_command, ui_url
+
+    assert ui_command(config).startswith("mlflow ui --backend-store-uri sqlite:///") and ui_url(config) == "http://127.0.0.1:5000"
+    served = config.model_copy(update={"runtime": config.runtime.model_copy(update={"mlflow_tracking_uri": "http://mlflow.internal:8080/"})})
+    assert ui_url(served) == "http://mlflow.internal:8080" and ui_command(served) is None

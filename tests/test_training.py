@@ -19,7 +19,8 @@ from metarec.synthetic import planted_interactions
 from tasks.train.models import load_model, model_dir
 from tasks.data.prepare import prepare_data
 from tasks.train.task_shards import build_task_shards
-from tasks.track.tracking import REGISTERED_MODEL, setup_mlflow
+from tasks.track.champion import registered_model_name
+from tasks.track.tracking import setup_mlflow
 from tasks.track.model_registry import THETA_FILE, load_theta, register_candidate
 from tasks.train.training import load_checkpoint, meta_train, training_dir
 
@@ -82,7 +83,9 @@ def test_training_logs_the_rows_params_metrics_and_theta_as_a_pyfunc_model(train
     norms = client.get_metric_history(result.run_id, "grad_norm_max")
     assert all(m.value > 0 for m in norms) and all(r["grad_norm_max"] >= r["grad_norm_mean"] > 0 for r in result.history)
     assert run.data.tags["status"] == "finished" and run.data.tags["config_hash"] == config.hash_of()
-    assert run.info.run_name == f"train responsive fold 0 λ={config.meta.lambda_ml:g}"
+    assert run.info.run_name == "Ours (paper) · fold 0 · train"  # the row and fold first: what tells runs apart
+    logged = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{result.run_id}'")
+    assert [m.name for m in logged] == ["responsive-fold0"]  # named by row and fold
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, dst_path=str(tmp_path / "dl")))
     P, Q, meta = load_theta(local)
     model = load_model(model_dir(config, "responsive"))
@@ -92,7 +95,7 @@ def test_training_logs_the_rows_params_metrics_and_theta_as_a_pyfunc_model(train
     mlmodel = (local / "MLmodel").read_text()
     assert "model_code_path" in mlmodel and "python_model.pkl" not in mlmodel and "signature" in mlmodel
     assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle", ".pt", ".pth", ".joblib")]
-    assert not client.search_model_versions(f"name='{REGISTERED_MODEL}'")  # training registers nothing
+    assert not client.search_model_versions(f"name='{registered_model_name(config.data.dataset)}'")  # training registers nothing
 
 
 def test_a_finished_training_is_returned_as_it_is_without_reopening_its_run(trained):
@@ -108,20 +111,25 @@ def test_a_finished_training_is_returned_as_it_is_without_reopening_its_run(trai
 def test_registered_once_per_run_with_description_tags_and_a_pyfunc_that_scores_like_serving(trained):
     import pandas as pd
 
-    from tasks.track.model_registry import register_candidate
+    from tasks.track.champion import CaseScores
+    from tasks.track.model_registry import Candidate, register_candidate
     from tasks.serve.serving import load_served, recommend
 
     config, result = trained
     setup_mlflow(config)
     client = MlflowClient()
-    version = register_candidate(config, result.run_id, "pipeline", 0.25)
-    assert register_candidate(config, result.run_id, "nightly", 0.3) == version  # a re-run registers nothing new
-    assert len(client.search_model_versions(f"name='{REGISTERED_MODEL}'")) == 1
-    registered = client.get_model_version(REGISTERED_MODEL, version)
-    assert registered.run_id == result.run_id and "pipeline run" in registered.description and "0.2500" in registered.description
-    assert {"dataset": str(config.data.dataset), "kind": "pipeline", "preset": "full", "new_n5_ndcg10": "0.25"}.items() <= registered.tags.items()
+    name = registered_model_name(config.data.dataset)
+    cases = CaseScores(np.arange(4), np.array([0.25, 0.5, 0.0, 0.25]), "d1")  # mean 0.25
+    version = register_candidate(config, result.run_id, "pipeline", Candidate("responsive", 0, 5, cases))
+    assert register_candidate(config, result.run_id, "nightly", Candidate("responsive", 0, 5, cases)) == version  # a re-run registers nothing new
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
+    registered = client.get_model_version(name, version)
+    assert registered.run_id == result.run_id and "pipeline run" in registered.description and "**0.250** on fold 0's 4 new users" in registered.description
+    assert "**Ours (paper)** (row `responsive`), fold 0 of 5" in registered.description
+    assert {"dataset": str(config.data.dataset), "kind": "pipeline", "preset": "full", "new_n5_ndcg10": "0.250", "row": "responsive",
+            "fold": "0", "users": "4"}.items() <= registered.tags.items()
 
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}/{version}")
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     served = load_served(config, version)
     users, items = served.raw_users, served.raw_items
     candidates = [str(items[i]) for i in range(10)]
@@ -155,7 +163,7 @@ def test_fomaml_row_trains_through_the_same_path_in_its_own_folder(planted_csv, 
     run = client.get_run(result.run_id)
     assert run.data.tags["model"] == "responsive_fo" and run.data.params["meta.first_order"] == "True"
     assert [m.step for m in client.get_metric_history(result.run_id, "epoch_seconds")] == [0, 1, 2]
-    assert not client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+    assert not client.search_model_versions(f"name='{registered_model_name(config.data.dataset)}'")
 
 
 def test_the_pipelines_saved_model_treats_untrained_users_and_items_as_new(trained):
@@ -234,7 +242,7 @@ def test_divergence_is_recorded_and_writes_no_weights(planted_csv, tmp_path, met
     assert not client.search_logged_models([run.info.experiment_id], f"source_run_id = '{result.run_id}'")
     assert not (training_dir(config) / "checkpoint").exists() and not model_dir(config, "responsive").exists()
     assert (training_dir(config) / "status.json").read_text().count("diverged") >= 1
-    assert not client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+    assert not client.search_model_versions(f"name='{registered_model_name(config.data.dataset)}'")
 
 
 def test_train_command_runs_the_flow(planted_csv, tmp_path, artifacts, prefect_harness):
@@ -309,3 +317,18 @@ def test_task_shards_without_neighbours_hold_the_users_own_k_triples(planted_csv
     assert read_manifest(out)["K"] == 3
     for part in iter_task_shards(out):
         assert part.K == 3 and (part.support_users == part.query_user[:, None]).all()
+
+
+def test_a_diverged_sweep_point_is_failed_like_its_training_and_named_on_the_papers_scale(planted_csv, tmp_path):
+    from flows.lambda_sweep import sweep_point
+    from tasks.runtime.paths import task_shards_dir
+
+    config = _prepared(_config(planted_csv, tmp_path / "sweep", inner_lr=1e12))
+    setup_mlflow(config)
+    point = sweep_point.fn(config, 2.0, task_shards_dir(config.for_row("responsive")))
+    assert point["status"] == "diverged"
+    client = MlflowClient()
+    training = client.get_run(point["run_id"])
+    swept = client.get_run(training.data.tags["mlflow.parentRunId"])
+    assert swept.info.run_name == "sweep λ_paper=12" and training.info.run_name == "sweep λ_paper=12 · train"  # K = 6
+    assert (swept.info.status, training.info.status) == ("FAILED", "FAILED")

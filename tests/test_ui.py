@@ -24,8 +24,8 @@ import pytest
 
 from flows.deploy import stop_process_group
 from metarec.models.registry import ROWS
-from tasks.track.champion import CHAMPION
-from tasks.track.tracking import MODEL_TRAINING_VIEW, REGISTERED_MODEL, tracking_uri
+from tasks.track.champion import CHAMPION, registered_model_name
+from tasks.track.tracking import MODEL_TRAINING_VIEW, pooled_run_name, tracking_uri
 
 BIN = Path(sys.executable).parent
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -118,8 +118,9 @@ def _pipeline_children(url: str, quick_run, kind: str = "model") -> list[dict]:
 @pytest.mark.slow
 def test_the_pipeline_parent_has_one_child_per_model_and_their_params_differ(mlflow_ui, quick_run):
     children = _pipeline_children(mlflow_ui, quick_run)
-    assert sorted(run["info"]["run_name"] for run in children) == sorted(quick_run.config.eval.models)
-    params = {run["info"]["run_name"]: _params(run) for run in children}
+    assert sorted(run["info"]["run_name"] for run in children) == sorted(pooled_run_name(m) for m in quick_run.config.eval.models)
+    params = {_params(run)["model"]: _params(run) for run in children}
+    assert not [name for name, p in params.items() if "data.fold" in p]  # pooled over the folds: no fold
     for a in params:
         for b in params:
             if a != b:
@@ -128,10 +129,17 @@ def test_the_pipeline_parent_has_one_child_per_model_and_their_params_differ(mlf
     assert params["rkmf"]["baselines.lr"] == str(config.for_row("rkmf").baselines.lr) != params["spmf"]["baselines.lr"]
     assert "meta.lambda_ml" in params["responsive"] and "baselines.lr" not in params["responsive"]
     # the training and the sweep ran inside the parent's span, nested under it
+    # each row's run spans its work: our rows' trainings (one per fold) nest under it, inside its span
     parent = _first_pipeline(mlflow_ui, quick_run)["info"]
     ours_rows = sorted(name for name in quick_run.config.eval.models if ROWS[name].is_ours)
-    trainings = _pipeline_children(mlflow_ui, quick_run, "training")
-    assert sorted({t["key"]: t["value"] for t in run["data"]["tags"]}["model"] for run in trainings) == ours_rows  # one per row of ours
+    rows = {_params(run)["model"]: run for run in children}
+    trainings = []
+    for name in ours_rows:
+        under = _runs(mlflow_ui, _experiment(mlflow_ui, quick_run), f"tags.mlflow.parentRunId = '{rows[name]['info']['run_id']}' and tags.kind = 'training'")
+        assert [run["info"]["run_name"] for run in under] == [f"{ROWS[name].label} · fold 0 · train"]
+        span = [int(rows[name]["info"]["start_time"]), int(under[0]["info"]["start_time"]), int(under[0]["info"]["end_time"]), int(rows[name]["info"]["end_time"])]
+        assert span == sorted(span), (name, span)
+        trainings += under
     for kind, children in (("training", trainings), ("lambda_sweep", _pipeline_children(mlflow_ui, quick_run, "lambda_sweep"))):
         assert children, kind
         for child in children:
@@ -145,9 +153,10 @@ def test_sweep_points_are_runs_named_by_lambda_with_lambda_as_a_param(mlflow_ui,
     sweep = _pipeline_children(mlflow_ui, quick_run, "lambda_sweep")
     assert len(sweep) == 1
     points = _runs(mlflow_ui, experiment, f"tags.mlflow.parentRunId = '{sweep[0]['info']['run_id']}'")
-    assert sorted(run["info"]["run_name"] for run in points) == ["sweep λ=0", "sweep λ=1"]
+    K = quick_run.config.tasks.K
+    assert sorted(run["info"]["run_name"] for run in points) == sorted(["sweep λ_paper=0", f"sweep λ_paper={K}"])  # the paper's scale
     for run in points:
-        assert float(_params(run)["lambda_ml"]) == float(run["info"]["run_name"].split("=")[1])
+        assert float(_params(run)["lambda_paper"]) == float(run["info"]["run_name"].split("=")[1]) == K * float(_params(run)["lambda_ml"])
     metrics = {m["key"]: m for m in sweep[0]["data"].get("metrics", [])}
     assert not [key for key in metrics if key.startswith("sweep_")]  # no metric whose step stands in for λ
     files = _api(mlflow_ui, "artifacts/list", run_id=sweep[0]["info"]["run_id"])["files"]
@@ -155,17 +164,21 @@ def test_sweep_points_are_runs_named_by_lambda_with_lambda_as_a_param(mlflow_ui,
 
 
 @pytest.mark.slow
-def test_the_registry_holds_one_described_candidate_with_the_champion_alias_that_loads_as_pyfunc(mlflow_ui, quick_run):
-    versions = _api(mlflow_ui, "model-versions/search", filter=f"name = '{REGISTERED_MODEL}'")["model_versions"]
+def test_the_registry_holds_one_described_quick_candidate_never_champion_that_loads_as_pyfunc(mlflow_ui, quick_run):
+    name = registered_model_name("ml-100k")
+    versions = _api(mlflow_ui, "model-versions/search", filter=f"name = '{name}'")["model_versions"]
     assert len(versions) == 1
-    champion = _api(mlflow_ui, "registered-models/alias", name=REGISTERED_MODEL, alias=CHAMPION)["model_version"]
-    assert str(champion["version"]) == str(versions[0]["version"]) == str(quick_run.promotion["version"])
-    tags = {t["key"]: t["value"] for t in champion["tags"]}
-    assert {"dataset": "ml-100k", "kind": "pipeline", "preset": "quick"}.items() <= tags.items()
-    assert float(tags["new_n5_ndcg10"]) == pytest.approx(quick_run.score) and "pyfunc.load_model" in champion["description"]
+    version = versions[0]
+    assert str(version["version"]) == str(quick_run.promotion["version"]) and not version.get("aliases")  # quick: never champion
+    alias = httpx.get(f"{mlflow_ui}/api/2.0/mlflow/registered-models/alias", params={"name": name, "alias": CHAMPION}, timeout=30)
+    assert alias.status_code in (400, 404) and "error_code" in alias.json()  # the server: no such alias
+    tags = {t["key"]: t["value"] for t in version["tags"]}
+    assert {"dataset": "ml-100k", "kind": "pipeline", "preset": "quick", "row": "responsive_plus", "fold": "0"}.items() <= tags.items()
+    assert tags["new_n5_ndcg10"] == f"{quick_run.score:.3f}" and "pyfunc.load_model" in version["description"]
+    assert f"**Ours+** (row `responsive_plus`), fold 0 of 1" in version["description"] and f"{tags['users']} new users" in version["description"]
 
-    with _through(mlflow_ui):  # as a user would: the registry's alias, resolved and downloaded by the server
-        model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@{CHAMPION}")
+    with _through(mlflow_ui):  # as a user would: the registry's version, resolved and downloaded by the server
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version['version']}")
         example = model.input_example
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["user", "item", "recent"]
     frame = pd.DataFrame(example)

@@ -108,7 +108,7 @@ def sgd_epoch(
 ) -> None:
     """One shuffled pass of minibatch SGD over triples (u, i, j), in place on W (users) and H (items)."""
     order = torch.from_numpy(rng.permutation(len(u)))
-    ut, it, jt = (torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in (u, i, j))
+    ut, it, jt = (torch.from_numpy(np.array(a, dtype=np.int64)) for a in (u, i, j))
     update = tuple(update)
     for start in range(0, len(order), batch_size):
         b = order[start : start + batch_size]
@@ -147,7 +147,7 @@ def sgd_rounds(
     side: Literal["user", "pos"],
 ) -> None:
     """One pass where only the rows of one side change, one SGD step per triple and row (see module doc)."""
-    ut, it, jt = (torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in (u, i, j))
+    ut, it, jt = (torch.from_numpy(np.array(a, dtype=np.int64)) for a in (u, i, j))
     rows = np.asarray(u if side == "user" else i, dtype=np.int64)
     for part in rounds(rows, rng):
         b = torch.from_numpy(part)
@@ -172,7 +172,7 @@ def sgd_item_rounds(
     Triple t holds its retrained item as the positive (i[t] == retrained[t]) or as the negative
     (j[t] == retrained[t]); that row takes the matching gradient, one SGD step per triple, every other row fixed.
     """
-    ut, it, jt, rt = (torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in (u, i, j, retrained))
+    ut, it, jt, rt = (torch.from_numpy(np.array(a, dtype=np.int64)) for a in (u, i, j, retrained))
     for part in rounds(np.asarray(retrained, dtype=np.int64), rng):
         b = torch.from_numpy(part)
         ub, ib, jb, rb = ut[b], it[b], jt[b], rt[b]

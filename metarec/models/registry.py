@@ -104,6 +104,9 @@ class Row:
     family: str = "baseline"  # "ours" for the meta-learned MF and its variants
     passes: tuple[str, ...] = ()  # "section.field"s counting full training passes over the history (scaled by eval.training_fraction)
     in_default: bool = True  # in the default eval.models (False: opt-in, e.g. --set eval.models=[...])
+    # "section.field" globs of the fields the row's model reads, where it reads only part of its sections (its MLflow
+    # run shows just these, so comparing two rows lists what differs); empty: every field of its sections
+    reads: tuple[str, ...] = ()
 
     @property
     def is_ours(self) -> bool:
@@ -198,11 +201,15 @@ ROWS: dict[str, Row] = {
             "mf_ft", "metarec.models.mf_ft:from_config", "MF-FT",
             {**_SGD, "baselines.ft_lr": Float(0.005, 0.5, log=True, limits=(1e-4, 2.0)), "baselines.ft_epochs": Int(1, 20, log=True, limits=(1, 100))},
             sections=("baselines", "meta"), passes=("baselines.epochs",),
+            # our MF's f (meta's d, λs, init and new-row std), fitted by the baselines' SGD
+            reads=("baselines.epochs", "baselines.lr", "baselines.batch_size", "baselines.seed", "baselines.ft_*", "meta.dim",
+                   "meta.lambda_p", "meta.lambda_q_*", "meta.init_std", "meta.new_row_std"),
         ),
         Row(
             "rkmf", "metarec.models.rkmf:from_config", "RKMF",
             {**_SGD, "baselines.rkmf_kernel": Choice(("linear", "logistic")), "baselines.rkmf_update_epochs": Int(1, 20, log=True, limits=(1, 100))},
             passes=("baselines.epochs",),
+            reads=("baselines.dim", "baselines.epochs", "baselines.lr", "baselines.reg", "baselines.batch_size", "baselines.init_std", "baselines.new_row_std", "baselines.seed", "baselines.rkmf_*"),
         ),
         Row(
             "srec", "metarec.models.srec:from_config", "sRec",
@@ -213,6 +220,7 @@ ROWS: dict[str, Row] = {
                 "baselines.srec_negatives": Int(1, 8, limits=(0, 64)),
             },
             passes=("baselines.srec_passes",),
+            reads=("baselines.dim", "baselines.init_std", "baselines.seed", "baselines.srec_*"),
         ),
         # spmf_samples sizes the batch_plus_reservoir variant's draws only; the exact strategy (the row) draws |W|
         Row(
@@ -225,6 +233,7 @@ ROWS: dict[str, Row] = {
                 "baselines.spmf_negatives": Int(1, 8, limits=(1, 64)),
             },
             passes=("baselines.epochs",),
+            reads=("baselines.dim", "baselines.epochs", "baselines.lr", "baselines.reg", "baselines.batch_size", "baselines.init_std", "baselines.new_row_std", "baselines.seed", "baselines.spmf_*"),
         ),
         Row("pop", "metarec.models.pop:from_config", "Pop", {}, sections=()),
         # popularity over users' first tasks.early_max interactions: what a new user's next item looks like (issue 22)

@@ -202,7 +202,8 @@ class ResponsiveMF(StreamingRecommender):
                 **{f"extra.{name}": param.detach().cpu().numpy().copy() for name, param in self.extra_.items()}}
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        state = {key: torch.as_tensor(np.asarray(arrays[key])) for key in arrays if key in ("P", "Q", "trained_users", "trained_items") or key.startswith("extra.")}
+        # np.array copies: a read-only npz array would reach torch as a non-writable tensor (a warning in every log)
+        state = {key: torch.as_tensor(np.array(arrays[key])) for key in arrays if key in ("P", "Q", "trained_users", "trained_items") or key.startswith("extra.")}
         self.load_training_state(state)
         self.index_ = InteractionIndex.build(Interactions(*(np.asarray(arrays[k], dtype=np.int64) for k in ("seen_users", "seen_items", "seen_ts"))))
 
@@ -551,7 +552,7 @@ class ResponsiveMF(StreamingRecommender):
         Few candidates a user: their rows are gathered (B, C, d). Many (full ranking, C of the order of the
         catalogue): one product with every item row instead (``_score_by_product``), the same scores without
         the (B, C, d) gather, which at ML-1M's 3,700 items was 240 MB per 256 users."""
-        cand = torch.as_tensor(np.asarray(candidates, dtype=np.int64), device=self.device)
+        cand = torch.as_tensor(np.array(candidates, dtype=np.int64), device=self.device)  # a copy: stored candidates are read-only (memory-mapped)
         if 4 * cand.shape[1] >= max(self.n_items_, 1):
             scores = self._score_by_product(adapted, cand, generator)
         else:

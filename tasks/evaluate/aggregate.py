@@ -16,6 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -66,11 +68,11 @@ def table1_rows(results: dict[str, dict], ns: tuple[int, ...]) -> list[dict]:
     return rows
 
 
-def improvements(rows: list[dict], metric: str) -> dict[int, float | None]:
-    """Relative improvement of ours over the best baseline (of the paper's three) at each n."""
+def improvements(rows: list[dict], metric: str, ours_row: str = OURS) -> dict[int, float | None]:
+    """Relative improvement of row ``ours_row`` over the best baseline (of the paper's three) at each n."""
     out: dict[int, float | None] = {}
     for n in sorted({r["n"] for r in rows}):
-        ours = next((r[metric] for r in rows if r["n"] == n and r["model"] == OURS and r[metric] is not None), None)
+        ours = next((r[metric] for r in rows if r["n"] == n and r["model"] == ours_row and r[metric] is not None), None)
         baselines = [r[metric] for r in rows if r["n"] == n and r["model"] in PAPER_BASELINES and r[metric] is not None]
         out[n] = (ours / max(baselines) - 1.0) if ours is not None and baselines and max(baselines) > 0 else None
     return out
@@ -108,11 +110,17 @@ def table1_markdown(rows: list[dict], dataset: str, folds: int = 1) -> str:
         f"| {r['cases'] or '–'} | {_fmt(r['paper_ml1m_hr'])} | {_fmt(r['paper_ml1m_ndcg'])} |"
         for r in rows
     ]
-    hr, ndcg = improvements(rows, "hr"), improvements(rows, "ndcg")
+    present = {r["model"] for r in rows}
+    ours_rows = [row for row in (OURS, "responsive_plus") if row in present] or [OURS]  # each row of ours, named
+    gains = {row: (improvements(rows, "hr", row), improvements(rows, "ndcg", row)) for row in ours_rows}
     paper_hr = {n: PAPER_TABLE1[(n, OURS)][0] / max(PAPER_TABLE1[(n, b)][0] for b in PAPER_BASELINES) - 1 for n in (1, 5, 10)}
     paper_ndcg = {n: PAPER_TABLE1[(n, OURS)][1] / max(PAPER_TABLE1[(n, b)][1] for b in PAPER_BASELINES) - 1 for n in (1, 5, 10)}
-    tail = "\n\n### Relative improvement of ours over the best of RKMF, sRec, SPMF\n\n| n | HR@10 (ours) | NDCG@10 (ours) | HR@10 (paper) | NDCG@10 (paper) |\n|---|---|---|---|---|\n"
-    tail += "\n".join(f"| {n} | {_pct(hr[n])} | {_pct(ndcg[n])} | {_pct(paper_hr.get(n))} | {_pct(paper_ndcg.get(n))} |" for n in hr)
+    columns = [f"{metric} ({LABELS[row]})" for row in ours_rows for metric in ("HR@10", "NDCG@10")]
+    tail = ("\n\n### Relative improvement of ours over the best of RKMF, sRec, SPMF\n\n"
+            f"| n | {' | '.join(columns)} | HR@10 (paper's Ours) | NDCG@10 (paper's Ours) |\n|---|{'---|' * (len(columns) + 2)}\n")
+    ns = gains[ours_rows[0]][0]
+    tail += "\n".join(f"| {n} | " + " | ".join(f"{_pct(gains[row][0][n])} | {_pct(gains[row][1][n])}" for row in ours_rows)
+                      + f" | {_pct(paper_hr.get(n))} | {_pct(paper_ndcg.get(n))} |" for n in ns)
     return head + "\n".join(lines) + tail + "\n"
 
 
@@ -137,25 +145,38 @@ def _save_figure(fig, path: Path) -> Path:
     return path
 
 
-def stream_auc_plot(results: dict[str, dict], n_batches: int, path: Path, dataset: str) -> Path:
+def stream_auc_figure(results: dict[str, dict], n_batches: int, dataset: str) -> Figure:
     """Paper Fig. 3: AUC on each stream batch (scored before the model saw it), one line per model;
-    left all cases, right only users the model had seen before the batch (the existing users)."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
+    left all cases, right only users the model had seen before the batch (the existing users). One legend for
+    both panels, outside them, so it covers no point."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True, layout="constrained")
     panels = (("stream_b{b}_auc", "all stream interactions"), ("stream_b{b}_seen_auc", "users seen before the batch"))
+    handles = {}
     for ax, (pattern, title) in zip(axes, panels):
-        for model, record in results.items():
+        for k, (model, record) in enumerate(results.items()):
             points = [(b + 1, record["metrics"][pattern.format(b=b)]["mean"]) for b in range(n_batches) if pattern.format(b=b) in record["metrics"]]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", linewidth=2.4 if model == OURS else 1.4, label=LABELS.get(model, model))
+                ours = model in ROWS and ROWS[model].is_ours
+                handles[model] = ax.plot(xs, ys, marker="o", linewidth=2.4 if ours else 1.4, color=_colour(k), label=LABELS.get(model, model))[0]
         ax.set_title(title)
         ax.set_xlabel("stream batch (time order)")
         ax.set_xticks(range(1, n_batches + 1))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("AUC (before observing the batch)")
-    axes[1].legend(loc="best", fontsize=9)
+    fig.legend(list(handles.values()), [LABELS.get(m, m) for m in handles], loc="outside right upper", fontsize=9)
     fig.suptitle(f"Existing users: AUC over the stream — {dataset}")
-    return _save_figure(fig, path)
+    return fig
+
+
+def stream_auc_plot(results: dict[str, dict], n_batches: int, path: Path, dataset: str) -> Path:
+    return _save_figure(stream_auc_figure(results, n_batches, dataset), path)
+
+
+def _colour(k: int) -> str:
+    """The k-th colour of the cycle: one colour per row, the same in both panels."""
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return colours[k % len(colours)]
 
 
 def paper_lambda(lambda_ours: float, K: int) -> float:
@@ -180,35 +201,35 @@ def lambda_curve(points: list[dict], K: int, n: int, metric: str) -> dict:
     }
 
 
-def lambda_plot(points: list[dict], path: Path, dataset: str, K: int, n: int = 5) -> Path:
+def lambda_figure(points: list[dict], dataset: str, K: int, n: int = 5) -> Figure:
     """Paper Fig. 4: new users' HR@10 and NDCG@10 at n against λ_ML on the paper's scale (λ_paper = K·λ_ours), with the
-    95% bootstrap CI of each point's mean as a band; diverged values marked (× and a shaded region from the first).
+    95% bootstrap CI of each point's mean as a band; diverged values marked (× and a shaded region from the first,
+    named in the legend, which sits below the axes so it hides nothing).
     Right: the largest meta-gradient norm (before clipping; the sweep clips nothing) of each epoch, one line per λ."""
-    fig, (ax, norms) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1.35, 1]})
+    fig, (ax, norms) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.35, 1]}, layout="constrained")
     curves = {metric: lambda_curve(points, K, n, metric) for metric in ("hr", "ndcg")}
     for metric, label in (("hr", "HR@10"), ("ndcg", "NDCG@10")):
         c = curves[metric]
-        line = ax.plot(c["x"], c["mean"], marker="o", label=f"{label} (n={n})")[0]
+        line = ax.plot(c["x"], c["mean"], marker="o", label=f"{label} (n={n}), 95% CI band")[0]
         ax.fill_between(c["x"], c["low"], c["high"], color=line.get_color(), alpha=0.2, linewidth=0)
     c = curves["ndcg"]
     if c["diverged"]:
-        # a divergence far beyond the finished points is drawn one decade past them, labelled with its true value
+        # a divergence far beyond the finished points is drawn one decade past them; the legend gives its true value
         far = max(c["x"], default=0.0) * 10 or 1.0
         shown = [x if x <= 10 * far else far for x in c["diverged"]]
-        ax.axvspan(min(shown), max(shown) * 1.5 + 1e-9, color="red", alpha=0.08, label="training diverged (NaN/Inf)")
+        moved = " (drawn one decade past the last finished point)" if shown[0] != c["diverged"][0] else ""
+        ax.axvspan(min(shown), max(shown) * 1.5 + 1e-9, color="red", alpha=0.08,
+                   label=f"training diverged (NaN/Inf) from λ_paper = {c['first_diverged']:g}{moved}")
         low = min(c["low"], default=0.0)
-        ax.scatter(shown, [low] * len(shown), marker="x", s=90, color="red", zorder=5)
-        moved = "\n(far off the axis, drawn here)" if shown[0] != c["diverged"][0] else ""
-        ax.annotate(f"diverged from\nλ_paper = {c['first_diverged']:g}{moved}", (min(shown), low), textcoords="offset points", xytext=(-8, 10),
-                    ha="right", fontsize=8, color="red")
+        ax.scatter(shown, [low] * len(shown), marker="x", s=90, color="red", zorder=5, label="diverged λ_paper")
     positive = [x for x in c["x"] if x > 0]
     ax.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)  # λ = 0 is a real point
     ax.set_xlabel(f"λ_ML on the paper's scale (λ_paper = K·λ_ours, K = {K})")
-    ax.set_ylabel(f"new users (n = {n}), sampled metric, 95% CI")
+    ax.set_ylabel(f"new users (n = {n}), sampled metric")
     largest = c["largest_tried"]
-    ax.set_title(f"λ_ML sweep — {dataset}" + ("" if c["diverged"] else f" (no divergence up to λ_paper = {largest:g})"))
+    ax.set_title("new-user accuracy against λ_paper" if c["diverged"] else f"no divergence up to λ_paper = {largest:g}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=9)
     cmap = plt.get_cmap("viridis")
     ordered = sorted(points, key=lambda p: p["lambda_ml"])
     for i, p in enumerate(ordered):
@@ -217,7 +238,7 @@ def lambda_plot(points: list[dict], path: Path, dataset: str, K: int, n: int = 5
             continue
         xs, ys = zip(*epochs)
         colour = cmap(i / max(len(ordered) - 1, 1))
-        norms.plot(xs, ys, marker="o", color=colour, label=f"λ_paper = {paper_lambda(p['lambda_ml'], K):g}")
+        norms.plot(xs, ys, marker="o", color=colour, label=f"λ_paper = {paper_lambda(p['lambda_ml'], K):g}" + (" (diverged)" if p["status"] == "diverged" else ""))
         if p["status"] == "diverged":
             norms.scatter([xs[-1]], [ys[-1]], marker="x", s=90, color="red", zorder=5)
     norms.set_yscale("log")
@@ -226,8 +247,13 @@ def lambda_plot(points: list[dict], path: Path, dataset: str, K: int, n: int = 5
     norms.set_ylabel("largest meta-gradient norm, before clipping")
     norms.set_title("gradient norm per epoch (no clipping)")
     norms.grid(alpha=0.3)
-    norms.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
-    return _save_figure(fig, path)
+    norms.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
+    fig.suptitle(f"λ_ML sweep — {dataset}")
+    return fig
+
+
+def lambda_plot(points: list[dict], path: Path, dataset: str, K: int, n: int = 5) -> Path:
+    return _save_figure(lambda_figure(points, dataset, K, n), path)
 
 
 def lambda_markdown(points: list[dict], K: int, ns: tuple[int, ...] = (1, 5, 10), clip: float | None = None) -> str:
@@ -376,15 +402,15 @@ def forest_panels(found: list[Comparison]) -> list[tuple[str, str, str]]:
     return [p for p in panels if any(c.part == p[0] and c.metric == p[1] for c in found)] or panels[:1]
 
 
-def forest_plot(found: list[Comparison], path: Path, dataset: str) -> Path:
+def forest_figure(found: list[Comparison], dataset: str) -> Figure:
     """One panel per metric (``forest_panels``): each of our rows minus each other model, with its paired 95% CI;
-    filled = CI excludes 0."""
+    filled = CI excludes 0. Every row of ours in the legend (below the panels), each panel wide enough for its own
+    line labels."""
     panels = forest_panels(found)
     ours_rows = list(dict.fromkeys(c.ours for c in found))
     lines = {p: list(dict.fromkeys((c.group, c.other) for c in found if (c.part, c.metric) == p[:2])) for p in panels}
-    height = max(3.0, 0.28 * max((len(v) for v in lines.values()), default=1) + 1.5)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), height), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    height = max(3.4, 0.28 * max((len(v) for v in lines.values()), default=1) + 2.2)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), height), squeeze=False, layout="constrained")
     for ax, panel in zip(axes[0], panels):
         names = lines[panel]
         for k, ours in enumerate(ours_rows):
@@ -393,19 +419,24 @@ def forest_plot(found: list[Comparison], path: Path, dataset: str) -> Path:
                 c = next((c for c in found if (c.part, c.metric, c.ours, c.group, c.other) == (*panel[:2], ours, group, other)), None)
                 if c is None:
                     continue
-                colour = colours[k % len(colours)]
+                colour = _colour(k)
                 ax.plot([c.low, c.high], [y + offset] * 2, color=colour, linewidth=1.6)
-                ax.plot(c.diff, y + offset, "o", color=colour, markerfacecolor=colour if c.word != "tie" else "white",
-                        label=LABELS.get(ours, ours) if y == 0 else None)
+                ax.plot(c.diff, y + offset, "o", color=colour, markerfacecolor=colour if c.word != "tie" else "white")
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(names)), [f"{g} · {LABELS.get(o, o)}" for g, o in names], fontsize=8)
         ax.invert_yaxis()
         ax.set_title(panel[2])
         ax.set_xlabel("ours minus other (paired 95% CI)")
         ax.grid(axis="x", alpha=0.3)
-    axes[0][0].legend(loc="best", fontsize=8)
-    fig.suptitle(f"Verdicts — {dataset} (filled: the CI excludes 0)", y=1.02)  # above the panel titles, however short the figure
-    return _save_figure(fig, path)
+    handles = [Line2D([], [], color=_colour(k), marker="o", linewidth=1.6, label=LABELS.get(ours, ours)) for k, ours in enumerate(ours_rows)]
+    handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="white", linewidth=0, label="open: the CI holds 0 (tie)"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9)
+    fig.suptitle(f"Verdicts — {dataset} (filled: the CI excludes 0)")
+    return fig
+
+
+def forest_plot(found: list[Comparison], path: Path, dataset: str) -> Path:
+    return _save_figure(forest_figure(found, dataset), path)
 
 
 def comparisons_csv(found: list[Comparison]) -> str:

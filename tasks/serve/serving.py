@@ -24,12 +24,12 @@ from metarec.config import Config, MetaConfig, TaskConfig
 from metarec.interface import Interactions, RecentItems
 from metarec.protocol import Cases, evaluate_new_users
 from metarec.models.responsive import ResponsiveMF
-from tasks.track.champion import CHAMPION, current_champion
+from tasks.track.champion import CHAMPION, SCORE_N, CaseScores, current_champion, registered_model_name
 from tasks.evaluate.evaluation import load_cases
 from tasks.runtime.integrity import CorruptFileError
 from tasks.runtime.paths import dataset_slug, prepared_dir
 from tasks.data.prepared import PreparedData, load_prepared
-from tasks.track.tracking import REGISTERED_MODEL, setup_mlflow
+from tasks.track.tracking import setup_mlflow
 from tasks.track.model_registry import load_theta
 
 
@@ -41,48 +41,36 @@ class ServingError(LookupError):
 class Served:
     model: ResponsiveMF
     version: str
+    name: str  # the registered model: responsive-mf-<data set>
     prepared: PreparedData
     raw_users: np.ndarray  # dense id -> raw id (as text)
     raw_items: np.ndarray
     titles: np.ndarray
 
 
-def version_to_serve(client: MlflowClient, version: str | None = None, dataset: str | None = None):
-    """The version asked for, else the champion (of ``dataset`` when given); a version trained on another data set
-    than ``dataset`` is refused rather than served on ids it never saw."""
-    chosen = _registered_version(client, str(version).strip()) if version is not None else champion_version(client, dataset)
-    trained_on = chosen.tags.get("dataset")
-    if dataset is not None and trained_on is not None and dataset_slug(trained_on) != dataset_slug(dataset):
-        raise ServingError(f"version {chosen.version} of '{REGISTERED_MODEL}' was trained on {trained_on!r}, not on {dataset!r}: "
-                           f"serve a {dataset!r} version with --version N, or run `metarec run --dataset {dataset}` first")
-    return chosen
-
-
-def champion_version(client: MlflowClient, dataset: str | None = None):
-    """The champion version served for ``dataset`` (None: whatever the champion is).
-
-    The one place to switch to a champion per data set (``tasks.track.champion.champion_uri(dataset)``) once the
-    registry has one: today the alias is global, and ``version_to_serve`` refuses it when it was trained on
-    another data set.
-    """
-    champion = current_champion(client)
+def version_to_serve(client: MlflowClient, name: str, version: str | None = None):
+    """Version ``version`` of registered model ``name``, or its champion."""
+    if version is not None:
+        return _registered_version(client, name, str(version).strip())
+    champion = current_champion(client, name)
     if champion is None:
-        raise ServingError(f"no '{CHAMPION}' version of model '{REGISTERED_MODEL}' in the registry yet: run `metarec run` or the nightly deployment first")
+        raise ServingError(f"no '{CHAMPION}' version of model '{name}' in the registry yet: run `metarec run` (a full run; a "
+                           "--quick run's version is never promoted, serve it with --version N) or the nightly deployment first")
     return champion
 
 
-def _registered_version(client: MlflowClient, version: str):
+def _registered_version(client: MlflowClient, name: str, version: str):
     if not version.isdigit() or int(version) < 1:
-        raise ServingError(f"--version {version!r}: expected a version number of '{REGISTERED_MODEL}' (1, 2, ...)")
+        raise ServingError(f"--version {version!r}: expected a version number of '{name}' (1, 2, ...)")
     try:
-        return client.get_model_version(REGISTERED_MODEL, version)
+        return client.get_model_version(name, version)
     except MlflowException:
         try:
-            known = sorted(int(v.version) for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'"))
+            known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
         except MlflowException:
             known = []
         listed = ", ".join(map(str, known)) if known else "none yet"
-        raise ServingError(f"'{REGISTERED_MODEL}' has no version {version}; registered versions: {listed}") from None
+        raise ServingError(f"'{name}' has no version {version}; registered versions: {listed}") from None
 
 
 def load_theta_model(version) -> ResponsiveMF:
@@ -94,7 +82,7 @@ def load_theta_model(version) -> ResponsiveMF:
     try:
         P, Q, described = load_theta(local)
     except CorruptFileError as exc:
-        raise CorruptFileError(exc.path, f"registered version {version.version} of '{REGISTERED_MODEL}' ({version.source}): "
+        raise CorruptFileError(exc.path, f"registered version {version.version} of '{version.name}' ({version.source}): "
                                f"{str(exc).removeprefix(f'{exc.path}: ')}", "serve another version with --version N") from None
     model = ResponsiveMF(MetaConfig(**described["meta"]), TaskConfig(**described["tasks"]))
     model.load_training_state({"P": P, "Q": Q, **described.get("masks", {}), **described.get("extras", {})})
@@ -111,7 +99,7 @@ def prepared_for(version, config: Config) -> PreparedData:
 def load_served(config: Config, version: str | None = None, dataset: str | None = None) -> Served:
     """The version (or champion) ready to recommend; ``dataset``: serve that data set's champion, refuse another's."""
     setup_mlflow(config)
-    chosen = version_to_serve(MlflowClient(), version, dataset)
+    chosen = version_to_serve(MlflowClient(), registered_model_name(dataset or config.data.dataset), version)
     model = load_theta_model(chosen)
     prepared = prepared_for(chosen, config)
     seen = Interactions.from_arrays(
@@ -125,6 +113,7 @@ def load_served(config: Config, version: str | None = None, dataset: str | None 
     return Served(
         model=model,
         version=chosen.version,
+        name=chosen.name,
         prepared=prepared,
         raw_users=np.asarray(users.column("raw_user").to_pylist(), dtype=object),
         raw_items=np.asarray(items.column("raw_item").to_pylist(), dtype=object),
@@ -169,14 +158,15 @@ def recommend(served: Served, raw_user: str, raw_recent: list[str] | None, n: in
     return [{"rank": r + 1, "item": str(served.raw_items[i]), "title": served.titles[i] or "", "item_id": int(i)} for r, i in enumerate(top)]
 
 
-def rescore_version(version: str, config: Config, n: int = 5) -> float:
-    """New-user NDCG@10 at n of a registered version on the current prepared data (champion comparison)."""
+def rescore_version(version, config: Config, candidate: CaseScores) -> CaseScores:
+    """A registered version's per-case new-user NDCG@10 at n = 5 on the candidate's cases (the current prepared data
+    of ``config``, the candidate's users): the champion comparison when the champion was scored on other data."""
     setup_mlflow(config)
-    model = load_theta_model(MlflowClient().get_model_version(REGISTERED_MODEL, version))
+    torch.set_num_threads(config.runtime.torch_threads)
+    model = load_theta_model(version)
     prepared = load_prepared(prepared_dir(config))
     model.set_index(prepared.history)
     cases: Cases = load_cases(prepared, "new")
-    cases = cases.take(cases.n == n)
+    cases = cases.take((cases.n == SCORE_N) & np.isin(cases.users, candidate.users))
     results = evaluate_new_users(model, prepared.new_users, prepared.new_users_pos, cases, prepared.n_items, full_ranking=False)
-    torch.set_num_threads(config.runtime.torch_threads)
-    return float(results[n].metrics["ndcg"].mean())
+    return CaseScores(np.asarray(results[SCORE_N].users), np.asarray(results[SCORE_N].metrics["ndcg"], dtype=np.float64), prepared_dir(config).name)

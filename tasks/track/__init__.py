@@ -2,7 +2,8 @@
 
 - ``tracking``: the MLflow store, parent and child runs, tags and parameters;
 - ``theta_model``: Θ as an MLflow model from code (loaded, never unpickled);
-  ``model_registry``: log, register and load Θ; ``champion``: when the champion alias moves;
+  ``model_registry``: log, register and load Θ; ``champion``: one champion per data set and the guarded rule
+  that moves it;
 - ``publish``: the Prefect artifacts (Table 1, summary, curves) people open.
 
 May import: ``metarec``, ``tasks.runtime``, ``tasks.data`` and ``track`` itself. One lazy exception:

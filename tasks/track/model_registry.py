@@ -5,8 +5,8 @@
 safetensors, the rest JSON, with a signature, and the pure ``metarec`` package
 as its code path.
 
-``register_candidate`` registers a run's model as a version of
-``responsive-mf``: called by the pipeline (``metarec run``) and the nightly
+``register_candidate`` registers a run's model as a version of its data set's
+``responsive-mf-<data set>``: called by the pipeline (``metarec run``) and the nightly
 run after evaluation, never by the λ_ML sweep or ``metarec train``. A run is
 registered at most once; the version carries a description and tags (data set,
 score, kind of run, preset).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version as installed
 from pathlib import Path
 
@@ -35,14 +36,15 @@ from safetensors.torch import load_file, save_file
 from metarec.config import Config
 from metarec.models.responsive import ResponsiveMF
 from tasks.runtime.atomic import write_json
-from tasks.track.champion import DATA_TAG, SCORE_TAG
+from metarec.models.registry import ROWS
+from metarec.redaction import redact
+from tasks.track.champion import DATA_TAG, SCORE_TAG, CaseScores, champion_uri, log_case_scores, registered_model_name
 from tasks.runtime.integrity import CorruptFileError, file_sha256
 from tasks.data.prepared import PreparedData
-from tasks.track.tracking import PROJECT_ROOT, REGISTERED_MODEL, run_tags
+from tasks.track.tracking import PROJECT_ROOT, run_tags
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "model"  # the logged model's name in its run
 MODEL_CODE = Path(__file__).with_name("theta_model.py")
 THETA_FILE, THETA_META, SEEN_FILE, IDS_FILE = "theta.safetensors", "theta.json", "seen.safetensors", "ids.json"
 THETA_HASH = "theta_sha256"  # in theta.json: Θ's bytes as written, so damage that keeps the file's size is caught on load
@@ -154,70 +156,107 @@ def input_example(prepared: PreparedData) -> pd.DataFrame:
                          "recent": [None, None, str(items[0])]})
 
 
-def log_theta_model(model: ResponsiveMF, config: Config, prepared: PreparedData) -> str:
-    """Log Θ as a pyfunc model named ``model`` on the active run; returns its model URI (``models:/m-...``)."""
+def logged_model_name(row: str, fold: int) -> str:
+    """The logged model's name in its run: row and fold (``responsive_plus-fold0``), so a run's models tell apart."""
+    return f"{row}-fold{fold}"
+
+
+def log_theta_model(model: ResponsiveMF, config: Config, prepared: PreparedData, row: str = "responsive") -> str:
+    """Log Θ as a pyfunc model named ``<row>-fold<fold>`` on the active run; returns its model URI (``models:/m-...``).
+    Its metrics, the fold's evaluation, are linked once it is evaluated (``log_model_metrics``)."""
     with tempfile.TemporaryDirectory() as tmp:
         info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
+            name=logged_model_name(row, config.data.fold),
             python_model=str(MODEL_CODE),
             artifacts=theta_files(model, config, prepared, Path(tmp)),
             code_paths=[str(PROJECT_ROOT / "metarec")],
             signature=SIGNATURE,
             input_example=input_example(prepared),
             pip_requirements=_requirements(),
+            tags={"row": row, "fold": str(config.data.fold)},
         )
     return info.model_uri
 
 
+def log_model_metrics(run_id: str, model_uri: str | None, metrics: dict[str, float]) -> None:
+    """Link evaluation metrics to a logged model (``models:/m-...``) of run ``run_id``, as its final metrics (the run
+    shows them too: a model's metrics are logged on its run)."""
+    if not model_uri or not model_uri.startswith("models:/m-"):
+        return
+    finite = {key: float(value) for key, value in metrics.items() if np.isfinite(value)}
+    if finite:
+        mlflow.log_metrics(finite, run_id=run_id, model_id=model_uri.removeprefix("models:/"))
+
+
 def run_model_uri(run_id: str) -> str:
-    """The model URI of the pyfunc model logged on run ``run_id``."""
+    """The model URI of the pyfunc model logged on run ``run_id`` (a training run logs one)."""
     client = MlflowClient()
     run = client.get_run(run_id)
-    found = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'")
+    found = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
     if not found:
-        raise LookupError(f"run {run_id} has no logged model {MODEL_NAME!r} to register")
+        raise LookupError(f"run {run_id} has no logged model to register")
     return found[0].model_uri
 
 
-def description(config: Config, kind: str, score: float | None, version: str) -> str:
+@dataclass(frozen=True)
+class Candidate:
+    """What a registered version is: the row, the fold whose model it is and what it was scored on."""
+
+    row: str
+    fold: int
+    folds: int
+    cases: CaseScores | None  # its new-user NDCG@10 at n = 5 per case (None: not evaluated)
+
+
+def description(config: Config, kind: str, candidate: Candidate, name: str, version: str) -> str:
     """What a version is and how to use it (markdown, as the registry page renders it)."""
-    scored = f"new-user NDCG@10 at n = 5: **{score:.4f}**" if score is not None else "not evaluated"
+    label = ROWS[candidate.row].label if candidate.row in ROWS else candidate.row
+    cases = candidate.cases
+    scored = (f"new-user NDCG@10 at n = 5: **{cases.score:.3f}** on fold {candidate.fold}'s {len(cases.users)} new users "
+              "(the model trained on that fold's history)") if cases is not None else "not evaluated"
+    never = " A quick run's version is never promoted to champion." if config.runtime.preset != "full" else ""
     return (
-        f"Θ of the responsive MF meta-trained on `{config.data.dataset}` ({config.runtime.preset} preset) by a {kind} run; "
-        f"{scored}.\n\nLoad it with `mlflow.pyfunc.load_model('models:/{REGISTERED_MODEL}/{version}')` (or "
-        f"`'models:/{REGISTERED_MODEL}@champion'` for the one served) and predict a DataFrame with string columns `user`, "
-        "`item` (raw ids, one row per candidate) and optional `recent` (the user's latest raw item ids, comma-separated, "
-        "oldest first): it returns a `score` per row, higher is better."
+        f"**{label}** (row `{candidate.row}`), fold {candidate.fold} of {candidate.folds} new-user fold(s), meta-trained on "
+        f"`{redact(config.data.dataset)}` ({config.runtime.preset} preset) by a {kind} run; {scored}.{never}\n\n"
+        f"Load it with `mlflow.pyfunc.load_model('models:/{name}/{version}')` (or `'{champion_uri(config.data.dataset)}'` "
+        "for the one served) and predict a DataFrame with string columns `user`, `item` (raw ids, one row per candidate) "
+        "and optional `recent` (the user's latest raw item ids, comma-separated, oldest first): it returns a `score` per "
+        "row, higher is better."
     )
 
 
-def registered_version(client: MlflowClient, run_id: str):
-    """The version of ``responsive-mf`` already registered from run ``run_id``, or None."""
+def registered_version(client: MlflowClient, name: str, run_id: str):
+    """The version of ``name`` already registered from run ``run_id``, or None."""
     try:
-        found = client.search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{run_id}'")
+        found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     except MlflowException:
         return None
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def register_candidate(config: Config, run_id: str, kind: str, score: float | None = None, data_hash: str | None = None) -> str:
-    """Register run ``run_id``'s model as a version of ``responsive-mf`` (once per run: a re-run returns the same
-    version); tags: data set, preset, kind of run, score; a description saying what it is and how to load it."""
+def register_candidate(config: Config, run_id: str, kind: str, candidate: Candidate) -> str:
+    """Register run ``run_id``'s model as a version of this data set's ``responsive-mf-<data set>`` (once per run: a
+    re-run returns the same version); tags: data set, preset, kind of run, row, fold, score; a description saying
+    what it is and how to load it. The candidate's per-case scores are logged on the run for later comparisons."""
     client = MlflowClient()
-    existing = registered_version(client, run_id)
+    name = registered_model_name(config.data.dataset)
+    existing = registered_version(client, name, run_id)
     if existing is not None:
-        logger.info("run %s is already registered as %s v%s", run_id, REGISTERED_MODEL, existing.version)
+        logger.info("run %s is already registered as %s v%s", run_id, name, existing.version)
         return str(existing.version)
     try:
-        client.create_registered_model(REGISTERED_MODEL, description="Θ of the responsive MF: one version per serving candidate "
-                                       "(pipeline and nightly runs); the alias champion marks the one served.")
+        client.create_registered_model(name, tags={"dataset": redact(config.data.dataset)}, description=(
+            f"Θ of the responsive MF on `{redact(config.data.dataset)}`: one version per serving candidate (pipeline and "
+            "nightly runs); the alias `champion` marks the one served, moved only by a full-preset run that beats it."))
     except MlflowException:
         pass  # exists already
-    tags = {**run_tags(config), "kind": kind}
-    if score is not None:
-        tags[SCORE_TAG] = repr(float(score))  # exact: the champion comparison reads it back
-        tags[DATA_TAG] = data_hash or tags["data_hash"]
-    created = mlflow.register_model(run_model_uri(run_id), REGISTERED_MODEL, tags=tags)
-    client.update_model_version(REGISTERED_MODEL, created.version, description=description(config, kind, score, str(created.version)))
-    logger.info("registered run %s as %s v%s", run_id, REGISTERED_MODEL, created.version)
+    tags = {**run_tags(config), "kind": kind, "row": candidate.row, "fold": str(candidate.fold), "folds": str(candidate.folds)}
+    if candidate.cases is not None:
+        tags[SCORE_TAG] = f"{candidate.cases.score:.3f}"
+        tags[DATA_TAG] = candidate.cases.data_hash
+        tags["users"] = str(len(candidate.cases.users))
+        log_case_scores(client, run_id, candidate.cases)
+    created = mlflow.register_model(run_model_uri(run_id), name, tags=tags)
+    client.update_model_version(name, created.version, description=description(config, kind, candidate, name, str(created.version)))
+    logger.info("registered run %s as %s v%s", run_id, name, created.version)
     return str(created.version)

@@ -27,7 +27,8 @@ from prefect.exceptions import MissingContextError
 from metarec.config import Config
 from tasks.runtime.logs import log_info
 from tasks.runtime.paths import dataset_slug
-from tasks.track.tracking import run_link
+from metarec.redaction import redact
+from tasks.track.tracking import run_link, ui_command
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +117,33 @@ def publish_run_report(files: dict[str, Path], dataset: str, on_top: bool = True
 
 
 def log_mlflow_run(config: Config, run_id: str) -> str:
-    """Log an MLflow run's id and UI link in the Prefect run (its log and a link artifact); returns the link."""
+    """Log an MLflow run's id and UI link in the Prefect run (its log and a link artifact); returns the link. On a
+    local store the link says which command starts the UI it points to (nothing listens until one is started)."""
     link = run_link(run_id, config)
     name = mlflow.get_run(run_id).info.run_name or run_id
-    log_info(logger, "MLflow run %s (%s): %s", name, run_id, link)
+    command = ui_command(config)
+    how = f" (start the UI with `{command}`, then open)" if command else ""
+    log_info(logger, "MLflow run %s (%s)%s: %s", name, run_id, how, link)
     if _current_flow_run_id() is not None:
         LinkArtifact(link=link, link_text=f"MLflow run {name}", key=artifact_key("mlflow-run", config.data.dataset),
-                     description="This flow run's MLflow run (start `mlflow ui` as README says)").create()
+                     description=f"This flow run's MLflow run; start the UI first with `{command}`" if command
+                     else "This flow run's MLflow run on the tracking server").create()
     return link
+
+
+def tag_flow_run(*tags: str) -> None:
+    """Add ``tags`` (``dataset:ml-100k``, ``preset:full``, ``kind:pipeline``) to the current flow run, so the
+    UI's flow run list can be filtered by them; nothing outside a Prefect run."""
+    flow_run_id = _current_flow_run_id()
+    if flow_run_id is None:
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(flow_run_id).tags
+        client.update_flow_run(flow_run_id, tags=sorted(set(current) | set(tags)))
+
+
+def run_tags_of(config: Config, kind: str) -> tuple[str, ...]:
+    """The flow run tags of a run of ``kind`` on ``config``'s data set and preset."""
+    return (f"dataset:{dataset_slug(redact(config.data.dataset))}", f"preset:{config.runtime.preset}", f"kind:{kind}")

@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import sqlite3
 import subprocess
 import threading
+import time
 from contextlib import contextmanager
 from contextvars import ContextVar
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterator
 
 import mlflow
+from mlflow.entities import Metric, Param, RunTag
 from sqlalchemy.exc import DatabaseError
 
 from metarec.config import Config
@@ -41,9 +45,8 @@ from tasks.runtime.paths import prepared_dir
 
 logger = logging.getLogger(__name__)
 
-REGISTERED_MODEL = "responsive-mf"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_UI_URL = "http://127.0.0.1:5000"  # README's `mlflow ui` command
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
 # MLflow 3's UI opens an experiment on its GenAI overview unless the link asks for the "Model training" view.
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 # The main config values a parent run shows: what a reader needs to tell two runs apart at a glance.
@@ -299,7 +302,8 @@ def child_run(run_name: str, tags: dict[str, str] | None = None, run_id: str | N
 
 
 def ui_url(config: Config | None = None) -> str:
-    """Base URL of the MLflow UI for links: the configured one, a tracking server, or README's `mlflow ui`.
+    """Base URL of the MLflow UI for links: the configured one, the tracking server when the store is one, else the
+    address `mlflow ui` starts on by default (``ui_command`` says how to start it on this store).
 
     Links land in logs, Prefect artifacts and the terminal: credentials in either address are masked."""
     if config is not None and config.runtime.mlflow_ui_url:
@@ -308,8 +312,19 @@ def ui_url(config: Config | None = None) -> str:
     return redact(uri.rstrip("/")) if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
 
 
+def ui_command(config: Config | None = None) -> str | None:
+    """The command that starts a UI on this store (``mlflow ui --backend-store-uri ...``); None when the store is a
+    tracking server (it serves its own UI) or a UI URL is configured."""
+    if config is not None and config.runtime.mlflow_ui_url:
+        return None
+    uri = tracking_uri(config) if config is not None else mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return None
+    return f"mlflow ui --backend-store-uri {redact(uri)}"
+
+
 def run_link(run_id: str, config: Config | None = None) -> str:
-    """Where a run opens in the MLflow UI (its "Model training" view); README says how to start the UI."""
+    """Where a run opens in the MLflow UI (its "Model training" view)."""
     experiment_id = mlflow.get_run(run_id).info.experiment_id
     return f"{ui_url(config)}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
@@ -320,21 +335,101 @@ def _param_value(value: object) -> str:
     return text[:6000]  # MLflow's limit on a param value
 
 
-def model_params(config: Config, name: str) -> dict[str, str]:
+def paper_lambda(lambda_ours: float, K: int) -> float:
+    """docs/method.md §11: with L^K a mean over its K triples, λ_paper = K · λ_ours (the paper sums over the K triples)."""
+    return K * lambda_ours
+
+
+def _reads(name: str, key: str) -> bool:
+    """Whether row ``name`` reads config field ``key`` (its ``Row.reads`` globs; none: every field of its sections)."""
+    globs = ROWS[name].reads
+    return key.startswith("data.") or not globs or any(fnmatch(key, pattern) for pattern in globs)
+
+
+def model_params(config: Config, name: str, pooled: bool = False) -> dict[str, str]:
     """The hyperparameters row ``name`` actually runs with, flat (``section.field``).
 
-    Resolved with ``Config.for_row`` (tuned values, then the row's fixed options) and limited to the sections the
-    row depends on, so comparing two models' runs shows exactly the values that differ between them.
+    Resolved with ``Config.for_row`` (tuned values, then the row's fixed options) and limited to the fields the row
+    reads (its sections, narrowed by ``Row.reads``), so comparing two models' runs shows exactly the values that differ
+    between them. Rows of ours also show λ_ML on the paper's scale (``meta.lambda_paper``). ``pooled``: a run over
+    every fold, which has no ``data.fold``.
     """
     from tasks.train.models import model_sections
 
     resolved = config.for_row(name)
     flat = {f"{section}.{key}": redact_value(value) for section in model_sections(name)
             for key, value in getattr(resolved, section).model_dump(mode="json").items()}
+    flat = {key: value for key, value in flat.items() if _reads(name, key) and not (pooled and key == "data.fold")}
+    if "meta.lambda_ml" in flat:
+        flat["meta.lambda_paper"] = paper_lambda(resolved.meta.lambda_ml, resolved.tasks.K)
     return {"model": name, "model.label": ROWS[name].label, **{key: _param_value(value) for key, value in flat.items()}}
 
 
+# ------------------------------------------------------------------------ a row's pooled run
+SOURCE_TAGS = ("mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit", "mlflow.user")
+
+
+def pooled_run_name(name: str) -> str:
+    """``Ours+ · pooled``: the row first, so the UI's narrow name column tells the runs apart."""
+    return f"{ROWS[name].label} · pooled"
+
+
+@contextmanager
+def open_model_runs(config: Config, parent_id: str, models) -> Iterator[dict[str, str]]:
+    """One run per row under ``parent_id``, opened now, before the row's fits and evaluations start, so that its
+    duration is the work's; yields {row: run id}. ``close_model_run`` ends each; a failure ends the open ones FAILED."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_id)
+    source = {key: parent.data.tags[key] for key in SOURCE_TAGS if key in parent.data.tags}
+    tags = {key: value for key, value in run_tags(config, kind="model").items() if key != "data_hash"}  # pooled: every fold's data
+    runs = {name: client.create_run(parent.info.experiment_id, run_name=pooled_run_name(name), tags={
+        "mlflow.parentRunId": parent_id, "model": name, "folds": str(config.data.new_user_folds), **source, **tags}).info.run_id
+        for name in models}
+    try:
+        yield runs
+    except BaseException:
+        for run_id in runs.values():
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, "FAILED")
+        raise
+
+
+def close_model_run(client: mlflow.MlflowClient, run_id: str, record: dict, tags: dict[str, str], params: dict[str, str]) -> None:
+    """A row's pooled results (the shared metric names, so the compare view lines rows up) on its run, then ended."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(value["mean"]), now, 0) for key, value in record["metrics"].items() if math.isfinite(value["mean"])]
+    metrics += [Metric(f"seconds_{key}", float(value), now, 0) for key, value in record["seconds"].items()]
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+                     tags=[RunTag("status", "evaluated"), *(RunTag(k, v) for k, v in tags.items())])
+    client.log_dict(run_id, record, "metrics.json")
+    client.set_terminated(run_id)
+
+
+# ------------------------------------------------------------------------ what a person reads first
+GLOSSARY = """\
+Metric names: `<part>_n<n>_<metric>` or `stream_<metric>_mean`.
+
+- **new**: new users (a fold's users unseen in training), scored on their next item against sampled candidates after
+  their first **n** interactions (`n1`, `n5`, `n10`, ...); **full**: the same cases ranked against every item;
+- **stream**: the evaluation stream's users, batch by batch (`stream_b3_auc`: batch 3); **seen**: users met before
+  the batch; **cold**: first-time users;
+- **hr10**: hit rate at 10 (is the true item in the top 10), **ndcg10**: NDCG at 10 (rewards a higher rank),
+  **auc**: the share of candidates ranked below the true item;
+- on a pipeline run: **ours_paper_** Ours (paper), **ours_plus_** Ours+, **best_other_** the best other row;
+  `seconds_*`: wall time of a stage. λ_paper = K · λ_ML is λ on the paper's scale (docs/method.md §11).
+"""
+
+
+def run_description(config: Config) -> str:
+    """The parent run's description (markdown): what it ran, and the glossary of metric names."""
+    rows = ", ".join(ROWS[name].label if name in ROWS else name for name in config.eval.models)
+    return (f"Table 1 on `{redact(config.data.dataset)}`, {config.data.new_user_folds} new-user fold(s) pooled, "
+            f"{config.runtime.preset} preset; rows: {rows}. Children: one run per row (`<row> · pooled`) with the "
+            f"meta-trainings of ours per fold under it (`<row> · fold k · train`), and the λ_ML sweep.\n\n" + GLOSSARY)
 def main_params(config: Config) -> dict[str, str]:
     """The main config values, for a flow's parent run (those of ``MAIN_PARAMS`` the config has)."""
     flat = config.to_flat_dict()
-    return {key: _param_value(flat[key]) for key in MAIN_PARAMS if key in flat}
+    out = {key: _param_value(flat[key]) for key in MAIN_PARAMS if key in flat}
+    if "meta.lambda_ml" in out:  # λ as the paper, README and findings give it
+        out["meta.lambda_paper"] = _param_value(paper_lambda(config.meta.lambda_ml, config.tasks.K))
+    return out

@@ -63,6 +63,7 @@ from safetensors.torch import load_file, save_file
 from metarec.config import Config
 from metarec.distributed import backend_for
 from metarec.maml import DivergedError
+from metarec.models.registry import ROWS
 from metarec.models.responsive import EpochStats, ResponsiveMF, from_config
 from tasks.runtime.atomic import atomic_dir, write_json
 from tasks.runtime.integrity import CorruptFileError, quarantine
@@ -73,7 +74,7 @@ from tasks.runtime.paths import prepared_dir, task_shards_dir, train_key
 from tasks.data.prepared import PreparedData, load_prepared
 from tasks.train.task_shards import iter_task_shards, read_manifest
 from tasks.track.model_registry import log_theta_model
-from tasks.track.tracking import child_run, model_params, run_tags, setup_mlflow
+from tasks.track.tracking import child_run, model_params, paper_lambda, run_tags, setup_mlflow
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,11 @@ class TrainResult:
 def training_dir(config: Config) -> Path:
     """prepared_dir/training/responsive-<key of data, tasks, meta and the code (``tasks.runtime.paths.train_key``)>."""
     return prepared_dir(config) / "training" / f"responsive-{train_key(config)}"
+
+
+def training_run_name(row: str, fold: int) -> str:
+    """``Ours+ · fold 0 · train``: row and fold first, what the UI's narrow name column must show."""
+    return f"{ROWS[row].label} · fold {fold} · train"
 
 
 def cached_training(config: Config, row: str = "responsive") -> TrainResult | None:
@@ -315,7 +321,7 @@ def meta_train(
         raise _out_of_memory(config, exc) from None
     last = config.meta.epochs if max_epochs is None else min(config.meta.epochs, max_epochs)
     tags = run_tags(config, kind="training", model=row, status="running", fold=str(config.data.fold))
-    name = run_name or f"train {row} fold {config.data.fold} λ={config.meta.lambda_ml:g}"
+    name = run_name or training_run_name(row, config.data.fold)
     with _epoch_runner(config, model, task_dir, first_epoch, last, n_tasks) as run_epoch, \
             child_run(name, tags, run_id=run_id, parent_run_id=parent_run_id) as run_id:
         if first_epoch == 0 and not records:
@@ -357,7 +363,8 @@ def _diverged(config: Config, work: Path, run_id: str, epoch: int, records: list
     mlflow.end_run(status="FAILED")  # the `with start_run` around us then leaves it as it is
     shutil.rmtree(work / "checkpoint", ignore_errors=True)
     write_json({"status": "diverged", "epoch": epoch, "run_id": run_id, "message": message, "history": records}, work / STATUS_FILE)
-    _log("meta-training diverged in epoch %d (lambda_ml=%s): %s", epoch, config.meta.lambda_ml, message)
+    _log("meta-training diverged in epoch %d (λ_paper=%g, λ_ML=%g): %s", epoch, paper_lambda(config.meta.lambda_ml, config.tasks.K),
+         config.meta.lambda_ml, message)
     return TrainResult("diverged", epoch, run_id, records, message=message)
 
 
@@ -366,7 +373,7 @@ def _finish(config: Config, model: ResponsiveMF, work: Path, run_id: str, record
 
     Nothing is registered here: only serving candidates are, after their evaluation (``tasks.track.model_registry``)."""
     model.reset_untrained_rows()
-    model_uri = log_theta_model(model, config, prepared)
+    model_uri = log_theta_model(model, config, prepared, row)  # its metrics: the fold's evaluation, linked when it is done
     out = save_model(model, row, config, model_dir(config, row), {"run_id": run_id, "history_interactions": len(prepared.history)})
     mlflow.set_tag("status", "finished")
     write_json({"status": "finished", "epochs": len(records), "run_id": run_id, "model_uri": model_uri, "history": records}, work / STATUS_FILE)
