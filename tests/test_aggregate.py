@@ -237,7 +237,7 @@ def test_the_forest_plot_names_both_rows_of_ours_and_no_label_runs_into_another_
     fig = forest_figure(found, "ml-100k")
     try:
         assert {"Ours (paper)", "Ours+"} <= _legend_texts(fig)
-        assert len(fig.axes) == 3 and _overlaps(fig) == []
+        assert len(fig.axes) == 4 and _overlaps(fig) == []  # HR, NDCG sampled, NDCG full ranking, stream AUC
     finally:
         plt.close(fig)
 

@@ -50,9 +50,9 @@ def test_the_architecture_page_names_only_what_exists():
 def test_the_path_check_catches_a_moved_module(tmp_path: Path):
     (tmp_path / "tasks" / "data").mkdir(parents=True)
     (tmp_path / "tasks" / "data" / "prepare.py").write_text("")
-    page = "prepare: `tasks/data/prepare.py`; old place: `tasks/data/prepare.py`; module `tasks.data.prepare.build_once`, `tasks.runtime.paths`"
-    assert missing_paths(page, tmp_path) == ["tasks/data/prepare.py"]
-    assert missing_modules(page, tmp_path) == ["tasks.runtime.paths"]
+    page = "prepare: `tasks/data/prepare.py`; old place: `tasks/prepare.py`; module `tasks.data.prepare.build_once`, `tasks.paths`"
+    assert missing_paths(page, tmp_path) == ["tasks/prepare.py"]
+    assert missing_modules(page, tmp_path) == ["tasks.paths"]
 
 
 def _code_files() -> list[Path]:

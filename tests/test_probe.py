@@ -366,21 +366,20 @@ def test_a_read_only_home_moves_prefect_home_into_the_artifacts(tmp_path, monkey
 
 
 def test_recommend_dataset_serves_only_a_version_trained_on_it():
+    """Each data set has its own registered model, so --dataset picks that model's champion and never another's."""
     from types import SimpleNamespace
 
-    from tasks.serve.serving import ServingError, version_to_serve
+    from tasks.serve.serving import version_to_serve
+    from tasks.track.champion import registered_model_name
 
-    champion = SimpleNamespace(version="2", tags={"dataset": "ml-1m"})
-    other = SimpleNamespace(version="1", tags={"dataset": "ml-100k"})
-    client = SimpleNamespace(get_model_version_by_alias=lambda name, alias: champion,
-                             get_model_version=lambda name, version: {"1": other, "2": champion}[version])
-    assert version_to_serve(client) is champion  # no --dataset: the champion, as before
-    assert version_to_serve(client, dataset="ml-1m") is champion
-    with pytest.raises(ServingError, match=r"version 2 of 'responsive-mf' was trained on 'ml-1m', not on 'ml-100k'"):
-        version_to_serve(client, dataset="ml-100k")
-    assert version_to_serve(client, "1", dataset="ml-100k") is other
-    with pytest.raises(ServingError, match="trained on 'ml-100k', not on 'ml-1m'"):
-        version_to_serve(client, "1", dataset="ml-1m")
+    champions = {registered_model_name("ml-1m"): SimpleNamespace(version="2", tags={"dataset": "ml-1m"}),
+                 registered_model_name("ml-100k"): SimpleNamespace(version="1", tags={"dataset": "ml-100k"})}
+    client = SimpleNamespace(get_model_version_by_alias=lambda name, alias: champions[name],
+                             get_model_version=lambda name, version: champions[name])
+    assert len(champions) == 2  # two names, not one global 'responsive-mf'
+    assert version_to_serve(client, registered_model_name("ml-100k")).tags["dataset"] == "ml-100k"
+    assert version_to_serve(client, registered_model_name("ml-1m")).tags["dataset"] == "ml-1m"
+    assert version_to_serve(client, registered_model_name("ml-100k"), "1").tags["dataset"] == "ml-100k"
 
 
 def test_a_full_disk_is_named_behind_the_errors_it_causes(monkeypatch, tmp_path):
