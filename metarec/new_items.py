@@ -17,7 +17,8 @@ How a row takes in a new item's n interactions (``reveal_new_items``):
   (for n < K it holds the n triples, cycled to a rectangle when items differ in n);
 - MF-FT (``MFFineTune``): the item's row starts at the mean of the trained item rows + noise and takes
   ``baselines.ft_epochs`` SGD passes (rate ``baselines.ft_lr``) over its n triples, every other row
-  fixed: plain fine-tuning of the item row;
+  fixed: plain fine-tuning of the item row; MetaEmb (``metarec.models.metaemb``) the same, started from its
+  generator's embedding of the item's features;
 - any other row: its own online update on the n interactions as one batch (``observe``); for Pop that is
   counting them.
 """
@@ -101,7 +102,8 @@ def finetune_item_rows(model, shown: Interactions) -> None:
     fill = model.new_item_rows(rng)
     model._grow(max(len(model.W_), shown.n_users), max(len(model.H_), shown.n_items), lambda k: model._default_user().expand(k, -1).clone(), fill)
     items = np.unique(shown.items)
-    model.H_[torch.as_tensor(items)] = fill(len(items))
+    start = getattr(model, "generated_item_rows", None)  # MetaEmb: its generator's φ; MF-FT: §7's mean + noise
+    model.H_[torch.as_tensor(items)] = start(items) if start is not None else fill(len(items))
     model._remember(shown)  # the items now count as seen: scored with their own rows
     for _ in range(model.config.ft_epochs):
         neg = negatives(model.index_, shown.users, rng, len(model.H_))
