@@ -38,6 +38,7 @@ from metarec.models.registry import ROWS
 from tasks.evaluate.aggregate import RunFacts, ours_options, write_report
 from tasks.runtime.atomic import write_json
 from tasks.evaluate.evaluation import evaluate_model_task
+from tasks.evaluate.new_items import new_items_report, publish_table2
 from tasks.train.models import fit_model_task
 from tasks.runtime.paths import dataset_slug, fold_configs, prepared_dir, run_dir
 from tasks.evaluate.pooling import pool_cases, summarise_cases
@@ -231,6 +232,11 @@ def pipeline(config: Config, sweep: bool = False, tune_first: bool = False, kind
             files = write_report(out, facts, results, cases, fold_results, warnings)
             write_json(config.to_record(), out / "config.json")
             files["config.json"] = out / "config.json"
+            if config.eval.new_items:  # opt-in Table 2 (item cold start): a second fit and evaluation of every row
+                table2_started = time.perf_counter()
+                files.update(table2 := new_items_report(config, folds, out))
+                publish_table2(table2, config.data.dataset)
+                seconds["new items"] = time.perf_counter() - table2_started
             seconds["report"] = time.perf_counter() - start
             _log_children(config, model_runs, results, files, trained[0])
         _link_model_metrics(trained, fold_results)

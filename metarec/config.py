@@ -59,6 +59,9 @@ class DataConfig(Section):
     new_user_fraction: float = Field(0.1, gt=0.0, le=0.5, description="Fraction of users held out as new users: users are dealt into round(1 / fraction) groups by a seeded hash, one group per split.")
     new_user_folds: int = Field(5, ge=1, description="New-user folds F: the pipeline runs F splits, fold f's new users being group f of the deal (see new_user_fraction), and pools the results. F = round(1 / new_user_fraction) makes every user a new user exactly once.")
     fold: int = Field(0, ge=0, description="Which group of the deal is this split's new users (set per fold by the pipeline).")
+    new_item_fraction: float = Field(0.1, gt=0.0, le=0.5, description="Item cold start (Table 2, eval.new_items): fraction of the "
+                                     "history's items held out as new items, dealt like new users into round(1 / fraction) groups "
+                                     "by a seeded hash of the item id; data.fold picks the group (tasks/data/new_items.py).")
     history_fraction: float = Field(0.9, gt=0.0, lt=1.0, description="Time quantile that cuts history from stream.")
     stream_batches: int = Field(10, ge=1, description="Number of time-ordered stream batches.")
     n_negatives: int = Field(100, ge=1, description="Sampled negatives per evaluation case.")
@@ -77,6 +80,11 @@ class DataConfig(Section):
     def deals(self) -> int:
         """Groups the users are dealt into: each split holds out one group (about new_user_fraction of the users)."""
         return max(2, round(1.0 / self.new_user_fraction))
+
+    @property
+    def item_deals(self) -> int:
+        """Groups the items are dealt into for item cold start; a split's new items are group fold % item_deals."""
+        return max(2, round(1.0 / self.new_item_fraction))
 
     @model_validator(mode="after")
     def _one_column_one_role(self) -> "DataConfig":
@@ -340,6 +348,9 @@ class EvalConfig(Section):
         "training finishes at 1e20 and fails (gradient norm inf) at 1e22, the last point, where the sweep shows it.")
     max_new_users: int | None = Field(None, ge=1, description="Cap on evaluated new users.")
     training_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Fraction of every row's full training passes over the history (its Row.passes fields, rounded up, at least 1): one rule for all models. The quick preset uses 0.5.")
+    new_items: bool = Field(False, description="Also evaluate item cold start and write Table 2 (new items) beside Table 1. "
+                            "Off by default: it refits every row of eval.models (ours meta-trained again) on the history without "
+                            "the new items and runs a second evaluation, about doubling a run's cost.")
     seed: int = Field(3, ge=0, description="Seed of the bootstrap and of the quick-mode new-user subset.")
 
     @field_validator("models")

@@ -205,6 +205,11 @@ ROWS: dict[str, Row] = {
             reads=("baselines.epochs", "baselines.lr", "baselines.batch_size", "baselines.seed", "baselines.ft_*", "meta.dim",
                    "meta.lambda_p", "meta.lambda_q_*", "meta.init_std", "meta.new_row_std"),
         ),
+        Row(  # item cold start (Table 2): MF-FT whose new items start from a generator of item features; in Table 1 it is MF-FT
+            "metaemb", "metarec.models.metaemb:from_config", "MetaEmb",
+            {**_SGD, "baselines.ft_lr": Float(0.005, 0.5, log=True, limits=(1e-4, 2.0)), "baselines.ft_epochs": Int(1, 20, log=True, limits=(1, 100))},
+            sections=("baselines", "meta"), passes=("baselines.epochs",), in_default=False,
+        ),
         Row(
             "rkmf", "metarec.models.rkmf:from_config", "RKMF",
             {**_SGD, "baselines.rkmf_kernel": Choice(("linear", "logistic")), "baselines.rkmf_update_epochs": Int(1, 20, log=True, limits=(1, 100))},

@@ -41,6 +41,8 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "train": ("tasks.train.training", "tasks.train.models", "metarec.models.responsive"),
     "fit": ("tasks.train.models",),  # plus the row's own module (``model_code``)
     "evaluate": ("tasks.evaluate.evaluation", "metarec.protocol", "metarec.metrics"),
+    # item cold start (Table 2, opt-in eval.new_items): its split and its evaluation (refits key on the rows' own code)
+    "new_items": ("tasks.data.new_items", "tasks.evaluate.new_items", "metarec.new_items"),
 }
 # Their code reaches results only through config values, which every key hashes already
 # (``Config.hash_of`` covers each field and each row's fixed options); keying on their text
