@@ -51,12 +51,14 @@ def quick_run(prefect_harness, tmp_path_factory, ml100k_dir):
     from flows.pipeline import pipeline
     from tasks.evaluate.evaluation import METRICS_FILE, eval_dir
     from tasks.runtime.settings import QUICK_OVERRIDES, load_config
+    from tasks.train.tuning import current_fingerprint, tuned_source
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     root = tmp_path_factory.mktemp("quick-run")
     config = load_config(overrides=[*QUICK_OVERRIDES, "eval.lambda_sweep=[0.0, 1.0]"], data={"data_dir": str(ml100k_dir)},
                          runtime={"artifacts_dir": str(root / "artifacts")})
     first = pipeline(config, sweep=True)
+    config = tuned_source(config, current_fingerprint(config))[0]  # the values the run used (tuned/ml-100k.json): its stage keys
     stamps = {m: (eval_dir(config, m) / METRICS_FILE).stat().st_mtime_ns for m in first["results"]}
     second = pipeline(config)
     promotion, promotion_again = first["champion"], second["champion"]

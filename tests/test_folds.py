@@ -72,6 +72,7 @@ def test_pipeline_pools_two_folds_on_the_same_stored_cases(prefect_harness, tmp_
     from tasks.evaluate.pooling import pool_cases
     from tasks.runtime.paths import run_dir
     from tasks.runtime.settings import load_config
+    from tasks.train.tuning import tuned_source
 
     config = load_config(overrides=[
         "data.new_user_folds=2", "data.new_user_ns=[1, 3]", "data.n_negatives=20", "eval.models=['responsive', 'pop']",
@@ -79,7 +80,8 @@ def test_pipeline_pools_two_folds_on_the_same_stored_cases(prefect_harness, tmp_
     ], data={"dataset": str(tmp_path / "ratings.csv")})
     result = pipeline(config)
     run = Path(result["run_dir"])
-    cases = pool_cases({c.data.fold: run_dir(c) for c in fold_configs(config)}, ["responsive", "pop"])  # no tuning record: config as given
+    ran = tuned_source(config)[0]  # a CSV without a record of its own borrows ml-100k's values: the run's stage keys
+    cases = pool_cases({c.data.fold: run_dir(c) for c in fold_configs(ran)}, ["responsive", "pop"])
     assert set(cases) == {"responsive", "pop"}
     ours, pop = cases["responsive"], cases["pop"]
     assert sorted(set(ours["fold"].to_pylist())) == [0, 1]

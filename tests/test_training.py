@@ -21,7 +21,7 @@ from tasks.data.prepare import prepare_data
 from tasks.train.task_shards import build_task_shards
 from tasks.track.champion import registered_model_name
 from tasks.track.tracking import setup_mlflow
-from tasks.track.model_registry import THETA_FILE, load_theta, register_candidate
+from tasks.track.model_registry import THETA_FILE, Candidate, load_theta, register_candidate
 from tasks.train.training import load_checkpoint, meta_train, training_dir
 
 
@@ -281,15 +281,16 @@ def test_recommend_rejects_bad_versions_and_names_a_damaged_theta(planted_csv, t
 
     root = tmp_path / "a"
     config = _prepared(_config(planted_csv, root, epochs=1))
-    assert register_candidate(config, meta_train(config).run_id, "pipeline", 0.25) == "1"
+    assert register_candidate(config, meta_train(config).run_id, "pipeline", Candidate("responsive", 0, 1, None)) == "1"
     monkeypatch.setenv("METAREC_RUNTIME__ARTIFACTS_DIR", str(root))
     runner = CliRunner()
+    served = ["--dataset", str(planted_csv)]  # each data set has its own registered model
     for version, words in (("abc", "--version 'abc': expected a version number"), ("999", "has no version 999; registered versions: 1")):
-        result = runner.invoke(app, ["recommend", "--user", "1", "--version", version])
+        result = runner.invoke(app, ["recommend", "--user", "1", "--version", version, *served])
         assert result.exit_code == 1 and words in result.output, result.output
     (theta,) = (root / "mlruns").rglob(THETA_FILE)
     theta.write_bytes(theta.read_bytes()[:64])
-    result = runner.invoke(app, ["recommend", "--user", "1", "--version", "1"])
+    result = runner.invoke(app, ["recommend", "--user", "1", "--version", "1", *served])
     assert result.exit_code == 1 and "registered version 1" in result.output and THETA_FILE in result.output, result.output
 
 
