@@ -64,3 +64,15 @@ def quick_run(prefect_harness, tmp_path_factory, ml100k_dir):
     promotion, promotion_again = first["champion"], second["champion"]
     return SimpleNamespace(config=config, first=first, second=second, stamps=stamps, score=promotion["score"], promotion=promotion,
                            promotion_again=promotion_again, swept=first["sweep"])
+
+
+@pytest.fixture()
+def ratings_csv(tmp_path: Path) -> Path:
+    """A planted log of 200 users in the generic CSV format (the champion and nightly tests' small full runs)."""
+    from metarec.synthetic import planted_interactions
+
+    data = planted_interactions(n_users=200, n_items=300, per_user=24, seed=5).interactions
+    path = tmp_path / "planted.csv"
+    rows = ["user_id,item_id,rating,timestamp"] + [f"{u},{i},4,{t}" for u, i, t in zip(data.users, data.items, data.ts)]
+    path.write_text("\n".join(rows) + "\n")
+    return path

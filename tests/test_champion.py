@@ -143,17 +143,6 @@ def test_an_unloadable_champion_does_not_block_promotion(client, tmp_path):
 SMALL = ["eval.models=['responsive','pop']", "meta.epochs=1", "eval.bootstrap=50", "data.new_user_ns=[1,5]", "data.new_user_folds=1"]
 
 
-@pytest.fixture()
-def ratings_csv(tmp_path: Path) -> Path:
-    from metarec.synthetic import planted_interactions
-
-    data = planted_interactions(n_users=200, n_items=300, per_user=24, seed=5).interactions
-    path = tmp_path / "planted.csv"
-    rows = ["user_id,item_id,rating,timestamp"] + [f"{u},{i},4,{t}" for u, i, t in zip(data.users, data.items, data.ts)]
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
 @pytest.mark.slow
 def test_a_quick_run_after_a_full_run_leaves_the_full_run_s_champion_in_place(prefect_harness, artifacts, ratings_csv):
     from flows.pipeline import pipeline

@@ -9,7 +9,6 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from metarec.synthetic import planted_interactions
 import numpy as np
 
 from tasks.track.champion import CHAMPION, DATA_TAG, SCORE_TAG, CaseScores, current_champion, log_case_scores, registered_model_name
@@ -18,15 +17,6 @@ from tasks.runtime.settings import load_config
 from tasks.track.tracking import setup_mlflow
 
 SMALL = ["eval.models=['responsive','pop']", "meta.epochs=1", "eval.bootstrap=20", "data.new_user_ns=[1,5]"]
-
-
-@pytest.fixture()
-def ratings_csv(tmp_path: Path) -> Path:
-    data = planted_interactions(n_users=200, n_items=300, per_user=24, seed=5).interactions
-    path = tmp_path / "planted.csv"
-    rows = ["user_id,item_id,rating,timestamp"] + [f"{u},{i},4,{t}" for u, i, t in zip(data.users, data.items, data.ts)]
-    path.write_text("\n".join(rows) + "\n")
-    return path
 
 
 def _fake_champion(client: MlflowClient, name: str, data_hash: str, score: float) -> str:
