@@ -15,7 +15,7 @@ from metarec.interface import Interactions, RecentItems
 from metarec.maml import (Extras, StartRows, TaskBatch, flex_meta_objective, flex_support_grads, localise, meta_objective,
                           support_ops)
 from metarec.meta_tasks import early_tasks
-from metarec.models.registry import ROWS
+from metarec.models.registry import OURS_PLUS_LEFT_OUT, ROWS
 from metarec.models.responsive import ResponsiveMF
 from metarec.neighbours import InteractionIndex
 from metarec.synthetic import planted_interactions
@@ -42,9 +42,14 @@ def test_the_paper_row_has_every_new_option_off_and_ours_plus_searches_them():
     assert not (paper.meta.item_bias or paper.meta.learned_inner_lr or paper.meta.learned_prior or paper.meta.learned_start)
     assert paper.meta.online_adapt_steps == 0 and paper.meta.online_steps == 1 and not paper.meta.flexible
     space, paper_space = ROWS["responsive_plus"].space, ROWS["responsive"].space
-    for key in ("tasks.early_share", "tasks.serve_k", "meta.serve_inner_lr", "meta.serve_inner_steps", "meta.lambda_ml", "tasks.k",
-                "meta.online_steps", "meta.online_lr", *(f"meta.{name}" for name in NEW_OPTIONS_META)):
+    for key in ("tasks.early_share", "tasks.serve_k", "meta.serve_inner_steps", "meta.item_bias", "meta.lambda_ml", "tasks.k",
+                "meta.online_steps", "meta.online_lr"):
         assert key in space, key
+    # every new option is searched or left out with a reason, never silently dropped
+    for key in (*(f"meta.{name}" for name in NEW_OPTIONS_META), "meta.serve_inner_lr", "meta.pretrain_epochs"):
+        assert (key in space) != (key in OURS_PLUS_LEFT_OUT), key
+        assert key in space or len(OURS_PLUS_LEFT_OUT[key]) > 20, key
+    assert len(space) <= 13  # 19 dimensions kept the first of 24 trials (docs/findings.md §10)
     assert not any(key in paper_space for key in ("tasks.early_share", "tasks.serve_k", *(f"meta.{n}" for n in NEW_OPTIONS_META)))
     assert plus.tasks.support_neighbours is False and "tasks.support_neighbours" not in space  # fixed by the row
 
