@@ -325,10 +325,18 @@ def test_the_shipped_legacy_record_applies_and_is_named_stale() -> None:
     assert used.for_row("rkmf").baselines.lr == json.loads(path.read_text())["models"]["rkmf"]["chosen"]["baselines.lr"]
 
 
-def test_tune_runs_real_trials_in_two_processes_and_merges_rows(history, artifacts, tmp_path) -> None:
-    """Real trials (a tiny SPMF in two worker processes, Pop scored once, our model), merged into one record."""
+def test_tune_runs_real_trials_in_two_processes_and_merges_rows(prefect_harness, history, artifacts, tmp_path) -> None:
+    """Real trials (a tiny SPMF in two worker processes, Pop scored once, our model), merged into one record; each
+    worker's share of the trials is a Prefect task run of the process-pool runner."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
     config = record_config(tmp_path, budget=2)
     path = tune(config, ("spmf", "pop"), history=history, workers=2)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="tune spmf")))
+    assert sorted(run.name for run in runs) == ["tune spmf · worker 0", "tune spmf · worker 1"]
+    assert all(run.state.is_completed() for run in runs)
     record = json.loads(path.read_text())
     assert record["workers"] == 2 and set(record["models"]) == {"spmf", "pop"}
     spmf = record["models"]["spmf"]

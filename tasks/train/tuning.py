@@ -22,7 +22,7 @@ adding a row's space there is all a new row needs. For each row:
   Hyperband pruner (``PRUNER``, the same for every row) stops poor trials. Rows
   without passes (Pop) are scored once and not searched;
 - trials run in ``runtime.max_workers`` processes (one torch thread each) against
-  the same study (on 2 cores two 1-thread trials beat one 2-thread trial: README,
+  the same study, each process's share a Prefect task run (``tuning_worker``) (on 2 cores two 1-thread trials beat one 2-thread trial: README,
   Tuning); one process reproduces a study exactly from its seed.
 
 Output: one record per data set, ``tuned/<dataset>.json`` in the repository
@@ -43,9 +43,7 @@ import math
 import subprocess
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
@@ -55,6 +53,8 @@ import torch
 from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from prefect import task
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from metarec.config import NOT_HASHED, SECTION_TYPES, Config
 from metarec.features import NO_FEATURES, Features
@@ -395,7 +395,7 @@ def _start_worker(split: dict) -> None:
     torch.set_num_threads(1)  # two trials on two cores: one thread each
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    # no Prefect run here (and Prefect's logging config on the root): the trial lines go to the inherited stderr
+    # outside a Prefect task run (the lines of a run go to its log): the trial lines go to the inherited stderr
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s | INFO    | tuning worker %(process)d - %(message)s", datefmt="%H:%M:%S"))
     logger.addHandler(handler)
@@ -403,24 +403,37 @@ def _start_worker(split: dict) -> None:
     logger.propagate = False
 
 
+@task(task_run_name="tune {name} · worker {worker}")
+def tuning_worker(name: str, config: Config, storage: str, fingerprint: str, worker: int) -> None:
+    """One worker's share of a row's trials, as a Prefect task run in a worker process of the tuning's runner (its
+    trial lines go to that task run's log)."""
+    _worker_trials(name, config, storage, fingerprint, worker)
+
+
 def _worker_trials(name: str, config: Config, storage: str, fingerprint: str, worker: int) -> None:
+    # a module function, not the task's body: the task is pickled by value with a copy of the globals it names, and
+    # the split lives in this module's global, set by the worker's initializer
     run_trials(name, config, storage, fingerprint, validation_trials(config, _WORKER_SPLIT), worker)
 
 
 class WorkerPool:
-    """``workers`` processes (spawned: no forked torch state), each holding the validation split, for every row."""
+    """``workers`` processes (spawned: no forked torch state), each holding the validation split, for every row: a
+    Prefect process-pool task runner, so each worker's trials are a task run of the tuning flow. Threads would share
+    one interpreter's lock, and a trial's small torch operations spend much of their time in Python."""
 
     def __init__(self, split: dict, workers: int) -> None:
         self.workers = workers
-        self.executor = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker, initargs=(split,))
+        self.runner = ProcessPoolTaskRunner(max_workers=workers, initializer=_start_worker, initargs=(split,))
+        self.runner.__enter__()
 
     def run(self, name: str, config: Config, storage: str, fingerprint: str) -> None:
-        futures = [self.executor.submit(_worker_trials, name, config, storage, fingerprint, worker) for worker in range(self.workers)]
+        futures = [self.runner.submit(tuning_worker, {"name": name, "config": config, "storage": storage, "fingerprint": fingerprint, "worker": worker})
+                   for worker in range(self.workers)]
         for future in futures:
             future.result()
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.runner.__exit__(None, None, None)
 
 
 def validation_trials(config: Config, split: dict) -> TrialFn:
