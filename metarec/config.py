@@ -27,6 +27,15 @@ from metarec.redaction import redact, redact_value
 # Where the data is read from does not change what it is, and how many folds a run pools does not change
 # any one fold's split: these stay out of the hashes (a pooled run's folder names its fold count itself).
 NOT_HASHED: dict[str, set[str]] = {"data": {"data_dir", "download", "new_user_folds"}}
+# Options added after tuning studies and caches were keyed, whose None leaves every result as it was: they enter a
+# hash only once set, so adding them keeps today's keys, study names and tuning records valid.
+HASHED_WHEN_SET: dict[str, set[str]] = {"meta": {"item_inner_lr", "item_inner_steps"}}
+
+
+def hashed_dump(name: str, section: "Section") -> dict:
+    """A section's fields as they enter hashes: NOT_HASHED left out, HASHED_WHEN_SET fields only when not None."""
+    dump = section.model_dump(mode="json", exclude=NOT_HASHED.get(name))
+    return {k: v for k, v in dump.items() if not (v is None and k in HASHED_WHEN_SET.get(name, ()))}
 
 
 class Section(BaseModel):
@@ -215,6 +224,13 @@ class MetaConfig(Section):
         "early task (tasks.early_share) starts from, is a start vector p0 (+ the same noise) learned in the outer loop.")
     serve_inner_lr: float | None = Field(None, gt=0.0, description="alpha when adapting a served user (None = inner_lr, the paper). An Ours+ option.")
     serve_inner_steps: int | None = Field(None, ge=0, description="L when adapting a served user (None = inner_steps, the paper; 0 = Θ alone). An Ours+ option.")
+    item_inner_lr: float | None = Field(
+        None, gt=0.0, description="alpha when adapting a new item's row from Θ on its n shown interactions (Table 2, "
+        "metarec/new_items.py; None = serving's alpha, as the paper row). Serving's alpha and L move the row about as far "
+        "at n = 1 as at n = 10; an item-side rate lets the item's n triples move it further. Not searched: Table 2 is not tuned.")
+    item_inner_steps: int | None = Field(
+        None, ge=0, description="L when adapting a new item's row (None = serving's L, as the paper row; 0 = §7's new row "
+        "unadapted). Only Table 2 reads it.")
     seed: int = Field(0, ge=0, description="Seed of the initialisation and of the negatives drawn in training.")
 
     @property
@@ -226,6 +242,12 @@ class MetaConfig(Section):
         """These settings with the serving α and L in place of the training ones."""
         update = {k: v for k, v in (("inner_lr", self.serve_inner_lr), ("inner_steps", self.serve_inner_steps)) if v is not None}
         return self.model_copy(update=update) if update else self
+
+    def item_serving(self) -> "MetaConfig":
+        """Serving's settings with the item-side α and L (item_inner_lr, item_inner_steps) where set: a new item's rule."""
+        serving = self.serving()
+        update = {k: v for k, v in (("inner_lr", self.item_inner_lr), ("inner_steps", self.item_inner_steps)) if v is not None}
+        return serving.model_copy(update=update) if update else serving
 
 
 class BaselineConfig(Section):
@@ -485,7 +507,7 @@ class Config(BaseSettings):
 
     def _dump(self, name: str) -> object:
         value = getattr(self, name)
-        return value if name == "tuned" else value.model_dump(mode="json", exclude=NOT_HASHED.get(name))
+        return value if name == "tuned" else hashed_dump(name, value)
 
     def to_flat_dict(self) -> dict[str, object]:
         """`section.field` -> value, for MLflow params and run records; credentials in URLs are masked."""

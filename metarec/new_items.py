@@ -10,15 +10,26 @@ every n) is a case: its user ranks the new item against the stored negatives, wi
 How a row takes in a new item's n interactions (``reveal_new_items``):
 
 - ours (``ResponsiveMF``): the item's row starts at §7's new row (the mean of Θ's trained item rows +
-  N(0, σ²I)) and takes serving's L steps of the inner rule (rate α, ``meta.serving()``) on the item's
-  support, its n triples (u_j, i, k_j), k_j a uniform item u_j never had; the users' and negatives' rows
-  are local to the steps, as in serving, and only the item's adapted row is kept: the mirror of a new
-  user adapted from Θ. Our deviation from the user side: no neighbour interactions fill the support
-  (for n < K it holds the n triples, cycled to a rectangle when items differ in n);
+  N(0, σ²I)) and takes L steps of the inner rule (rate α) on the item's support, its n triples (u_j, i,
+  k_j), k_j a uniform item u_j never had; the users' and negatives' rows are local to the steps, as in
+  serving, and only the item's adapted row is kept: the mirror of a new user adapted from Θ. α and L are
+  serving's (``meta.serving()``) unless ``meta.item_inner_lr`` / ``meta.item_inner_steps`` set the item's
+  own (``meta.item_serving()``; None, the paper row, keeps serving's). Our deviation from the user side:
+  no neighbour interactions fill the support (for n < K it holds the n triples, cycled to a rectangle when
+  items differ in n);
 - MF-FT (``MFFineTune``): the item's row starts at the mean of the trained item rows + noise and takes
   ``baselines.ft_epochs`` SGD passes (rate ``baselines.ft_lr``) over its n triples, every other row
   fixed: plain fine-tuning of the item row; MetaEmb (``metarec.models.metaemb``) the same, started from its
-  generator's embedding of the item's features;
+  generator's embedding of the item's features; MWUF (``metarec.models.mwuf``) the same, then its row is
+  warmed: scaled by its meta scaling network and shifted by its meta shifting network;
+- RKMF (``RKMF``): its ItemUpdate (``RKMF.item_update``, ``baselines.rkmf_item_update``) for each new item,
+  the mirror of the UserUpdate a new user gets: the item's row redrawn from N(0, σ²) and retrained alone,
+  W and every other row fixed, for ``baselines.rkmf_update_epochs`` epochs at ``baselines.lr``, on the item's
+  n positives (and, two-sided, as other users' sampled negative). A stream batch would also retrain its
+  users (UserUpdate); here only the items are new, so only they are retrained;
+- SPMF (``SPMF``): its online update is its item update: the n interactions are the batch W, pooled with
+  its reservoir R, |W| positives of R ∪ W drawn by rank and trained on (``baselines.spmf_update_epochs``
+  passes), then R takes W (``SPMF.observe``; the paper has no item-specific rule);
 - any other row: its own online update on the n interactions as one batch (``observe``); for Pop that is
   counting them.
 """
@@ -51,6 +62,7 @@ def reveal_new_items(model: StreamingRecommender, shown: Interactions) -> Stream
     """A copy of ``model`` that has taken in ``shown`` by its row's rule (module doc); ``model`` is unchanged."""
     from metarec.models.mf_ft import MFFineTune
     from metarec.models.responsive import ResponsiveMF
+    from metarec.models.rkmf import RKMF
 
     clone = copy.deepcopy(model)
     if not len(shown):
@@ -59,7 +71,9 @@ def reveal_new_items(model: StreamingRecommender, shown: Interactions) -> Stream
         adapt_item_rows(clone, shown)
     elif isinstance(clone, MFFineTune):
         finetune_item_rows(clone, shown)
-    else:
+    elif isinstance(clone, RKMF):
+        retrain_item_rows(clone, shown)
+    else:  # SPMF (its online update on W ∪ R is its item update), Pop, sRec, the neural rows
         clone.observe(shown)
     return clone
 
@@ -84,7 +98,7 @@ def adapt_item_rows(model, shown: Interactions) -> None:
     rng = np.random.default_rng([model.meta.seed, SEED_TAG, len(shown)])
     neg = model.index_.sample_negatives(users, rng, n_items=model.n_items_, exclude=pos[..., None])
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    adapted = model.adapt_supports(users, pos, neg, generator)
+    adapted = model.adapt_supports(users, pos, neg, generator, rule=model.meta.item_serving())
     wanted = torch.as_tensor(items, device=adapted.item_ids.device)
     slot = (adapted.item_ids == wanted[:, None]).to(torch.uint8).argmax(1)
     new_rows = adapted.item_rows[torch.arange(len(items)), slot]
@@ -108,6 +122,20 @@ def finetune_item_rows(model, shown: Interactions) -> None:
     for _ in range(model.config.ft_epochs):
         neg = negatives(model.index_, shown.users, rng, len(model.H_))
         sgd_item_rounds(model.W_, model.H_, shown.users, shown.items, neg, shown.items, model.grad_fn, model.config.ft_lr, rng)
+    warm = getattr(model, "warm_item_rows", None)  # MWUF: the fine-tuned row scaled and shifted by its meta networks
+    if warm is not None:
+        model.H_[torch.as_tensor(items)] = warm(items, model.H_[torch.as_tensor(items)], shown)
+
+
+def retrain_item_rows(model, shown: Interactions) -> None:
+    """RKMF: ItemUpdate for each shown item (module doc), W and every other row fixed; in place."""
+    from metarec.models.common import gaussian
+
+    rng = np.random.default_rng([model.seed, SEED_TAG, len(shown)])
+    fill = lambda k: gaussian(rng, k, model.dim, model.config.init_std)  # noqa: E731 - ItemUpdate redraws the rows anyway
+    model._grow(max(len(model.W_), shown.n_users), max(len(model.H_), shown.n_items), fill, fill)
+    model._remember(shown)  # the item's positives ItemUpdate trains on; its users now count as seen, as after a stream batch
+    model.item_update(np.unique(shown.items), rng)
 
 
 def evaluate_new_items(model: StreamingRecommender, rows: Interactions, item_pos: np.ndarray, cases: Cases, ns) -> dict[int, CaseResults]:

@@ -1,4 +1,4 @@
-"""MetaEmb (Pan, Li, Ren, Tang, He: "Warm Up Cold-start Advertisements: Improving CTR Predictions via Learning to
+"""MetaEmb (Pan, Li, Ao, Tang, He: "Warm Up Cold-start Advertisements: Improving CTR Predictions via Learning to
 Learn ID Embeddings", SIGIR 2019) over MF-FT: an item-cold-start row of Table 2.
 
 The paper: an embedding generator maps a new item's features to an initial ID embedding. It is trained on old

@@ -215,6 +215,11 @@ ROWS: dict[str, Row] = {
             {**_SGD, "baselines.ft_lr": Float(0.005, 0.5, log=True, limits=(1e-4, 2.0)), "baselines.ft_epochs": Int(1, 20, log=True, limits=(1, 100))},
             sections=("baselines", "meta"), passes=("baselines.epochs",), in_default=False,
         ),
+        Row(  # item cold start (Table 2): MF-FT whose new items' fine-tuned rows are scaled and shifted by meta networks
+            "mwuf", "metarec.models.mwuf:from_config", "MWUF",
+            {**_SGD, "baselines.ft_lr": Float(0.005, 0.5, log=True, limits=(1e-4, 2.0)), "baselines.ft_epochs": Int(1, 20, log=True, limits=(1, 100))},
+            sections=("baselines", "meta"), passes=("baselines.epochs",), in_default=False,
+        ),
         Row(
             "rkmf", "metarec.models.rkmf:from_config", "RKMF",
             {**_SGD, "baselines.rkmf_kernel": Choice(("linear", "logistic")), "baselines.rkmf_update_epochs": Int(1, 20, log=True, limits=(1, 100))},

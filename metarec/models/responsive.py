@@ -493,11 +493,12 @@ class ResponsiveMF(StreamingRecommender):
 
     @torch.no_grad()
     def adapt_supports(self, support_users, support_pos, support_neg, generator: torch.Generator, start_rows: torch.Tensor | None = None,
-                       steps: int | None = None) -> Adapted:
+                       steps: int | None = None, rule: MetaConfig | None = None) -> Adapted:
         """The L inner steps from Θ for B tasks at once (first column's user is the one adapted).
 
         ``start_rows`` (B, d): the adapted user's row to start from (a new user's mean + noise), else Θ's;
-        ``steps``: that many steps instead of serving's L (the kept online update, meta.online_adapt_steps)."""
+        ``steps``: that many steps instead of serving's L (the kept online update, meta.online_adapt_steps);
+        ``rule``: the α and L to adapt with (a new item's, ``MetaConfig.item_serving``), else serving's."""
         zeros = np.zeros(len(support_users), dtype=np.int64)
         batch = TaskBatch.from_arrays(
             TaskArrays(support_users, support_pos, support_neg, support_users[:, 0], support_pos[:, 0], support_neg[:, 0], zeros), device=self.device
@@ -507,10 +508,10 @@ class ResponsiveMF(StreamingRecommender):
         if start_rows is not None:
             p_loc[torch.arange(len(p_loc)), loc.q_user] = start_rows.to(p_loc.dtype)
         q_loc = self._item_rows(loc.item_rows, generator)
-        serving = self.meta.serving()  # the paper's α and L unless an Ours+ option sets serving's own
+        serving = rule or self.meta.serving()  # the paper's α and L unless an Ours+ option sets serving's own
         ops = support_ops(loc.s_user, loc.s_pos, loc.s_neg, p_loc.shape[1], q_loc.shape[1], serving, p_loc.dtype)
         if self.meta.flexible:  # the options' own inner rule (biases, learned rates, prior), as trained
-            scale = serving.inner_lr / self.meta.inner_lr if self.meta.serve_inner_lr is not None else 1.0
+            scale = serving.inner_lr / self.meta.inner_lr if serving.inner_lr != self.meta.inner_lr else 1.0
             extras = Extras(**{name: param.detach() for name, param in self.extra_.items()})
             b_loc = self._item_bias(loc.item_rows) if "bias" in self.extra_ else None
             p_ad, q_ad = flex_inner_adapt(p_loc, q_loc, ops, loc, self.meta, extras, b_loc, create_graph=False,

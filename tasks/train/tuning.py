@@ -56,7 +56,7 @@ from mlflow.entities import Metric, Param
 from prefect import task
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from metarec.config import NOT_HASHED, SECTION_TYPES, Config
+from metarec.config import SECTION_TYPES, Config, hashed_dump
 from metarec.features import NO_FEATURES, Features
 from metarec.interface import Interactions
 from metarec.maml import DivergedError
@@ -193,7 +193,7 @@ def row_settings(name: str, config: Config) -> dict:
     row_config = config.model_copy(update={"tuned": {}, "data": config.data.with_fold(0)}).for_row(name)
     out: dict[str, dict] = {}
     for section in sorted(set(row.sections) - {"data"}):
-        dump = getattr(row_config, section).model_dump(mode="json", exclude=NOT_HASHED.get(section))
+        dump = hashed_dump(section, getattr(row_config, section))
         out[section] = {k: v for k, v in dump.items() if f"{section}.{k}" not in row.space and f"{section}.{k}" != "baselines.tune_budget"}
     out["validation"] = {key: getattr(getattr(row_config, key.split(".")[0]), key.split(".")[1]) for key in VALIDATION_FIELDS}
     return json.loads(json.dumps(out, default=str))
