@@ -142,9 +142,14 @@ def kalman_rounds(
     """``kalman_round`` over observations whose rows repeat: each row's observations in their given order, one per
     round, the rows of a round distinct (``rounds``). The observations are put in round order once, so each round
     reads slices instead of gathering (the rounds are many and small: a user's whole session may sit in one chunk)."""
-    order, bounds = round_order(np.asarray(rows, dtype=np.int64), None)
+    with torch.inference_mode():  # no autograd bookkeeping (~20% of a tiny step); the tables change in place only
+        _kalman_rounds(mean, var, tau, np.asarray(rows, dtype=np.int64), x, y, t, obs_var, drift_var, x_var)
+
+
+def _kalman_rounds(mean, var, tau, rows: np.ndarray, x, y, t, obs_var: float, drift_var: float, x_var) -> None:
+    order, bounds = round_order(rows, None)
     at = torch.from_numpy(order)
-    r_all, x_all, y_all, t_all = torch.from_numpy(np.asarray(rows, dtype=np.int64)[order]), x[at], y[at], t[at]
+    r_all, x_all, y_all, t_all = torch.from_numpy(rows[order]), x[at], y[at], t[at]
     v_all = _at(x_var, at)
     for a, b in zip(bounds[:-1], bounds[1:]):
         kalman_round(mean, var, tau, r_all[a:b], x_all[a:b], y_all[a:b], t_all[a:b], obs_var, drift_var, None if v_all is None else v_all[a:b])

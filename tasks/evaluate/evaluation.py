@@ -58,7 +58,8 @@ def eval_dir(config: Config, model: str) -> Path:
 def load_cases(prepared: PreparedData, kind: str) -> Cases:
     table = prepared.candidates(kind)
     column = lambda name: table.column(name).to_numpy().astype(np.int64)  # noqa: E731
-    negatives = np.asarray(table.column("negatives").to_pylist(), dtype=np.int64).reshape(table.num_rows, -1)
+    flat = table.column("negatives").combine_chunks().flatten().to_numpy(zero_copy_only=False)  # no Python list per case
+    negatives = np.asarray(flat, dtype=np.int64).reshape(table.num_rows, -1)
     return Cases(column("user_id"), column("item_id"), negatives, column("n"), column("batch"))
 
 
