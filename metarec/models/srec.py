@@ -87,7 +87,7 @@ NEVER = -1  # tau of a vector not yet observed: no drift before its first observ
 def drifted_var(var: torch.Tensor, tau: torch.Tensor, rows: torch.Tensor, t: torch.Tensor, drift_var: float) -> torch.Tensor:
     """(R, d) variance of ``rows`` at times t: the stored one plus the random walk's growth since each was last updated."""
     last = tau[rows]
-    elapsed = torch.where(last == NEVER, torch.zeros_like(t), (t - last).clamp(min=0)).to(var.dtype)
+    elapsed = (t - torch.where(last == NEVER, t, last)).clamp(min=0).to(var.dtype)  # 0 before the first observation
     return var[rows] + drift_var * elapsed[:, None]
 
 
@@ -117,7 +117,7 @@ def kalman_round(
         var[rows] = (P - gain * x * P).clamp(min=MIN_VAR)
     else:
         # precision P⁻¹ + diag(x_var)/σ² (diagonal) plus the rank-one x xᵀ/σ², inverted by Sherman–Morrison
-        shrink = 1.0 / (1.0 + P * x_var / obs_var)
+        shrink = torch.reciprocal(1.0 + P * x_var / obs_var)  # what 1.0 / (...) computes (reciprocal, then × 1.0), one op fewer
         D = P * shrink  # (P⁻¹ + x_var/σ²)⁻¹
         Dx = D * x  # computed once: the products below group as (D * x) * ..., so the numbers are unchanged
         S = obs_var + (Dx * x).sum(1, keepdim=True)
