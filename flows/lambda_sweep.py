@@ -24,6 +24,7 @@ from tasks.evaluate.aggregate import lambda_curve, lambda_markdown, lambda_plot,
 from tasks.runtime.atomic import write_json, write_text
 from tasks.evaluate.evaluation import evaluate_model, new_user_metric
 from tasks.runtime.paths import dataset_slug, prepared_dir
+from tasks.runtime.slots import compute_slot
 from tasks.train.task_shards import build_task_shards_task
 from tasks.track.publish import log_mlflow_run, run_tags_of, tag_flow_run, publish_markdown
 from tasks.track.tracking import child_run, main_params, model_params, parent_run, run_tags
@@ -51,7 +52,14 @@ def point_config(config: Config, lambda_ml: float) -> Config:
 @task(name="sweep-point")
 def sweep_point(config: Config, lambda_ml: float, task_dir: Path, parent_run_id: str | None = None) -> dict:
     """One λ_ML: its own MLflow run under ``parent_run_id`` (λ on both scales as params, the new-user metrics), its
-    training nested under it, without gradient clipping (§11). Never registered: sweep points are not serving candidates."""
+    training nested under it, without gradient clipping (§11). Never registered: sweep points are not serving candidates.
+    Its training and evaluation take one of the process's compute slots (``tasks.runtime.slots``): the points are all
+    submitted at once, and run ``runtime.max_workers`` at a time rather than all together on the same cores."""
+    with compute_slot(config.runtime.max_workers):
+        return _sweep_point(config, lambda_ml, task_dir, parent_run_id)
+
+
+def _sweep_point(config: Config, lambda_ml: float, task_dir: Path, parent_run_id: str | None) -> dict:
     point = point_config(config, lambda_ml)
     name = point_name(lambda_ml, config.tasks.K)
     with child_run(name, run_tags(point, kind="sweep_point", model="responsive"), parent_run_id=parent_run_id):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from metarec.config import Config
+from tasks.runtime.slots import THREADS_PER_SLOT
 
 
 def task_runner(config: Config):
@@ -16,7 +17,9 @@ def task_runner(config: Config):
         return DaskTaskRunner(cluster_kwargs={"n_workers": runtime.max_workers, "threads_per_worker": 1, "processes": False})
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    return ThreadPoolTaskRunner(max_workers=runtime.max_workers)
+    # more threads than cores: a task waiting on another's future holds a thread; the cores are shared out by the
+    # stages' compute slots (tasks.runtime.slots)
+    return ThreadPoolTaskRunner(max_workers=runtime.max_workers * THREADS_PER_SLOT)
 
 
 def with_runner(flow_fn, config: Config):

@@ -20,6 +20,7 @@ sequence of calls, and a model's state needs no RNG state to be saved.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
 
 import numpy as np
@@ -55,20 +56,43 @@ def _kernel_slope(z: torch.Tensor, kernel: Kernel, scale: float) -> torch.Tensor
     return scale * s * (1.0 - s)
 
 
-def kernel_bpr_grads(kernel: Kernel, scale: float, reg: float) -> GradFn:
-    """Closed-form gradients of -log sigma(K(w,h_i) - K(w,h_j)) + reg(|w|^2 + |h_i|^2 + |h_j|^2)."""
+@dataclass(frozen=True)
+class KernelGrads:
+    """Closed-form gradients of -log sigma(K(w,h_i) - K(w,h_j)) + reg(|w|^2 + |h_i|^2 + |h_j|^2), a ``GradFn``.
 
-    def grads(w: torch.Tensor, hi: torch.Tensor, hj: torch.Tensor):
+    The linear kernel's slope is 1 and a product with 1 changes no float, so its path leaves those products
+    out: the same numbers with fewer tensor operations, which is what the round drivers below spend their time
+    on (thousands of steps of a few rows each)."""
+
+    kernel: Kernel
+    scale: float
+    reg: float
+
+    def coefficients(self, w: torch.Tensor, hi: torch.Tensor, hj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """g = dL/dx (B,) and the kernel's slopes at z_i, z_j (None, None for the linear kernel: both 1)."""
         zi, zj = (w * hi).sum(-1), (w * hj).sum(-1)
-        x = kernel_score(zi, kernel, scale) - kernel_score(zj, kernel, scale)
+        x = kernel_score(zi, self.kernel, self.scale) - kernel_score(zj, self.kernel, self.scale)
         g = -torch.sigmoid(-x)  # dL/dx
-        ki, kj = _kernel_slope(zi, kernel, scale), _kernel_slope(zj, kernel, scale)
-        gw = g[:, None] * (ki[:, None] * hi - kj[:, None] * hj) + 2 * reg * w
-        ghi = (g * ki)[:, None] * w + 2 * reg * hi
-        ghj = -(g * kj)[:, None] * w + 2 * reg * hj
+        if self.kernel == "linear":
+            return g, None, None
+        return g, _kernel_slope(zi, self.kernel, self.scale), _kernel_slope(zj, self.kernel, self.scale)
+
+    def __call__(self, w: torch.Tensor, hi: torch.Tensor, hj: torch.Tensor):
+        g, ki, kj = self.coefficients(w, hi, hj)
+        if ki is None:
+            gw = g[:, None] * (hi - hj) + 2 * self.reg * w
+            ghi = g[:, None] * w + 2 * self.reg * hi
+            ghj = -g[:, None] * w + 2 * self.reg * hj
+            return gw, ghi, ghj
+        gw = g[:, None] * (ki[:, None] * hi - kj[:, None] * hj) + 2 * self.reg * w
+        ghi = (g * ki)[:, None] * w + 2 * self.reg * hi
+        ghj = -(g * kj)[:, None] * w + 2 * self.reg * hj
         return gw, ghi, ghj
 
-    return grads
+
+def kernel_bpr_grads(kernel: Kernel, scale: float, reg: float) -> KernelGrads:
+    """Closed-form gradients of -log sigma(K(w,h_i) - K(w,h_j)) + reg(|w|^2 + |h_i|^2 + |h_j|^2)."""
+    return KernelGrads(kernel, scale, reg)
 
 
 def autograd_bpr_grads(loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> GradFn:
@@ -117,13 +141,12 @@ def sgd_epoch(
         _apply(W, H, ub, ib, jb, gw, ghi, ghj, lr, update)
 
 
-def rounds(rows: np.ndarray, rng: np.random.Generator | None) -> list[np.ndarray]:
-    """Positions of ``rows`` split into rounds holding each row at most once.
+def round_order(rows: np.ndarray, rng: np.random.Generator | None) -> tuple[np.ndarray, list[int]]:
+    """``rounds`` as one permutation of the positions and its round boundaries: round r is order[bounds[r]:bounds[r+1]].
 
-    Each row's entries are shuffled by ``rng``, or kept in their given order when it is None.
-    """
+    A driver that permutes its arrays by ``order`` once reads each round as a slice, not a gather."""
     if not len(rows):
-        return []
+        return np.zeros(0, dtype=np.int64), [0]
     tiebreak = rng.random(len(rows)) if rng is not None else np.arange(len(rows))
     order = np.lexsort((tiebreak, rows))
     sorted_rows = rows[order]
@@ -131,8 +154,29 @@ def rounds(rows: np.ndarray, rng: np.random.Generator | None) -> list[np.ndarray
     counts = np.diff(np.concatenate((starts, [len(rows)])))
     rank = np.arange(len(rows)) - np.repeat(starts, counts)
     by_rank = np.argsort(rank, kind="stable")
-    bounds = np.cumsum(np.bincount(rank))
-    return np.split(order[by_rank], bounds[:-1])
+    return order[by_rank], [0, *np.cumsum(np.bincount(rank)).tolist()]
+
+
+def rounds(rows: np.ndarray, rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Positions of ``rows`` split into rounds holding each row at most once.
+
+    Each row's entries are shuffled by ``rng``, or kept in their given order when it is None.
+    """
+    order, bounds = round_order(rows, rng)
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _spans(bounds: list[int]) -> Iterable[tuple[int, int]]:
+    return zip(bounds[:-1], bounds[1:])
+
+
+def _user_grad(grad_fn: GradFn, w: torch.Tensor, hi: torch.Tensor, hj: torch.Tensor, diff: torch.Tensor | None) -> torch.Tensor:
+    """The user row's gradient alone; ``diff`` = hi - hj, computed once per pass for the linear kernel."""
+    if not isinstance(grad_fn, KernelGrads):
+        return grad_fn(w, hi, hj)[0]
+    g, ki, kj = grad_fn.coefficients(w, hi, hj)
+    mixed = diff if ki is None else ki[:, None] * hi - kj[:, None] * hj
+    return g[:, None] * mixed + 2 * grad_fn.reg * w
 
 
 def sgd_rounds(
@@ -146,12 +190,29 @@ def sgd_rounds(
     rng: np.random.Generator,
     side: Literal["user", "pos"],
 ) -> None:
-    """One pass where only the rows of one side change, one SGD step per triple and row (see module doc)."""
-    ut, it, jt = (torch.from_numpy(np.array(a, dtype=np.int64)) for a in (u, i, j))
+    """One pass where only the rows of one side change, one SGD step per triple and row (see module doc).
+
+    The arrays are put in round order once, so a round reads slices; on the user side H never changes during
+    the pass, so its rows (and hi - hj) are gathered once, not per round. Same steps, same numbers."""
     rows = np.asarray(u if side == "user" else i, dtype=np.int64)
-    for part in rounds(rows, rng):
-        b = torch.from_numpy(part)
-        ub, ib, jb = ut[b], it[b], jt[b]
+    order, bounds = round_order(rows, rng)
+    with torch.inference_mode(isinstance(grad_fn, KernelGrads)):  # no autograd bookkeeping (~20% of a tiny step)
+        _sgd_rounds(W, H, u, i, j, grad_fn, lr, side, order, bounds)
+
+
+def _sgd_rounds(W, H, u, i, j, grad_fn: GradFn, lr: float, side: Side, order: np.ndarray, bounds: list[int]) -> None:
+    ut, it, jt = (torch.from_numpy(np.asarray(a, dtype=np.int64)[order]) for a in (u, i, j))
+    if side == "user":
+        hi_all, hj_all = H[it], H[jt]
+        linear = isinstance(grad_fn, KernelGrads) and grad_fn.kernel == "linear"
+        diff = hi_all - hj_all if linear else None
+        for a, b in _spans(bounds):
+            ub = ut[a:b]
+            gw = _user_grad(grad_fn, W[ub], hi_all[a:b], hj_all[a:b], diff[a:b] if linear else None)
+            W.index_add_(0, ub, gw, alpha=-lr)
+        return
+    for a, b in _spans(bounds):
+        ub, ib, jb = ut[a:b], it[a:b], jt[a:b]
         gw, ghi, ghj = grad_fn(W[ub], H[ib], H[jb])
         _apply(W, H, ub, ib, jb, gw, ghi, ghj, lr, (side,))
 
@@ -171,13 +232,29 @@ def sgd_item_rounds(
 
     Triple t holds its retrained item as the positive (i[t] == retrained[t]) or as the negative
     (j[t] == retrained[t]); that row takes the matching gradient, one SGD step per triple, every other row fixed.
+    W never changes here, so its rows are gathered once; only the retrained row's gradient is computed.
     """
-    ut, it, jt, rt = (torch.from_numpy(np.array(a, dtype=np.int64)) for a in (u, i, j, retrained))
-    for part in rounds(np.asarray(retrained, dtype=np.int64), rng):
-        b = torch.from_numpy(part)
-        ub, ib, jb, rb = ut[b], it[b], jt[b], rt[b]
-        _, ghi, ghj = grad_fn(W[ub], H[ib], H[jb])
-        H.index_add_(0, rb, torch.where((ib == rb)[:, None], ghi, ghj), alpha=-lr)
+    order, bounds = round_order(np.asarray(retrained, dtype=np.int64), rng)
+    with torch.inference_mode(isinstance(grad_fn, KernelGrads)):  # no autograd bookkeeping (~20% of a tiny step)
+        _sgd_item_rounds(W, H, u, i, j, retrained, grad_fn, lr, order, bounds)
+
+
+def _sgd_item_rounds(W, H, u, i, j, retrained, grad_fn: GradFn, lr: float, order: np.ndarray, bounds: list[int]) -> None:
+    ut, it, jt, rt = (torch.from_numpy(np.asarray(a, dtype=np.int64)[order]) for a in (u, i, j, retrained))
+    w_all, positive = W[ut], it == rt
+    kernel = grad_fn if isinstance(grad_fn, KernelGrads) else None
+    sign = torch.where(positive, 1.0, -1.0).to(H.dtype)  # ±g: the positive's and the negative's coefficient
+    for a, b in _spans(bounds):
+        ib, jb, rb, pos = it[a:b], jt[a:b], rt[a:b], positive[a:b, None]
+        w, hi, hj = w_all[a:b], H[ib], H[jb]
+        if kernel is None:
+            _, ghi, ghj = grad_fn(w, hi, hj)
+            grad = torch.where(pos, ghi, ghj)
+        else:
+            g, ki, kj = kernel.coefficients(w, hi, hj)
+            coef = sign[a:b] * g if ki is None else torch.where(pos[:, 0], g * ki, -(g * kj))
+            grad = coef[:, None] * w + 2 * kernel.reg * torch.where(pos, hi, hj)
+        H.index_add_(0, rb, grad, alpha=-lr)
 
 
 # ---------------------------------------------------------------- data helpers

@@ -27,6 +27,7 @@ from metarec.models.factory import row_variant
 from metarec.protocol import Cases, CaseResults, evaluate_new_users, evaluate_stream
 from tasks.runtime.atomic import write_json, write_parquet
 from tasks.runtime.logs import log_info
+from tasks.runtime.slots import compute_slot
 from tasks.train.models import load_model
 from tasks.runtime.paths import evaluation_key, prepared_dir, run_dir
 from tasks.data.prepared import PreparedData, load_prepared
@@ -57,7 +58,8 @@ def eval_dir(config: Config, model: str) -> Path:
 def load_cases(prepared: PreparedData, kind: str) -> Cases:
     table = prepared.candidates(kind)
     column = lambda name: table.column(name).to_numpy().astype(np.int64)  # noqa: E731
-    negatives = np.asarray(table.column("negatives").to_pylist(), dtype=np.int64).reshape(table.num_rows, -1)
+    flat = table.column("negatives").combine_chunks().flatten().to_numpy(zero_copy_only=False)  # no Python list per case
+    negatives = np.asarray(flat, dtype=np.int64).reshape(table.num_rows, -1)
     return Cases(column("user_id"), column("item_id"), negatives, column("n"), column("batch"))
 
 
@@ -175,7 +177,8 @@ def evaluate_model_task(name: str, model: Path | str | None, config: Config) -> 
     if model is None:
         log_info(logger, "%s fold %d: no model to evaluate", name, config.data.fold)
         return None
-    record = evaluate_model(name, Path(model), config)
+    with compute_slot(config.runtime.max_workers):  # tasks.runtime.slots
+        record = evaluate_model(name, Path(model), config)
     headline = record["metrics"].get(new_user_metric(5, "ndcg"), {}).get("mean", float("nan"))
     log_info(logger, "%s fold %d: new-user NDCG@10 at n=5 %.4f, stream AUC %.4f", name, config.data.fold, headline,
              record["metrics"].get("stream_auc_mean", {}).get("mean", float("nan")))

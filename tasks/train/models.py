@@ -34,6 +34,7 @@ from metarec.models.registry import ROWS
 from tasks.runtime.atomic import atomic_dir
 from tasks.runtime.integrity import CorruptFileError, quarantine
 from tasks.runtime.logs import log_info, log_warning
+from tasks.runtime.slots import compute_slot
 from tasks.runtime.paths import model_key, prepared_dir
 from tasks.data.prepared import PreparedData, load_prepared
 
@@ -176,7 +177,8 @@ def _reusable(out: Path, config_hash: str) -> bool:
 
 @task(name="fit-model")
 def fit_model_task(name: str, config: Config, force: bool = False) -> Path:
-    """Prefect wrapper around ``fit_and_save``."""
-    out = fit_and_save(name, config, force=force)
+    """Prefect wrapper around ``fit_and_save`` (in a compute slot, ``tasks.runtime.slots``)."""
+    with compute_slot(config.runtime.max_workers):
+        out = fit_and_save(name, config, force=force)
     log_info(logger, "model %s in %s", name, out)
     return out

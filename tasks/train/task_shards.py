@@ -28,6 +28,7 @@ from metarec.config import Config
 from metarec.meta_tasks import TaskArrays, count_tasks, iter_tasks
 from tasks.runtime.atomic import atomic_dir
 from tasks.runtime.logs import log_info
+from tasks.runtime.slots import compute_slot
 from tasks.runtime.paths import prepared_dir, task_shards_dir
 from tasks.data.prepared import load_prepared
 
@@ -184,8 +185,9 @@ def build_task_shards(config: Config) -> Path:
 
 @task(name="build-task-shards")
 def build_task_shards_task(config: Config) -> Path:
-    """Prefect wrapper around ``build_task_shards``."""
-    out = build_task_shards(config)
+    """Prefect wrapper around ``build_task_shards`` (in one of the process's compute slots, ``tasks.runtime.slots``)."""
+    with compute_slot(config.runtime.max_workers):
+        out = build_task_shards(config)
     manifest = read_manifest(out)
     log_info(logger, "task shards: %d tasks in %d shards at %s", manifest["n_tasks"], manifest["n_shards"], out)
     return out

@@ -68,6 +68,7 @@ from metarec.models.responsive import EpochStats, ResponsiveMF, from_config
 from tasks.runtime.atomic import atomic_dir, write_json
 from tasks.runtime.integrity import CorruptFileError, quarantine
 from tasks.runtime.logs import log_info, log_warning
+from tasks.runtime.slots import compute_slot
 from tasks.train.models import model_dir, model_hash, save_model, saved_model_ok
 from tasks.train.parallel import ParallelTrainer, WorkerPlan
 from tasks.runtime.paths import prepared_dir, task_shards_dir, train_key
@@ -382,5 +383,7 @@ def _finish(config: Config, model: ResponsiveMF, work: Path, run_id: str, record
 
 @task(name="meta-train")
 def meta_train_task(config: Config, task_dir: Path | None = None, row: str = "responsive", parent_run_id: str | None = None) -> TrainResult:
-    """Prefect wrapper around ``meta_train``; a divergence is a result (status diverged), not a crash."""
-    return meta_train(config, task_dir, row=row, parent_run_id=parent_run_id)
+    """Prefect wrapper around ``meta_train`` (in a compute slot, ``tasks.runtime.slots``); a divergence is a result
+    (status diverged), not a crash."""
+    with compute_slot(config.runtime.max_workers):
+        return meta_train(config, task_dir, row=row, parent_run_id=parent_run_id)
