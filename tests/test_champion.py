@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -17,19 +16,8 @@ from tasks.track.champion import (
 USERS = np.arange(200, dtype=np.int64)
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A new MLflow sqlite store, made once by MLflow itself: it makes one by running its whole schema migration (3-7 s),
-    which these registry checks do not test (tests/test_tracking.py and test_reliability.py do)."""
-    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()  # the client creates the store on first use
-    return path
-
-
 @pytest.fixture()
-def client(tmp_path: Path, empty_store: Path) -> MlflowClient:
-    """A registry of this test's own: a copy of the empty store."""
-    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
+def client(tmp_path: Path) -> MlflowClient:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
