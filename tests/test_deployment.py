@@ -23,9 +23,12 @@ from tasks.track.champion import CHAMPION, SCORE_TAG, registered_model_name
 
 BIN = Path(sys.executable).parent
 DEPLOYMENT = "nightly-retrain/nightly"
-# a full-preset run (a quick one never promotes), kept to a few minutes by the same cuts --quick makes
+# a full-preset run (a quick one never promotes), kept to a few minutes by the same cuts --quick makes, and by a short
+# meta-training (one epoch over at most 10 tasks per user, ~1/7 of ml-100k's tasks): what is checked here is the
+# deployment's path (served, triggered, registered, promoted, recommended), which no check ties to the model's quality;
+# the tuned 3 epochs over all 62,695 tasks took 4 of the test's 6 minutes
 SMALL = ["--set", "eval.models=['responsive','pop']", "--set", "eval.bootstrap=50", "--set", "data.new_user_folds=1",
-         "--set", "eval.training_fraction=0.5"]
+         "--set", "eval.training_fraction=0.5", "--set", "meta.epochs=1", "--set", "tasks.max_tasks_per_user=10"]
 
 
 def _free_port() -> int:

@@ -294,6 +294,7 @@ def test_recommend_rejects_bad_versions_and_names_a_damaged_theta(planted_csv, t
     assert result.exit_code == 1 and "registered version 1" in result.output and THETA_FILE in result.output, result.output
 
 
+@pytest.mark.slow
 def test_two_data_parallel_workers_train_the_same_theta_as_one(planted_csv, tmp_path):
     one = _prepared(_config(planted_csv, tmp_path / "one", epochs=2))
     two = _prepared(_config(planted_csv, tmp_path / "two", epochs=2).model_copy(

@@ -325,6 +325,7 @@ def test_the_shipped_legacy_record_applies_and_is_named_stale() -> None:
     assert used.for_row("rkmf").baselines.lr == json.loads(path.read_text())["models"]["rkmf"]["chosen"]["baselines.lr"]
 
 
+@pytest.mark.slow
 def test_tune_runs_real_trials_in_two_processes_and_merges_rows(prefect_harness, history, artifacts, tmp_path) -> None:
     """Real trials (a tiny SPMF in two worker processes, Pop scored once, our model), merged into one record; each
     worker's share of the trials is a Prefect task run of the process-pool runner."""
