@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import math
 from pathlib import Path
 from typing import Literal
@@ -405,7 +406,11 @@ class RuntimeConfig(Section):
     task_runner: Literal["threads", "dask"] = "threads"
     dask_address: str | None = Field(None, description="An existing Dask scheduler; None = a local cluster.")
     max_workers: int = Field(2, ge=1)
-    torch_threads: int = Field(2, ge=1)
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch's intra-op threads per process; None = the machine's cores / max_workers (at least 1). "
+        "The pipeline computes in max_workers slots side by side, each with its own OpenMP team: teams that ask for more "
+        "threads than there are cores spin against each other (beside other jobs on 2 cores an epoch of Ours (paper) took "
+        "175-430 s with 2 threads, 27-34 s with 1, in two runs at different loads).")
     workers: int = Field(1, ge=1, description="Processes meta-training data-parallel over torch.distributed (gloo on CPU, NCCL on GPUs); "
                          "each takes a share of every batch and Θ ends as with one process. Threads per worker: torch_threads // workers (at least 1).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the models' tensors live: auto = a GPU when torch sees one, else the CPU.")
@@ -422,6 +427,12 @@ class RuntimeConfig(Section):
     def _without_credentials(self, value: str | None) -> str | None:
         """In every JSON dump (records, Prefect's stored flow parameters), addresses lose their credentials."""
         return None if value is None else redact(value)
+
+    @model_validator(mode="after")
+    def _threads_per_slot(self) -> "RuntimeConfig":
+        if self.torch_threads is None:
+            self.torch_threads = max(1, (os.cpu_count() or 1) // self.max_workers)
+        return self
 
 
 RESULT_SECTIONS = ("data", "tasks", "meta", "baselines", "neural", "eval")
