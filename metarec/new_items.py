@@ -102,6 +102,13 @@ def adapt_item_rows(model, shown: Interactions) -> None:
     wanted = torch.as_tensor(items, device=adapted.item_ids.device)
     slot = (adapted.item_ids == wanted[:, None]).to(torch.uint8).argmax(1)
     new_rows = adapted.item_rows[torch.arange(len(items)), slot]
+    if not torch.isfinite(new_rows).all():
+        rule = model.meta.item_serving()
+        bad = int((~torch.isfinite(new_rows).all(1)).sum())
+        raise FloatingPointError(
+            f"ours' item-side adaptation diverged: {bad} of {len(items)} new items' rows are not finite after "
+            f"{rule.inner_steps} steps at rate {rule.inner_lr:g} (meta.item_inner_steps / meta.item_inner_lr; None = serving's); "
+            "take fewer steps or a smaller rate")
     model.Q_.detach()[torch.as_tensor(items, device=model.device)] = new_rows.to(model.Q_.dtype)
     if model.trained_items_ is None:
         model.trained_items_ = torch.as_tensor(model._trained_masks()[1])

@@ -209,3 +209,12 @@ def test_item_rule_left_unset_is_serving_exactly(planted, ours):
     assert (MetaConfig(serve_inner_steps=4, item_inner_steps=7).item_serving().inner_steps) == 7
     assert not {"item_inner_lr", "item_inner_steps"} & set(hashed_dump("meta", MetaConfig()))
     assert Config(tuned={}, meta=MetaConfig(item_inner_steps=7)).hash_of("meta") != Config(tuned={}).hash_of("meta")
+
+
+def test_a_diverging_item_rule_is_named_not_scored(planted, ours):
+    """A rate far past stability makes the adapted rows non-finite: the error names the two options, no NaN row is kept."""
+    _, _, data = planted
+    shown = new_items.shown_rows(data.rows, data.item_pos, 5)
+    with pytest.raises(FloatingPointError, match=r"meta\.item_inner_steps / meta\.item_inner_lr"):
+        _item_rows_after(ours, shown, item_inner_lr=1e30, item_inner_steps=20)
+    assert torch.isfinite(ours.Q_.detach()).all()  # the served model is a copy; it is untouched
