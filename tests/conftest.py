@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ML100K_DIR = (PROJECT_ROOT.parent / "shared" / "datasets").resolve()
@@ -129,3 +130,12 @@ def ratings_csv(tmp_path: Path) -> Path:
     rows = ["user_id,item_id,rating,timestamp"] + [f"{u},{i},4,{t}" for u, i, t in zip(data.users, data.items, data.ts)]
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+@pytest.fixture()
+def one_thread():
+    """Small tensors: one torch thread is faster and does not fight other processes on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,28 +22,11 @@ from metarec.models.registry import DEFAULT_MODELS, ROWS
 from metarec.models.responsive import ResponsiveMF
 from metarec.models.rkmf import RKMF
 from metarec.models.spmf import SPMF
-from tasks.data.new_items import load_new_items, prepare_new_items
-from tasks.data.prepare import prepare_data
-from tasks.data.prepared import load_prepared
 from tasks.train.models import load_model, save_model
-from test_new_items import parity_features, small_config, write_planted
+from test_new_items import parity_features, planted  # noqa: F401 (planted: the shared new-item split)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("item_rows")
-    write_planted(root / "ratings.csv")
-    config = small_config(root / "ratings.csv", root / "artifacts")
-    prepared = load_prepared(prepare_data(config))
-    return config, prepared, load_new_items(prepare_new_items(config))
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one torch thread
 
 
 @pytest.fixture(scope="module")

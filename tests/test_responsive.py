@@ -270,13 +270,6 @@ def _auc_after_switch(model: ResponsiveMF, data, pos: np.ndarray, test_users: np
     return float(((scores[:, 1:] < scores[:, :1]).sum(1) / 100).mean())
 
 
-@pytest.fixture()
-def one_thread():
-    """Small tensors: one thread is faster and does not fight other processes on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_meta_learning_beats_lambda_zero_on_planted_taste_switches(one_thread):

@@ -24,12 +24,7 @@ from metarec.synthetic import planted_feature_interactions
 NEURAL = ("melu", "mamo", "prototype", "metahin", "sequence_meta")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one torch thread
 
 
 @pytest.fixture(scope="module")
