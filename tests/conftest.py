@@ -1,8 +1,11 @@
-"""Shared fixtures: one Prefect test server for the whole session, isolated stores per test."""
+"""Shared fixtures: one Prefect test server for the whole session (one per xdist worker), isolated stores per test."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,38 @@ ML100K_DIR = (PROJECT_ROOT.parent / "shared" / "datasets").resolve()
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+
+# `make test` runs two pytest-xdist workers side by side (pyproject.toml). Each process gets a Prefect home of its
+# own (the CLI's throw-away server keeps its database and log there; ~/.prefect is shared by every process on the
+# machine) before anything imports Prefect, which reads it once; subprocesses inherit it.
+_PREFECT_HOME = tempfile.mkdtemp(prefix=f"metarec-tests-prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+
+
+def _threads_per_process() -> int:
+    """The cores shared out among the xdist workers (each at least 1): the workers' torch and OpenMP teams then ask for
+    no more threads than the machine has cores (oversubscribed teams spin against each other)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    _THREADS = str(_threads_per_process())
+    os.environ["OMP_NUM_THREADS"] = _THREADS  # subprocesses (CLI runs, tuning and training workers)
+    os.environ.setdefault("METAREC_RUNTIME__TORCH_THREADS", _THREADS)  # what the pipeline sets in each compute slot
+    torch.set_num_threads(int(_THREADS))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """How `--dist loadgroup` (pyproject.toml) shares the tests between the workers: every test of the session's quick
+    run goes to one worker (the run, ~2 min, is made once per worker that asks for it), and the deployment test (the
+    longest single test) goes out first, so neither starts late and leaves one worker running alone at the end."""
+    for item in items:
+        if "quick_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("quick_run"))
+    items.sort(key=lambda item: item.get_closest_marker("deployment") is None)  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ def _wait_for_deployment(env: dict, serve: subprocess.Popen, timeout: float = 18
     while time.monotonic() < deadline:
         if serve.poll() is not None:
             raise AssertionError(f"`metarec deploy` exited early with code {serve.returncode}")
-        probe = subprocess.run([BIN / "prefect", "deployment", "inspect", DEPLOYMENT], env=env, capture_output=True, text=True, timeout=60)
+        probe = subprocess.run([BIN / "prefect", "deployment", "inspect", DEPLOYMENT], env=env, capture_output=True, text=True, timeout=300)
         if probe.returncode == 0:
             return
         time.sleep(2)
@@ -116,7 +116,7 @@ def test_deployment_run_retrains_registers_promotes_and_serves(tmp_path: Path, m
         started.append(serve)
         wait_until_healthy(api_url(port), timeout=240, process=serve)
         _wait_for_deployment(env, serve)
-        inspected = subprocess.run([BIN / "prefect", "deployment", "inspect", DEPLOYMENT], env=env, capture_output=True, text=True, timeout=60)
+        inspected = subprocess.run([BIN / "prefect", "deployment", "inspect", DEPLOYMENT], env=env, capture_output=True, text=True, timeout=300)
         assert "0 2 * * *" in inspected.stdout and re.search(r"'paused':\s*True", inspected.stdout), inspected.stdout
         home = tmp_path / "artifacts" / "prefect"
         assert (home / "prefect.db").is_file() and f"127.0.0.1:{port}" in (home / "server.log").read_text()

@@ -356,8 +356,8 @@ def test_a_prefect_server_we_start_dies_with_its_parent_even_on_kill_9(tmp_path:
         assert line.strip().isdigit(), f"the server did not start (child exited {parent.poll()})"
         server_pid = int(line)
         os.kill(parent.pid, signal.SIGKILL)
-        parent.wait(30)
-        deadline = time.monotonic() + 30
+        parent.wait(180)
+        deadline = time.monotonic() + 180  # SIGTERM, then the server's shutdown: slow on a busy machine
         while alive(server_pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not alive(server_pid), "the server outlived its parent"

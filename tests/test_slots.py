@@ -11,23 +11,25 @@ from flows.runners import task_runner, with_runner
 from metarec.config import Config, RuntimeConfig
 from tasks.runtime.slots import THREADS_PER_SLOT, _semaphore, compute_slot
 
+WAIT = 300  # s: a deadline for a busy machine, only reached when the test fails
+
 
 def test_no_more_than_the_slots_compute_at_once():
     inside, release = threading.Barrier(3), threading.Event()
 
     def hold() -> None:
         with compute_slot(2):
-            inside.wait(timeout=30)
-            release.wait(timeout=30)
+            inside.wait(timeout=WAIT)
+            release.wait(timeout=WAIT)
 
     holders = [threading.Thread(target=hold) for _ in range(2)]
     for thread in holders:
         thread.start()
-    inside.wait(timeout=30)  # both holders are inside
+    inside.wait(timeout=WAIT)  # both holders are inside
     third = _semaphore(2).acquire(blocking=False)
     release.set()
     for thread in holders:
-        thread.join(timeout=30)
+        thread.join(timeout=WAIT)
     assert not third
     assert _semaphore(2).acquire(blocking=False)  # free again once they left
     _semaphore(2).release()
@@ -44,7 +46,7 @@ GO = threading.Event()
 @task
 def waits_for_go() -> bool:
     """A long stage: it finishes when a task submitted after it has run."""
-    return GO.wait(timeout=30)
+    return GO.wait(timeout=WAIT)
 
 
 @task
