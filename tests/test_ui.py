@@ -200,7 +200,7 @@ def screenshot(url: str, out: Path, size: str = "1600,1000") -> Path:
     """A headless Chromium screenshot of ``url`` (its JavaScript given up to 20 s of virtual time)."""
     profile = out.parent / f"{out.stem}-profile"
     subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size}", "--virtual-time-budget=20000",
-                    f"--screenshot={out}", url], capture_output=True, timeout=240, check=True)
+                    f"--screenshot={out}", url], capture_output=True, timeout=600, check=True)  # a deadline: 240 s ran out under load
     return out
 
 
