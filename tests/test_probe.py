@@ -329,7 +329,7 @@ def test_an_allocation_failure_names_the_fields():
     assert _out_of_memory(config, other) is other
 
 
-def test_losing_the_prefect_server_mid_run_is_a_short_error(monkeypatch):
+def test_losing_the_prefect_server_mid_run_is_a_short_error(monkeypatch, artifacts):  # its run log: not in ./artifacts
     import contextlib
 
     import httpx
