@@ -38,7 +38,7 @@ from metarec.models.registry import ROWS
 from tasks.evaluate.aggregate import RunFacts, ours_options, write_report
 from tasks.runtime.atomic import write_json
 from tasks.evaluate.evaluation import evaluate_model_task
-from tasks.evaluate.new_items import new_items_row_task, publish_table2, unit_records, split_new_items_task, table2_report
+from tasks.evaluate.new_items import new_items_row_task, publish_table2, split_new_items_task, table2_report, unit_records
 from tasks.train.models import fit_model_task
 from tasks.runtime.paths import dataset_slug, fold_configs, prepared_dir, run_dir
 from tasks.evaluate.pooling import pool_cases, summarise_cases
