@@ -2,8 +2,8 @@
 
 Progress is read off Prefect's own "Finished in state ..." records (the ``prefect.task_runs`` and
 ``prefect.flow_runs`` loggers), counted by task name (``meta-train``, ``fit-model``, ``evaluate-model``,
-``sweep-point``) and flow name (``prepare``), so the flows need no progress calls and a task run may be named
-anything. ``planned_stages`` says how many of each a run has; a stage finished beyond its plan (the sweep
+``new-items``, ``sweep-point``) and flow name (``prepare``), so the flows need no progress calls and a task run may
+be named anything. ``planned_stages`` says how many of each a run has; a stage finished beyond its plan (the sweep
 re-uses fold 0's prepared data) is not counted twice, so the display never reads "11/10".
 
 On a terminal the display is a rich progress bar redrawn in place (stderr); elsewhere (CI, a pipe) it prints
@@ -26,7 +26,7 @@ from metarec.config import Config
 from metarec.models.registry import ROWS
 
 FINISHED = re.compile(r"^Finished in state (Completed|Cached)")
-COUNTED_TASKS = {"meta-train": "train", "fit-model": "fit", "evaluate-model": "evaluate", "sweep-point": "sweep point"}
+COUNTED_TASKS = {"meta-train": "train", "fit-model": "fit", "evaluate-model": "evaluate", "new-items": "new items", "sweep-point": "sweep point"}
 COUNTED_FLOWS = {"prepare": "prepare"}
 FOLD = re.compile(r"fold\D{0,3}(\d+)", re.IGNORECASE)
 # loggers whose records reach the terminal through their own or the root's stream handlers
@@ -35,12 +35,13 @@ QUIETED = ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "prefect._in
 
 def planned_stages(config: Config, sweep: bool) -> dict[str, int]:
     """How many stages of each kind a pipeline run of ``config`` finishes: per fold, prepare, each of our rows'
-    training, each other row's fit and every row's evaluation; one training per λ of the sweep."""
+    training, each other row's fit and every row's evaluation, with Table 2 every row's refit and evaluation on the
+    new items; one training per λ of the sweep."""
     folds = config.data.new_user_folds
     models = config.eval.models
     ours = sum(ROWS[name].is_ours for name in models)
     plan = {"prepare": folds, "train": folds * ours, "fit": folds * (len(models) - ours), "evaluate": folds * len(models),
-            "sweep point": len(config.eval.lambda_sweep) if sweep else 0}
+            "new items": folds * len(models) if config.eval.new_items else 0, "sweep point": len(config.eval.lambda_sweep) if sweep else 0}
     return {kind: count for kind, count in plan.items() if count}
 
 

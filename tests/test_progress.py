@@ -39,6 +39,9 @@ def test_plan_counts_every_stage_of_a_run():
                                 "eval.lambda_sweep=[0.0, 1.0]"])
     assert planned_stages(config, sweep=True) == {"prepare": 3, "train": 6, "fit": 6, "evaluate": 12, "sweep point": 2}
     assert "sweep point" not in planned_stages(config, sweep=False)
+    assert "new items" not in planned_stages(config, sweep=False)
+    with_table2 = config.model_copy(update={"eval": config.eval.model_copy(update={"new_items": True})})
+    assert planned_stages(with_table2, sweep=False)["new items"] == 12  # a refit and evaluation per (fold, row)
 
 
 def test_plain_progress_counts_stages_by_kind_and_fold_with_time_left_and_never_past_the_plan():

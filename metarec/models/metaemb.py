@@ -82,10 +82,12 @@ class MetaEmb(MFFineTune):
     def train_generator(self, history: Interactions) -> None:
         """The generator by MetaEmb's cold-start and warm-up losses on the old items, W and H frozen (module doc)."""
         rng = np.random.default_rng([self.seed, 41])
-        torch.manual_seed(int(rng.integers(2**31)))
+        # its own generator, not torch's global one: fits run side by side in threads (Table 2's fan-out), and
+        # another thread's draws between a global seed and these would change them (same values as a global seed)
+        generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
         n_codes = self.item_features_.n_codes if self.item_features_ is not None else 0
-        self.gen_ = {"codes": (torch.randn(max(n_codes, 1), FEATURE_DIM) * 0.1).requires_grad_(),
-                     "out": (torch.randn(FEATURE_DIM, self.dim) * 0.1).requires_grad_(),
+        self.gen_ = {"codes": (torch.randn(max(n_codes, 1), FEATURE_DIM, generator=generator) * 0.1).requires_grad_(),
+                     "out": (torch.randn(FEATURE_DIM, self.dim, generator=generator) * 0.1).requires_grad_(),
                      "bias": self.trained_item_rows().mean(0).detach().clone().requires_grad_()}
         optimiser = torch.optim.Adam(list(self.gen_.values()), lr=GEN_LR)
         order = np.argsort(history.items, kind="stable")

@@ -9,9 +9,15 @@ Per fold and row:
   ``run_dir/new_items/eval/<row>/cases.parquet`` (the layout of Table 1's, part = "new_item"), so the pooling
   of ``tasks.evaluate.pooling`` stacks the folds and a case is named by (fold, case) in every row.
 
-Then ``write_table2``: ``table2.md`` / ``table2.csv`` (means with 95% CIs), the paired verdicts of ours
-against every other row (``table2_verdicts.csv``) and their forest plot (``forest_table2.png``). The cases
-of one new item share its adapted row, so every CI resamples new items (fold, item), not cases.
+Each (fold, row) is one unit: in the pipeline a Prefect task run (``new_items_row_task``, "new items · <row> ·
+fold k") on the flow's task runner, in a compute slot with ``runtime.torch_threads`` threads as Table 1's fits, so
+units run side by side; everything a unit draws is seeded from its own config, so it computes the same whichever
+thread or process runs it and in whatever order. A failing unit names its row and fold.
+
+Then ``table2_report``, once every unit is done: ``write_table2`` on the pooled cases: ``table2.md`` /
+``table2.csv`` (means with 95% CIs), the paired verdicts of ours against every other row
+(``table2_verdicts.csv``) and their forest plot (``forest_table2.png``). The cases of one new item share its
+adapted row, so every CI resamples new items (fold, item), not cases.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+from prefect import task  # noqa: E402
 
 from metarec.config import Config  # noqa: E402
 from metarec.interface import StreamingRecommender  # noqa: E402
@@ -41,7 +49,9 @@ from tasks.evaluate.aggregate import LABELS, QUICK_LABEL, Comparison, _save_figu
 from tasks.evaluate.evaluation import CASES_FILE, METRICS_FILE  # noqa: E402
 from tasks.evaluate.pooling import pool_cases, select  # noqa: E402
 from tasks.runtime.atomic import write_json, write_parquet, write_text  # noqa: E402
+from tasks.runtime.logs import log_info  # noqa: E402
 from tasks.runtime.paths import _combine, model_key, prepared_dir, run_dir, stage_code  # noqa: E402
+from tasks.runtime.slots import compute_slot  # noqa: E402
 from tasks.train.models import _reusable, build_model, load_model, model_hash, save_model  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -85,8 +95,30 @@ def _cases_table(results: dict, items: np.ndarray) -> pa.Table:
     return pa.table(columns)
 
 
+@task(name="split-new-items")
+def split_new_items_task(config: Config) -> Path:
+    """Prefect wrapper: the fold's item cold-start split (``prepare_new_items``), once, before its row units."""
+    with compute_slot(config.runtime.max_workers):
+        return prepare_new_items(config)
+
+
+class NewItemUnitError(RuntimeError):
+    """One (fold, row) unit of Table 2 failed; the message names both, the cause is chained."""
+
+
 def evaluate_new_item_row(name: str, config: Config) -> dict:
-    """Fit (or reuse) row ``name`` without the new items, evaluate it at every n; the record (reused when written)."""
+    """Fit (or reuse) row ``name`` without the new items, evaluate it at every n; the record (reused when written).
+
+    Its files are written atomically, the record last, so a unit that fails leaves nothing a re-run would reuse."""
+    try:
+        return _evaluate_new_item_row(name, config)
+    except Exception as exc:
+        label = ROWS[name].label if name in ROWS else name
+        raise NewItemUnitError(f"Table 2 (new items): row {label} ({name}), fold {config.data.fold} failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+
+def _evaluate_new_item_row(name: str, config: Config) -> dict:
     out = new_items_run(config) / "eval" / name
     key = _combine(config.hash_of(), stage_code("new_items"), stage_code("evaluate"))
     if (out / METRICS_FILE).is_file():
@@ -106,6 +138,33 @@ def evaluate_new_item_row(name: str, config: Config) -> dict:
     write_json(record, out / METRICS_FILE)
     logger.info("new items, %s fold %d: %s", name, config.data.fold, record["means"])
     return record
+
+
+@task(name="new-items")
+def new_items_row_task(name: str, config: Config) -> dict:
+    """Prefect wrapper: one (fold, row) unit in a compute slot (``tasks.runtime.slots``) with ``runtime.torch_threads``
+    threads, as meta-training takes them: the units run side by side, each with its share of the cores."""
+    with compute_slot(config.runtime.max_workers):
+        torch.set_num_threads(config.runtime.torch_threads)
+        record = evaluate_new_item_row(name, config)
+    log_info(logger, "new items, %s fold %d: NDCG@10 at n=%d %.4f", name, config.data.fold, max(config.data.new_user_ns),
+             record["means"].get(f"n{max(config.data.new_user_ns)}_ndcg", float("nan")))
+    return record
+
+
+def unit_records(futures) -> list[dict]:
+    """Every unit's record once all are done; a NewItemUnitError naming every failed (row, fold) if any failed."""
+    records, failed = [], []
+    for future in futures:
+        try:
+            records.append(future.result())
+        except NewItemUnitError as exc:
+            failed.append(exc)
+    if len(failed) == 1:
+        raise failed[0]
+    if failed:
+        raise NewItemUnitError(f"{len(failed)} units failed: " + "; ".join(str(exc) for exc in failed)) from failed[0]
+    return records
 
 
 # ---------------------------------------------------------------- Table 2
@@ -230,17 +289,21 @@ def write_table2(out: Path, cases: dict[str, pa.Table], dataset: str, ns, folds:
     return files
 
 
-def new_items_report(config: Config, folds: list[Config], out: Path) -> dict[str, Path]:
-    """Table 2 of a pipeline run: every row of eval.models on every fold's new items, pooled, written into ``out``.
+def table2_report(config: Config, folds: list[Config], out: Path) -> dict[str, Path]:
+    """Table 2 from every (fold, row) unit's written cases (all of them done), pooled, written into ``out``."""
+    cases = pool_cases({c.data.fold: new_items_run(c) for c in folds}, config.eval.models)
+    return write_table2(out, cases, config.data.dataset, config.data.new_user_ns, len(folds), config.eval.bootstrap, config.eval.seed,
+                        config.runtime.preset == "quick", config.data.n_negatives)
 
-    Runs in the flow's process one row after another (a second evaluation: see ``eval.new_items``)."""
+
+def new_items_report(config: Config, folds: list[Config], out: Path) -> dict[str, Path]:
+    """Table 2 in this thread, one unit after another: for use outside a flow (the pipeline fans the units out on
+    its task runner, ``flows.pipeline.new_items_stage``); the same files, the units being seeded each on its own."""
     started = time.perf_counter()
     for fold_config in folds:
         for name in config.eval.models:
             evaluate_new_item_row(name, fold_config)
-    cases = pool_cases({c.data.fold: new_items_run(c) for c in folds}, config.eval.models)
-    files = write_table2(out, cases, config.data.dataset, config.data.new_user_ns, len(folds), config.eval.bootstrap, config.eval.seed,
-                         config.runtime.preset == "quick", config.data.n_negatives)
+    files = table2_report(config, folds, out)
     logger.info("Table 2 (new items) in %s, %.1f s", files["table2.md"], time.perf_counter() - started)
     return files
 
