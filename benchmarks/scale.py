@@ -37,6 +37,11 @@ stage that took t seconds on n: ratings for prepare, history rows for the
 fits, tasks for tasks and meta, new-user cases for eval. b = 1 is linear.
 The table gives b against every smaller size measured (100M against 1M and 10M).
 
+Records go to ``<workdir>/scale.json`` as each stage ends; a later call with the same
+settings (sample, cap, optimizer, epochs, memory limit, threads) adds to them, so a size
+or a stage can be run on its own and the table and estimate still cover all of them.
+The table, the goals and the estimate go to ``<workdir>/scale.md``.
+
 Then a full-run estimate per size (``full_run_estimate``): what one ``metarec run``
 (``data.new_user_folds`` folds, every default row) would take serially here, built
 from the measured stages times the run's counts (epochs, folds, rows), and with
@@ -361,6 +366,7 @@ def stage_fit(config, args, row: str) -> dict:
     import torch
 
     from metarec.models.factory import make_model
+    from metarec.models.registry import ROWS
     from tasks.train.models import save_model
 
     torch.set_num_threads(1)  # as the pipeline fits baselines (tasks/train/models.py)
@@ -371,8 +377,9 @@ def stage_fit(config, args, row: str) -> dict:
     model.fit(history)
     seconds = time.perf_counter() - started
     save_model(model, row, config, _model_dir(args, row))
+    passes = _passes(config, row)
     return {"seconds": seconds, "rows": len(history), "rows_are": "history rows", "rate": len(history) / seconds, "rate_unit": "rows/s",
-            "detail": f"{len(history):,} history rows, {args.baseline_epochs} epoch(s)"}
+            "detail": f"{len(history):,} history rows, " + (f"{passes} pass{'es' if passes > 1 else ''} over them" if ROWS[row].passes else "no epochs")}
 
 
 def stage_eval(config, args, row: str) -> dict:
@@ -428,6 +435,19 @@ def measure(args: argparse.Namespace, size: str, stage: str) -> dict:
     return record
 
 
+def settings(args: argparse.Namespace) -> dict:
+    """What a record's numbers depend on besides size and stage: records of other settings are never mixed."""
+    return {"sample_users": args.sample_users, "max_tasks": args.max_tasks, "optimizer": args.optimizer, "baseline_epochs": args.baseline_epochs,
+            "memory_limit": args.memory_limit, "torch_threads": args.torch_threads}
+
+
+def merged(earlier: list[dict], new: list[dict], current: dict) -> list[dict]:
+    """The new records plus the earlier ones of the same settings not measured again (sizes or stages run separately)."""
+    fresh = {(r["size"], r["stage"]) for r in new}
+    kept = [r for r in earlier if r.get("settings") == current and (r["size"], r["stage"]) not in fresh]
+    return kept + new
+
+
 def exponent(a: dict, b: dict) -> float | None:
     """b in t ~ n^b between two records of a stage (None when n did not grow)."""
     if a["rows"] <= 0 or b["rows"] <= a["rows"] or a["seconds"] <= 0 or b["seconds"] <= 0:
@@ -446,7 +466,7 @@ def table(records: list[dict], sizes: list[str]) -> str:
             if r is None:
                 continue
             bs = ", ".join(f"{e['size']}: {b:.2f}" for e in earlier if (b := exponent(e, r)) is not None)
-            rate = f"{r['rate']:,.0f} {r['rate_unit']}" if r.get("rate") else ""
+            rate = f"{r['rate']:,.0f} {r['rate_unit']}" if r.get("rate") and r["seconds"] >= 0.1 else ""  # not a rate of a timer's noise
             lines.append(f"| {stage} | {size} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | {r['rows']:,} {r['rows_are']} | {rate} | {bs} | {r['detail']} |")
             earlier.append(r)
     return "\n".join(lines)
@@ -638,20 +658,23 @@ def main() -> None:
     root = Path(__file__).resolve().parents[1]
     if args.workdir.resolve().is_relative_to(root):
         parser.error(f"--workdir {args.workdir} is inside the repository; generated data never goes there")
-    sizes = args.sizes.split(",")
     stages = (args.stages or default_stages()).split(",")
+    saved = args.workdir / "scale.json"
+    earlier = json.loads(saved.read_text()) if saved.is_file() else []
     records: list[dict] = []
-    for size in sizes:
+    for size in args.sizes.split(","):
         generate(size, args.workdir)
         for stage in stages:
-            record = measure(args, size, stage)
+            record = measure(args, size, stage) | {"settings": settings(args)}
             records.append(record)
             print(f"{size:>5} {stage:<16} {record['seconds']:8.1f} s  peak RSS {record['peak_rss_gb']:5.2f} GB  {record['detail']}", flush=True)
+            saved.write_text(json.dumps(merged(earlier, records, settings(args)), indent=2))  # a long run keeps what it measured so far
+    records = merged(earlier, records, settings(args))
+    sizes = [size for size in SHAPES if any(r["size"] == size for r in records)]
     report = "\n\n".join([table(records, sizes), "\n".join(verdicts(records)),
                           estimate_report(records, sizes, _plan_for(args), args.optimizer, args.baseline_epochs, args.sample_users)])
     print()
     print(report)
-    (args.workdir / "scale.json").write_text(json.dumps(records, indent=2))
     (args.workdir / "scale.md").write_text(report + "\n")
 
 

@@ -79,3 +79,13 @@ def test_the_estimate_names_unmeasured_stages_and_leaves_them_out(scale):
     e = scale.full_run_estimate({"prepare": 1.0, "tasks": 1.0, "meta": 10.0, "fit:srec": 3.0}, plan)
     assert e.missing == ("eval:responsive", "eval:srec")
     assert e.serial == pytest.approx(1 + 1 + 2 * 10 + 3)
+
+
+def test_records_of_other_settings_are_never_merged(scale):
+    same, other = {"optimizer": "lazy_adam"}, {"optimizer": "adam"}
+    earlier = [{"size": "1m", "stage": "meta", "settings": same, "seconds": 1.0},
+               {"size": "1m", "stage": "tasks", "settings": same, "seconds": 2.0},
+               {"size": "10m", "stage": "meta", "settings": other, "seconds": 3.0}]
+    new = [{"size": "1m", "stage": "meta", "settings": same, "seconds": 4.0}]
+    out = scale.merged(earlier, new, same)
+    assert sorted((r["size"], r["stage"], r["seconds"]) for r in out) == [("1m", "meta", 4.0), ("1m", "tasks", 2.0)]
