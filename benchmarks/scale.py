@@ -37,9 +37,11 @@ stage that took t seconds on n: ratings for prepare, history rows for the
 fits, tasks for tasks and meta, new-user cases for eval. b = 1 is linear.
 The table gives b against every smaller size measured (100M against 1M and 10M).
 
-Records go to ``<workdir>/scale.json`` as each stage ends; a later call with the same
-settings (sample, cap, optimizer, epochs, memory limit, threads) adds to them, so a size
-or a stage can be run on its own and the table and estimate still cover all of them.
+Records go to ``<workdir>/scale.json`` as each stage ends, with the settings the stage
+depends on (sample, cap, optimizer, baseline epochs, memory limit, threads); the report covers
+every record whose settings are the current ones, so a size or a stage can be run on its own
+(100m after 1m,10m; only meta and eval:responsive again with another --optimizer) and the
+table and estimate still cover all of them. Other settings' records stay in the file.
 The table, the goals and the estimate go to ``<workdir>/scale.md``.
 
 Then a full-run estimate per size (``full_run_estimate``): what one ``metarec run``
@@ -435,17 +437,25 @@ def measure(args: argparse.Namespace, size: str, stage: str) -> dict:
     return record
 
 
-def settings(args: argparse.Namespace) -> dict:
-    """What a record's numbers depend on besides size and stage: records of other settings are never mixed."""
-    return {"sample_users": args.sample_users, "max_tasks": args.max_tasks, "optimizer": args.optimizer, "baseline_epochs": args.baseline_epochs,
-            "memory_limit": args.memory_limit, "torch_threads": args.torch_threads}
+def settings(args: argparse.Namespace, stage: str) -> dict:
+    """What a stage's numbers depend on besides size and stage: records of other settings are never compared."""
+    ours = stage in ("meta", "eval:responsive")
+    kind = stage.partition(":")[0]
+    used = {"prepare": ("memory_limit",), "tasks": ("sample_users",)}.get(stage) or (
+        ("sample_users", "max_tasks", "optimizer", "torch_threads") if ours else
+        ("sample_users", "baseline_epochs") + (("torch_threads",) if kind == "eval" else ()))
+    return {name: getattr(args, name) for name in used}
 
 
-def merged(earlier: list[dict], new: list[dict], current: dict) -> list[dict]:
-    """The new records plus the earlier ones of the same settings not measured again (sizes or stages run separately)."""
-    fresh = {(r["size"], r["stage"]) for r in new}
-    kept = [r for r in earlier if r.get("settings") == current and (r["size"], r["stage"]) not in fresh]
-    return kept + new
+def merged(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """Every record kept in scale.json: the new ones, and the earlier ones not measured again with the same settings."""
+    fresh = {(r["size"], r["stage"], json.dumps(r.get("settings"), sort_keys=True)) for r in new}
+    return [r for r in earlier if (r["size"], r["stage"], json.dumps(r.get("settings"), sort_keys=True)) not in fresh] + new
+
+
+def of_settings(records: list[dict], args: argparse.Namespace) -> list[dict]:
+    """The records a report may compare: each stage's measured with the current settings of what it depends on."""
+    return [r for r in records if r.get("settings") == settings(args, r["stage"])]
 
 
 def exponent(a: dict, b: dict) -> float | None:
@@ -647,6 +657,7 @@ def main() -> None:
     parser.add_argument("--stages", default=None, help="comma-separated (default: prepare, tasks, meta, a fit and an eval of every default row)")
     parser.add_argument("--tuned", type=Path, help="a tuning record (tuned/<dataset>.json) whose epochs the estimate uses (default: the config's)")
     parser.add_argument("--no-sweep", action="store_true", help="estimate `metarec run --no-sweep` (no λ_ML sweep)")
+    parser.add_argument("--report", action="store_true", help="measure nothing: the report of <workdir>/scale.json's records of these settings")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -662,14 +673,14 @@ def main() -> None:
     saved = args.workdir / "scale.json"
     earlier = json.loads(saved.read_text()) if saved.is_file() else []
     records: list[dict] = []
-    for size in args.sizes.split(","):
+    for size in [] if args.report else args.sizes.split(","):
         generate(size, args.workdir)
         for stage in stages:
-            record = measure(args, size, stage) | {"settings": settings(args)}
+            record = measure(args, size, stage) | {"settings": settings(args, stage)}
             records.append(record)
             print(f"{size:>5} {stage:<16} {record['seconds']:8.1f} s  peak RSS {record['peak_rss_gb']:5.2f} GB  {record['detail']}", flush=True)
-            saved.write_text(json.dumps(merged(earlier, records, settings(args)), indent=2))  # a long run keeps what it measured so far
-    records = merged(earlier, records, settings(args))
+            saved.write_text(json.dumps(merged(earlier, records), indent=2))  # a long run keeps what it measured so far
+    records = of_settings(merged(earlier, records), args)
     sizes = [size for size in SHAPES if any(r["size"] == size for r in records)]
     report = "\n\n".join([table(records, sizes), "\n".join(verdicts(records)),
                           estimate_report(records, sizes, _plan_for(args), args.optimizer, args.baseline_epochs, args.sample_users)])

@@ -81,11 +81,13 @@ def test_the_estimate_names_unmeasured_stages_and_leaves_them_out(scale):
     assert e.serial == pytest.approx(1 + 1 + 2 * 10 + 3)
 
 
-def test_records_of_other_settings_are_never_merged(scale):
-    same, other = {"optimizer": "lazy_adam"}, {"optimizer": "adam"}
-    earlier = [{"size": "1m", "stage": "meta", "settings": same, "seconds": 1.0},
-               {"size": "1m", "stage": "tasks", "settings": same, "seconds": 2.0},
-               {"size": "10m", "stage": "meta", "settings": other, "seconds": 3.0}]
-    new = [{"size": "1m", "stage": "meta", "settings": same, "seconds": 4.0}]
-    out = scale.merged(earlier, new, same)
-    assert sorted((r["size"], r["stage"], r["seconds"]) for r in out) == [("1m", "meta", 4.0), ("1m", "tasks", 2.0)]
+def test_records_of_other_settings_are_kept_but_never_reported_together(scale):
+    args = scale.argparse.Namespace(sample_users=0, max_tasks=0, optimizer="lazy_adam", baseline_epochs=1, memory_limit="4GB", torch_threads=1)
+    adam = scale.argparse.Namespace(**{**vars(args), "optimizer": "adam"})
+    record = lambda stage, seconds, made_with: {"size": "1m", "stage": stage, "seconds": seconds, "settings": scale.settings(made_with, stage)}  # noqa: E731
+    earlier = [record("meta", 1.0, args), record("meta", 3.0, adam), record("tasks", 2.0, adam), record("fit:rkmf", 5.0, adam)]
+    new = [record("meta", 4.0, args)]
+    kept = scale.merged(earlier, new)
+    assert sorted((r["stage"], r["seconds"]) for r in kept) == [("fit:rkmf", 5.0), ("meta", 3.0), ("meta", 4.0), ("tasks", 2.0)]
+    # tasks and fits do not depend on the optimizer, so a lazy_adam report reuses them; adam's meta-epoch it does not
+    assert sorted((r["stage"], r["seconds"]) for r in scale.of_settings(kept, args)) == [("fit:rkmf", 5.0), ("meta", 4.0), ("tasks", 2.0)]
