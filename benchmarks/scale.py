@@ -53,7 +53,7 @@ or assumed (a stage not measured taken as a measured one).
 
     .venv/bin/python benchmarks/scale.py [--sizes 1m,10m,100m] [--workdir /work/scratch/scale] [--sample-users 0]
         [--max-tasks 0] [--optimizer adam|lazy_adam] [--baseline-epochs 1] [--memory-limit 4GB] [--torch-threads 2]
-        [--tuned tuned/<dataset>.json]
+        [--stages prepare,tasks,meta,fit:<row>,eval:<row>] [--tuned tuned/<dataset>.json] [--no-sweep] [--report]
 """
 
 from __future__ import annotations
@@ -288,8 +288,10 @@ def _task_dir(config, args) -> Path:
 
 
 def _model_dir(args, row: str) -> Path:
-    """Where the meta and fit stages save a model for the eval stage (the workdir, not the pipeline's cache)."""
-    return args.workdir / "models" / args.size / row
+    """Where the meta and fit stages save a model for the eval stage (the workdir, not the pipeline's cache), named by
+    the settings it was trained with, so an evaluation never picks up a model of other settings."""
+    made_with = {k: v for k, v in settings(args, f"eval:{row}").items() if k != "torch_threads"}
+    return args.workdir / "models" / args.size / f"{row}-{'-'.join(f'{k}={v}' for k, v in sorted(made_with.items()))}"
 
 
 def stage_prepare(config, args) -> dict:
