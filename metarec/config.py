@@ -67,7 +67,7 @@ class DataConfig(Section):
     sample_users: int | None = Field(None, ge=1, description="Keep a seeded sample of this many users (large data sets, experiments).")
     rating_threshold: float = Field(3.0, description="A rating >= this is a positive interaction.")
     new_user_fraction: float = Field(0.1, gt=0.0, le=0.5, description="Fraction of users held out as new users: users are dealt into round(1 / fraction) groups by a seeded hash, one group per split.")
-    new_user_folds: int = Field(5, ge=1, description="New-user folds F: the pipeline runs F splits, fold f's new users being group f of the deal (see new_user_fraction), and pools the results. F = round(1 / new_user_fraction) makes every user a new user exactly once.")
+    new_user_folds: int = Field(10, ge=1, description="New-user folds F: the pipeline runs F splits, fold f's new users being group f of the deal (see new_user_fraction), and pools the results. F = round(1 / new_user_fraction) makes every user a new user exactly once.")
     fold: int = Field(0, ge=0, description="Which group of the deal is this split's new users (set per fold by the pipeline).")
     new_item_fraction: float = Field(0.1, gt=0.0, le=0.5, description="Item cold start (Table 2, eval.new_items): fraction of the "
                                      "history's items held out as new items, dealt like new users into round(1 / fraction) groups "
