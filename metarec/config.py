@@ -67,7 +67,7 @@ class DataConfig(Section):
     sample_users: int | None = Field(None, ge=1, description="Keep a seeded sample of this many users (large data sets, experiments).")
     rating_threshold: float = Field(3.0, description="A rating >= this is a positive interaction.")
     new_user_fraction: float = Field(0.1, gt=0.0, le=0.5, description="Fraction of users held out as new users: users are dealt into round(1 / fraction) groups by a seeded hash, one group per split.")
-    new_user_folds: int = Field(10, ge=1, description="New-user folds F: the pipeline runs F splits, fold f's new users being group f of the deal (see new_user_fraction), and pools the results. F = round(1 / new_user_fraction) makes every user a new user exactly once.")
+    new_user_folds: int = Field(10, ge=1, description="New-user folds F: the pipeline runs F splits, fold f's new users being group f of the deal (see new_user_fraction), and pools the results. F = round(1 / new_user_fraction) makes every user a new user exactly once; the default, 10, is that F at the paper's 10%, and left unset it becomes F for any other fraction.")
     fold: int = Field(0, ge=0, description="Which group of the deal is this split's new users (set per fold by the pipeline).")
     new_item_fraction: float = Field(0.1, gt=0.0, le=0.5, description="Item cold start (Table 2, eval.new_items): fraction of the "
                                      "history's items held out as new items, dealt like new users into round(1 / fraction) groups "
@@ -108,6 +108,9 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _folds_fit_the_deal(self) -> "DataConfig":
+        if self.new_user_folds > self.deals and "new_user_folds" not in self.model_fields_set:
+            # the default means "every user new once": with a larger new-user share there are fewer groups
+            object.__setattr__(self, "new_user_folds", self.deals)
         if self.new_user_folds > self.deals:
             raise ValueError(f"data.new_user_folds ({self.new_user_folds}) must be <= round(1 / data.new_user_fraction) = {self.deals}: "
                              "there are only that many disjoint groups of new users")

@@ -57,6 +57,8 @@ def test_fold_zero_of_one_fold_is_fold_zero_of_many(all_folds, tmp_path):
 def test_fold_count_is_bounded_by_the_deal():
     with pytest.raises(ValueError, match="new_user_folds"):
         DataConfig(new_user_fraction=0.25, new_user_folds=5)  # only 4 disjoint groups
+    assert DataConfig().new_user_folds == 10  # the paper's 10%: every user new once
+    assert DataConfig(new_user_fraction=0.25).new_user_folds == 4  # unset, it follows the deal instead of failing
     with pytest.raises(ValueError, match="fold"):
         DataConfig(fold=10)
 
