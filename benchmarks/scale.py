@@ -24,7 +24,11 @@ user of the data set unless ``--sample-users N`` asks for a seeded sample (quick
 - ``meta``: one meta-training epoch of Ours (paper) over every task (``--max-tasks N`` caps
   it), as ``tasks.train.training.meta_train`` runs one: Θ sized for the history, its index
   set, ``meta.optimizer = --optimizer`` (default: the pipeline's own setting); Θ is saved
-  into the workdir for ``eval``;
+  into the workdir for ``eval``. ``--meta-shards N`` runs the epoch N task shards per child
+  process, Θ, Adam's moments and the trained-row masks carried between them in a checkpoint
+  (bit-identical to one pass, tests/test_distributed.py), so an epoch of hours can be
+  interrupted and resumed (the next call with the same settings goes on from the last piece);
+  its seconds are the sum of the pieces' epoch time, its peak RSS the largest piece's;
 - ``fit:<row>``: one fit of each default row besides ours on the same history, with
   ``baselines.epochs = --baseline-epochs`` (the estimate multiplies it up to the run's
   epochs), saved into the workdir for ``eval``;
@@ -53,7 +57,7 @@ or assumed (a stage not measured taken as a measured one).
 
     .venv/bin/python benchmarks/scale.py [--sizes 1m,10m,100m] [--workdir /work/scratch/scale] [--sample-users 0]
         [--max-tasks 0] [--optimizer adam|lazy_adam] [--baseline-epochs 1] [--memory-limit 4GB] [--torch-threads 2]
-        [--stages prepare,tasks,meta,fit:<row>,eval:<row>] [--tuned tuned/<dataset>.json] [--no-sweep] [--report]
+        [--meta-shards 0] [--stages prepare,tasks,meta,fit:<row>,eval:<row>] [--tuned tuned/<dataset>.json] [--no-sweep] [--report]
 """
 
 from __future__ import annotations
@@ -335,12 +339,21 @@ def stage_tasks(config, args) -> dict:
             "detail": f"{users:,} users, {interactions:,} history rows -> {n_tasks:,} tasks ({cap})"}
 
 
+def _checkpoint_dir(args) -> Path:
+    """Where a meta-epoch run in pieces keeps Θ between them (beside the model it will save)."""
+    final = _model_dir(args, "responsive")
+    return final.with_name(final.name + ".partial")
+
+
 def stage_meta(config, args) -> dict:
+    """One meta-epoch (or, with --shard-stop, the shards --shard-start .. --shard-stop - 1 of it, going on from the
+    checkpoint the previous piece left); the last piece saves Θ for ``eval:responsive``."""
     import torch
 
     from metarec.models.responsive import from_config
+    from tasks.runtime.atomic import atomic_path
     from tasks.train.models import save_model
-    from tasks.train.task_shards import iter_task_shards
+    from tasks.train.task_shards import iter_task_shards, read_manifest
 
     torch.set_num_threads(args.torch_threads)
     config = config.for_row("responsive")
@@ -348,10 +361,15 @@ def stage_meta(config, args) -> dict:
     model = from_config(config)
     model.set_index(history)
     model.init_params(history.n_users, history.n_items)  # as meta_train sizes Θ
+    n_shards = len(read_manifest(_task_dir(config, args))["shards"])
+    start, stop = args.shard_start, (args.shard_stop if args.shard_stop is not None else n_shards)
+    checkpoint = _checkpoint_dir(args) / "state.pt"
+    if start > 0:
+        model.load_training_state(torch.load(checkpoint, weights_only=True))
 
     def shards():
         held = 0
-        for part in iter_task_shards(_task_dir(config, args)):
+        for part in iter_task_shards(_task_dir(config, args), start, stop):
             if args.max_tasks and held + len(part) > args.max_tasks:
                 part = part.take(slice(0, args.max_tasks - held))
             held += len(part)
@@ -359,10 +377,15 @@ def stage_meta(config, args) -> dict:
             if args.max_tasks and held >= args.max_tasks:
                 return
 
-    stats = model.meta_train_epoch(shards(), 0)
-    model.reset_untrained_rows()
-    save_model(model, "responsive", config, _model_dir(args, "responsive"))
+    stats = model.meta_train_epoch(shards(), 0, first_part=start)
+    if stop < n_shards:
+        with atomic_path(checkpoint) as tmp:
+            torch.save(model.training_state(), tmp)
+    else:
+        model.reset_untrained_rows()
+        save_model(model, "responsive", config, _model_dir(args, "responsive"))
     return {"seconds": stats.seconds, "rows": stats.tasks, "rows_are": "tasks", "rate": stats.tasks_per_s, "rate_unit": "tasks/s",
+            "shards": [start, min(stop, n_shards), n_shards],
             "detail": f"{stats.tasks:,} tasks, Θ {history.n_users:,} users + {history.n_items:,} items, meta.optimizer = {config.meta.optimizer}"}
 
 
@@ -422,11 +445,16 @@ def run_stage(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- the parent: children, table, exponents
-def measure(args: argparse.Namespace, size: str, stage: str) -> dict:
-    """Run a stage in a child process; its record plus the child's peak RSS (and wall time incl. start-up)."""
+def measure(args: argparse.Namespace, size: str, stage: str, shards: tuple[int, int] | None = None) -> dict:
+    """Run a stage in a child process; its record plus the child's peak RSS (and wall time incl. start-up).
+    ``shards``: (start, stop) of a meta-epoch run in pieces (``measure_meta_in_pieces``)."""
+    if stage == "meta" and args.meta_shards and shards is None:
+        return measure_meta_in_pieces(args, size)
     command = [sys.executable, __file__, "--stage", stage, "--size", size, "--workdir", str(args.workdir), "--sample-users", str(args.sample_users),
                "--max-tasks", str(args.max_tasks), "--optimizer", args.optimizer, "--baseline-epochs", str(args.baseline_epochs),
                "--memory-limit", args.memory_limit, "--torch-threads", str(args.torch_threads)]
+    if shards is not None:
+        command += ["--shard-start", str(shards[0]), "--shard-stop", str(shards[1])]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     output = child.stdout.read()
@@ -437,6 +465,45 @@ def measure(args: argparse.Namespace, size: str, stage: str) -> dict:
     record = json.loads(output.strip().splitlines()[-1])
     record.update(size=size, stage=stage, peak_rss_gb=usage.ru_maxrss * 1024 / GIB, wall=time.perf_counter() - started)
     return record
+
+
+def measure_meta_in_pieces(args: argparse.Namespace, size: str) -> dict:
+    """The meta-epoch, ``--meta-shards`` task shards per child process, resumable: each piece's record goes to
+    ``pieces.json`` beside the checkpoint as it ends, and a later call with the same settings and the same task
+    shards goes on after the last piece recorded. One record: the pieces' epoch seconds and tasks summed, the
+    largest peak RSS."""
+    from tasks.train.task_shards import read_manifest
+
+    args.size = size
+    task_manifest = read_manifest(_task_dir(_config(args, size), args))
+    n_shards = len(task_manifest["shards"])
+    folder = _checkpoint_dir(args)
+    log = folder / "pieces.json"
+    made_for = {"n_tasks": task_manifest["n_tasks"], "shards": n_shards, "config_hash": task_manifest.get("config_hash"),
+                "meta_shards": args.meta_shards}
+    done = json.loads(log.read_text()) if log.is_file() else None
+    if done is None or done["made_for"] != made_for or not (folder / "state.pt").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        done = {"made_for": made_for, "pieces": []}
+    folder.mkdir(parents=True, exist_ok=True)
+    start = done["pieces"][-1]["shards"][1] if done["pieces"] else 0
+    if start:
+        print(f"{size:>5} meta: going on from shard {start} of {n_shards} ({len(done['pieces'])} pieces recorded in {log})", flush=True)
+    while start < n_shards:
+        stop = min(start + args.meta_shards, n_shards)
+        piece = measure(args, size, "meta", (start, stop))
+        done["pieces"].append(piece)
+        log.write_text(json.dumps(done, indent=2))
+        print(f"{size:>5} meta shards {start}-{stop - 1} of {n_shards}: {piece['seconds']:8.1f} s  peak RSS {piece['peak_rss_gb']:5.2f} GB  "
+              f"{piece['rows']:,} tasks", flush=True)
+        start = stop
+    pieces = done["pieces"]
+    seconds, tasks = sum(p["seconds"] for p in pieces), sum(p["rows"] for p in pieces)
+    shutil.rmtree(folder, ignore_errors=True)  # the last piece saved the model; nothing to go on from
+    return pieces[-1] | {"seconds": seconds, "rows": tasks, "rate": tasks / seconds, "shards": [0, n_shards, n_shards],
+                         "peak_rss_gb": max(p["peak_rss_gb"] for p in pieces), "wall": sum(p["wall"] for p in pieces),
+                         "detail": pieces[-1]["detail"].replace(f"{pieces[-1]['rows']:,} tasks", f"{tasks:,} tasks", 1)
+                         + f", in {len(pieces)} processes of <= {args.meta_shards} shards (checkpoints between them)"}
 
 
 def settings(args: argparse.Namespace, stage: str) -> dict:
@@ -660,11 +727,17 @@ def main() -> None:
     parser.add_argument("--tuned", type=Path, help="a tuning record (tuned/<dataset>.json) whose epochs the estimate uses (default: the config's)")
     parser.add_argument("--no-sweep", action="store_true", help="estimate `metarec run --no-sweep` (no λ_ML sweep)")
     parser.add_argument("--report", action="store_true", help="measure nothing: the report of <workdir>/scale.json's records of these settings")
+    parser.add_argument("--meta-shards", type=int, default=0,
+                        help="run the meta-epoch this many task shards per child process, resumable through a checkpoint (0 = one process)")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
+    parser.add_argument("--shard-start", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--shard-stop", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.sample_users < 0 or args.max_tasks < 0:
-        parser.error("--sample-users and --max-tasks must be >= 0 (0 = all)")
+    if args.sample_users < 0 or args.max_tasks < 0 or args.meta_shards < 0:
+        parser.error("--sample-users, --max-tasks and --meta-shards must be >= 0 (0 = all, one process)")
+    if args.meta_shards and args.max_tasks:
+        parser.error("--meta-shards runs every task of the epoch in pieces; it does not combine with --max-tasks")
     if args.stage:
         run_stage(args)
         return

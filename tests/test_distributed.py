@@ -61,6 +61,36 @@ def test_two_processes_end_with_the_parameters_of_one(optimizer):
         assert torch.allclose(state[key], final[key], rtol=1e-4, atol=1e-6), (key, (state[key] - final[key]).abs().max())
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])
+def test_an_epoch_run_in_pieces_through_checkpoints_ends_as_the_whole_epoch(optimizer):
+    """benchmarks/scale.py runs a Netflix-sized meta-epoch a few shards per process: with ``training_state`` carried
+    between the pieces and ``first_part`` numbering them, Θ and its moments end bit-identical to one pass (early
+    tasks included: their draws are seeded by the part's number too)."""
+    history, parts = _parts()
+
+    def model() -> ResponsiveMF:
+        fresh = ResponsiveMF(MetaConfig(dim=8, batch_tasks=25, outer_lr=0.01, optimizer=optimizer), TaskConfig(k=3, K=6, early_share=0.3))
+        fresh.set_index(history)
+        fresh.init_params(history.n_users, history.n_items)
+        return fresh
+
+    whole, first = model(), model()
+    start = whole.training_state()
+    whole.meta_train_epoch(parts, 1)
+    first.meta_train_epoch(parts[:1], 1)
+    second, renumbered = model(), model()
+    for piece in (second, renumbered):
+        piece.load_training_state(first.training_state())
+    second.meta_train_epoch(parts[1:], 1, first_part=1)
+    want, got = whole.training_state(), second.training_state()
+    assert not torch.equal(want["P"], start["P"])
+    assert set(got) == set(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    renumbered.meta_train_epoch(parts[1:], 1)  # numbered from 0, the second piece draws other shuffles
+    assert not torch.equal(renumbered.training_state()["P"], want["P"])
+
+
 def test_a_divergence_stops_every_worker_and_is_raised():
     history, parts = _parts()
     model = _model(history, lambda_ml=1e38)

@@ -325,11 +325,14 @@ class ResponsiveMF(StreamingRecommender):
         epoch: int,
         progress: Callable[[int], None] | None = None,
         parallel: DataParallel | None = None,
+        first_part: int = 0,
     ) -> EpochStats:
         """One pass over the tasks (parts: shards, each shuffled with its own seeded rng), batch_tasks per outer step.
 
         ``parallel``: this process is one of several data-parallel workers reading the same parts
-        (``metarec.distributed``); each step then takes its share of the batch, and Θ ends as with one process."""
+        (``metarec.distributed``); each step then takes its share of the batch, and Θ ends as with one process.
+        ``first_part``: the number of the first of ``parts`` within the epoch, so an epoch run in pieces (with
+        ``training_state`` carried between them) draws every shuffle as the whole epoch would."""
         started = time.perf_counter()
         n_tasks, support, query = 0, 0.0, 0.0
         norms: list[float] = []
@@ -341,7 +344,7 @@ class ResponsiveMF(StreamingRecommender):
             return EpochStats(support / n, query / n, n_tasks, time.perf_counter() - started, top, mean, len(norms), clipped)
 
         try:
-            for part_no, part in enumerate(parts):
+            for part_no, part in enumerate(parts, start=first_part):
                 part, fresh = self._with_early_tasks(part, epoch, part_no, parallel)
                 order = np.random.default_rng([self.meta.seed, epoch, 2, part_no]).permutation(len(part))
                 for start in range(0, len(order), self.meta.batch_tasks):

@@ -117,10 +117,10 @@ def read_manifest(task_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def iter_task_shards(task_dir: Path) -> Iterator[TaskArrays]:
-    """The shards in manifest order, one TaskArrays each (memory: one shard at a time)."""
+def iter_task_shards(task_dir: Path, start: int = 0, stop: int | None = None) -> Iterator[TaskArrays]:
+    """The shards in manifest order (those numbered start .. stop-1), one TaskArrays each (memory: one shard at a time)."""
     task_dir = Path(task_dir)
-    for shard in read_manifest(task_dir)["shards"]:
+    for shard in read_manifest(task_dir)["shards"][start:stop]:
         path = task_dir / shard["file"]
         tasks = _arrays(pq.read_table(path), path)
         if len(tasks) != shard["rows"]:
