@@ -522,6 +522,19 @@ def merged(earlier: list[dict], new: list[dict]) -> list[dict]:
     return [r for r in earlier if (r["size"], r["stage"], json.dumps(r.get("settings"), sort_keys=True)) not in fresh] + new
 
 
+def read_records(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def save_records(path: Path, records: list[dict]) -> None:
+    """This run's records merged into the file as it is now (not as it was when the run began: another size may be
+    measured beside this one in the same workdir), written to a temporary file and renamed."""
+    from tasks.runtime.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(merged(read_records(path), records), indent=2))
+
+
 def of_settings(records: list[dict], args: argparse.Namespace) -> list[dict]:
     """The records a report may compare: each stage's measured with the current settings of what it depends on."""
     return [r for r in records if r.get("settings") == settings(args, r["stage"])]
@@ -746,7 +759,6 @@ def main() -> None:
         parser.error(f"--workdir {args.workdir} is inside the repository; generated data never goes there")
     stages = (args.stages or default_stages()).split(",")
     saved = args.workdir / "scale.json"
-    earlier = json.loads(saved.read_text()) if saved.is_file() else []
     records: list[dict] = []
     for size in [] if args.report else args.sizes.split(","):
         generate(size, args.workdir)
@@ -754,8 +766,8 @@ def main() -> None:
             record = measure(args, size, stage) | {"settings": settings(args, stage)}
             records.append(record)
             print(f"{size:>5} {stage:<16} {record['seconds']:8.1f} s  peak RSS {record['peak_rss_gb']:5.2f} GB  {record['detail']}", flush=True)
-            saved.write_text(json.dumps(merged(earlier, records), indent=2))  # a long run keeps what it measured so far
-    records = of_settings(merged(earlier, records), args)
+            save_records(saved, records)  # a long run keeps what it measured so far
+    records = of_settings(merged(read_records(saved), records), args)
     sizes = [size for size in SHAPES if any(r["size"] == size for r in records)]
     report = "\n\n".join([table(records, sizes), "\n".join(verdicts(records)),
                           estimate_report(records, sizes, _plan_for(args), args.optimizer, args.baseline_epochs, args.sample_users)])

@@ -91,3 +91,22 @@ def test_records_of_other_settings_are_kept_but_never_reported_together(scale):
     assert sorted((r["stage"], r["seconds"]) for r in kept) == [("fit:rkmf", 5.0), ("meta", 3.0), ("meta", 4.0), ("tasks", 2.0)]
     # tasks and fits do not depend on the optimizer, so a lazy_adam report reuses them; adam's meta-epoch it does not
     assert sorted((r["stage"], r["seconds"]) for r in scale.of_settings(kept, args)) == [("fit:rkmf", 5.0), ("meta", 4.0), ("tasks", 2.0)]
+
+
+def test_two_runs_in_one_workdir_keep_each_others_records(scale, tmp_path):
+    """10M and 100M measured side by side: each save merges into the file as it is now, not as the run found it."""
+    saved = tmp_path / "scale.json"
+
+    def record(size, stage, seconds):
+        return {"size": size, "stage": stage, "seconds": seconds, "settings": {"torch_threads": 1}}
+
+    scale.save_records(saved, [record("1m", "meta", 1.0)])
+    ten = [record("10m", "prepare", 5.0)]  # the 10M run began when the file held 1M's record only
+    scale.save_records(saved, [record("100m", "prepare", 50.0)])
+    ten.append(record("10m", "tasks", 6.0))
+    scale.save_records(saved, ten)
+    kept = {(r["size"], r["stage"]): r["seconds"] for r in scale.read_records(saved)}
+    assert kept == {("1m", "meta"): 1.0, ("10m", "prepare"): 5.0, ("100m", "prepare"): 50.0, ("10m", "tasks"): 6.0}
+    scale.save_records(saved, [record("1m", "meta", 2.0)])  # measured again with the same settings: replaced
+    assert [r["seconds"] for r in scale.read_records(saved) if r["size"] == "1m"] == [2.0]
+    assert [p.name for p in tmp_path.iterdir()] == ["scale.json"]  # no temporary left behind
