@@ -361,7 +361,8 @@ def stage_meta(config, args) -> dict:
     model = from_config(config)
     model.set_index(history)
     model.init_params(history.n_users, history.n_items)  # as meta_train sizes Θ
-    n_shards = len(read_manifest(_task_dir(config, args))["shards"])
+    task_dir = _task_dir(config, args)
+    n_shards = len(read_manifest(task_dir)["shards"])
     start, stop = args.shard_start, (args.shard_stop if args.shard_stop is not None else n_shards)
     checkpoint = _checkpoint_dir(args) / "state.pt"
     if start > 0:
@@ -369,7 +370,7 @@ def stage_meta(config, args) -> dict:
 
     def shards():
         held = 0
-        for part in iter_task_shards(_task_dir(config, args), start, stop):
+        for part in iter_task_shards(task_dir, start, stop):
             if args.max_tasks and held + len(part) > args.max_tasks:
                 part = part.take(slice(0, args.max_tasks - held))
             held += len(part)
@@ -384,9 +385,9 @@ def stage_meta(config, args) -> dict:
     else:
         model.reset_untrained_rows()
         save_model(model, "responsive", config, _model_dir(args, "responsive"))
+    theta = f"Θ {history.n_users:,} users + {history.n_items:,} items, meta.optimizer = {config.meta.optimizer}"
     return {"seconds": stats.seconds, "rows": stats.tasks, "rows_are": "tasks", "rate": stats.tasks_per_s, "rate_unit": "tasks/s",
-            "shards": [start, min(stop, n_shards), n_shards],
-            "detail": f"{stats.tasks:,} tasks, Θ {history.n_users:,} users + {history.n_items:,} items, meta.optimizer = {config.meta.optimizer}"}
+            "shards": [start, min(stop, n_shards), n_shards], "theta": theta, "detail": f"{stats.tasks:,} tasks, {theta}"}
 
 
 def stage_fit(config, args, row: str) -> dict:
@@ -474,7 +475,7 @@ def measure_meta_in_pieces(args: argparse.Namespace, size: str) -> dict:
     largest peak RSS."""
     from tasks.train.task_shards import read_manifest
 
-    args.size = size
+    args = argparse.Namespace(**{**vars(args), "size": size})  # what _task_dir and _model_dir read, as in the children
     task_manifest = read_manifest(_task_dir(_config(args, size), args))
     n_shards = len(task_manifest["shards"])
     folder = _checkpoint_dir(args)
@@ -502,8 +503,8 @@ def measure_meta_in_pieces(args: argparse.Namespace, size: str) -> dict:
     shutil.rmtree(folder, ignore_errors=True)  # the last piece saved the model; nothing to go on from
     return pieces[-1] | {"seconds": seconds, "rows": tasks, "rate": tasks / seconds, "shards": [0, n_shards, n_shards],
                          "peak_rss_gb": max(p["peak_rss_gb"] for p in pieces), "wall": sum(p["wall"] for p in pieces),
-                         "detail": pieces[-1]["detail"].replace(f"{pieces[-1]['rows']:,} tasks", f"{tasks:,} tasks", 1)
-                         + f", in {len(pieces)} processes of <= {args.meta_shards} shards (checkpoints between them)"}
+                         "detail": f"{tasks:,} tasks, {pieces[-1]['theta']}, in {len(pieces)} processes of <= {args.meta_shards} shards "
+                                   "(checkpoints between them)"}
 
 
 def settings(args: argparse.Namespace, stage: str) -> dict:
@@ -767,7 +768,7 @@ def main() -> None:
             records.append(record)
             print(f"{size:>5} {stage:<16} {record['seconds']:8.1f} s  peak RSS {record['peak_rss_gb']:5.2f} GB  {record['detail']}", flush=True)
             save_records(saved, records)  # a long run keeps what it measured so far
-    records = of_settings(merged(read_records(saved), records), args)
+    records = of_settings(read_records(saved), args)  # this run's records were saved into it as they came
     sizes = [size for size in SHAPES if any(r["size"] == size for r in records)]
     report = "\n\n".join([table(records, sizes), "\n".join(verdicts(records)),
                           estimate_report(records, sizes, _plan_for(args), args.optimizer, args.baseline_epochs, args.sample_users)])
