@@ -209,6 +209,21 @@ def test_sgd_epoch_leaves_rows_outside_its_triples_bit_identical():
     assert not torch.equal(W[u], W0[u]) and not torch.equal(H[np.unique(np.r_[i, j])], H0[np.unique(np.r_[i, j])])
 
 
+def test_sgd_epoch_reads_its_triples_without_changing_them_whatever_their_dtype_or_flags():
+    """The triples are shared with torch, not copied (memory at 100M): the caller's arrays stay as they were,
+    and int64, int32 and read-only input give the same tables."""
+    u, i, j = np.array([1, 4, 4, 9]), np.array([2, 3, 7, 2]), np.array([11, 12, 3, 20])
+    results = []
+    for cast in (lambda a: a, lambda a: a.astype(np.int32), lambda a: np.frombuffer(a.tobytes(), dtype=np.int64)):
+        args = [cast(a) for a in (u, i, j)]
+        before = [a.copy() for a in args]
+        W, H = _tables()
+        sgd_epoch(W, H, *args, kernel_bpr_grads("linear", 1.0, 0.01), 0.1, 2, np.random.default_rng(0))
+        assert all(np.array_equal(a, b) for a, b in zip(args, before))
+        results.append((W, H))
+    assert all(torch.equal(W, results[0][0]) and torch.equal(H, results[0][1]) for W, H in results)
+
+
 def test_sgd_rounds_change_only_the_rows_of_their_side():
     grads = kernel_bpr_grads("logistic", 4.0, 0.01)
     u, i, j = np.array([1, 4, 4, 9]), np.array([2, 3, 7, 2]), np.array([11, 12, 3, 20])

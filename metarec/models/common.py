@@ -132,13 +132,21 @@ def sgd_epoch(
 ) -> None:
     """One shuffled pass of minibatch SGD over triples (u, i, j), in place on W (users) and H (items)."""
     order = torch.from_numpy(rng.permutation(len(u)))
-    ut, it, jt = (torch.from_numpy(np.array(a, dtype=np.int64)) for a in (u, i, j))
+    # views, not copies, of int64 input: at 100M ratings a copy of the triples is 2.4 GB of a fit's peak
+    ut, it, jt = (_as_int64_tensor(a) for a in (u, i, j))
     update = tuple(update)
     for start in range(0, len(order), batch_size):
         b = order[start : start + batch_size]
         ub, ib, jb = ut[b], it[b], jt[b]
         gw, ghi, ghj = grad_fn(W[ub], H[ib], H[jb])
         _apply(W, H, ub, ib, jb, gw, ghi, ghj, lr, update)
+
+
+def _as_int64_tensor(values: np.ndarray) -> torch.Tensor:
+    """A tensor over ``values`` without a copy when it is already contiguous int64 (read-only arrays are copied:
+    torch cannot share them)."""
+    array = np.ascontiguousarray(values, dtype=np.int64)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def round_order(rows: np.ndarray, rng: np.random.Generator | None) -> tuple[np.ndarray, list[int]]:
