@@ -28,7 +28,8 @@ user of the data set unless ``--sample-users N`` asks for a seeded sample (quick
   process, Θ, Adam's moments and the trained-row masks carried between them in a checkpoint
   (bit-identical to one pass, tests/test_distributed.py), so an epoch of hours can be
   interrupted and resumed (the next call with the same settings goes on from the last piece);
-  its seconds are the sum of the pieces' epoch time, its peak RSS the largest piece's;
+  its seconds are the sum of the pieces' epoch time, its peak RSS the largest piece's; while an epoch is
+  unfinished the report extrapolates it from the pieces so far (seconds x all tasks / trained tasks) and says so;
 - ``fit:<row>``: one fit of each default row besides ours on the same history, with
   ``baselines.epochs = --baseline-epochs`` (the estimate multiplies it up to the run's
   epochs), saved into the workdir for ``eval``;
@@ -507,6 +508,35 @@ def measure_meta_in_pieces(args: argparse.Namespace, size: str) -> dict:
                                    "(checkpoints between them)"}
 
 
+def partial_meta_record(args: argparse.Namespace, size: str) -> dict | None:
+    """An unfinished meta-epoch run in pieces (``--meta-shards``), as a ``meta`` record extrapolated to the whole epoch:
+    seconds = the pieces' seconds x (all tasks / the tasks they trained), so the table, the goals and the estimate can
+    use it; ``partial`` says how much was measured. None when no piece of these settings was recorded."""
+    log = _checkpoint_dir(argparse.Namespace(**{**vars(args), "size": size})) / "pieces.json"
+    if not log.is_file():
+        return None
+    done = json.loads(log.read_text())
+    pieces, total = done["pieces"], done["made_for"]["n_tasks"]
+    seconds, tasks = sum(p["seconds"] for p in pieces), sum(p["rows"] for p in pieces)
+    if not pieces or tasks <= 0 or seconds <= 0:
+        return None
+    shards = [pieces[0]["shards"][0], pieces[-1]["shards"][1], done["made_for"]["shards"]]
+    return pieces[-1] | {
+        "size": size, "stage": "meta", "seconds": seconds * total / tasks, "rows": total, "rate": tasks / seconds,
+        "peak_rss_gb": max(p["peak_rss_gb"] for p in pieces), "settings": settings(args, "meta"),
+        "partial": {"tasks": tasks, "seconds": seconds, "shards": shards},
+        "detail": f"EXTRAPOLATED from {tasks:,} of {total:,} tasks (shards {shards[0]}-{shards[1] - 1} of {shards[2]}, "
+                  f"{seconds:,.0f} s in {len(pieces)} pieces; the epoch is not finished), {pieces[-1]['theta']}",
+    }
+
+
+def with_partial_meta(records: list[dict], args: argparse.Namespace) -> list[dict]:
+    """The records plus, for each size whose meta-epoch is unfinished, its extrapolated record."""
+    finished = {r["size"] for r in records if r["stage"] == "meta"}
+    partial = [partial_meta_record(args, size) for size in SHAPES if size not in finished]
+    return records + [r for r in partial if r is not None]
+
+
 def settings(args: argparse.Namespace, stage: str) -> dict:
     """What a stage's numbers depend on besides size and stage: records of other settings are never compared."""
     ours = stage in ("meta", "eval:responsive")
@@ -694,7 +724,9 @@ def verdicts(records: list[dict]) -> list[str]:
     out = []
     if ("10m", "meta") in by and ("100m", "meta") in by:
         ratio = by[("10m", "meta")]["rate"] / by[("100m", "meta")]["rate"]
-        out.append(f"meta-epoch throughput: 10M {by[('10m', 'meta')]['rate']:,.0f} tasks/s, 100M {by[('100m', 'meta')]['rate']:,.0f} tasks/s, "
+        measured = by[("100m", "meta")].get("partial")
+        on = f" (on {measured['tasks']:,} of {by[('100m', 'meta')]['rows']:,} tasks: the epoch is not finished)" if measured else ""
+        out.append(f"meta-epoch throughput: 10M {by[('10m', 'meta')]['rate']:,.0f} tasks/s, 100M {by[('100m', 'meta')]['rate']:,.0f} tasks/s{on}, "
                    f"10M/100M = {ratio:.2f}: {'within' if ratio <= 1.5 else 'NOT within'} 1.5x")
     over = [f"{r['stage']} at {r['size']} ({r['peak_rss_gb']:.1f} GB)" for r in records if r["peak_rss_gb"] >= 16]
     out.append("every stage under 16 GB peak RSS" if not over else "OVER 16 GB: " + ", ".join(over))
@@ -769,6 +801,7 @@ def main() -> None:
             print(f"{size:>5} {stage:<16} {record['seconds']:8.1f} s  peak RSS {record['peak_rss_gb']:5.2f} GB  {record['detail']}", flush=True)
             save_records(saved, records)  # a long run keeps what it measured so far
     records = of_settings(read_records(saved), args)  # this run's records were saved into it as they came
+    records = with_partial_meta(records, args)
     sizes = [size for size in SHAPES if any(r["size"] == size for r in records)]
     report = "\n\n".join([table(records, sizes), "\n".join(verdicts(records)),
                           estimate_report(records, sizes, _plan_for(args), args.optimizer, args.baseline_epochs, args.sample_users)])

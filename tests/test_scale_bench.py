@@ -110,3 +110,23 @@ def test_two_runs_in_one_workdir_keep_each_others_records(scale, tmp_path):
     scale.save_records(saved, [record("1m", "meta", 2.0)])  # measured again with the same settings: replaced
     assert [r["seconds"] for r in scale.read_records(saved) if r["size"] == "1m"] == [2.0]
     assert [p.name for p in tmp_path.iterdir()] == ["scale.json"]  # no temporary left behind
+
+
+def test_an_unfinished_meta_epoch_is_reported_extrapolated_and_marked(scale, tmp_path):
+    args = scale.argparse.Namespace(workdir=tmp_path, sample_users=0, max_tasks=0, optimizer="lazy_adam", baseline_epochs=1,
+                                    memory_limit="4GB", torch_threads=1)
+    log = scale._checkpoint_dir(scale.argparse.Namespace(**{**vars(args), "size": "100m"})) / "pieces.json"
+    log.parent.mkdir(parents=True)
+    piece = lambda a, b, seconds: {"shards": [a, b, 10], "seconds": seconds, "rows": 100 * (b - a), "peak_rss_gb": 3.0 + a,  # noqa: E731
+                                   "theta": "Θ", "size": "100m", "stage": "meta"}
+    log.write_text(scale.json.dumps({"made_for": {"n_tasks": 1000, "shards": 10}, "pieces": [piece(0, 2, 20.0), piece(2, 4, 20.0)]}))
+    ten = {"size": "10m", "stage": "meta", "rows": 100, "seconds": 1.0, "rate": 100.0, "peak_rss_gb": 1.0, "settings": {}}
+    records = scale.with_partial_meta([ten], args)
+    partial = next(r for r in records if r["size"] == "100m")
+    assert partial["seconds"] == pytest.approx(40.0 * 1000 / 400) and partial["rate"] == pytest.approx(10.0)
+    assert partial["partial"] == {"tasks": 400, "seconds": 40.0, "shards": [0, 4, 10]} and partial["peak_rss_gb"] == 5.0
+    assert "EXTRAPOLATED" in partial["detail"]
+    verdict = next(v for v in scale.verdicts(records) if v.startswith("meta-epoch"))
+    assert "on 400 of 1,000 tasks" in verdict and "NOT within" in verdict
+    finished = {**ten, "size": "100m"}
+    assert scale.with_partial_meta([ten, finished], args) == [ten, finished]  # a finished epoch's record wins
