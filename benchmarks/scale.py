@@ -518,7 +518,7 @@ def partial_meta_record(args: argparse.Namespace, size: str) -> dict | None:
     done = json.loads(log.read_text())
     pieces, total = done["pieces"], done["made_for"]["n_tasks"]
     seconds, tasks = sum(p["seconds"] for p in pieces), sum(p["rows"] for p in pieces)
-    if not pieces or tasks <= 0 or seconds <= 0:
+    if tasks <= 0 or seconds <= 0:  # no piece yet
         return None
     shards = [pieces[0]["shards"][0], pieces[-1]["shards"][1], done["made_for"]["shards"]]
     return pieces[-1] | {

@@ -11,7 +11,7 @@ from metarec.config import MetaConfig, TaskConfig
 from metarec.interface import Interactions
 from metarec.maml import DivergedError, TaskBatch, _all_finite, meta_step
 from metarec.meta_tasks import build_tasks
-from metarec.models.common import kernel_bpr_grads, sgd_epoch, sgd_item_rounds, sgd_rounds
+from metarec.models.common import _as_int64_tensor, kernel_bpr_grads, sgd_epoch, sgd_item_rounds, sgd_rounds
 from metarec.models.responsive import ResponsiveMF
 from metarec.sparse_adam import RowSparseAdam, make_optimizer
 from metarec.synthetic import planted_interactions
@@ -221,6 +221,8 @@ def test_sgd_epoch_reads_its_triples_without_changing_them_whatever_their_dtype_
         sgd_epoch(W, H, *args, kernel_bpr_grads("linear", 1.0, 0.01), 0.1, 2, np.random.default_rng(0))
         assert all(np.array_equal(a, b) for a, b in zip(args, before))
         results.append((W, H))
+    shared = _as_int64_tensor(u)
+    assert shared.data_ptr() == u.ctypes.data  # int64 and writable: the same buffer, no copy
     assert all(torch.equal(W, results[0][0]) and torch.equal(H, results[0][1]) for W, H in results)
 
 

@@ -99,7 +99,7 @@ def _interactions(path: Path, extra: str | None = None) -> tuple[Interactions, n
     names = ("user_id", "item_id", "ts") + ((extra,) if extra else ())
     table = pq.read_table(path, columns=list(names))
     cols = {name: table.column(name).to_numpy().astype(np.int64) for name in names}
-    return Interactions(cols["user_id"], cols["item_id"], cols["ts"]), cols.get(extra) if extra else None
+    return Interactions(cols["user_id"], cols["item_id"], cols["ts"]), cols.get(extra)
 
 
 def load_feature_table(path: Path, n_entities: int) -> FeatureTable | None:
