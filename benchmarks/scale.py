@@ -27,7 +27,9 @@ user of the data set unless ``--sample-users N`` asks for a seeded sample (quick
   into the workdir for ``eval``. ``--meta-shards N`` runs the epoch N task shards per child
   process, Θ, Adam's moments and the trained-row masks carried between them in a checkpoint
   (bit-identical to one pass, tests/test_distributed.py), so an epoch of hours can be
-  interrupted and resumed (the next call with the same settings goes on from the last piece);
+  interrupted and resumed (the next call with the same settings goes on from the last piece;
+  ``--meta-after FILE`` goes on from an unfinished epoch recorded in another run's scale.json, whose
+  checkpoint is gone, with a freshly drawn Θ: the times add up to one epoch's, the saved Θ is not one epoch's);
   its seconds are the sum of the pieces' epoch time, its peak RSS the largest piece's; while an epoch is
   unfinished the report extrapolates it from the pieces so far (seconds x all tasks / trained tasks) and says so;
 - ``fit:<row>``: one fit of each default row besides ours on the same history, with
@@ -366,7 +368,7 @@ def stage_meta(config, args) -> dict:
     n_shards = len(read_manifest(task_dir)["shards"])
     start, stop = args.shard_start, (args.shard_stop if args.shard_stop is not None else n_shards)
     checkpoint = _checkpoint_dir(args) / "state.pt"
-    if start > 0:
+    if start > 0 and not args.fresh_theta:
         model.load_training_state(torch.load(checkpoint, weights_only=True))
 
     def shards():
@@ -447,16 +449,17 @@ def run_stage(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- the parent: children, table, exponents
-def measure(args: argparse.Namespace, size: str, stage: str, shards: tuple[int, int] | None = None) -> dict:
+def measure(args: argparse.Namespace, size: str, stage: str, shards: tuple[int, int] | None = None, fresh_theta: bool = False) -> dict:
     """Run a stage in a child process; its record plus the child's peak RSS (and wall time incl. start-up).
-    ``shards``: (start, stop) of a meta-epoch run in pieces (``measure_meta_in_pieces``)."""
+    ``shards``: (start, stop) of a meta-epoch run in pieces (``measure_meta_in_pieces``); ``fresh_theta``: the piece
+    draws Θ instead of loading the checkpoint (``--meta-after``)."""
     if stage == "meta" and args.meta_shards and shards is None:
         return measure_meta_in_pieces(args, size)
     command = [sys.executable, __file__, "--stage", stage, "--size", size, "--workdir", str(args.workdir), "--sample-users", str(args.sample_users),
                "--max-tasks", str(args.max_tasks), "--optimizer", args.optimizer, "--baseline-epochs", str(args.baseline_epochs),
                "--memory-limit", args.memory_limit, "--torch-threads", str(args.torch_threads)]
     if shards is not None:
-        command += ["--shard-start", str(shards[0]), "--shard-stop", str(shards[1])]
+        command += ["--shard-start", str(shards[0]), "--shard-stop", str(shards[1])] + (["--fresh-theta"] if fresh_theta else [])
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     output = child.stdout.read()
@@ -484,16 +487,18 @@ def measure_meta_in_pieces(args: argparse.Namespace, size: str) -> dict:
     made_for = {"n_tasks": task_manifest["n_tasks"], "shards": n_shards, "config_hash": task_manifest.get("config_hash"),
                 "meta_shards": args.meta_shards}
     done = json.loads(log.read_text()) if log.is_file() else None
-    if done is None or done["made_for"] != made_for or not (folder / "state.pt").is_file():
+    if done is None or done["made_for"] != made_for or not _can_go_on(done, folder):
         shutil.rmtree(folder, ignore_errors=True)
         done = {"made_for": made_for, "pieces": []}
+        if args.meta_after:
+            done |= earlier_pieces(args, size, made_for)
     folder.mkdir(parents=True, exist_ok=True)
     start = done["pieces"][-1]["shards"][1] if done["pieces"] else 0
     if start:
         print(f"{size:>5} meta: going on from shard {start} of {n_shards} ({len(done['pieces'])} pieces recorded in {log})", flush=True)
     while start < n_shards:
         stop = min(start + args.meta_shards, n_shards)
-        piece = measure(args, size, "meta", (start, stop))
+        piece = measure(args, size, "meta", (start, stop), fresh_theta=start == done.get("fresh_theta_at"))
         done["pieces"].append(piece)
         log.write_text(json.dumps(done, indent=2))
         print(f"{size:>5} meta shards {start}-{stop - 1} of {n_shards}: {piece['seconds']:8.1f} s  peak RSS {piece['peak_rss_gb']:5.2f} GB  "
@@ -505,7 +510,42 @@ def measure_meta_in_pieces(args: argparse.Namespace, size: str) -> dict:
     return pieces[-1] | {"seconds": seconds, "rows": tasks, "rate": tasks / seconds, "shards": [0, n_shards, n_shards],
                          "peak_rss_gb": max(p["peak_rss_gb"] for p in pieces), "wall": sum(p["wall"] for p in pieces),
                          "detail": f"{tasks:,} tasks, {pieces[-1]['theta']}, in {len(pieces)} processes of <= {args.meta_shards} shards "
-                                   "(checkpoints between them)"}
+                                   "(checkpoints between them)" + _restart_note(done)}
+
+
+def _can_go_on(done: dict, folder: Path) -> bool:
+    """A recorded run goes on from its checkpoint, or from a fresh Θ when it has only an earlier run's pieces."""
+    stop = done["pieces"][-1]["shards"][1] if done["pieces"] else 0
+    return (folder / "state.pt").is_file() or stop == done.get("fresh_theta_at", 0)
+
+
+def earlier_pieces(args: argparse.Namespace, size: str, made_for: dict) -> dict:
+    """``--meta-after FILE``: the unfinished meta-epoch recorded in FILE (a scale.json, same size and settings, the same
+    task count and shards) as this run's first piece. Its checkpoint went with its machine, so the next shard starts
+    from a freshly drawn Θ: a step's time does not depend on Θ's values, but the Θ saved at the end is not one epoch's."""
+    wanted = settings(args, "meta")
+    found = [r for r in read_records(args.meta_after) if r.get("size") == size and r.get("stage") == "meta" and "partial" in r
+             and r.get("settings") == wanted]
+    if not found:
+        raise ValueError(f"--meta-after {args.meta_after}: no unfinished meta record of size {size} with settings {wanted}")
+    record = found[-1]
+    part = record["partial"]
+    if record["rows"] != made_for["n_tasks"] or part["shards"][2] != made_for["shards"] or part["shards"][0] != 0:
+        raise ValueError(f"--meta-after {args.meta_after}: its {size} epoch had {record['rows']:,} tasks in {part['shards'][2]} shards "
+                         f"(from shard {part['shards'][0]}); these task shards have {made_for['n_tasks']:,} in {made_for['shards']}")
+    piece = {k: record[k] for k in ("size", "stage", "theta", "peak_rss_gb")} | {
+        "seconds": part["seconds"], "rows": part["tasks"], "rate": part["tasks"] / part["seconds"], "shards": part["shards"],
+        "wall": part["seconds"],  # the earlier run kept its pieces' wall only in a log: its epoch seconds stand in
+        "earlier_run": str(args.meta_after)}
+    return {"pieces": [piece], "fresh_theta_at": part["shards"][1]}
+
+
+def _restart_note(done: dict) -> str:
+    if "fresh_theta_at" not in done:
+        return ""
+    at = done["fresh_theta_at"]
+    return (f"; shards 0-{at - 1} measured in an earlier run ({done['pieces'][0]['earlier_run']}), Θ drawn afresh at shard {at} "
+            "(step times do not depend on Θ's values; the saved Θ is not one epoch's)")
 
 
 def partial_meta_record(args: argparse.Namespace, size: str) -> dict | None:
@@ -526,7 +566,7 @@ def partial_meta_record(args: argparse.Namespace, size: str) -> dict | None:
         "peak_rss_gb": max(p["peak_rss_gb"] for p in pieces), "settings": settings(args, "meta"),
         "partial": {"tasks": tasks, "seconds": seconds, "shards": shards},
         "detail": f"EXTRAPOLATED from {tasks:,} of {total:,} tasks (shards {shards[0]}-{shards[1] - 1} of {shards[2]}, "
-                  f"{seconds:,.0f} s in {len(pieces)} pieces; the epoch is not finished), {pieces[-1]['theta']}",
+                  f"{seconds:,.0f} s in {len(pieces)} pieces; the epoch is not finished), {pieces[-1]['theta']}" + _restart_note(done),
     }
 
 
@@ -775,13 +815,19 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="measure nothing: the report of <workdir>/scale.json's records of these settings")
     parser.add_argument("--meta-shards", type=int, default=0,
                         help="run the meta-epoch this many task shards per child process, resumable through a checkpoint (0 = one process)")
+    parser.add_argument("--meta-after", type=Path,
+                        help="with --meta-shards: a scale.json whose unfinished meta-epoch of the same size and settings counts as the "
+                             "epoch's first pieces; the rest runs from a freshly drawn Θ (its checkpoint is gone)")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
+    parser.add_argument("--fresh-theta", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shard-start", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--shard-stop", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sample_users < 0 or args.max_tasks < 0 or args.meta_shards < 0:
         parser.error("--sample-users, --max-tasks and --meta-shards must be >= 0 (0 = all, one process)")
+    if args.meta_after and not args.meta_shards:
+        parser.error("--meta-after goes on from an earlier run's pieces; give --meta-shards too")
     if args.meta_shards and args.max_tasks:
         parser.error("--meta-shards runs every task of the epoch in pieces; it does not combine with --max-tasks")
     if args.stage:

@@ -130,3 +130,23 @@ def test_an_unfinished_meta_epoch_is_reported_extrapolated_and_marked(scale, tmp
     assert "on 400 of 1,000 tasks" in verdict and "NOT within" in verdict
     finished = {**ten, "size": "100m"}
     assert scale.with_partial_meta([ten, finished], args) == [ten, finished]  # a finished epoch's record wins
+
+
+def test_an_epoch_goes_on_after_an_earlier_runs_unfinished_record(scale, tmp_path):
+    """--meta-after: the recorded part is the first piece, the next piece draws Θ afresh, and a record that does not
+    fit these task shards is refused with what differs."""
+    args = scale.argparse.Namespace(workdir=tmp_path, sample_users=0, max_tasks=0, optimizer="lazy_adam", baseline_epochs=1,
+                                    memory_limit="4GB", torch_threads=1, meta_after=tmp_path / "earlier.json")
+    earlier = {"size": "100m", "stage": "meta", "rows": 1000, "theta": "Θ", "peak_rss_gb": 11.0, "settings": scale.settings(args, "meta"),
+               "partial": {"tasks": 390, "seconds": 39.0, "shards": [0, 4, 10]}}
+    scale.save_records(args.meta_after, [earlier, {**earlier, "size": "10m"}])
+    made_for = {"n_tasks": 1000, "shards": 10}
+    done = scale.earlier_pieces(args, "100m", made_for)
+    assert done["fresh_theta_at"] == 4 and done["pieces"][0]["shards"] == [0, 4, 10] and done["pieces"][0]["rows"] == 390
+    assert scale._can_go_on(done, tmp_path)  # no checkpoint, yet the next piece may start: it draws Θ
+    assert not scale._can_go_on({**done, "pieces": done["pieces"] + [{"shards": [4, 6, 10]}]}, tmp_path)  # its checkpoint is gone
+    assert "Θ drawn afresh at shard 4" in scale._restart_note(done)
+    with pytest.raises(ValueError, match="1,000 tasks in 10 shards.*999 in 10"):
+        scale.earlier_pieces(args, "100m", {"n_tasks": 999, "shards": 10})
+    with pytest.raises(ValueError, match="no unfinished meta record of size 1m"):
+        scale.earlier_pieces(args, "1m", made_for)
