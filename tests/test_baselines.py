@@ -625,3 +625,30 @@ def test_variants_are_named_for_table_1() -> None:
     assert row_variant("rkmf", earlier) == "positives-only item update"
     assert row_variant("srec", earlier) == "means-only update, 3 passes"
     assert row_variant("srec", small_config(srec_passes=2)) == "2 passes"
+
+
+@pytest.mark.parametrize("name", ("srec", "mf_ft"))
+def test_new_users_reuse_the_population_until_the_user_table_changes(name: str, split: Split, monkeypatch) -> None:
+    """The trained user rows' mean (and variance) is gathered once across chunks of new users, and again after an
+    observe or an in-place change of W_: the scores equal those of a model that gathers it on every call."""
+    model, uncached = fresh(name, split), fresh(name, split)
+    gathers = []
+    original = type(model).trained_user_rows
+    monkeypatch.setattr(type(model), "trained_user_rows", lambda self: gathers.append(self) or original(self))
+    recent, cands = split.new_user_case(5)
+
+    def both() -> int:
+        """Scores both ways; how many times the model gathered its trained user rows."""
+        uncached.__dict__.pop("_user_population", None)  # forget: gather afresh
+        before = sum(g is model for g in gathers)
+        np.testing.assert_array_equal(model.score_new_users(recent, cands), uncached.score_new_users(recent, cands))
+        return sum(g is model for g in gathers) - before
+
+    assert [both() for _ in range(3)] == [1, 0, 0]
+    for m in (model, uncached):
+        m.observe(split.stream.take(slice(0, 40)))  # W_ grows (replaced) or steps in place, and the index is extended
+    assert [both(), both()] == [1, 0]
+    with torch.no_grad():
+        for m in (model, uncached):
+            m.W_[split.history.users[:5]] += 1.0  # in place: the same tensor, a new version
+    assert [both(), both()] == [1, 0]

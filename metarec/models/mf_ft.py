@@ -67,6 +67,11 @@ class MFFineTune(FactorBaseline):
         mean = table.mean(0, keepdim=True)
         return lambda k: mean + gaussian(rng, k, self.dim, self.meta.new_row_std)
 
+    def _population_plus_noise(self, rng: np.random.Generator):
+        """_mean_plus_noise of the trained user rows, their mean remembered between calls (``user_population``)."""
+        mean = self.user_population()[0][None]
+        return lambda k: mean + gaussian(rng, k, self.dim, self.meta.new_row_std)
+
     def observe(self, batch: Interactions) -> None:
         require_fitted(self, self.H_)
         if not len(batch):
@@ -86,7 +91,7 @@ class MFFineTune(FactorBaseline):
         require_fitted(self, self.H_)
         users = np.asarray(recent.users, dtype=np.int64)
         rng = rng_for(self.seed, PURPOSE_NEW_USERS, self.batches_, int(users[0]) if len(users) else 0, len(users))
-        init = self._mean_plus_noise(self.trained_user_rows(), rng)(len(users))
+        init = self._population_plus_noise(rng)(len(users))
         w = self.adapt_new_users(init, recent.items, users, self.config.ft_epochs, self.config.ft_lr, rng)
         return self.score_rows(w, np.asarray(candidates))
 

@@ -247,8 +247,15 @@ class SRec(FactorBaseline):
         m, v = self.prior(self.trained_item_rows())
         self.H_[unseen], self.var_H_[unseen], self.tau_H_[unseen] = m, v, NEVER
 
+    def user_prior(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prior(trained_user_rows())``, from the remembered population (``user_population``)."""
+        mean, var = self.user_population()
+        if var is None:
+            return torch.zeros(self.dim), torch.ones(self.dim)
+        return mean, var.clamp(min=MIN_VAR)
+
     def _default_user(self) -> torch.Tensor:
-        return self.prior(self.trained_user_rows())[0]
+        return self.user_prior()[0]
 
     def _default_item(self) -> torch.Tensor:
         return self.prior(self.trained_item_rows())[0]
@@ -282,7 +289,7 @@ class SRec(FactorBaseline):
             slots = y == 0
             obs_items[slots] = negatives(self.index_, users[rows[slots]], rng, len(self.H_), exclude=items[rows[slots]])
         obs_ts = torch.from_numpy(np.repeat(ts[local, col], 1 + k).copy())
-        m, v = self.prior(self.trained_user_rows())
+        m, v = self.user_prior()
         mean, var = m.expand(len(users), -1).clone(), v.expand(len(users), -1).clone()
         tau = torch.full((len(users),), NEVER, dtype=torch.int64)
         x_all, x_var = self.moments(self.H_, self.var_H_, self.tau_H_, torch.from_numpy(obs_items), obs_ts)
