@@ -307,28 +307,10 @@ def query_loss(p_loc: torch.Tensor, q_loc: torch.Tensor, loc: LocalTasks, hp: In
 
 def gather_rows(table: torch.Tensor, rows: torch.Tensor, sparse_grad: bool = False) -> torch.Tensor:
     """table (n, d), rows (T, S) -> (T, S, d); the outer gradient flows back through it: a dense (n, d) table
-    (index_add into zeros), or with ``sparse_grad`` a coalesced sparse COO gradient holding the gathered rows only."""
+    (index_add into zeros), or with ``sparse_grad`` a sparse COO gradient holding the gathered rows only."""
     if sparse_grad:
-        return _RowSparseGather.apply(table, rows)
+        return F.embedding(rows, table, sparse=True)
     return table.index_select(0, rows.flatten()).view(*rows.shape, table.shape[1])
-
-
-class _RowSparseGather(torch.autograd.Function):
-    """``table[rows]`` whose gradient is row-sparse and already coalesced: each distinct row once, in ascending order,
-    its gathered positions' gradients summed by index_add. ``F.embedding(sparse=True)`` gives one entry per gathered
-    position instead, and coalescing that (a sort that moves every value) was 10% of a lazy_adam meta-step."""
-
-    @staticmethod
-    def forward(ctx, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        flat = rows.flatten()
-        ctx.unique, ctx.inverse = torch.unique(flat, sorted=True, return_inverse=True)
-        ctx.table_shape = table.shape
-        return table.index_select(0, flat).view(*rows.shape, table.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        values = grad.new_zeros(len(ctx.unique), grad.shape[-1]).index_add_(0, ctx.inverse, grad.reshape(-1, grad.shape[-1]))
-        return torch.sparse_coo_tensor(ctx.unique[None], values, ctx.table_shape, is_coalesced=True, check_invariants=False), None
 
 
 def chunk_size(n_item_slots: int, dim: int, element_size: int, budget: int | None = None) -> int:
