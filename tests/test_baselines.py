@@ -415,8 +415,9 @@ def test_empty_inputs_work_and_bad_ids_are_refused(name: str, fitted: dict) -> N
 
 def test_mf_ft_new_rows_are_the_mean_plus_small_noise(split: Split) -> None:
     model = fresh("mf_ft", split)
-    rows = model._mean_plus_noise(model.H_, np.random.default_rng(0))(500)
-    assert torch.allclose(rows.mean(0), model.H_.mean(0), atol=4 * model.meta.new_row_std / np.sqrt(500) + 1e-6)
+    rows = model._population_plus_noise(np.random.default_rng(0))(500)
+    trained = model.trained_user_rows().mean(0)
+    assert torch.allclose(rows.mean(0), trained, atol=4 * model.meta.new_row_std / np.sqrt(500) + 1e-6)
     assert rows.std(0).mean().item() == pytest.approx(model.meta.new_row_std, rel=0.15)
 
 

@@ -61,14 +61,10 @@ class MFFineTune(FactorBaseline):
 
     def _new_user_rows(self, rng: np.random.Generator) -> None:
         unseen = self.unseen_users()  # their rows start as every new user's does (§7), not as untrained noise
-        self.W_[unseen] = self._mean_plus_noise(self.trained_user_rows(), rng)(len(unseen))
-
-    def _mean_plus_noise(self, table, rng: np.random.Generator):
-        mean = table.mean(0, keepdim=True)
-        return lambda k: mean + gaussian(rng, k, self.dim, self.meta.new_row_std)
+        self.W_[unseen] = self._population_plus_noise(rng)(len(unseen))
 
     def _population_plus_noise(self, rng: np.random.Generator):
-        """_mean_plus_noise of the trained user rows, their mean remembered between calls (``user_population``)."""
+        """k -> k new user rows (§7): the trained user rows' mean (``user_population``) + N(0, new_row_std² I)."""
         mean = self.user_population()[0][None]
         return lambda k: mean + gaussian(rng, k, self.dim, self.meta.new_row_std)
 
@@ -79,7 +75,7 @@ class MFFineTune(FactorBaseline):
         cfg = self.config
         rng = rng_for(self.seed, PURPOSE_OBSERVE, self.batches_)
         new_items = self.new_item_rows(rng)
-        self._grow(max(len(self.W_), batch.n_users), max(len(self.H_), batch.n_items), self._mean_plus_noise(self.trained_user_rows(), rng), new_items)
+        self._grow(max(len(self.W_), batch.n_users), max(len(self.H_), batch.n_items), self._population_plus_noise(rng), new_items)
         self.renew_untrained_items(batch, new_items)
         self._remember(batch)
         for _ in range(cfg.ft_epochs):
